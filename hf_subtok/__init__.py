@@ -1,0 +1,16 @@
+"""hf-subtok: sub-token (value-group) KV-cache compression for transformers' generate()."""
+
+from hf_subtok.attention import SUPPORTED_MODEL_TYPES, install_attention, uninstall_attention
+from hf_subtok.cache import SubTokenCache
+from hf_subtok.config import SubTokenConfig
+from hf_subtok.presets import PRESETS
+
+__all__ = [
+    "PRESETS",
+    "SUPPORTED_MODEL_TYPES",
+    "SubTokenCache",
+    "SubTokenConfig",
+    "install_attention",
+    "uninstall_attention",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""`SubTokenCache`: a transformers `Cache` of `SubTokenLayer`s."""
+
+from __future__ import annotations
+
+from transformers.cache_utils import Cache
+
+from hf_subtok.attention import check_supported, install_attention
+from hf_subtok.config import SubTokenConfig
+from hf_subtok.presets import resolve_config
+from hf_subtok.scorers import get_group_scorer
+from hf_subtok.storage import SubTokenLayer
+
+
+class SubTokenCache(Cache):
+    """KV cache that keeps whole keys and only the most useful value groups of each token.
+
+    ```python
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=3))
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    cache.memory_report()["ratio"]
+    ```
+
+    Building the cache switches `model` to hf-subtok's attention function (see
+    `hf_subtok.attention`); the function serves any other cache unchanged, and
+    `hf_subtok.uninstall_attention(model)` switches back.
+
+    Args:
+        model: a Llama, Mistral, Qwen2 or Qwen3 causal LM.
+        config: a `SubTokenConfig`, a preset name (see `hf_subtok.presets`) or None for defaults.
+    """
+
+    def __init__(self, model, config: SubTokenConfig | str | None = None):
+        check_supported(model)
+        self.config = resolve_config(config)
+        text_config = model.config.get_text_config(decoder=True)
+        self.head_dim = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads
+        )
+        self.model_dtype = model.dtype
+        elem_bytes = self.model_dtype.itemsize
+        self.keep_groups = self.config.resolve_keep_groups(self.head_dim, elem_bytes)
+        scorer = get_group_scorer(self.config.router)
+        layers = [
+            SubTokenLayer(self.config, self.keep_groups, scorer) for _ in range(text_config.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+        install_attention(model)
+
+    @classmethod
+    def from_dense(cls, model, config: SubTokenConfig | str | None, dense_cache: Cache) -> SubTokenCache:
+        """The cache a prefill through `SubTokenCache` would leave, built from a filled dense cache.
+
+        Prefill attention is exact, so one dense prefill can be shared by several
+        configurations (the benchmark does this).
+        """
+        cache = cls(model, config)
+        for layer_idx, layer in enumerate(dense_cache.layers):
+            if layer.keys is not None and layer.keys.numel():
+                cache.update(layer.keys, layer.values, layer_idx)
+        return cache
+
+    def memory_report(self) -> dict:
+        """Bytes held by the cache, measured from its tensors' storages.
+
+        `dense_bytes` is what a `DynamicCache` would hold for the same tokens (keys and values
+        of every seen token in the cache's dtype); `ratio = stored_bytes / dense_bytes`.
+        """
+        stored = dense = 0
+        parts: dict[str, int] = {}
+        per_layer = []
+        for layer in self.layers:
+            tensors = layer.stored_tensors()
+            layer_bytes = 0
+            for name, tensor in tensors.items():
+                nbytes = tensor.untyped_storage().nbytes()
+                parts[name] = parts.get(name, 0) + nbytes
+                layer_bytes += nbytes
+            layer_dense = 0
+            if tensors:
+                batch, heads, _, head_dim = layer.packed_keys.shape
+                layer_dense = 2 * batch * heads * layer.seen_tokens * head_dim * layer.packed_keys.element_size()
+            per_layer.append({"stored_bytes": layer_bytes, "dense_bytes": layer_dense})
+            stored += layer_bytes
+            dense += layer_dense
+        first = self.layers[0] if self.layers else None
+        return {
+            "stored_bytes": stored,
+            "dense_bytes": dense,
+            "ratio": stored / dense if dense else 0.0,
+            "tokens_seen": first.seen_tokens if first else 0,
+            "tokens_packed": first.packed_keys.shape[-2] if first and first.is_initialized else 0,
+            "keep_groups": self.keep_groups,
+            "num_groups": self.config.num_groups,
+            "parts": parts,
+            "per_layer": per_layer,
+        }

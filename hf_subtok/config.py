@@ -1,0 +1,110 @@
+"""`SubTokenConfig`: the validated settings of a `SubTokenCache`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hf_subtok.scorers import available_group_scorers
+
+# Stored group indices are uint8: one byte per kept group.
+INDEX_BYTES = 1
+MAX_GROUPS = 256
+
+
+@dataclass
+class SubTokenConfig:
+    """How a `SubTokenCache` stores each layer.
+
+    Keys of every stored token are kept whole. Each value vector `[D]` is split into
+    `num_groups` groups of `D / num_groups` channels; `keep_groups` of them are stored per
+    token, chosen by the group router `router`. The newest `window` tokens stay dense and are
+    packed `pack_chunk` tokens at a time when the window overflows.
+
+    Either give `keep_groups`, or give `budget` (target stored/dense byte ratio) and the cache
+    picks the largest `keep_groups` whose measured ratio fits it for the model's head_dim
+    and dtype (keys stay whole, so budgets below about `(1 + 1/num_groups) / 2` need the token
+    eviction of a later release and raise `ValueError`).
+    """
+
+    num_groups: int = field(default=8, metadata={"help": "value groups per head (must divide head_dim)"})
+    keep_groups: int | None = field(
+        default=None, metadata={"help": "groups stored per token, 1..num_groups (None: from budget)"}
+    )
+    budget: float | None = field(
+        default=None, metadata={"help": "target stored/dense byte ratio in (0, 1] (None: from keep_groups)"}
+    )
+    window: int = field(default=64, metadata={"help": "newest tokens kept dense (>= 0)"})
+    pack_chunk: int | None = field(
+        default=None,
+        metadata={"help": "tokens packed at once when the window overflows (None: max(1, window // 2))"},
+    )
+    router: str = field(default="value_norm", metadata={"help": "registered group scorer name"})
+
+    def __post_init__(self) -> None:
+        _check_int("num_groups", self.num_groups, 1, MAX_GROUPS)
+        if self.keep_groups is not None:
+            _check_int("keep_groups", self.keep_groups, 1, self.num_groups)
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+                raise ValueError(f"budget must be a number in (0, 1], got {self.budget!r}")
+            if not 0.0 < float(self.budget) <= 1.0:
+                raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
+            self.budget = float(self.budget)
+        _check_int("window", self.window, 0, None)
+        if self.pack_chunk is None:
+            self.pack_chunk = max(1, self.window // 2)
+        _check_int("pack_chunk", self.pack_chunk, 1, None)
+        if self.window > 0 and self.pack_chunk > self.window:
+            raise ValueError(f"pack_chunk must be at most window={self.window}, got {self.pack_chunk}")
+        if self.router not in available_group_scorers():
+            raise ValueError(
+                f"router must be one of {sorted(available_group_scorers())}, got {self.router!r}"
+            )
+        if self.keep_groups is None and self.budget is None:
+            self.keep_groups = self.num_groups // 2 or 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def packed_bytes_per_token(self, keep_groups: int, head_dim: int, elem_bytes: int) -> int:
+        """Bytes one packed token costs in one KV head: whole key, kept groups, their indices."""
+        return head_dim * elem_bytes + keep_groups * (head_dim // self.num_groups) * elem_bytes + keep_groups * INDEX_BYTES
+
+    def resolve_keep_groups(self, head_dim: int, elem_bytes: int) -> int:
+        """`keep_groups` for a model with this `head_dim` and element size.
+
+        Raises `ValueError` if `num_groups` does not divide `head_dim`, or if no `keep_groups`
+        meets `budget` for packed tokens.
+        """
+        if head_dim % self.num_groups:
+            raise ValueError(f"num_groups must divide head_dim={head_dim}, got {self.num_groups}")
+        dense = 2 * head_dim * elem_bytes
+        if self.keep_groups is not None:
+            if self.budget is not None:
+                ratio = self.packed_bytes_per_token(self.keep_groups, head_dim, elem_bytes) / dense
+                if ratio > self.budget:
+                    raise ValueError(
+                        f"keep_groups={self.keep_groups} stores {ratio:.4f} of the dense bytes, "
+                        f"above budget={self.budget}"
+                    )
+            return self.keep_groups
+        fitting = [
+            k
+            for k in range(1, self.num_groups + 1)
+            if self.packed_bytes_per_token(k, head_dim, elem_bytes) / dense <= self.budget
+        ]
+        if not fitting:
+            lowest = self.packed_bytes_per_token(1, head_dim, elem_bytes) / dense
+            raise ValueError(
+                f"budget={self.budget} is below {lowest:.4f}, the smallest ratio reachable with whole "
+                f"keys and num_groups={self.num_groups} (token eviction is not available yet)"
+            )
+        return max(fitting)
+
+
+def _check_int(name: str, value, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")

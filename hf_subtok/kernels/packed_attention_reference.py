@@ -1,0 +1,98 @@
+"""Attention over whole keys and packed value groups (PyTorch reference and CPU path)."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_subtok.packed import PackedKV
+
+
+def packed_value_matmul(
+    probs: torch.Tensor, values: torch.Tensor, group_idx: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """`probs @ V` where V holds only the kept groups of each token.
+
+    Args:
+        probs: `[B, Hkv, M, T]` attention weights (M = query heads per KV head x queries).
+        values: `[B, Hkv, K, T, C]` kept value groups, slot-major.
+        group_idx: `[B, Hkv, K, T]` uint8 group of each slot, ascending over slots.
+        num_groups: G.
+
+    Returns:
+        `[B, Hkv, M, D]` with `D = G * C`; dropped groups contribute zero.
+
+    One matmul per slot (K <= G iterations, never per token or head): slot k can only hold
+    groups k..G-K+k since indices ascend, so its weights are spread over those G-K+1 groups.
+    """
+    batch, heads, keep, tokens, width = values.shape
+    rows = probs.shape[2]
+    probs = probs.to(values.dtype)
+    if keep == num_groups:  # every group kept: slots are groups 0..G-1 in order
+        dense = values.permute(0, 1, 3, 2, 4).reshape(batch, heads, tokens, keep * width)  # [B, Hkv, T, D]
+        return probs @ dense
+    span = num_groups - keep + 1
+    out = probs.new_zeros(batch, heads, rows, num_groups, width)  # [B, Hkv, M, G, C]
+    for slot in range(keep):
+        groups = torch.arange(slot, slot + span, device=group_idx.device, dtype=group_idx.dtype)
+        hit = group_idx[:, :, slot].unsqueeze(2) == groups.view(span, 1)  # [B, Hkv, span, T]
+        weights = probs.unsqueeze(3) * hit.unsqueeze(2).to(probs.dtype)  # [B, Hkv, M, span, T]
+        part = weights.view(batch, heads, rows * span, tokens) @ values[:, :, slot]  # [B, Hkv, M*span, C]
+        out[:, :, :, slot : slot + span] += part.view(batch, heads, rows, span, width)
+    return out.view(batch, heads, rows, num_groups * width)
+
+
+def packed_attention(
+    query: torch.Tensor,
+    kv: PackedKV,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention of `query` over a `PackedKV`.
+
+    Args:
+        query: `[B, Hq, Q, D]`, `Hq` a multiple of the KV heads (query head `h*R + r` reads KV
+            head `h`, as transformers' `repeat_kv` does).
+        kv: packed tokens then the dense tail, in position order (`T = Ts + Tt` keys).
+        attention_mask: `[B, 1, Q, T]` boolean (True attends) or additive float mask, or None
+            for causal attention of the Q queries as the last Q positions.
+        scaling: softmax scale, default `D ** -0.5`.
+
+    Returns:
+        `[B, Hq, Q, D]` in the query's dtype.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads = kv.keys.shape[1]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+    group = q_heads // kv_heads
+    stored = kv.keys.shape[-2]
+    total = kv.num_tokens
+    scale = head_dim**-0.5 if scaling is None else scaling
+
+    q = query.reshape(batch, kv_heads, group * q_len, head_dim)  # [B, Hkv, R*Q, D]
+    scores = torch.cat(
+        [q @ kv.keys.transpose(-1, -2), q @ kv.tail_keys.transpose(-1, -2)], dim=-1
+    ).float() * scale  # [B, Hkv, R*Q, T]
+    scores = scores.view(batch, kv_heads, group, q_len, total)  # [B, Hkv, R, Q, T]
+    mask = attention_mask if attention_mask is not None else _causal_mask(q_len, total, query.device)
+    if mask is not None:
+        if mask.shape[-1] != total or mask.shape[-2] != q_len:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match Q={q_len}, T={total}")
+        mask = mask.reshape(mask.shape[0], 1, 1, q_len, total)  # [B|1, 1, 1, Q, T]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask.float()
+    probs = scores.softmax(dim=-1).view(batch, kv_heads, group * q_len, total)  # [B, Hkv, R*Q, T]
+
+    out = probs[..., stored:].to(kv.tail_values.dtype) @ kv.tail_values  # [B, Hkv, R*Q, D]
+    if stored:
+        out = out + packed_value_matmul(probs[..., :stored], kv.values, kv.group_idx, kv.num_groups)
+    return out.view(batch, q_heads, q_len, head_dim).to(query.dtype)  # [B, Hq, Q, D]
+
+
+def _causal_mask(q_len: int, total: int, device: torch.device) -> torch.Tensor | None:
+    if q_len == 1:
+        return None
+    query_pos = torch.arange(total - q_len, total, device=device).view(q_len, 1)
+    return (torch.arange(total, device=device).view(1, total) <= query_pos).view(1, 1, q_len, total)  # [1, 1, Q, T]
