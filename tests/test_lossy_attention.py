@@ -1,0 +1,96 @@
+"""With keep_groups < num_groups, attention must equal dense attention over zero-filled dropped groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.kernels import packed_attention
+from hf_subtok.kernels.pack_reference import pack_value_groups, unpack_value_groups
+from hf_subtok.packed import PackedKV
+from tests.tiny_models import make_tiny_model, random_prompts
+
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _dense_reference(query, keys, values, mask, scaling):
+    group = query.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query.float(), keys.float(), values.float(), attn_mask=mask, scale=scaling
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("keep", [1, 3, 7, 8])
+@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("group", [1, 3])
+def test_packed_attention_equals_zero_filled_dense(dtype, keep, q_len, group):
+    torch.manual_seed(keep * 10 + q_len)
+    batch, heads, stored, tail, dim, groups = 2, 2, 37, 9, 64, 8
+    keys = torch.randn(batch, heads, stored + tail, dim, dtype=dtype)
+    values = torch.randn(batch, heads, stored + tail, dim, dtype=dtype)
+    query = torch.randn(batch, heads * group, q_len, dim, dtype=dtype)
+    scores = torch.rand(batch, heads, stored, groups)
+    packed, idx = pack_value_groups(values[:, :, :stored], scores, keep)
+    kv = PackedKV(keys[:, :, :stored], packed, idx, groups, keys[:, :, stored:], values[:, :, stored:])
+    mask = torch.rand(batch, 1, q_len, stored + tail) > 0.2
+    mask[..., -1] = True
+    got = packed_attention(query, kv, mask, scaling=0.125)
+    zero_filled = torch.cat([unpack_value_groups(packed, idx, groups), values[:, :, stored:]], dim=2)
+    want = _dense_reference(query, keys, zero_filled, mask, 0.125)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, **TOLERANCE[dtype])
+
+
+def test_pack_keeps_the_largest_norm_groups():
+    values = torch.zeros(1, 1, 2, 8)
+    values[0, 0, 0] = torch.tensor([0.1, 5.0, 0.2, -4.0, 0.0, 0.3, 0.0, 0.0])
+    values[0, 0, 1] = torch.tensor([3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -9.0])
+    from hf_subtok.scorers import get_group_scorer
+
+    scores = get_group_scorer("value_norm").score_groups(values, values, 8)
+    packed, idx = pack_value_groups(values, scores, 2)
+    assert idx[0, 0, :, 0].tolist() == [1, 3]
+    assert idx[0, 0, :, 1].tolist() == [0, 7]
+    assert packed[0, 0, :, 1, 0].tolist() == [3.0, -9.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_layer_matches_zero_filled_dense_cache(dtype):
+    """Through the model: each layer's attention output equals a DynamicCache holding the same
+    keys and the packed values with dropped groups set to zero."""
+    model = make_tiny_model("qwen3", dtype=dtype, num_hidden_layers=3)
+    config = SubTokenConfig(num_groups=4, keep_groups=2, window=6, pack_chunk=3)
+    ours = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 50), past_key_values=ours)
+    dense = DynamicCache()
+    for layer_idx, layer in enumerate(ours.layers):
+        keys = torch.cat([layer.packed_keys, layer.window_keys], dim=-2)
+        values = torch.cat(
+            [unpack_value_groups(layer.packed_values, layer.group_idx, 4), layer.window_values], dim=-2
+        )
+        dense.update(keys, values, layer_idx)
+
+    captured: dict[str, list[torch.Tensor]] = {"ours": [], "dense": []}
+
+    def run(cache, name):
+        hooks = [
+            block.self_attn.register_forward_hook(lambda mod, args, out: captured[name].append(out[0].float()))
+            for block in model.model.layers
+        ]
+        try:
+            with torch.no_grad():
+                model(input_ids=random_prompts(1, 1, seed=3), past_key_values=cache)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    run(ours, "ours")
+    run(dense, "dense")
+    for got, want in zip(captured["ours"], captured["dense"], strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCE[dtype])
