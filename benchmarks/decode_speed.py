@@ -1,0 +1,109 @@
+"""Decode tokens/s of SubTokenCache against DynamicCache on a SmolLM2-135M-shaped model.
+
+The caches are filled with random keys/values of the requested context length (a decode
+step's cost does not depend on the values), then `--steps` single-token forwards are
+timed, alternating the methods over `--rounds` rounds; the median round is reported.
+
+    python benchmarks/decode_speed.py --contexts 1024 4096 16384 --out bench_out/decode_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+
+logger = logging.getLogger("decode_speed")
+
+SMOLLM2_135M_SHAPE = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+)
+
+
+def filled_dense_cache(layers: int, heads: int, tokens: int, dim: int, dtype: torch.dtype) -> DynamicCache:
+    cache = DynamicCache()
+    generator = torch.Generator().manual_seed(tokens)
+    for layer in range(layers):
+        keys = torch.randn(1, heads, tokens, dim, generator=generator, dtype=dtype)  # [B, Hkv, T, D]
+        values = torch.randn(1, heads, tokens, dim, generator=generator, dtype=dtype)
+        cache.update(keys, values, layer)
+    return cache
+
+
+def time_decode(model, cache, start: int, steps: int) -> float:
+    token = torch.tensor([[7]])
+    with torch.no_grad():
+        begin = time.perf_counter()
+        for step in range(steps):
+            model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[start + step]]))
+        return time.perf_counter() - begin
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", type=int, nargs="+", default=[3, 4], help="keep_groups of 8 to measure")
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("bench_out/decode_speed.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    dtype = torch.float32
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_SHAPE)).eval().to(dtype)
+    rows = []
+    for tokens in args.contexts:
+        methods = {"dense": None, **{f"subtok k={k}/8": SubTokenConfig(num_groups=8, keep_groups=k, window=args.window) for k in args.keep}}
+        seconds: dict[str, list[float]] = {name: [] for name in methods}
+        ratios: dict[str, float] = {}
+        for round_idx in range(args.rounds):
+            for name, config in methods.items():
+                dense = filled_dense_cache(30, 3, tokens, 64, dtype)
+                cache = dense if config is None else SubTokenCache.from_dense(model, config, dense)
+                del dense
+                seconds[name].append(time_decode(model, cache, tokens, args.steps))
+                if config is not None:
+                    ratios[name] = cache.memory_report()["ratio"]
+                logger.info("T=%d round %d %s: %.2f tok/s", tokens, round_idx, name, args.steps / seconds[name][-1])
+                del cache
+        dense_tps = args.steps / statistics.median(seconds["dense"])
+        for name in methods:
+            tps = args.steps / statistics.median(seconds[name])
+            rows.append(
+                {
+                    "context": tokens,
+                    "method": name,
+                    "decode_tok_s": round(tps, 2),
+                    "speed_vs_dense": round(tps / dense_tps, 3),
+                    "stored_ratio": round(ratios.get(name, 1.0), 4),
+                }
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print("| context | method | decode tok/s | vs dense | stored/dense bytes |")
+    print("|---:|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['context']} | {row['method']} | {row['decode_tok_s']} | {row['speed_vs_dense']}x | {row['stored_ratio']} |")
+
+
+if __name__ == "__main__":
+    main()
