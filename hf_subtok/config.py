@@ -9,6 +9,7 @@ from hf_subtok.scorers import available_group_scorers
 # Stored group indices are uint8: one byte per kept group.
 INDEX_BYTES = 1
 MAX_GROUPS = 256
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -39,6 +40,10 @@ class SubTokenConfig:
         metadata={"help": "tokens packed at once when the window overflows (None: max(1, window // 2))"},
     )
     router: str = field(default="value_norm", metadata={"help": "registered group scorer name"})
+    backend: str = field(
+        default="auto",
+        metadata={"help": "attention kernels: 'auto' (Triton on CUDA, PyTorch otherwise), 'torch' or 'triton'"},
+    )
 
     def __post_init__(self) -> None:
         _check_int("num_groups", self.num_groups, 1, MAX_GROUPS)
@@ -60,6 +65,8 @@ class SubTokenConfig:
             raise ValueError(
                 f"router must be one of {sorted(available_group_scorers())}, got {self.router!r}"
             )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.keep_groups is None and self.budget is None:
             self.keep_groups = self.num_groups // 2 or 1
 

@@ -21,6 +21,7 @@ class PackedKV:
         num_groups: G.
         tail_keys: `[B, Hkv, Tt, D]` dense keys of the window and the current tokens.
         tail_values: `[B, Hkv, Tt, D]` dense values of the window and the current tokens.
+        backend: which kernels attention uses ("auto", "torch" or "triton").
     """
 
     keys: torch.Tensor
@@ -29,6 +30,7 @@ class PackedKV:
     num_groups: int
     tail_keys: torch.Tensor
     tail_values: torch.Tensor
+    backend: str = "auto"
 
     @property
     def num_tokens(self) -> int:

@@ -75,7 +75,13 @@ class SubTokenLayer(CacheLayerMixin):
         view = None
         if not first:
             view = PackedKV(
-                self.packed_keys, self.packed_values, self.group_idx, self.config.num_groups, tail_keys, tail_values
+                self.packed_keys,
+                self.packed_values,
+                self.group_idx,
+                self.config.num_groups,
+                tail_keys,
+                tail_values,
+                self.config.backend,
             )
         self.seen_tokens += key_states.shape[-2]
         self._store_tail(tail_keys, tail_values)

@@ -22,6 +22,7 @@ from tests.tiny_models import make_tiny_model
         ({"window": -1}, "window"),
         ({"window": 8, "pack_chunk": 9}, "pack_chunk"),
         ({"router": "no-such-router"}, "router"),
+        ({"backend": "cuda-magic"}, "backend"),
     ],
 )
 def test_bad_value_names_field_and_value(kwargs, field):
