@@ -1,4 +1,34 @@
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- the embedded real model (SmolLM2-135M-Instruct); converted once per machine ---
+
+@pytest.fixture(scope="session")
+def smollm():
+    """``(model, tokenizer)`` of the embedded default model, fp32 on CPU."""
+    from hf_subtok.model_loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    """The embedded model's tokenizer alone (no weight conversion needed)."""
+    from hf_subtok.model_loading import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(smollm_tokenizer):
+    """A tiny random Llama sized for the real tokenizer's vocabulary (no weights needed)."""
+    from tests.tiny_models import make_tiny_model
+
+    model = make_tiny_model("llama", vocab_size=len(smollm_tokenizer), head_dim=16)
+    model.generation_config.eos_token_id = smollm_tokenizer.eos_token_id
+    return model
