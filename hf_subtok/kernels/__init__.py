@@ -1,10 +1,132 @@
 """Compute kernels over packed value groups.
 
-Each kernel has a pure PyTorch reference (the CPU path and the test oracle) in a
-`*_reference.py` module beside it.
+Each kernel has a pure PyTorch reference (the CPU path and the test oracle) beside it:
+
+| public function | Triton | PyTorch reference |
+|---|---|---|
+| `packed_attention`, `packed_attention_lse` | `packed_attention_triton.py` (decode, Q = 1) | `packed_attention_reference.py`, `merge.py` |
+| `pack_value_groups` | `pack_triton.py` | `pack_reference.py` |
+| `merge_attention_states` | (PyTorch on every device) | `merge.py` |
+
+The public functions check their inputs (raising `ValueError` with the argument and the
+value) before any launch, then dispatch: backend "auto" takes Triton for CUDA tensors and the
+reference otherwise, "torch" always the reference, "triton" always Triton (CPU tensors need
+`TRITON_INTERPRET=1`). Triton is imported only when a call takes the Triton path.
 """
 
-from hf_subtok.kernels.pack_reference import pack_value_groups
-from hf_subtok.kernels.packed_attention_reference import packed_attention, packed_value_matmul
+from __future__ import annotations
 
-__all__ = ["pack_value_groups", "packed_attention", "packed_value_matmul"]
+import torch
+
+from hf_subtok.kernels import pack_reference as _pack_reference
+from hf_subtok.kernels import packed_attention_reference as _attention_reference
+from hf_subtok.kernels._dispatch import (
+    check_pack_inputs,
+    check_packed_attention_inputs,
+    check_strides_for_triton,
+    triton_available,
+    use_triton,
+)
+from hf_subtok.kernels.merge import merge_attention_states, packed_attention_lse_reference
+from hf_subtok.kernels.packed_attention_reference import packed_value_matmul
+from hf_subtok.packed import PackedKV
+
+__all__ = [
+    "merge_attention_states",
+    "pack_value_groups",
+    "packed_attention",
+    "packed_attention_lse",
+    "packed_value_matmul",
+    "triton_available",
+]
+
+
+def packed_attention(
+    query: torch.Tensor,
+    kv: PackedKV,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Softmax attention of `query` over whole keys, packed value groups and the dense tail.
+
+    Args:
+        query: `[B, Hq, Q, D]`, `Hq = R * Hkv` (query head `h*R + r` reads KV head `h`).
+        kv: keys `[B, Hkv, Ts, D]`, values `[B, Hkv, K, Ts, C]`, uint8 group_idx `[B, Hkv, K, Ts]`,
+            tail keys/values `[B, Hkv, Tt, D]`, all in the query's dtype and on its device.
+        attention_mask: `[B|1, 1, Q, T]` bool (True attends) or additive float, `T = Ts + Tt`,
+            or None (causal for Q > 1).
+        scaling: softmax scale, default `D ** -0.5`.
+        backend: "auto", "torch" or "triton"; default `kv.backend`. Triton computes decode
+            steps (Q = 1); longer queries (prefill chunks) use the reference.
+
+    Returns:
+        `[B, Hq, Q, D]` in the query's dtype.
+    """
+    check_packed_attention_inputs(query, kv, attention_mask)
+    if use_triton(kv.backend if backend is None else backend, query.device) and query.shape[2] == 1:
+        out, _ = _decode_triton(query, kv, attention_mask, scaling, query.dtype)
+        return out
+    return _attention_reference.packed_attention(query, kv, attention_mask, scaling)
+
+
+def packed_attention_lse(
+    query: torch.Tensor,
+    kv: PackedKV,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`packed_attention` plus the log-sum-exp of each row, for merging several blocks.
+
+    Same arguments as `packed_attention`. Outputs over disjoint token sets (several packed
+    blocks with different K, the tail) combine exactly with `merge_attention_states`.
+
+    Returns:
+        `(out, lse)`: `[B, Hq, Q, D]` float32 normalised output and `[B, Hq, Q]` float32
+        log-sum-exp of the scaled, masked scores.
+    """
+    check_packed_attention_inputs(query, kv, attention_mask)
+    if use_triton(kv.backend if backend is None else backend, query.device) and query.shape[2] == 1:
+        return _decode_triton(query, kv, attention_mask, scaling, torch.float32)
+    return packed_attention_lse_reference(query, kv, attention_mask, scaling)
+
+
+def pack_value_groups(
+    values: torch.Tensor, scores: torch.Tensor, keep_groups: int, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the `keep_groups` best-scored groups of every token, slot-major.
+
+    Args:
+        values: `[B, Hkv, T, D]` dense values.
+        scores: `[B, Hkv, T, G]` group scores, higher is kept (G <= 256, G divides D).
+        keep_groups: K, groups kept per token (1..G).
+        backend: "auto", "torch" or "triton".
+
+    Returns:
+        `(packed, group_idx)`: `[B, Hkv, K, T, C]` kept channels (`C = D / G`) in the values'
+        dtype and `[B, Hkv, K, T]` uint8 group indices, ascending over the K slots.
+    """
+    check_pack_inputs(values, scores, keep_groups)
+    if use_triton(backend, values.device):
+        check_strides_for_triton({"values": values, "scores": scores})
+        from hf_subtok.kernels.pack_triton import pack_value_groups_triton
+
+        return pack_value_groups_triton(values, scores, keep_groups)
+    return _pack_reference.pack_value_groups(values, scores, keep_groups)
+
+
+def _decode_triton(query, kv, attention_mask, scaling, out_dtype):
+    check_strides_for_triton(
+        {
+            "query": query,
+            "kv.keys": kv.keys,
+            "kv.values": kv.values,
+            "kv.group_idx": kv.group_idx,
+            "kv.tail_keys": kv.tail_keys,
+            "kv.tail_values": kv.tail_values,
+        }
+    )
+    from hf_subtok.kernels.packed_attention_triton import packed_decode_attention_triton
+
+    return packed_decode_attention_triton(query, kv, attention_mask, scaling, out_dtype=out_dtype)

@@ -46,19 +46,24 @@ def packed_attention(
     kv: PackedKV,
     attention_mask: torch.Tensor | None = None,
     scaling: float | None = None,
-) -> torch.Tensor:
+    return_mass: bool = False,
+):
     """Softmax attention of `query` over a `PackedKV`.
 
     Args:
         query: `[B, Hq, Q, D]`, `Hq` a multiple of the KV heads (query head `h*R + r` reads KV
             head `h`, as transformers' `repeat_kv` does).
-        kv: packed tokens then the dense tail, in position order (`T = Ts + Tt` keys).
-        attention_mask: `[B, 1, Q, T]` boolean (True attends) or additive float mask, or None
-            for causal attention of the Q queries as the last Q positions.
+        kv: packed tokens then the dense tail (`T = Ts + Tt` keys).
+        attention_mask: `[B, 1, Q, T']` boolean (True attends) or additive float mask, or None
+            for causal attention of the Q queries as the last Q positions. Its last Tt columns
+            cover the tail; its first Ts columns cover the packed tokens only when they are
+            stored in position order (`kv.stored_valid is None`, then `T' = T`).
         scaling: softmax scale, default `D ** -0.5`.
+        return_mass: also return the `[B, Hkv, T]` attention each key got, averaged over the
+            query heads and queries sharing its KV head.
 
     Returns:
-        `[B, Hq, Q, D]` in the query's dtype.
+        `[B, Hq, Q, D]` in the query's dtype (and the mass, if asked).
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = kv.keys.shape[1]
@@ -74,21 +79,53 @@ def packed_attention(
         [q @ kv.keys.transpose(-1, -2), q @ kv.tail_keys.transpose(-1, -2)], dim=-1
     ).float() * scale  # [B, Hkv, R*Q, T]
     scores = scores.view(batch, kv_heads, group, q_len, total)  # [B, Hkv, R, Q, T]
-    mask = attention_mask if attention_mask is not None else _causal_mask(q_len, total, query.device)
+    mask = _combined_mask(kv, attention_mask, q_len, query.device)
     if mask is not None:
-        if mask.shape[-1] != total or mask.shape[-2] != q_len:
-            raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match Q={q_len}, T={total}")
-        mask = mask.reshape(mask.shape[0], 1, 1, q_len, total)  # [B|1, 1, 1, Q, T]
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask.float()
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1).view(batch, kv_heads, group * q_len, total)  # [B, Hkv, R*Q, T]
 
     out = probs[..., stored:].to(kv.tail_values.dtype) @ kv.tail_values  # [B, Hkv, R*Q, D]
     if stored:
         out = out + packed_value_matmul(probs[..., :stored], kv.values, kv.group_idx, kv.num_groups)
-    return out.view(batch, q_heads, q_len, head_dim).to(query.dtype)  # [B, Hq, Q, D]
+    out = out.view(batch, q_heads, q_len, head_dim).to(query.dtype)  # [B, Hq, Q, D]
+    if return_mass:
+        return out, probs.mean(dim=2)  # [B, Hkv, T]
+    return out
+
+
+def _combined_mask(kv: PackedKV, attention_mask: torch.Tensor | None, q_len: int, device) -> torch.Tensor | None:
+    """Boolean `[B|1, Hkv|1, 1, Q, T]` mask over packed tokens then tail, or None (attend all)."""
+    stored, tail = kv.keys.shape[-2], kv.tail_keys.shape[-2]
+    total = stored + tail
+    if attention_mask is not None:
+        if attention_mask.shape[-2] != q_len or attention_mask.shape[-1] < tail:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match Q={q_len}, T={total}")
+        allowed = attention_mask
+        if allowed.dtype != torch.bool:
+            allowed = allowed > torch.finfo(allowed.dtype).min / 2
+        allowed = allowed.reshape(allowed.shape[0], 1, 1, q_len, allowed.shape[-1])  # [B|1, 1, 1, Q, T']
+        if kv.stored_valid is None:
+            if allowed.shape[-1] != total:
+                raise ValueError(f"attention_mask covers {allowed.shape[-1]} keys, the cache holds {total}")
+            return allowed
+        tail_allowed = allowed[..., -tail:]
+    else:
+        tail_allowed = _causal_mask(q_len, tail, device)
+        if tail_allowed is not None:
+            tail_allowed = tail_allowed.view(1, 1, 1, q_len, tail)
+    if kv.stored_valid is None:
+        if tail_allowed is None:
+            return None
+        stored_allowed = torch.ones(1, 1, 1, q_len, stored, dtype=torch.bool, device=device)
+    else:
+        batch, kv_heads = kv.stored_valid.shape[:2]
+        stored_allowed = kv.stored_valid.view(batch, kv_heads, 1, 1, stored).expand(-1, -1, 1, q_len, -1)
+        if tail_allowed is None:
+            tail_allowed = torch.ones(1, 1, 1, q_len, tail, dtype=torch.bool, device=device)
+    shape = torch.broadcast_shapes(stored_allowed.shape[:3], tail_allowed.shape[:3])
+    return torch.cat(
+        [stored_allowed.expand(*shape, q_len, stored), tail_allowed.expand(*shape, q_len, tail)], dim=-1
+    )
 
 
 def _causal_mask(q_len: int, total: int, device: torch.device) -> torch.Tensor | None:

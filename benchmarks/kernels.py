@@ -1,0 +1,151 @@
+"""Decode attention over packed storage on a GPU: Triton kernel vs PyTorch reference vs dense SDPA.
+
+For every context length and kept-group count, one decode step (Q = 1) of one layer is timed
+for each provider; achieved bandwidth is the bytes the provider must read (keys, kept values,
+indices, tail; dense: keys and values) over its time, and is also given as a fraction of the
+device's peak. Rows go to a CSV; the device name is printed. Needs a CUDA device: on a machine
+without one it says so and exits 0.
+
+    python benchmarks/kernels.py --tokens 4096 16384 65536 131072 --keep 8 4 2 1 --out bench_out/kernels.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from hf_subtok.kernels import pack_value_groups, packed_attention
+from hf_subtok.packed import PackedKV
+
+logger = logging.getLogger("kernels_bench")
+PROVIDERS = ("sdpa", "torch", "triton")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FIELDS = [
+    "device", "provider", "dtype", "batch", "kv_heads", "q_per_kv", "head_dim", "tokens", "window",
+    "groups", "keep", "budget", "ms", "bytes_read", "gbps", "peak_fraction", "speedup_vs_sdpa",
+]  # fmt: skip
+
+
+def peak_bandwidth_gbps(device: torch.device) -> float | None:
+    """Theoretical DRAM bandwidth from the device properties (double data rate), if reported."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
+def time_ms(fn) -> float:
+    """Median milliseconds of `fn()` (triton.testing.do_bench when available)."""
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    except ImportError:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(20):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_case(args, tokens: int, keep: int, peak: float | None, device: torch.device) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    b, h, r, d, g, w = args.batch, args.kv_heads, args.q_per_kv, args.head_dim, args.groups, args.window
+    stored = tokens - w
+    keys = torch.randn(b, h, tokens, d, dtype=dtype, device=device)  # [B, Hkv, T, D]
+    values = torch.randn(b, h, tokens, d, dtype=dtype, device=device)
+    query = torch.randn(b, h * r, 1, d, dtype=dtype, device=device)  # [B, Hq, 1, D]
+    scores = torch.rand(b, h, stored, g, device=device)  # [B, Hkv, Ts, G]
+    packed, idx = pack_value_groups(values[:, :, :stored], scores, keep)
+    kv = {
+        backend: PackedKV(
+            keys[:, :, :stored].contiguous(), packed, idx, g,
+            keys[:, :, stored:].contiguous(), values[:, :, stored:].contiguous(), backend,
+        )  # fmt: skip
+        for backend in ("torch", "triton")
+    }
+    packed_bytes = nbytes(kv["torch"].keys, packed, idx, kv["torch"].tail_keys, kv["torch"].tail_values)
+    dense_bytes = nbytes(keys, values)
+    calls = {
+        "sdpa": (
+            lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True),
+            dense_bytes,
+        ),
+        "torch": (lambda: packed_attention(query, kv["torch"]), packed_bytes),
+        "triton": (lambda: packed_attention(query, kv["triton"]), packed_bytes),
+    }
+    rows, sdpa_ms = [], None
+    for provider in args.providers:
+        fn, read = calls[provider]
+        ms = time_ms(fn)
+        sdpa_ms = ms if provider == "sdpa" else sdpa_ms
+        gbps = read / (ms * 1e-3) / 1e9
+        rows.append(
+            dict(
+                device=torch.cuda.get_device_name(device), provider=provider, dtype=args.dtype, batch=b,
+                kv_heads=h, q_per_kv=r, head_dim=d, tokens=tokens, window=w, groups=g, keep=keep,
+                budget=round(packed_bytes / dense_bytes, 4), ms=round(ms, 4), bytes_read=read,
+                gbps=round(gbps, 1), peak_fraction=round(gbps / peak, 3) if peak else "",
+                speedup_vs_sdpa=round(sdpa_ms / ms, 3) if sdpa_ms else "",
+            )  # fmt: skip
+        )
+        logger.info("%7d tokens K=%d/%d %-6s %8.3f ms %8.1f GB/s", tokens, keep, g, provider, ms, gbps)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
+    parser.add_argument("--keep", type=int, nargs="+", default=[8, 4, 2, 1], help="groups kept of --groups")
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--q-per-kv", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--peak-gbps", type=float, default=None, help="override the device's peak bandwidth")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/kernels.csv"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if not torch.cuda.is_available():
+        logger.info("no CUDA device: the kernel benchmark runs on GPUs only; nothing measured")
+        return 0
+    device = torch.device("cuda")
+    peak = args.peak_gbps or peak_bandwidth_gbps(device)
+    logger.info("device: %s, peak bandwidth: %s GB/s", torch.cuda.get_device_name(device), peak or "unknown")
+    rows = []
+    for tokens in args.tokens:
+        for keep in args.keep:
+            rows.extend(run_case(args, tokens, keep, peak, device))
+            torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    logger.info("wrote %d rows to %s", len(rows), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Which path computes a kernel, and the input checks every path shares.
+
+Nothing here imports `triton`: the Triton modules are imported only once a call has chosen
+them, so `import hf_subtok` never pulls Triton in (and never fixes `TRITON_INTERPRET` early).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from hf_subtok.packed import PackedKV
+
+BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_available() -> bool:
+    """True when the `triton` package can be imported (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(backend: str, device: torch.device) -> bool:
+    """Decide the path: "torch" never, "auto" for CUDA tensors when Triton is installed,
+    "triton" always (CPU tensors then need `TRITON_INTERPRET=1`, set before Triton is imported).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda" and triton_available()
+    if not triton_available():
+        raise ImportError("backend='triton' needs the triton package: pip install 'hf-subtok[triton]'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' got tensors on {device}; Triton runs on CUDA devices, or on the CPU "
+            "when TRITON_INTERPRET=1 is set before triton is first imported"
+        )
+    return True
+
+
+def check_packed_attention_inputs(
+    query: torch.Tensor, kv: PackedKV, attention_mask: torch.Tensor | None
+) -> None:
+    """Raise `ValueError` naming the argument and the value unless the inputs fit together."""
+    if not isinstance(kv, PackedKV):
+        raise TypeError(f"kv must be a PackedKV, got {type(kv).__name__}")
+    if query.dim() != 4:
+        raise ValueError(f"query must be [B, Hq, Q, D], got shape {tuple(query.shape)}")
+    batch, q_heads, _, head_dim = query.shape
+    for name in ("keys", "tail_keys", "tail_values"):
+        tensor = getattr(kv, name)
+        if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[-1] != head_dim:
+            raise ValueError(f"kv.{name} must be [B={batch}, Hkv, T, D={head_dim}], got {tuple(tensor.shape)}")
+    kv_heads, stored = kv.keys.shape[1], kv.keys.shape[2]
+    tail = kv.tail_keys.shape[2]
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of kv.keys heads ({kv_heads})")
+    if kv.tail_keys.shape[1] != kv_heads or kv.tail_values.shape[:3] != kv.tail_keys.shape[:3]:
+        raise ValueError(
+            f"kv.tail_keys {tuple(kv.tail_keys.shape)} and kv.tail_values {tuple(kv.tail_values.shape)} "
+            f"must both be [B, Hkv={kv_heads}, Tt, D]"
+        )
+    groups = kv.num_groups
+    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= 256 or head_dim % groups:
+        raise ValueError(f"kv.num_groups must be an int in 1..256 dividing D={head_dim}, got {groups!r}")
+    width = head_dim // groups
+    if kv.values.dim() != 5:
+        raise ValueError(f"kv.values must be [B, Hkv, K, Ts, C], got shape {tuple(kv.values.shape)}")
+    keep = kv.values.shape[2]
+    if kv.values.shape != (batch, kv_heads, keep, stored, width) or not 1 <= keep <= groups:
+        raise ValueError(
+            f"kv.values must be [B={batch}, Hkv={kv_heads}, K in 1..{groups}, Ts={stored}, C={width}], "
+            f"got {tuple(kv.values.shape)}"
+        )
+    if kv.group_idx.dtype != torch.uint8:
+        raise ValueError(f"kv.group_idx must be torch.uint8, got {kv.group_idx.dtype}")
+    if tuple(kv.group_idx.shape) != (batch, kv_heads, keep, stored):
+        raise ValueError(
+            f"kv.group_idx must be [B={batch}, Hkv={kv_heads}, K={keep}, Ts={stored}], got {tuple(kv.group_idx.shape)}"
+        )
+    if stored + tail == 0:
+        raise ValueError("kv holds no tokens (Ts = Tt = 0)")
+    if query.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"query dtype must be one of {_FLOAT_DTYPES}, got {query.dtype}")
+    for name in ("keys", "values", "tail_keys", "tail_values"):
+        tensor = getattr(kv, name)
+        if tensor.dtype != query.dtype:
+            raise ValueError(f"kv.{name} dtype must match query dtype {query.dtype}, got {tensor.dtype}")
+    for name in ("keys", "values", "group_idx", "tail_keys", "tail_values"):
+        tensor = getattr(kv, name)
+        if tensor.device != query.device:
+            raise ValueError(f"kv.{name} is on {tensor.device}, query on {query.device}")
+    if kv.stored_valid is not None:
+        if kv.stored_valid.dtype != torch.bool or tuple(kv.stored_valid.shape) != (batch, kv_heads, stored):
+            raise ValueError(
+                f"kv.stored_valid must be bool [B={batch}, Hkv={kv_heads}, Ts={stored}], "
+                f"got {kv.stored_valid.dtype} {tuple(kv.stored_valid.shape)}"
+            )
+        if kv.stored_valid.device != query.device:
+            raise ValueError(f"kv.stored_valid is on {kv.stored_valid.device}, query on {query.device}")
+    if attention_mask is not None:
+        q_len, total = query.shape[2], stored + tail
+        # with per-head token selection the mask only has to cover the tail (its last columns)
+        columns_ok = attention_mask.shape[-1] == total if kv.stored_valid is None else attention_mask.shape[-1] >= tail
+        if (
+            attention_mask.dim() != 4
+            or attention_mask.shape[0] not in (1, batch)
+            or attention_mask.shape[1] != 1
+            or attention_mask.shape[2] != q_len
+            or not columns_ok
+        ):
+            want = f"T={total}" if kv.stored_valid is None else f"T' >= Tt={tail}"
+            raise ValueError(
+                f"attention_mask must be [B or 1, 1, Q={q_len}, {want}], got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+            raise ValueError(f"attention_mask must be bool or float, got {attention_mask.dtype}")
+        if attention_mask.device != query.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device}, query on {query.device}")
+
+
+def check_strides_for_triton(named: dict[str, torch.Tensor]) -> None:
+    """The Triton kernels take any batch/head/token strides but need the last dim contiguous."""
+    for name, tensor in named.items():
+        if tensor.numel() and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+            raise ValueError(
+                f"{name} must be contiguous in its last dim for the Triton path, got strides {tensor.stride()}"
+            )
+
+
+def check_pack_inputs(values: torch.Tensor, scores: torch.Tensor, keep_groups: int) -> None:
+    """Raise `ValueError` naming the argument and the value unless packing inputs fit together."""
+    if values.dim() != 4:
+        raise ValueError(f"values must be [B, Hkv, T, D], got shape {tuple(values.shape)}")
+    if scores.dim() != 4 or scores.shape[:3] != values.shape[:3]:
+        raise ValueError(
+            f"scores must be [B, Hkv, T, G] matching values {tuple(values.shape)}, got {tuple(scores.shape)}"
+        )
+    groups, head_dim = scores.shape[-1], values.shape[-1]
+    if not 1 <= groups <= 256 or head_dim % groups:
+        raise ValueError(f"scores' group count G must be in 1..256 and divide D={head_dim}, got {groups}")
+    if isinstance(keep_groups, bool) or not isinstance(keep_groups, int) or not 1 <= keep_groups <= groups:
+        raise ValueError(f"keep_groups must be an int in 1..{groups}, got {keep_groups!r}")
+    if not values.is_floating_point():
+        raise ValueError(f"values must be floating point, got {values.dtype}")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be floating point, got {scores.dtype}")
+    if scores.device != values.device:
+        raise ValueError(f"scores are on {scores.device}, values on {values.device}")

@@ -1,0 +1,85 @@
+"""Attention with its log-sum-exp, and the exact merge of attention over disjoint token sets.
+
+Attention over tokens `A ∪ B` equals a weighted mean of attention over `A` and over `B`:
+with `lse_X = log sum_{t in X} exp(s_t)`, `out = sum_X exp(lse_X - lse) * out_X` and
+`lse = log sum_X exp(lse_X)`. This is how outputs over several packed blocks (each with its
+own K) and the dense tail combine, and how the Triton decode kernel combines token splits.
+Pure PyTorch: it is the merge on every device, and the oracle of the kernels' `lse` output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hf_subtok.kernels.packed_attention_reference import _combined_mask, packed_value_matmul
+from hf_subtok.packed import PackedKV
+
+
+def merge_attention_states(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge normalised attention outputs over disjoint token sets.
+
+    Args:
+        outs: N tensors `[..., D]` (e.g. `[B, Hq, Q, D]`), each softmax-normalised over its set.
+        lses: N tensors `[...]` (e.g. `[B, Hq, Q]`), the log-sum-exp of each set's scaled,
+            masked scores; `-inf` marks an empty set, which then contributes nothing.
+
+    Returns:
+        `(out, lse)` in float32: `[..., D]` attention over the union, `[...]` its log-sum-exp
+        (`out` is 0 and `lse` is `-inf` where every set is empty).
+    """
+    if len(outs) != len(lses) or not outs:
+        raise ValueError(f"outs and lses must be non-empty and of equal length, got {len(outs)} and {len(lses)}")
+    for i, (out, lse) in enumerate(zip(outs, lses, strict=True)):
+        if out.shape[:-1] != lses[0].shape or lse.shape != lses[0].shape:
+            raise ValueError(
+                f"outs[{i}] {tuple(out.shape)} and lses[{i}] {tuple(lse.shape)} must be [..., D] and [...] "
+                f"with [...] = {tuple(lses[0].shape)}"
+            )
+    lse = torch.stack([x.float() for x in lses])  # [N, ...]
+    top = lse.amax(dim=0)  # [...]
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    weights = torch.exp(lse - top)  # [N, ...], 0 for empty sets
+    total = weights.sum(dim=0)  # [...]
+    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs, strict=True))  # [..., D]
+    out = out / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    return out, top + torch.log(total)
+
+
+def packed_attention_lse_reference(
+    query: torch.Tensor,
+    kv: PackedKV,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`packed_attention` that also returns the log-sum-exp of each query row's scores.
+
+    Same arguments as `hf_subtok.kernels.packed_attention_reference.packed_attention`.
+
+    Returns:
+        `(out, lse)`: `[B, Hq, Q, D]` float32 normalised output and `[B, Hq, Q]` float32
+        log-sum-exp of the scaled, masked scores (`-inf` for a row with no tokens).
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads = kv.keys.shape[1]
+    group = q_heads // kv_heads
+    stored, total = kv.keys.shape[-2], kv.num_tokens
+    scale = head_dim**-0.5 if scaling is None else scaling
+
+    q = query.reshape(batch, kv_heads, group * q_len, head_dim)  # [B, Hkv, R*Q, D]
+    scores = torch.cat(
+        [q @ kv.keys.transpose(-1, -2), q @ kv.tail_keys.transpose(-1, -2)], dim=-1
+    ).float() * scale  # [B, Hkv, R*Q, T]
+    scores = scores.view(batch, kv_heads, group, q_len, total)  # [B, Hkv, R, Q, T]
+    mask = _combined_mask(kv, attention_mask, q_len, query.device)  # [B|1, Hkv|1, 1, Q, T] bool
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    lse = scores.logsumexp(dim=-1)  # [B, Hkv, R, Q]
+    probs = scores.softmax(dim=-1).view(batch, kv_heads, group * q_len, total)  # [B, Hkv, R*Q, T]
+    out = probs[..., stored:] @ kv.tail_values.float()  # [B, Hkv, R*Q, D]
+    if stored:
+        out = out + packed_value_matmul(probs[..., :stored], kv.values, kv.group_idx, kv.num_groups).float()
+    return out.view(batch, q_heads, q_len, head_dim), lse.reshape(batch, q_heads, q_len)

@@ -1,0 +1,65 @@
+"""Shared builders for the kernel tests: random `PackedKV`s of awkward shapes, tolerances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hf_subtok.kernels.pack_reference import pack_value_groups
+from hf_subtok.packed import PackedKV
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOLERANCE = {
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention case: packed tokens Ts, tail tokens Tt, head_dim D, R query heads per KV
+    head, K of G groups kept."""
+
+    stored: int
+    tail: int
+    head_dim: int
+    group: int
+    keep: int
+    groups: int
+    batch: int = 2
+    kv_heads: int = 2
+
+    @property
+    def id(self) -> str:
+        return (
+            f"B{self.batch}-Hkv{self.kv_heads}-R{self.group}-Ts{self.stored}-Tt{self.tail}"
+            f"-D{self.head_dim}-K{self.keep}of{self.groups}"
+        )
+
+
+def make_packed(shape: Shape, dtype: torch.dtype, seed: int = 0, device: str = DEVICE):
+    """`(query [B, Hq, 1, D], kv, dense_keys [B, Hkv, T, D], dense_values [B, Hkv, T, D])`."""
+    generator = torch.Generator().manual_seed(seed)
+    b, h, d = shape.batch, shape.kv_heads, shape.head_dim
+    total = shape.stored + shape.tail
+
+    def randn(*size):
+        return torch.randn(*size, generator=generator).to(dtype=dtype, device=device)
+
+    keys, values = randn(b, h, total, d), randn(b, h, total, d)
+    query = randn(b, h * shape.group, 1, d)
+    scores = torch.rand(b, h, shape.stored, shape.groups, generator=generator).to(device)
+    packed, idx = pack_value_groups(values[:, :, : shape.stored], scores, shape.keep)
+    kv = PackedKV(
+        keys[:, :, : shape.stored].contiguous(),
+        packed,
+        idx,
+        shape.groups,
+        keys[:, :, shape.stored :].contiguous(),
+        values[:, :, shape.stored :].contiguous(),
+        "triton",
+    )
+    return query, kv, keys, values

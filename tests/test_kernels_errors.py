@@ -1,0 +1,126 @@
+"""Bad inputs to the public kernel functions raise, naming the argument and the value, before
+any kernel is launched; the dispatcher picks the path the backend asks for."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_subtok import kernels
+from hf_subtok.kernels import pack_value_groups, packed_attention
+from tests.kernel_cases import DEVICE, Shape, make_packed
+
+SHAPE = Shape(stored=10, tail=3, head_dim=64, group=2, keep=3, groups=8)
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Make every Triton launcher fail loudly if called."""
+    pytest.importorskip("triton")
+    from hf_subtok.kernels import pack_triton, packed_attention_triton
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(packed_attention_triton, "packed_decode_attention_triton", refuse)
+    monkeypatch.setattr(pack_triton, "pack_value_groups_triton", refuse)
+
+
+def _replace(kv, **changes):
+    return dataclasses.replace(kv, **changes)
+
+
+def _bad_attention_inputs():
+    query, kv, _, _ = make_packed(SHAPE, torch.float32)
+    mask = torch.ones(2, 1, 1, 13, dtype=torch.bool, device=DEVICE)
+    return {
+        "group_idx-int64": ((query, _replace(kv, group_idx=kv.group_idx.long()), mask), "kv.group_idx must be torch.uint8, got torch.int64"),
+        "group_idx-shape": ((query, _replace(kv, group_idx=kv.group_idx[..., :-1]), mask), r"kv.group_idx must be \[B=2, Hkv=2, K=3, Ts=10\], got \(2, 2, 3, 9\)"),
+        "values-width": ((query, _replace(kv, values=kv.values[..., :4]), mask), r"kv.values must be .*C=8\], got \(2, 2, 3, 10, 4\)"),
+        "values-tokens": ((query, _replace(kv, values=kv.values[..., :5, :]), mask), r"Ts=10, C=8\], got \(2, 2, 3, 5, 8\)"),
+        "keep-above-groups": ((query, _replace(kv, num_groups=2, values=torch.zeros(2, 2, 3, 10, 32, device=DEVICE)), mask), r"K in 1..2"),
+        "num_groups": ((query, _replace(kv, num_groups=7), mask), "kv.num_groups must be an int in 1..256 dividing D=64, got 7"),
+        "query-heads": ((query[:, :3], kv, mask), r"query heads \(3\) must be a multiple of kv.keys heads \(2\)"),
+        "query-dim": ((query[..., :32], kv, mask), r"kv.keys must be \[B=2, Hkv, T, D=32\], got \(2, 2, 10, 64\)"),
+        "tail-dtype": ((query, _replace(kv, tail_values=kv.tail_values.half()), mask), "kv.tail_values dtype must match query dtype torch.float32, got torch.float16"),
+        "mask-length": ((query, kv, mask[..., :12]), r"attention_mask must be \[B or 1, 1, Q=1, T=13\], got \(2, 1, 1, 12\)"),
+        "mask-dtype": ((query, kv, mask.long()), "attention_mask must be bool or float, got torch.int64"),
+        "backend": ((query, _replace(kv, backend="cuda"), mask), "backend must be one of .*got 'cuda'"),
+    }  # fmt: skip
+
+
+BAD_ATTENTION = _bad_attention_inputs()
+
+
+@pytest.mark.parametrize("case", BAD_ATTENTION, ids=list(BAD_ATTENTION))
+def test_packed_attention_rejects(case, no_launch):
+    args, message = BAD_ATTENTION[case]
+    with pytest.raises(ValueError, match=message):
+        packed_attention(*args)
+
+
+def test_non_contiguous_last_dim_rejected_before_launch(no_launch):
+    query, kv, _, _ = make_packed(SHAPE, torch.float32)
+    strided_keys = kv.keys.transpose(-1, -2).contiguous().transpose(-1, -2)
+    with pytest.raises(ValueError, match=r"kv.keys must be contiguous in its last dim .*got strides \(1280, 640, 1, 10\)"):
+        packed_attention(query, _replace(kv, keys=strided_keys))
+
+
+BAD_PACK = {
+    "keep-zero": ((4, 8, 0), "keep_groups must be an int in 1..8, got 0"),
+    "keep-above": ((4, 8, 9), "keep_groups must be an int in 1..8, got 9"),
+    "groups-not-dividing": ((4, 7, 2), "must be in 1..256 and divide D=64, got 7"),
+    "scores-tokens": ((3, 8, 2), r"scores must be \[B, Hkv, T, G\] matching values \(1, 2, 4, 64\), got \(1, 2, 3, 8\)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_PACK, ids=list(BAD_PACK))
+def test_pack_rejects(case, no_launch):
+    (score_tokens, groups, keep), message = BAD_PACK[case]
+    values = torch.randn(1, 2, 4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        pack_value_groups(values, torch.rand(1, 2, score_tokens, groups, device=DEVICE), keep, backend="triton")
+
+
+def test_pack_rejects_integer_scores(no_launch):
+    values = torch.randn(1, 2, 4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="scores must be floating point, got torch.int64"):
+        pack_value_groups(values, torch.ones(1, 2, 4, 8, dtype=torch.long, device=DEVICE), 2, backend="triton")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    query, kv, _, _ = make_packed(SHAPE, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        packed_attention(query, kv)
+
+
+def test_auto_on_cpu_uses_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels._attention_reference, "packed_attention", lambda *a: calls.append(a) or "ref")
+    query, kv, _, _ = make_packed(SHAPE, torch.float32, device="cpu")
+    assert packed_attention(query, _replace(kv, backend="auto")) == "ref"
+    assert packed_attention(query, _replace(kv, backend="torch")) == "ref"
+    assert len(calls) == 2
+
+
+def test_import_does_not_load_triton_kernels():
+    """`import hf_subtok` and the CPU path never import the Triton modules."""
+    code = (
+        "import sys, torch, hf_subtok\n"
+        "from hf_subtok.kernels import packed_attention, pack_value_groups\n"
+        "from tests.kernel_cases import Shape, make_packed\n"
+        "q, kv, _, _ = make_packed(Shape(5, 2, 64, 2, 3, 8), torch.float32, device='cpu')\n"
+        "import dataclasses\n"
+        "packed_attention(q, dataclasses.replace(kv, backend='auto'))\n"
+        "pack_value_groups(torch.randn(1, 1, 3, 64), torch.rand(1, 1, 3, 8), 2)\n"
+        "loaded = [m for m in sys.modules if m.startswith('hf_subtok.kernels.') and 'triton' in m]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
