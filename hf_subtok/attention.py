@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from hf_subtok.kernels import packed_attention
-from hf_subtok.packed import PackedKV
+from hf_subtok.kernels import packed_attention, packed_attention_reference
+from hf_subtok.packed import PackedKV, PrefillKV
+from hf_subtok.scorers import Observation
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +44,34 @@ def check_supported(model) -> None:
 def subtok_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention signature: `query` `[B, Hq, Q, D]` -> (`[B, Q, Hq, D]`, None)."""
     if isinstance(key, PackedKV):
-        out = packed_attention(query, key, attention_mask, scaling)  # [B, Hq, Q, D]
+        if key.observer is None:
+            out = packed_attention(query, key, attention_mask, scaling)  # [B, Hq, Q, D]
+        else:
+            # the layer re-allocates by attention mass, which only the reference computes
+            out, mass = packed_attention_reference.packed_attention(
+                query, key, attention_mask, scaling, return_mass=True
+            )
+            key.observer(mass)
         return out.transpose(1, 2).contiguous(), None
     name = _previous_implementation.get(id(module.config), _FALLBACK_DEFAULT)
     fallback = ALL_ATTENTION_FUNCTIONS[name]
+    if isinstance(key, PrefillKV):
+        result = fallback(
+            module, query, key.keys, key.values, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+        key.observer(_observe(query, attention_mask, scaling, key.obs_window))
+        return result
     return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _observe(query, attention_mask, scaling, window: int) -> Observation:
+    """The prompt's last `window` queries `[B, Hq, W, D]` and which keys they may attend."""
+    key_valid = None
+    if attention_mask is not None:
+        last_row = attention_mask[:, 0, -1, :]  # [B, T]: the last query sees every valid key
+        key_valid = last_row if last_row.dtype == torch.bool else last_row > torch.finfo(last_row.dtype).min / 2
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return Observation(query[:, :, -window:], key_valid, scale)
 
 
 def _register() -> None:

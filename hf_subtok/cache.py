@@ -7,7 +7,7 @@ from transformers.cache_utils import Cache
 from hf_subtok.attention import check_supported, install_attention
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.presets import resolve_config
-from hf_subtok.scorers import get_group_scorer
+from hf_subtok.scorers import get_group_scorer, get_token_scorer
 from hf_subtok.storage import SubTokenLayer
 
 
@@ -38,10 +38,18 @@ class SubTokenCache(Cache):
         )
         self.model_dtype = model.dtype
         elem_bytes = self.model_dtype.itemsize
-        self.keep_groups = self.config.resolve_keep_groups(self.head_dim, elem_bytes)
         scorer = get_group_scorer(self.config.router)
+        token_scorer = None
+        if self.config.evicts_tokens:
+            if self.head_dim % self.config.num_groups:
+                raise ValueError(f"num_groups must divide head_dim={self.head_dim}, got {self.config.num_groups}")
+            token_scorer = get_token_scorer(self.config.token_scorer)
+            self.keep_groups = self.config.keep_groups  # None: each layer's prefill plan picks K
+        else:
+            self.keep_groups = self.config.resolve_keep_groups(self.head_dim, elem_bytes)
         layers = [
-            SubTokenLayer(self.config, self.keep_groups, scorer) for _ in range(text_config.num_hidden_layers)
+            SubTokenLayer(self.config, self.keep_groups, scorer, token_scorer)
+            for _ in range(text_config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
         install_attention(model)
@@ -89,7 +97,7 @@ class SubTokenCache(Cache):
             "ratio": stored / dense if dense else 0.0,
             "tokens_seen": first.seen_tokens if first else 0,
             "tokens_packed": first.packed_keys.shape[-2] if first and first.is_initialized else 0,
-            "keep_groups": self.keep_groups,
+            "keep_groups": [layer.keep_groups for layer in self.layers],
             "num_groups": self.config.num_groups,
             "parts": parts,
             "per_layer": per_layer,

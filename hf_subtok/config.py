@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from hf_subtok.scorers import available_group_scorers
+from hf_subtok.scorers import available_group_scorers, available_token_scorers
 
 # Stored group indices are uint8: one byte per kept group.
 INDEX_BYTES = 1
 MAX_GROUPS = 256
 BACKENDS = ("auto", "torch", "triton")
+AXES = ("both", "tokens", "groups")
 
 
 @dataclass
@@ -21,10 +22,12 @@ class SubTokenConfig:
     token, chosen by the group router `router`. The newest `window` tokens stay dense and are
     packed `pack_chunk` tokens at a time when the window overflows.
 
-    Either give `keep_groups`, or give `budget` (target stored/dense byte ratio) and the cache
-    picks the largest `keep_groups` whose measured ratio fits it for the model's head_dim
-    and dtype (keys stay whole, so budgets below about `(1 + 1/num_groups) / 2` need the token
-    eviction of a later release and raise `ValueError`).
+    Without `budget`, every token is kept with `keep_groups` groups. With `budget` (target
+    stored/dense byte ratio) the cache spends it per layer on tokens (chosen per KV head by
+    `token_scorer` from the prompt's last `obs_window` queries) and value groups jointly
+    (`axes="both"`; `keep_groups`, if given, fixes K), on tokens only (`axes="tokens"`, K = G)
+    or on groups only (`axes="groups"`: the largest K that fits; budgets below about
+    `(1 + 1/num_groups) / 2` are then unreachable and raise `ValueError`).
     """
 
     num_groups: int = field(default=8, metadata={"help": "value groups per head (must divide head_dim)"})
@@ -40,6 +43,14 @@ class SubTokenConfig:
         metadata={"help": "tokens packed at once when the window overflows (None: max(1, window // 2))"},
     )
     router: str = field(default="value_norm", metadata={"help": "registered group scorer name"})
+    token_scorer: str = field(
+        default="snapkv", metadata={"help": "registered token scorer deciding which tokens survive (with budget)"}
+    )
+    axes: str = field(
+        default="both",
+        metadata={"help": "what a budget may cut: 'both' tokens and groups, 'tokens' only, 'groups' only"},
+    )
+    obs_window: int = field(default=32, metadata={"help": "last prompt queries observed to score tokens"})
     backend: str = field(
         default="auto",
         metadata={"help": "attention kernels: 'auto' (Triton on CUDA, PyTorch otherwise), 'torch' or 'triton'"},
@@ -65,10 +76,22 @@ class SubTokenConfig:
             raise ValueError(
                 f"router must be one of {sorted(available_group_scorers())}, got {self.router!r}"
             )
+        if self.token_scorer not in available_token_scorers():
+            raise ValueError(
+                f"token_scorer must be one of {sorted(available_token_scorers())}, got {self.token_scorer!r}"
+            )
+        if self.axes not in AXES:
+            raise ValueError(f"axes must be one of {AXES}, got {self.axes!r}")
+        _check_int("obs_window", self.obs_window, 1, None)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.keep_groups is None and self.budget is None:
             self.keep_groups = self.num_groups // 2 or 1
+
+    @property
+    def evicts_tokens(self) -> bool:
+        """Whether tokens are evicted: a budget is set and `axes` lets it cut tokens."""
+        return self.budget is not None and self.axes != "groups"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +127,7 @@ class SubTokenConfig:
             lowest = self.packed_bytes_per_token(1, head_dim, elem_bytes) / dense
             raise ValueError(
                 f"budget={self.budget} is below {lowest:.4f}, the smallest ratio reachable with whole "
-                f"keys and num_groups={self.num_groups} (token eviction is not available yet)"
+                f"keys and num_groups={self.num_groups} (axes='both' or 'tokens' also evicts tokens)"
             )
         return max(fitting)
 

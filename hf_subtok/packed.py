@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,11 @@ class PackedKV:
         tail_keys: `[B, Hkv, Tt, D]` dense keys of the window and the current tokens.
         tail_values: `[B, Hkv, Tt, D]` dense values of the window and the current tokens.
         backend: which kernels attention uses ("auto", "torch" or "triton").
+        stored_valid: `[B, Hkv, Ts]` bool when packed tokens were selected per head (their
+            positions no longer line up with the attention mask, whose last Tt columns still
+            cover the tail); None when every token is stored in position order.
+        observer: called by attention with the `[B, Hkv, T]` attention mass each token got
+            (mean over the query heads and queries), when the layer re-allocates by it.
     """
 
     keys: torch.Tensor
@@ -31,7 +37,23 @@ class PackedKV:
     tail_keys: torch.Tensor
     tail_values: torch.Tensor
     backend: str = "auto"
+    stored_valid: torch.Tensor | None = None
+    observer: Callable[[torch.Tensor], None] | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.keys.shape[-2] + self.tail_keys.shape[-2]
+
+
+@dataclass(frozen=True)
+class PrefillKV:
+    """The dense prompt of a layer that selects tokens from the prompt's queries.
+
+    Attention runs exactly on `keys`/`values` (`[B, Hkv, T, D]`), then calls
+    `observer(observation)` with the last queries so the layer can score and pack.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    observer: Callable
+    obs_window: int = 32

@@ -7,10 +7,11 @@ import inspect
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
+from hf_subtok.allocation import SCORE_BYTES, packed_token_bytes, plan_layer, select_tokens
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups
-from hf_subtok.packed import PackedKV
-from hf_subtok.scorers import GroupScorer
+from hf_subtok.packed import PackedKV, PrefillKV
+from hf_subtok.scorers import GroupScorer, Observation, TokenScorer
 
 # transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
 # end); later releases call `crop(tokens_to_remove)` with a negative count.
@@ -29,17 +30,32 @@ class SubTokenLayer(CacheLayerMixin):
     The first `update` (empty cache) returns the dense prompt so prefill attention is exact;
     later updates return a `PackedKV` for the attention function registered by
     `hf_subtok.attention`.
+
+    With a token scorer (a budget that may cut tokens), each KV head keeps its own best
+    tokens in a uniform `[B, Hkv, Ts, ...]` layout (composite tokens), with their float32
+    scores `[B, Hkv, Ts]` (-inf marks a filler slot); the window's scores `[B, Hkv, Tw]`
+    accumulate the attention they receive while decoding. The prompt is packed after its
+    attention ran (the attention function hands over the last queries), and every later
+    window chunk is packed after the step's attention, re-selecting tokens so the layer
+    never holds more than `budget` of the dense bytes of the tokens seen.
     """
 
     is_sliding = False
     is_croppable = True
     is_compileable = False
 
-    def __init__(self, config: SubTokenConfig, keep_groups: int, scorer: GroupScorer):
+    def __init__(
+        self,
+        config: SubTokenConfig,
+        keep_groups: int | None,
+        scorer: GroupScorer,
+        token_scorer: TokenScorer | None = None,
+    ):
         super().__init__()
         self.config = config
-        self.keep_groups = keep_groups
+        self.fixed_keep_groups = keep_groups
         self.scorer = scorer
+        self.token_scorer = token_scorer
         self._clear()
 
     def _clear(self) -> None:
@@ -48,6 +64,12 @@ class SubTokenLayer(CacheLayerMixin):
         self.group_idx: torch.Tensor | None = None
         self.window_keys: torch.Tensor | None = None
         self.window_values: torch.Tensor | None = None
+        self.token_scores: torch.Tensor | None = None
+        self.window_scores: torch.Tensor | None = None
+        self.keep_groups = self.fixed_keep_groups
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.packed_positions = 0  # seen tokens behind the window (packed or evicted)
+        self._window_cap: int | None = None  # dense tokens allowed until the next pack
         self.seen_tokens = 0
         self.is_initialized = False
 
@@ -57,18 +79,27 @@ class SubTokenLayer(CacheLayerMixin):
         if head_dim % groups:
             raise ValueError(f"num_groups must divide head_dim={head_dim}, got {groups}")
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = head_dim
         width = head_dim // groups
+        if self.keep_groups is None:
+            self.keep_groups = groups  # until the prefill plan picks K
         self.packed_keys = key_states.new_empty(batch, heads, 0, head_dim)
         self.packed_values = value_states.new_empty(batch, heads, self.keep_groups, 0, width)
         self.group_idx = torch.empty(batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=self.device)
         self.window_keys = key_states.new_empty(batch, heads, 0, head_dim)
         self.window_values = value_states.new_empty(batch, heads, 0, head_dim)
+        if self.token_scorer is not None:
+            self.token_scores = torch.empty(batch, heads, 0, dtype=torch.float32, device=self.device)
+            self.window_scores = torch.empty(batch, heads, 0, dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store `[B, Hkv, T, D]` new keys/values; return what attention needs for this call."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._flush()
+        if self.token_scorer is not None:
+            return self._update_evicting(key_states, value_states)
         first = self.seen_tokens == 0
         tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
         tail_values = torch.cat([self.window_values, value_states], dim=-2)
@@ -89,15 +120,152 @@ class SubTokenLayer(CacheLayerMixin):
             return key_states, value_states
         return view, view
 
+    def _update_evicting(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        new = key_states.shape[-2]
+        self.seen_tokens += new
+        if self.seen_tokens == new:  # the prompt: exact attention, then `_finish_prefill`
+            self._pending = (key_states, value_states)
+            view = PrefillKV(key_states, value_states, self._finish_prefill, self.config.obs_window)
+            return view, view
+        tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
+        tail_values = torch.cat([self.window_values, value_states], dim=-2)
+        self._pending = (tail_keys, tail_values)
+        view = PackedKV(
+            self.packed_keys,
+            self.packed_values,
+            self.group_idx,
+            self.config.num_groups,
+            tail_keys,
+            tail_values,
+            self.config.backend,
+            stored_valid=self.token_scores.isfinite(),
+            observer=self._finish_step,
+        )
+        return view, view
+
+    def _flush(self) -> None:
+        """Store a pending tail whose attention never reported back (another attention path)."""
+        if self._pending is None:
+            return
+        if self.packed_keys.shape[-2] == 0 and self.window_keys.shape[-2] == 0:
+            self._finish_prefill(None)
+        else:
+            self._finish_step(None)
+
+    def _finish_prefill(self, observation: Observation | None) -> None:
+        """Score the prompt's tokens and groups, plan this layer's budget, pack."""
+        keys, values = self._pending
+        self._pending = None
+        if self.token_scorer.needs_queries and observation is None:
+            raise ValueError(
+                f"token_scorer {self.token_scorer.name!r} needs the prompt's queries; "
+                "run the prompt through the model with the hf_subtok attention installed"
+            )
+        scores = self.token_scorer.score_tokens(keys, values, observation)  # [B, Hkv, T]
+        if observation is not None and observation.key_valid is not None:
+            invalid = ~observation.key_valid.view(keys.shape[0], 1, -1)
+            scores = scores.masked_fill(invalid, float("-inf"))
+        n_pack = self._tokens_to_pack(keys.shape[-2])
+        self._pack_selected(keys[..., :n_pack, :], values[..., :n_pack, :], scores[..., :n_pack], plan=True)
+        self.window_keys = keys[..., n_pack:, :].clone()
+        self.window_values = values[..., n_pack:, :].clone()
+        self.window_scores = scores[..., n_pack:].clamp(max=1.0)  # forced (+inf) tokens: the top finite score
+
+    def _finish_step(self, mass: torch.Tensor | None) -> None:
+        """Accumulate this step's attention mass, then keep the budget while packing overflow."""
+        tail_keys, tail_values = self._pending
+        self._pending = None
+        stored = self.packed_keys.shape[-2]
+        batch, heads, window = self.window_scores.shape
+        new_scores = self.window_scores.new_zeros(batch, heads, tail_keys.shape[-2] - window)
+        tail_scores = torch.cat([self.window_scores, new_scores], dim=-1)  # [B, Hkv, Tw + T]
+        if mass is not None:
+            self.token_scores = self.token_scores + mass[..., :stored]
+            tail_scores = tail_scores + mass[..., stored:]
+        n_pack = self._tokens_to_pack(tail_keys.shape[-2])
+        if n_pack:
+            head_scores = tail_scores[..., :n_pack]
+            self._pack_selected(tail_keys[..., :n_pack, :], tail_values[..., :n_pack, :], head_scores, plan=False)
+            tail_keys, tail_values = tail_keys[..., n_pack:, :].clone(), tail_values[..., n_pack:, :].clone()
+        self.window_keys, self.window_values = tail_keys, tail_values
+        self.window_scores = tail_scores[..., n_pack:].clone()
+
+    def _tokens_to_pack(self, tokens: int) -> int:
+        """How many of the `tokens` oldest dense tokens to pack now (whole chunks)."""
+        if self.token_scorer is None:
+            overflow = tokens - self.config.window
+        elif self._window_cap is None or tokens > self._window_cap:  # a pack is due: new cap
+            first = self._window_cap is None
+            self._window_cap = self._window_limit()
+            # once packing, always pack: the packed budget must be re-planned for the new cap
+            overflow = tokens - self._window_cap if first else max(tokens - self._window_cap, 1)
+        else:
+            overflow = 0
+        if overflow <= 0:
+            return 0
+        return min(tokens, -(-overflow // self.config.pack_chunk) * self.config.pack_chunk)
+
+    def _window_limit(self) -> int:
+        """Dense tokens allowed: `window`, shrunk so it never takes more than half the budget."""
+        dense = 2 * self.head_dim * self.packed_keys.element_size()
+        affordable = int(0.5 * self.config.budget * dense * self.seen_tokens // (dense + SCORE_BYTES))
+        return min(self.config.window, affordable)
+
+    def _row_budget(self, window_tokens: int) -> float:
+        """Bytes one (batch, head) row may spend on packed tokens with `window_tokens` dense."""
+        elem = self.packed_keys.element_size()
+        dense = 2 * self.head_dim * elem
+        return self.config.budget * dense * self.seen_tokens - window_tokens * (dense + SCORE_BYTES)
+
+    def _pack_selected(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, plan: bool) -> None:
+        """Merge `[B, Hkv, T, D]` candidates into the packed tokens, keeping the best that fit."""
+        group_scores = self.scorer.score_groups(keys, values, self.config.num_groups)  # [B, Hkv, T, G]
+        behind_window = self.packed_positions + keys.shape[-2]
+        # room for a full window: it refills up to the cap before the next pack
+        budget = self._row_budget(self._window_cap)
+        if plan:
+            candidates = [self.fixed_keep_groups] if self.fixed_keep_groups else self._candidate_groups()
+            layer_plan = plan_layer(
+                scores,
+                group_scores,
+                budget,
+                head_dim=self.head_dim,
+                elem_bytes=keys.element_size(),
+                candidate_groups=candidates,
+            )
+            self.keep_groups = layer_plan.keep_groups
+            batch, heads, width = values.shape[0], values.shape[1], self.head_dim // self.config.num_groups
+            self.packed_values = values.new_empty(batch, heads, self.keep_groups, 0, width)
+            self.group_idx = torch.empty(batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=values.device)
+        packed, group_idx = pack_value_groups(values, group_scores, self.keep_groups, backend=self.config.backend)
+        all_keys = torch.cat([self.packed_keys, keys], dim=-2)
+        all_values = torch.cat([self.packed_values, packed], dim=-2)
+        all_idx = torch.cat([self.group_idx, group_idx], dim=-1)
+        all_scores = torch.cat([self.token_scores, scores.float().clamp(max=1.0)], dim=-1)  # -inf: filler
+        elem = keys.element_size()
+        cost = packed_token_bytes(self.head_dim, self.config.num_groups, self.keep_groups, elem, scored=True)
+        keep = max(0, min(all_keys.shape[-2], int(budget // cost)))
+        if keep < all_keys.shape[-2]:
+            index = select_tokens(all_scores, keep)  # [B, Hkv, keep]
+            all_keys = all_keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, all_keys.shape[-1]))
+            slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
+            all_values = all_values.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, all_values.shape[-1]))
+            all_idx = all_idx.gather(3, slot_index)
+            all_scores = all_scores.gather(2, index)
+        self.packed_keys, self.packed_values, self.group_idx, self.token_scores = all_keys, all_values, all_idx, all_scores
+        self.packed_positions = behind_window
+
+    def _candidate_groups(self) -> list[int]:
+        if self.config.axes == "tokens":
+            return [self.config.num_groups]
+        return list(range(1, self.config.num_groups + 1))
+
     def _store_tail(self, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> None:
         """Keep at most `window` newest tokens dense; pack the rest in whole chunks."""
-        tokens = tail_keys.shape[-2]
-        overflow = tokens - self.config.window
-        if overflow <= 0:
+        n_pack = self._tokens_to_pack(tail_keys.shape[-2])
+        if n_pack == 0:
             self.window_keys, self.window_values = tail_keys, tail_values
             return
-        chunk = self.config.pack_chunk
-        n_pack = min(tokens, -(-overflow // chunk) * chunk)
         self._append_packed(tail_keys[..., :n_pack, :], tail_values[..., :n_pack, :])
         # clone: a slice would keep the whole tail (e.g. the full prompt) alive
         self.window_keys = tail_keys[..., n_pack:, :].clone()
@@ -105,7 +273,7 @@ class SubTokenLayer(CacheLayerMixin):
 
     def _append_packed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         scores = self.scorer.score_groups(keys, values, self.config.num_groups)  # [B, Hkv, T, G]
-        packed, group_idx = pack_value_groups(values, scores, self.keep_groups)
+        packed, group_idx = pack_value_groups(values, scores, self.keep_groups, backend=self.config.backend)
         self.packed_keys = torch.cat([self.packed_keys, keys], dim=-2)
         self.packed_values = torch.cat([self.packed_values, packed], dim=-2)
         self.group_idx = torch.cat([self.group_idx, group_idx], dim=-1)
@@ -114,18 +282,23 @@ class SubTokenLayer(CacheLayerMixin):
         """Every tensor this layer holds, by name."""
         if not self.is_initialized:
             return {}
-        return {
+        tensors = {
             "packed_keys": self.packed_keys,
             "packed_values": self.packed_values,
             "group_idx": self.group_idx,
             "window_keys": self.window_keys,
             "window_values": self.window_values,
         }
+        if self.token_scores is not None:
+            tensors["token_scores"] = self.token_scores
+            tensors["window_scores"] = self.window_scores
+        return tensors
 
     def _apply(self, fn) -> None:
-        """Replace every held tensor `t` by `fn(t, dim_of_batch=0)`."""
+        """Replace every held tensor `t` (batch first) by `fn(t)`."""
         if not self.is_initialized:
             return
+        self._flush()
         for name, tensor in self.stored_tensors().items():
             setattr(self, name, fn(tensor))
 
@@ -165,6 +338,7 @@ class SubTokenLayer(CacheLayerMixin):
 
     def crop(self, length_or_removed: int) -> None:
         """Drop the newest tokens (assisted decoding); see `_CROP_TAKES_LENGTH` for the argument."""
+        self._flush()
         if _CROP_TAKES_LENGTH:
             keep = length_or_removed if length_or_removed >= 0 else self.seen_tokens + length_or_removed
         else:
@@ -174,6 +348,17 @@ class SubTokenLayer(CacheLayerMixin):
         if keep < 0:
             raise ValueError(f"cannot crop {self.seen_tokens} tokens to {keep}")
         if keep >= self.seen_tokens or not self.is_initialized:
+            return
+        if self.token_scorer is not None:
+            if keep < self.packed_positions:
+                raise ValueError(
+                    f"cannot crop to {keep} tokens: tokens before position {self.packed_positions} were "
+                    "packed with eviction and cannot be restored"
+                )
+            self.window_keys = self.window_keys[..., : keep - self.packed_positions, :].clone()
+            self.window_values = self.window_values[..., : keep - self.packed_positions, :].clone()
+            self.window_scores = self.window_scores[..., : keep - self.packed_positions].clone()
+            self.seen_tokens = keep
             return
         stored = self.packed_keys.shape[-2]
         if keep >= stored:

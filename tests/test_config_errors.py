@@ -39,13 +39,13 @@ def test_num_groups_must_divide_head_dim():
 
 def test_budget_picks_keep_groups_and_refuses_unreachable():
     model = make_tiny_model("llama")  # head_dim 16, fp32: dense 128 bytes per token and head
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, budget=0.75))
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, budget=0.75, axes="groups"))
     # keep k costs (64 + 8k + k) bytes of 128: k=3 -> 0.7109, k=4 -> 0.78
     assert cache.keep_groups == 3
     with pytest.raises(ValueError, match="budget=0.3"):
-        SubTokenCache(model, SubTokenConfig(num_groups=8, budget=0.3))
+        SubTokenCache(model, SubTokenConfig(num_groups=8, budget=0.3, axes="groups"))
     with pytest.raises(ValueError, match="above budget"):
-        SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=8, budget=0.9))
+        SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=8, budget=0.9, axes="groups"))
 
 
 def test_unknown_preset_and_wrong_type():

@@ -1,4 +1,4 @@
-"""Group scorers: which value groups of a token are worth storing.
+"""Scorers: which tokens (per KV head) and which value groups of a token are worth storing.
 
 Each scorer lives in its own file and registers itself by name; `get_group_scorer(name)`
 returns an instance. Scorers only return scores; packing is the storage's job.
@@ -10,10 +10,28 @@ from hf_subtok.scorers.base import (
     get_group_scorer,
     register_group_scorer,
 )
+from hf_subtok.scorers.key_norm import KeyNormScorer
+from hf_subtok.scorers.snapkv import SnapKVScorer
+from hf_subtok.scorers.streaming import StreamingScorer
+from hf_subtok.scorers.token_base import (
+    Observation,
+    TokenScorer,
+    available_token_scorers,
+    get_token_scorer,
+    register_token_scorer,
+)
 from hf_subtok.scorers.value_norm import ValueNormScorer
 
 __all__ = [
     "GroupScorer",
+    "KeyNormScorer",
+    "Observation",
+    "SnapKVScorer",
+    "StreamingScorer",
+    "TokenScorer",
+    "available_token_scorers",
+    "get_token_scorer",
+    "register_token_scorer",
     "ValueNormScorer",
     "available_group_scorers",
     "get_group_scorer",

@@ -1,0 +1,143 @@
+"""Token eviction under one byte budget: budgets hold, the right tokens survive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.allocation import packed_token_bytes, plan_layer
+from hf_subtok.attention import subtok_attention
+from hf_subtok.scorers import Observation, get_token_scorer
+from hf_subtok.storage import _CROP_TAKES_LENGTH
+from tests.tiny_models import make_tiny_model, random_prompts
+
+BUDGETS = [0.75, 0.5, 0.375, 0.25, 0.125, 0.06]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("axes", ["both", "tokens"])
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_ratio_never_exceeds_budget(budget, axes, dtype):
+    model = make_tiny_model("qwen2", dtype=dtype)
+    cache = SubTokenCache(model, SubTokenConfig(budget=budget, axes=axes, window=16, pack_chunk=8))
+    ids = random_prompts(2, 400)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+        ratios = [cache.memory_report()["ratio"]]
+        for step in range(24):
+            model(input_ids=random_prompts(2, 1, seed=step), past_key_values=cache)
+            ratios.append(cache.memory_report()["ratio"])
+    report = cache.memory_report()
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.stored_tensors().values())
+    assert report["stored_bytes"] == held
+    assert max(ratios) <= budget * 1.01
+    assert max(ratios) >= budget * 0.8, "the budget should be spent, not wasted"
+
+
+def test_ten_thousand_decode_steps_stay_within_budget():
+    """10,000 decode steps through the layer and the registered attention function."""
+    model = make_tiny_model("llama", num_hidden_layers=1)
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.25, window=32, pack_chunk=16, token_scorer="key_norm"))
+    layer = cache.layers[0]
+    attention = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 1, 2, 64, 16, generator=generator)
+    with torch.no_grad():
+        layer.update(keys, values)
+        layer._flush()
+        for step in range(10_000):
+            q, k, v = torch.randn(3, 1, 4, 1, 16, generator=generator)  # [B, H, 1, D]
+            k_view, v_view = layer.update(k[:, :2], v[:, :2])
+            subtok_attention(attention, q, k_view, v_view, None, scaling=0.25)
+            if step % 500 == 499:
+                assert cache.memory_report()["ratio"] <= 0.25 * 1.01
+    assert cache.get_seq_length() == 10_064
+    assert layer.window_keys.shape[-2] <= 32
+
+
+def test_snapkv_keeps_the_token_the_queries_look_at():
+    torch.manual_seed(0)
+    keys = torch.randn(1, 2, 300, 16)
+    queries = torch.randn(1, 4, 8, 16)
+    keys[0, 0, 123] = queries[0, :2].mean(dim=(0, 1)) * 6  # head 0's queries all point at token 123
+    scores = get_token_scorer("snapkv").score_tokens(keys, keys, Observation(queries, None, 0.25))
+    assert scores.shape == (1, 2, 300)
+    finite = scores[0, 0, :-8]
+    assert finite[123] == finite.max()
+    assert finite[123] > 10 * finite[:100].median(), "pooling spreads the peak to neighbours only"
+    assert torch.isinf(scores[..., -8:]).all(), "the observation window is always kept"
+
+
+def test_overwhelming_token_survives_a_tiny_budget_in_the_model():
+    """A token whose key dominates the attention of the last queries is never evicted."""
+    model = make_tiny_model("llama", num_hidden_layers=1)
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.06, window=8, obs_window=8))
+    layer = cache.layers[0]
+    keys = torch.randn(1, 2, 400, 16)
+    values = torch.randn(1, 2, 400, 16)
+    queries = torch.randn(1, 4, 400, 16)
+    keys[0, :, 77] = queries[0, :, -8:].reshape(2, 2 * 8, 16).mean(1) * 8
+    view, _ = layer.update(keys, values)
+    view.observer(Observation(queries[:, :, -8:], None, 0.25))
+    kept = layer.packed_keys[0]
+    for head in range(2):
+        assert (kept[head] == keys[0, head, 77]).all(-1).any(), f"head {head} lost the attended token"
+
+
+def test_plan_respects_budget_and_floor():
+    token_scores = torch.rand(1, 2, 100)
+    group_scores = torch.rand(1, 2, 100, 8)
+    cost = packed_token_bytes(64, 8, 2, 4, scored=True)
+    plan = plan_layer(token_scores, group_scores, 10 * cost, head_dim=64, elem_bytes=4, candidate_groups=[2])
+    assert plan.keep_groups == 2 and plan.keep_tokens == 10
+    plan = plan_layer(token_scores, group_scores, 10 * cost, head_dim=64, elem_bytes=4, candidate_groups=list(range(1, 9)))
+    assert packed_token_bytes(64, 8, plan.keep_groups, 4, scored=True) * plan.keep_tokens <= 10 * cost
+    with pytest.raises(ValueError, match="less than 5 token"):
+        plan_layer(token_scores, group_scores, 4 * cost, head_dim=64, elem_bytes=4, candidate_groups=[2], min_tokens=5)
+
+
+def test_plan_prefers_groups_when_attention_is_spread_and_tokens_when_peaked():
+    group_scores = torch.zeros(1, 1, 200, 8)
+    group_scores[..., 0] = 1.0  # all value energy in one group: one group per token is enough
+    spread = torch.full((1, 1, 200), 1.0 / 200)
+    plan = plan_layer(spread, group_scores, 200 * 80, head_dim=64, elem_bytes=4, candidate_groups=list(range(1, 9)))
+    assert plan.keep_groups == 1
+    flat_groups = torch.ones(1, 1, 200, 8)  # energy spread over all groups
+    peaked = torch.zeros(1, 1, 200)
+    peaked[..., :10] = 0.1  # ten tokens hold all the attention
+    plan = plan_layer(peaked, flat_groups, 200 * 80, head_dim=64, elem_bytes=4, candidate_groups=list(range(1, 9)))
+    assert plan.keep_groups == 8 and plan.keep_tokens >= 10
+
+
+def test_left_padding_is_never_stored_as_a_valid_token():
+    model = make_tiny_model("llama")
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=4, pack_chunk=2))
+    ids = random_prompts(2, 60)
+    mask = torch.ones_like(ids)
+    mask[1, :50] = 0  # row 1 has 10 real tokens
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    layer = cache.layers[0]
+    valid = layer.token_scores.isfinite()  # [B, Hkv, Ts]
+    assert valid[0].all()
+    assert valid[1].sum(-1).max() <= 10
+
+
+def test_crop_into_evicted_tokens_is_refused():
+    model = make_tiny_model("llama")
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=8, pack_chunk=4))
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 100), past_key_values=cache)
+    seen = cache.get_seq_length()
+    with pytest.raises(ValueError, match="cannot crop"):
+        cache.crop(10 if _CROP_TAKES_LENGTH else 10 - seen)
+    cache.crop(seen - 2 if _CROP_TAKES_LENGTH else -2)
+    assert cache.get_seq_length() == seen - 2
+
+
+def test_unknown_token_scorer_and_axes_are_refused():
+    with pytest.raises(ValueError, match="token_scorer.*'oracle'"):
+        SubTokenConfig(budget=0.5, token_scorer="oracle")
+    with pytest.raises(ValueError, match="axes.*'heads'"):
+        SubTokenConfig(budget=0.5, axes="heads")
