@@ -6,7 +6,7 @@ indices, tail; dense: keys and values) over its time, and is also given as a fra
 device's peak. Rows go to a CSV; the device name is printed. Needs a CUDA device: on a machine
 without one it says so and exits 0.
 
-    python benchmarks/kernels.py --tokens 4096 16384 65536 131072 --keep 8 4 2 1 --out bench_out/kernels.csv
+    python benchmarks/gpu_decode_kernel.py --tokens 4096 16384 65536 131072 --keep 8 4 2 1 --out bench_out/kernels.csv
 """
 
 from __future__ import annotations
