@@ -5,10 +5,12 @@ from __future__ import annotations
 from hf_subtok.config import SubTokenConfig
 
 PRESETS: dict[str, dict] = {
-    # keys whole, 4 of 8 value groups: about 0.75 of the dense bytes
-    "balanced": {"num_groups": 8, "keep_groups": 4, "window": 64},
-    # keys whole, 2 of 8 value groups: about 0.63 of the dense bytes
-    "aggressive": {"num_groups": 8, "keep_groups": 2, "window": 64},
+    # 37.5% of the dense bytes, spent jointly on tokens (SnapKV-selected per head) and value groups
+    "balanced": {"budget": 0.375, "window": 64},
+    # 25% of the dense bytes, same allocator
+    "aggressive": {"budget": 0.25, "window": 64},
+    # every token, 4 of 8 value groups (about 0.76 of the dense bytes): no token is ever dropped
+    "groups-only": {"num_groups": 8, "keep_groups": 4, "window": 64},
     # every group kept: same tokens as DynamicCache, for checks
     "lossless": {"num_groups": 8, "keep_groups": 8, "window": 64},
 }

@@ -19,7 +19,7 @@ class SnapKVScorer(TokenScorer):
 
     name = "snapkv"
     needs_queries = True
-    pool = 7
+    pool = 15
 
     def score_tokens(self, keys: torch.Tensor, values: torch.Tensor, observation: Observation | None) -> torch.Tensor:
         if observation is None:
