@@ -65,7 +65,7 @@ def test_snapkv_keeps_the_token_the_queries_look_at():
     assert scores.shape == (1, 2, 300)
     finite = scores[0, 0, :-8]
     assert finite[123] == finite.max()
-    assert finite[123] > 10 * finite[:100].median(), "pooling spreads the peak to neighbours only"
+    assert finite[123] > 5 * finite[:100].median(), "pooling spreads the peak to neighbours only"
     assert torch.isinf(scores[..., -8:]).all(), "the observation window is always kept"
 
 
