@@ -1,0 +1,143 @@
+"""Build one method's cache for one case, and measure what it holds."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.bench import kvpress_methods as kvp
+from hf_subtok.bench.methods import MethodSpec
+from hf_subtok.bench.prefill import DensePrefill, attention_modules
+from hf_subtok.packed import PrefillKV
+from hf_subtok.scorers import Observation
+
+UNREACHABLE = "not reachable without token eviction"
+
+
+class Unreachable(Exception):
+    """The method cannot store this budget (e.g. subtok below its smallest ratio)."""
+
+
+@dataclass
+class Compressed:
+    """A method's cache after the shared prefill, with what it holds.
+
+    `stored_bytes` is measured from the tensors the cache holds; `dense_bytes` is what a
+    `DynamicCache` holds for the same tokens; `info` carries method details for the report.
+    """
+
+    cache: object
+    stored_bytes: int
+    dense_bytes: int
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_bytes / self.dense_bytes
+
+
+def subtok_config(budget: float, window: int) -> SubTokenConfig:
+    """The `SubTokenConfig` the benchmark uses for `subtok@budget`."""
+    return SubTokenConfig(budget=budget, window=window)
+
+
+def check_subtok_reachable(model, budget: float, window: int) -> str | None:
+    """None if `subtok@budget` can be built for `model`, else the reason it cannot."""
+    try:
+        SubTokenCache(model, subtok_config(budget, window))
+    except ValueError as e:
+        return f"{UNREACHABLE} ({e})"
+    return None
+
+
+@torch.no_grad()
+def fill_from_prefill(cache: SubTokenCache, model, prefill: DensePrefill) -> SubTokenCache:
+    """Fill an empty `cache` as a prefill through it would, from a shared dense prefill.
+
+    Each layer gets the dense keys/values; a layer that selects tokens from the prompt's
+    queries (it answers with a `PrefillKV`) is then handed the prefill's own last queries,
+    exactly as hf-subtok's attention function does after the exact prefill attention.
+    The result is bit-identical to a prefill through the cache (tests/test_bench.py).
+    """
+    if not prefill.queries:
+        raise ValueError("fill_from_prefill needs a prefill with its last queries (not a truncated view)")
+    modules = attention_modules(model)
+    for layer_idx, (keys, values) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
+        view, _ = cache.update(keys, values, layer_idx)
+        if isinstance(view, PrefillKV):
+            queries = prefill.queries[layer_idx][:, :, -view.obs_window :]
+            if queries.shape[2] < min(view.obs_window, prefill.length):
+                raise ValueError(f"obs_window={view.obs_window} exceeds the {queries.shape[2]} queries kept")
+            view.observer(Observation(queries, None, modules[layer_idx].scaling))
+    return cache
+
+
+@torch.no_grad()
+def build_cache(
+    spec: MethodSpec,
+    model,
+    prefill: DensePrefill,
+    *,
+    window: int,
+    match_ratio: float | None = None,
+    input_ids: torch.Tensor | None = None,
+    hooked: bool = False,
+) -> Compressed:
+    """`spec`'s cache holding the compressed context of `prefill`.
+
+    Args:
+        match_ratio: for kvpress, the stored/dense ratio to match (`c = 1 - match_ratio`).
+        input_ids: `[1, T]` the prefill's tokens, needed when `hooked` (kvpress's own prefill).
+        hooked: run kvpress's forward hooks on a fresh prefill instead of the shared one.
+
+    Raises:
+        Unreachable: subtok cannot store `spec.budget` with whole keys.
+    """
+    dense_bytes = prefill.dense_bytes
+    if spec.family == "dense":
+        start = time.perf_counter()
+        cache = prefill.to_dynamic_cache()
+        stored = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
+        return Compressed(cache, stored, dense_bytes, time.perf_counter() - start)
+    if spec.family == "subtok":
+        start = time.perf_counter()
+        try:
+            cache = SubTokenCache(model, subtok_config(spec.budget, window))
+        except ValueError as e:  # the configuration cannot store this budget
+            raise Unreachable(f"{UNREACHABLE} ({e})") from e
+        fill_from_prefill(cache, model, prefill)
+        seconds = time.perf_counter() - start
+        report = cache.memory_report()
+        info = {"keep_groups": report["keep_groups"], "num_groups": report["num_groups"], "window": window}
+        return Compressed(cache, report["stored_bytes"], report["dense_bytes"], seconds, info)
+    if spec.family == "kvpress":
+        ratio = spec.budget if match_ratio is None else match_ratio
+        compression_ratio = min(max(1.0 - ratio, 0.0), 0.99)
+        press = kvp.make_press(spec.press, compression_ratio)
+        kvp.clear_masks(model)
+        if hooked:
+            cache, seconds = kvp.compress_hooked(model, press, input_ids)
+        else:
+            cache, seconds = kvp.compress_shared(model, press, prefill)
+        stored = kvp.press_cache_bytes(model, cache)
+        masked = kvp.masked_fraction(model, cache)
+        info = {
+            "compression_ratio": round(compression_ratio, 6),
+            "matched_ratio": ratio,
+            "prefill": "own (kvpress hooks)" if hooked else "shared",
+            "masked": masked is not None,
+        }
+        if masked is not None:
+            info["effective_ratio"] = 1.0 - masked
+        return Compressed(cache, stored, dense_bytes, seconds, info)
+    raise ValueError(f"family must be one of dense, subtok, kvpress, got {spec.family!r}")
+
+
+def release(model, compressed: Compressed | None) -> None:
+    """Undo per-method state left on the model (AdaKV masks)."""
+    if compressed is not None and compressed.info.get("masked"):
+        kvp.clear_masks(model)

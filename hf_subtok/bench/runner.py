@@ -1,0 +1,270 @@
+"""`run_bench`: the benchmark grid, shared prefills, resume, and the outputs it writes."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_subtok.bench import needle, ppl, speed
+from hf_subtok.bench.apply import check_subtok_reachable
+from hf_subtok.bench.methods import MethodSpec, kvpress_available
+from hf_subtok.bench.resume import ResultStore, code_fingerprint, run_id
+
+logger = logging.getLogger(__name__)
+
+SUITES = ("needle", "ppl", "speed")
+DEFAULT_BUDGETS = (0.75, 0.5, 0.375, 0.25, 0.125)
+QUICK_BUDGETS = (0.75, 0.25)
+
+
+@dataclass
+class BenchConfig:
+    """The grid of one benchmark run. `full()` and `quick()` give the two standard grids."""
+
+    suites: list[str] = field(default_factory=lambda: list(SUITES))
+    methods: list[MethodSpec] = field(default_factory=list)
+    budgets: list[float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    needle_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    needle_seeds: list[int] = field(default_factory=lambda: [0])
+    ppl_prefix_lengths: list[int] = field(default_factory=lambda: [4096])
+    ppl_eval_tokens: int = 512
+    speed_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
+    speed_new_tokens: int = 16
+    max_new_tokens: int = 12  # 'The pass key is 12345' is 10 tokens; generation stops once correct
+    window: int = 64
+    out_dir: str = "bench_out"
+    model: str | None = None
+    quick: bool = False
+    restart: bool = False
+
+    @classmethod
+    def quick_grid(cls, **overrides) -> BenchConfig:
+        """A grid that runs in a couple of minutes on 2 CPU cores."""
+        grid = dict(
+            needle_lengths=[1024],
+            needle_depths=[0.5],
+            ppl_prefix_lengths=[512],
+            ppl_eval_tokens=128,
+            speed_lengths=[512],
+            speed_new_tokens=8,
+            budgets=list(QUICK_BUDGETS),
+            quick=True,
+        )
+        grid.update(overrides)
+        return cls(**grid)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["methods"] = [m.name for m in self.methods]
+        return d
+
+
+class BenchContext:
+    """Everything the suites share in one run: model, store, progress, press verification."""
+
+    def __init__(self, config: BenchConfig, model, tokenizer, store: ResultStore, rid: str, total: int):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.run_id = rid
+        self.methods = config.methods
+        self.has_kvpress = any(m.family == "kvpress" for m in self.methods)
+        self.hooked_presses: set[str] = set()
+        self.verification: dict[str, dict] = {}
+        self._unreachable: dict[float, str | None] = {}
+        self.isolate_speed = False  # run speed cases in fresh processes (model loadable by name)
+        self.bar = tqdm(total=total, desc="hf-subtok bench", unit="case", leave=False, dynamic_ncols=True)
+
+    @property
+    def needs_hidden(self) -> bool:
+        """Whether shared prefills must capture hidden states (for kvpress scorers)."""
+        return self.has_kvpress
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def set_status(self, text: str) -> None:
+        self.bar.set_postfix_str(text, refresh=False)
+        logger.info(text)
+
+    def all_done(self, prefixes) -> bool:
+        return all(
+            (row := self.store.get(f"{self.run_id}|{p}|{m.name}")) is not None and row.get("status") != "error"
+            for p in prefixes
+            for m in self.methods
+        )
+
+    def subtok_unreachable(self, budget: float) -> str | None:
+        """Why `subtok@budget` cannot be built for this model, or None."""
+        if budget not in self._unreachable:
+            self._unreachable[budget] = check_subtok_reachable(self.model, budget, self.config.window)
+        return self._unreachable[budget]
+
+    def maybe_verify_presses(self, where: str, input_ids, prefill, *, unless_checked: bool = False) -> None:
+        """Once per `where`: check the shared-prefill press path against kvpress's own hooks.
+
+        A press whose cache differs runs its own prefill under kvpress's hooks from then on.
+        With `unless_checked`, skip when any other check already ran (same code path).
+        """
+        if not self.has_kvpress or where in self.verification or (unless_checked and self.verification):
+            return
+        from hf_subtok.bench.kvpress_methods import verify_shared_path
+
+        presses = list(dict.fromkeys(m.press for m in self.methods if m.family == "kvpress"))
+        ratio = 1.0 - max(m.budget for m in self.methods if m.family == "kvpress")
+        self.set_status(f"checking the shared-prefill press path against kvpress's own hooks ({where})")
+        self.verification[where] = verify_shared_path(self.model, presses, ratio, input_ids, prefill)
+        self.hooked_presses |= {p for p, r in self.verification[where].items() if not r["identical"]}
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def machine_info() -> dict:
+    """Where the numbers were measured."""
+    import transformers
+
+    from hf_subtok.bench.kvpress_methods import kvpress_version
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": _cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kvpress": kvpress_version(),
+    }
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def total_units(config: BenchConfig) -> int:
+    n = len(config.methods)
+    total = 0
+    if "needle" in config.suites:
+        total += needle.units(config, n)
+    if "ppl" in config.suites:
+        total += ppl.units(config, n)
+    if "speed" in config.suites:
+        total += speed.units(config, config.methods)
+    return total
+
+
+def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str | None = None) -> dict:
+    """Run (or resume) the grid; write `cases.jsonl`, `results.json`, `results.md`, the plot.
+
+    Args:
+        config: the grid and output folder.
+        model, tokenizer: already loaded ones (tests), else `config.model` is loaded.
+        command: the command line, quoted in the report.
+
+    Returns:
+        `{"meta": ..., "rows": [...], "markdown": str, "paths": {...}}`.
+    """
+    from hf_subtok.bench.plot import plot_quality_vs_ratio
+    from hf_subtok.bench.report import markdown_report, write_json
+
+    if any(m.family == "kvpress" for m in config.methods):
+        from hf_subtok.bench.kvpress_methods import import_kvpress
+
+        import_kvpress()  # before any SubTokenCache registers its attention (see import_kvpress)
+    isolate_speed = model is None
+    if model is None:
+        from hf_subtok.model_loading import load_model_and_tokenizer
+
+        logger.info("Loading model %s", config.model or "(embedded default)")
+        model, tokenizer = load_model_and_tokenizer(config.model)
+    from hf_subtok.model_loading import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
+    settings = {
+        "model": fingerprint,
+        "window": config.window,
+        "max_new_tokens": config.max_new_tokens,
+        "speed_new_tokens": config.speed_new_tokens,
+        "ppl_eval_tokens": config.ppl_eval_tokens,
+        "kvpress": kvpress_available(),
+        "code": code_fingerprint(),
+    }
+    rid = run_id(settings)
+    out = Path(config.out_dir)
+    store = ResultStore(out, restart=config.restart)
+    ctx = BenchContext(config, model, tokenizer, store, rid, total_units(config))
+    ctx.isolate_speed = isolate_speed
+    started = time.perf_counter()
+    try:
+        for suite in config.suites:
+            {"needle": needle.run_needle, "ppl": ppl.run_ppl, "speed": speed.run_speed}[suite](ctx)
+    finally:
+        ctx.close()
+    elapsed = time.perf_counter() - started
+    keys = _grid_keys(config, rid)
+    rows = [store.rows[k] for k in keys if k in store.rows]
+    meta = {
+        "config": config.to_dict(),
+        "run_id": rid,
+        "code_fingerprint": settings["code"],
+        "model": fingerprint,
+        "machine": machine_info(),
+        "command": command,
+        "elapsed_s_this_invocation": round(elapsed, 1),
+        "matching": None,
+        "shared_prefill_check": ctx.verification or None,
+        "settings": needle.SETTINGS,
+    }
+    if ctx.has_kvpress:
+        from hf_subtok.bench.kvpress_methods import MASKING_NOTE, MATCHING
+
+        meta["matching"] = MATCHING
+        meta["masking_note"] = MASKING_NOTE
+    paths = {
+        "jsonl": str(store.path),
+        "json": str(out / "results.json"),
+        "markdown": str(out / "results.md"),
+        "plot": str(out / "quality_vs_ratio.png"),
+    }
+    markdown = markdown_report(meta, rows)
+    write_json(paths["json"], meta, rows)
+    Path(paths["markdown"]).write_text(markdown)
+    plot_quality_vs_ratio(rows, paths["plot"], title=f"{fingerprint['name_or_path']}: quality vs stored bytes")
+    return {"meta": meta, "rows": rows, "markdown": markdown, "paths": paths}
+
+
+def _grid_keys(config: BenchConfig, rid: str) -> list[str]:
+    """Keys of every row this grid produces, in table order."""
+    keys = []
+    if "needle" in config.suites:
+        for spec in needle.needle_specs(config):
+            for setting in needle.SETTINGS:
+                keys += [f"{rid}|{spec.key}|{setting}|{m.name}" for m in config.methods]
+    if "ppl" in config.suites:
+        for spec in ppl.ppl_specs(config):
+            keys += [f"{rid}|{spec.key}|{m.name}" for m in config.methods]
+    if "speed" in config.suites:
+        for length in config.speed_lengths:
+            keys += [f"{rid}|speed|{length}|{m.name}" for m in speed.speed_methods(config, config.methods)]
+    return keys

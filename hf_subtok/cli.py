@@ -1,0 +1,255 @@
+"""The `hf-subtok` command line: `demo`, `generate` and `bench`.
+
+Results go to stdout; progress and logs to stderr. A usage error, a bad model path, or a
+bad configuration value prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+logger = logging.getLogger("hf_subtok.cli")
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit status 2."""
+
+    def error(self, message: str):
+        raise CliError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hf_subtok.bench.runner import DEFAULT_BUDGETS, QUICK_BUDGETS, SUITES
+
+    parser = _Parser(prog="hf-subtok", description="Sub-token KV-cache compression for transformers' generate().")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="answer one long-context question with a dense and a compressed cache")
+    demo.add_argument("--model", default=None, help="model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--context-tokens", type=int, default=None, help="prompt length (default 3000)")
+
+    gen = sub.add_parser("generate", help="generate with a chosen SubTokenCache configuration")
+    gen.add_argument("--model", default=None, help="model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--file", help="read the prompt from this file")
+    gen.add_argument("--budget", type=float, default=None, help="target stored/dense byte ratio in (0, 1]")
+    gen.add_argument("--num-groups", type=int, default=None, help="value groups per head (default 8)")
+    gen.add_argument("--keep-groups", type=int, default=None, help="groups stored per token")
+    gen.add_argument("--window", type=int, default=None, help="newest tokens kept dense (default 64)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+
+    bench = sub.add_parser("bench", help="quality, memory and speed against dense and kvpress")
+    bench.add_argument("--suite", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
+    bench.add_argument(
+        "--methods", default="dense,subtok,kvpress",
+        help="comma list: dense, subtok[@B], kvpress[:NAME][@B] (kvpress rows need kvpress installed)",
+    )
+    bench.add_argument(
+        "--budgets", default=None, help=f"comma list in (0, 1] (default {','.join(map(str, DEFAULT_BUDGETS))}; --quick: "
+        f"{','.join(map(str, QUICK_BUDGETS))})",
+    )
+    bench.add_argument("--lengths", default=None, help="needle context lengths, e.g. 1k,2k,4k,8k")
+    bench.add_argument("--depths", default=None, help="needle depths in [0, 1], e.g. 0.1,0.5,0.9")
+    bench.add_argument("--seeds", default=None, help="needle pass-key seeds, e.g. 0,1")
+    bench.add_argument("--ppl-prefix", default=None, help="ppl prefix lengths, e.g. 4k")
+    bench.add_argument("--speed-lengths", default=None, help="speed context lengths, e.g. 1k,4k")
+    bench.add_argument("--window", type=int, default=64, help="subtok dense window (default 64)")
+    bench.add_argument("--quick", action="store_true", help="a small grid that runs in a couple of minutes")
+    bench.add_argument("--out", default="bench_out", help="output folder (JSONL, JSON, Markdown, PNG)")
+    bench.add_argument("--restart", action="store_true", help="ignore finished cases in --out instead of resuming")
+    bench.add_argument("--model", default=None, help="model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    bench.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice; 1 avoids spin-wait stalls on a busy shared machine)",
+    )
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.INFO if verbose < 2 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 1 and not quiet:
+        # transformers and friends are chatty at INFO; keep our own progress lines only
+        for name in ("transformers", "httpx", "urllib3", "filelock"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def bench_config_from_args(args) -> object:
+    """A validated `BenchConfig` from `bench` arguments (raises ValueError on bad values)."""
+    from hf_subtok.bench.methods import parse_budgets, parse_ints, parse_methods, parse_suites
+    from hf_subtok.bench.runner import DEFAULT_BUDGETS, QUICK_BUDGETS, SUITES, BenchConfig
+
+    if args.budgets:
+        budgets = parse_budgets(args.budgets)
+    else:
+        budgets = list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
+    overrides = {
+        "suites": parse_suites(args.suite, SUITES),
+        "budgets": budgets,
+        "methods": parse_methods(args.methods, budgets),
+        "window": _non_negative("window", args.window),
+        "out_dir": args.out,
+        "model": args.model,
+        "restart": args.restart,
+    }
+    if args.lengths:
+        overrides["needle_lengths"] = parse_ints("lengths", args.lengths, low=64)
+    if args.depths:
+        overrides["needle_depths"] = _depths(args.depths)
+    if args.seeds:
+        overrides["needle_seeds"] = parse_ints("seeds", args.seeds, low=0)
+    if args.ppl_prefix:
+        overrides["ppl_prefix_lengths"] = parse_ints("ppl-prefix", args.ppl_prefix, low=1)
+    if args.speed_lengths:
+        overrides["speed_lengths"] = parse_ints("speed-lengths", args.speed_lengths, low=16)
+    return BenchConfig.quick_grid(**overrides) if args.quick else BenchConfig(**overrides)
+
+
+def _depths(text: str) -> list[float]:
+    depths = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"depths must be numbers in [0, 1], got {item!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"depths must be in [0, 1], got {item!r}")
+        depths.append(value)
+    return depths
+
+
+def _non_negative(name: str, value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def cmd_demo(args) -> int:
+    from hf_subtok.demo import DEMO_CONTEXT_TOKENS, run_demo
+
+    print(run_demo(args.model, context_tokens=args.context_tokens or DEMO_CONTEXT_TOKENS))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from hf_subtok import SubTokenConfig
+
+    fields = {
+        k: v
+        for k, v in {
+            "budget": args.budget, "num_groups": args.num_groups, "keep_groups": args.keep_groups, "window": args.window,
+        }.items()
+        if v is not None
+    }
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    config = SubTokenConfig(**fields)  # validates before the model is loaded
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise CliError(f"file={args.file!r} cannot be read: {e.strerror}") from None
+    else:
+        prompt = args.prompt
+    from hf_subtok import SubTokenCache
+    from hf_subtok.demo import run_generate
+    from hf_subtok.model_loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    cache = SubTokenCache(model, config)  # unreachable budgets raise ValueError here
+    if tokenizer.chat_template and not args.raw:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    import torch
+
+    input_ids = torch.tensor([list(ids)], dtype=torch.long)
+    logger.info("Prompt: %d tokens", input_ids.shape[1])
+    result = run_generate(model, tokenizer, input_ids, cache, "subtok", args.max_new_tokens)
+    report = cache.memory_report()
+    print(result.answer)
+    print()
+    print(
+        f"memory: stored {report['stored_bytes']:,} B of {report['dense_bytes']:,} dense "
+        f"(ratio {report['ratio']:.4f}); {report['tokens_seen']} tokens seen, "
+        f"{report['tokens_packed']} packed, keep {describe_keep_groups(report['keep_groups'])} "
+        f"of {report['num_groups']} value groups"
+    )
+    print(f"speed: prefill {result.prefill_s:.2f} s, decode {result.decode_tok_s:.1f} tokens/s; "
+          f"peak RSS {result.peak_rss_mb:.0f} MiB")
+    return 0
+
+
+def describe_keep_groups(keep) -> str:
+    """`3` for one K (or every layer alike), `1-4 (mean 2.3)` when layers differ."""
+    values = keep if isinstance(keep, (list, tuple)) else [keep]
+    values = [v for v in values if v is not None]
+    if not values:
+        return "?"
+    if len(set(values)) == 1:
+        return str(values[0])
+    return f"{min(values)}-{max(values)} (mean {sum(values) / len(values):.1f})"
+
+
+def cmd_bench(args, argv: list[str]) -> int:
+    from hf_subtok.bench.runner import run_bench
+
+    config = bench_config_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if any(m.family == "kvpress" for m in config.methods):
+        logger.info("kvpress rows: %d", sum(m.family == "kvpress" for m in config.methods))
+    elif "kvpress" in args.methods:
+        logger.warning("kvpress is not installed: no kvpress rows (pip install kvpress)")
+    result = run_bench(config, command="hf-subtok " + shlex.join(argv))
+    print(result["markdown"])
+    for kind, path in result["paths"].items():
+        logger.info("wrote %s: %s", kind, path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hf-subtok` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.verbose, args.quiet)
+        if args.command == "demo":
+            return cmd_demo(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_bench(args, argv)
+    except (CliError, ValueError) as e:
+        message = " ".join(str(e).split())
+        prefix = "" if message.startswith("hf-subtok") else "hf-subtok: error: "
+        print(f"{prefix}{message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hf-subtok: interrupted (a bench run resumes from its --out folder)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
