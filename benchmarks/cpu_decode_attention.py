@@ -65,13 +65,13 @@ def main() -> None:
         keys = torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=generator)
         values = torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=generator)
         dense_ms = median_ms(
-            lambda: F.scaled_dot_product_attention(query, keys, values, enable_gqa=True), args.repeats
+            lambda q=query, k=keys, v=values: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), args.repeats
         )
         rows.append({"tokens": tokens, "method": "dense sdpa", "budget": 1.0, "keep_groups": GROUPS, "ms": dense_ms})
         for budget in args.budgets:
             for keep in (GROUPS, GROUPS // 2):
                 kv = packed_layer(tokens, budget, keep, generator)
-                ms = median_ms(lambda kv=kv: packed_attention(query, kv), args.repeats)
+                ms = median_ms(lambda q=query, kv=kv: packed_attention(q, kv), args.repeats)
                 rows.append({"tokens": tokens, "method": "packed (reference)", "budget": budget, "keep_groups": keep, "ms": ms})
     for row in rows:
         dense = next(r["ms"] for r in rows if r["tokens"] == row["tokens"] and r["method"] == "dense sdpa")

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hf-subtok", description="Sub-token KV-cache compression for transformers' generate().")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice; 1 avoids spin-wait stalls on a busy shared machine)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -72,10 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench_out", help="output folder (JSONL, JSON, Markdown, PNG)")
     bench.add_argument("--restart", action="store_true", help="ignore finished cases in --out instead of resuming")
     bench.add_argument("--model", default=None, help="model id or folder (default: embedded SmolLM2-135M-Instruct)")
-    bench.add_argument(
-        "--threads", type=int, default=None,
-        help="torch CPU threads (default: torch's choice; 1 avoids spin-wait stalls on a busy shared machine)",
-    )
     return parser
 
 
@@ -213,12 +213,6 @@ def cmd_bench(args, argv: list[str]) -> int:
     from hf_subtok.bench.runner import run_bench
 
     config = bench_config_from_args(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     if any(m.family == "kvpress" for m in config.methods):
         logger.info("kvpress rows: %d", sum(m.family == "kvpress" for m in config.methods))
     elif "kvpress" in args.methods:
@@ -236,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose, args.quiet)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "generate":

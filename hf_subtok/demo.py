@@ -128,14 +128,6 @@ def format_side_by_side(results: list[RunResult], title: str) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def describe_preset(name: str) -> str:
-    """`budget 0.375` or `4 of 8 groups`: what a preset keeps, for the column header."""
-    fields = PRESETS[name]
-    if fields.get("budget") is not None:
-        return f"budget {fields['budget']:g}"
-    return f"{fields.get('keep_groups')} of {fields.get('num_groups', 8)} groups"
-
-
 def run_demo(model_name: str | None = None, *, context_tokens: int = DEMO_CONTEXT_TOKENS,
              preset: str = DEMO_PRESET, max_new_tokens: int = DEMO_MAX_NEW_TOKENS) -> str:
     """Run the demo and return the side-by-side table (the CLI prints it)."""

@@ -169,7 +169,7 @@ class SubTokenLayer(CacheLayerMixin):
         self._pack_selected(keys[..., :n_pack, :], values[..., :n_pack, :], scores[..., :n_pack], plan=True)
         self.window_keys = keys[..., n_pack:, :].clone()
         self.window_values = values[..., n_pack:, :].clone()
-        self.window_scores = scores[..., n_pack:].clamp(max=1.0)  # forced (+inf) tokens: the top finite score
+        self.window_scores = _finite_top(scores[..., n_pack:])
 
     def _finish_step(self, mass: torch.Tensor | None) -> None:
         """Accumulate this step's attention mass, then keep the budget while packing overflow."""
@@ -203,7 +203,10 @@ class SubTokenLayer(CacheLayerMixin):
             overflow = 0
         if overflow <= 0:
             return 0
-        return min(tokens, -(-overflow // self.config.pack_chunk) * self.config.pack_chunk)
+        chunk = self.config.pack_chunk
+        if self.token_scorer is not None:  # a cap shrunk by a small budget packs smaller chunks
+            chunk = max(1, min(chunk, self._window_cap // 2))
+        return min(tokens, -(-overflow // chunk) * chunk)
 
     def _window_limit(self) -> int:
         """Dense tokens allowed: `window`, shrunk so it never takes more than half the budget."""
@@ -241,7 +244,7 @@ class SubTokenLayer(CacheLayerMixin):
         all_keys = torch.cat([self.packed_keys, keys], dim=-2)
         all_values = torch.cat([self.packed_values, packed], dim=-2)
         all_idx = torch.cat([self.group_idx, group_idx], dim=-1)
-        all_scores = torch.cat([self.token_scores, scores.float().clamp(max=1.0)], dim=-1)  # -inf: filler
+        all_scores = torch.cat([self.token_scores, _finite_top(scores)], dim=-1)  # -inf: filler
         elem = keys.element_size()
         cost = packed_token_bytes(self.head_dim, self.config.num_groups, self.keep_groups, elem, scored=True)
         keep = max(0, min(all_keys.shape[-2], int(budget // cost)))
@@ -371,3 +374,11 @@ class SubTokenLayer(CacheLayerMixin):
             self.window_keys = self.window_keys[..., :0, :].clone()
             self.window_values = self.window_values[..., :0, :].clone()
         self.seen_tokens = keep
+
+
+FORCED_SCORE = 4.0  # stands for a scorer's +inf (always kept) once stored; -inf stays a filler mark
+
+
+def _finite_top(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as stored: float32, +inf replaced by `FORCED_SCORE` so that `isfinite` marks valid slots."""
+    return scores.float().nan_to_num(nan=float("-inf"), posinf=FORCED_SCORE, neginf=float("-inf"))

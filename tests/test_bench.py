@@ -234,7 +234,7 @@ def test_kvpress_rows_at_matched_bytes(tmp_path, tiny_chat_model, smollm_tokeniz
 def test_bench_quick_on_the_embedded_model(tmp_path, capsys):
     from hf_subtok.cli import main
 
-    assert main(["bench", "--quick", "--budgets", "0.75", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert main(["--threads", "1", "bench", "--quick", "--budgets", "0.75", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "### needle: question inside the compressed prompt" in out and "### speed" in out
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -63,10 +63,10 @@ def test_snapkv_keeps_the_token_the_queries_look_at():
     keys[0, 0, 123] = queries[0, :2].mean(dim=(0, 1)) * 6  # head 0's queries all point at token 123
     scores = get_token_scorer("snapkv").score_tokens(keys, keys, Observation(queries, None, 0.25))
     assert scores.shape == (1, 2, 300)
-    finite = scores[0, 0, :-8]
-    assert finite[123] == finite.max()
-    assert finite[123] > 5 * finite[:100].median(), "pooling spreads the peak to neighbours only"
-    assert torch.isinf(scores[..., -8:]).all(), "the observation window is always kept"
+    finite = scores[0, 0, 4:-8]
+    assert finite[119] == finite.max()
+    assert finite[119] > 5 * finite[:96].median(), "pooling spreads the peak to neighbours only"
+    assert (scores[..., -8:] >= 2.0).all(), "the observation window ranks above every other token"
 
 
 def test_overwhelming_token_survives_a_tiny_budget_in_the_model():

@@ -15,11 +15,12 @@ from hf_subtok.scorers.token_base import Observation, TokenScorer, register_toke
 class SnapKVScorer(TokenScorer):
     """Mean softmax attention of the last W queries to each key, averaged over the query heads
     sharing a KV head and max-pooled over `pool` neighbouring tokens (so a fact's whole span
-    survives, not only its peak token). The observation window itself scores highest."""
+    survives, not only its peak token). The observation window itself scores highest (2..3, newest highest)."""
 
     name = "snapkv"
     needs_queries = True
     pool = 15
+    sinks = 4
 
     def score_tokens(self, keys: torch.Tensor, values: torch.Tensor, observation: Observation | None) -> torch.Tensor:
         if observation is None:
@@ -38,6 +39,9 @@ class SnapKVScorer(TokenScorer):
         logits = logits.masked_fill(~allowed, float("-inf"))
         probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # [B, Hkv, T]
         pooled = F.max_pool1d(probs.view(batch * kv_heads, 1, tokens), self.pool, stride=1, padding=self.pool // 2)
-        scores = pooled.view(batch, kv_heads, tokens)
-        scores[..., tokens - window :] = float("inf")  # the observation window is always kept
+        scores = 0.5 * (pooled.view(batch, kv_heads, tokens) + probs)  # a span's peak still ranks first
+        # the observation window ranks above every other token, the newest first (when the
+        # window covers most of a short prompt, recency decides what fits)
+        scores[..., tokens - window :] = 2.0 + torch.arange(1, window + 1, device=keys.device) / window
+        scores[..., : self.sinks] = 3.0  # attention sinks (the first tokens) rank above all
         return scores
