@@ -103,17 +103,7 @@ class SubTokenLayer(CacheLayerMixin):
         first = self.seen_tokens == 0
         tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
         tail_values = torch.cat([self.window_values, value_states], dim=-2)
-        view = None
-        if not first:
-            view = PackedKV(
-                self.packed_keys,
-                self.packed_values,
-                self.group_idx,
-                self.config.num_groups,
-                tail_keys,
-                tail_values,
-                self.config.backend,
-            )
+        view = None if first else self._view(tail_keys, tail_values)
         self.seen_tokens += key_states.shape[-2]
         self._store_tail(tail_keys, tail_values)
         if first:
@@ -130,7 +120,14 @@ class SubTokenLayer(CacheLayerMixin):
         tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
         tail_values = torch.cat([self.window_values, value_states], dim=-2)
         self._pending = (tail_keys, tail_values)
-        view = PackedKV(
+        view = self._view(
+            tail_keys, tail_values, stored_valid=self.token_scores.isfinite(), observer=self._finish_step
+        )
+        return view, view
+
+    def _view(self, tail_keys: torch.Tensor, tail_values: torch.Tensor, **extra) -> PackedKV:
+        """What attention reads this step: the packed tokens, then the `[B, Hkv, Tt, D]` tail."""
+        return PackedKV(
             self.packed_keys,
             self.packed_values,
             self.group_idx,
@@ -138,10 +135,8 @@ class SubTokenLayer(CacheLayerMixin):
             tail_keys,
             tail_values,
             self.config.backend,
-            stored_valid=self.token_scores.isfinite(),
-            observer=self._finish_step,
+            **extra,
         )
-        return view, view
 
     def _flush(self) -> None:
         """Store a pending tail whose attention never reported back (another attention path)."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hf_subtok.kernels.packed_attention_reference import _combined_mask, packed_value_matmul
+from hf_subtok.kernels.packed_attention_reference import masked_scores, packed_value_matmul
 from hf_subtok.packed import PackedKV
 
 
@@ -67,16 +67,7 @@ def packed_attention_lse_reference(
     kv_heads = kv.keys.shape[1]
     group = q_heads // kv_heads
     stored, total = kv.keys.shape[-2], kv.num_tokens
-    scale = head_dim**-0.5 if scaling is None else scaling
-
-    q = query.reshape(batch, kv_heads, group * q_len, head_dim)  # [B, Hkv, R*Q, D]
-    scores = torch.cat(
-        [q @ kv.keys.transpose(-1, -2), q @ kv.tail_keys.transpose(-1, -2)], dim=-1
-    ).float() * scale  # [B, Hkv, R*Q, T]
-    scores = scores.view(batch, kv_heads, group, q_len, total)  # [B, Hkv, R, Q, T]
-    mask = _combined_mask(kv, attention_mask, q_len, query.device)  # [B|1, Hkv|1, 1, Q, T] bool
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    scores = masked_scores(query, kv, attention_mask, scaling)  # [B, Hkv, R, Q, T]
     lse = scores.logsumexp(dim=-1)  # [B, Hkv, R, Q]
     probs = scores.softmax(dim=-1).view(batch, kv_heads, group * q_len, total)  # [B, Hkv, R*Q, T]
     out = probs[..., stored:] @ kv.tail_values.float()  # [B, Hkv, R*Q, D]

@@ -67,21 +67,9 @@ def packed_attention(
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = kv.keys.shape[1]
-    if q_heads % kv_heads:
-        raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
     group = q_heads // kv_heads
-    stored = kv.keys.shape[-2]
-    total = kv.num_tokens
-    scale = head_dim**-0.5 if scaling is None else scaling
-
-    q = query.reshape(batch, kv_heads, group * q_len, head_dim)  # [B, Hkv, R*Q, D]
-    scores = torch.cat(
-        [q @ kv.keys.transpose(-1, -2), q @ kv.tail_keys.transpose(-1, -2)], dim=-1
-    ).float() * scale  # [B, Hkv, R*Q, T]
-    scores = scores.view(batch, kv_heads, group, q_len, total)  # [B, Hkv, R, Q, T]
-    mask = _combined_mask(kv, attention_mask, q_len, query.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    stored, total = kv.keys.shape[-2], kv.num_tokens
+    scores = masked_scores(query, kv, attention_mask, scaling)  # [B, Hkv, R, Q, T]
     probs = scores.softmax(dim=-1).view(batch, kv_heads, group * q_len, total)  # [B, Hkv, R*Q, T]
 
     out = probs[..., stored:].to(kv.tail_values.dtype) @ kv.tail_values  # [B, Hkv, R*Q, D]
@@ -91,6 +79,28 @@ def packed_attention(
     if return_mass:
         return out, probs.mean(dim=2)  # [B, Hkv, T]
     return out
+
+
+def masked_scores(
+    query: torch.Tensor, kv: PackedKV, attention_mask: torch.Tensor | None, scaling: float | None
+) -> torch.Tensor:
+    """Scaled float32 scores `[B, Hkv, R, Q, T]` of `query` `[B, Hq, Q, D]` against the packed
+    keys then the tail keys, masked positions set to the float32 minimum."""
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads = kv.keys.shape[1]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+    group = q_heads // kv_heads
+    scale = head_dim**-0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, group * q_len, head_dim)  # [B, Hkv, R*Q, D]
+    scores = torch.cat(
+        [q @ kv.keys.transpose(-1, -2), q @ kv.tail_keys.transpose(-1, -2)], dim=-1
+    ).float() * scale  # [B, Hkv, R*Q, T]
+    scores = scores.view(batch, kv_heads, group, q_len, kv.num_tokens)  # [B, Hkv, R, Q, T]
+    mask = _combined_mask(kv, attention_mask, q_len, query.device)  # [B|1, Hkv|1, 1, Q, T] bool
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores
 
 
 def _combined_mask(kv: PackedKV, attention_mask: torch.Tensor | None, q_len: int, device) -> torch.Tensor | None:
