@@ -65,7 +65,7 @@ def plan_layer(
     weights = _token_weights(token_scores)  # [B, Hkv, T], rows sum to 1
     ranked = weights.sort(dim=-1, descending=True).values.cumsum(-1)  # kept weight for the top-n tokens
     best: tuple[float, LayerPlan] | None = None
-    for keep_groups in candidate_groups:
+    for keep_groups in sorted(candidate_groups, reverse=True):  # on a tie (no evidence) keep more groups
         cost = packed_token_bytes(head_dim, num_groups, keep_groups, elem_bytes, scored=True)
         keep_tokens = min(tokens, int(row_budget_bytes // cost))
         if keep_tokens < min(min_tokens, tokens):
