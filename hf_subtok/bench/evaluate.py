@@ -10,6 +10,7 @@ import torch
 from hf_subtok.bench.apply import Compressed, Unreachable, build_cache, release
 from hf_subtok.bench.methods import MethodSpec
 from hf_subtok.bench.prefill import DensePrefill
+from hf_subtok.bench.resume import skip_finished
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,7 @@ def run_methods(
     ours: dict[float, float] = {}
     for spec in ctx.methods:
         key = f"{ctx.run_id}|{key_prefix}|{spec.name}"
-        done = ctx.store.get(key)
-        if done is not None and done.get("status") != "error":
-            if spec.family == "subtok" and done.get("status") == "ok":
-                ours[spec.budget] = done["ratio"]
-            ctx.advance()
+        if skip_finished(ctx, key, spec, ours):
             continue
         row = {**base, "key": key, "run_id": ctx.run_id, **_method_fields(spec)}
         compressed = None

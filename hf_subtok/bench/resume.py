@@ -86,3 +86,18 @@ def _plain(value):
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+def skip_finished(ctx, key: str, spec, ours: dict[float, float]) -> bool:
+    """True (and progress advanced) when `key` already finished in an earlier run.
+
+    A finished subtok row also records its measured ratio in `ours`, so presses resumed later
+    in the same case still match its stored bytes.
+    """
+    done = ctx.store.get(key)
+    if done is None or done.get("status") == "error":
+        return False
+    if spec.family == "subtok" and done.get("status") == "ok":
+        ours[spec.budget] = done["ratio"]
+    ctx.advance()
+    return True

@@ -25,6 +25,7 @@ from hf_subtok.bench.apply import subtok_config
 from hf_subtok.bench.decoding import greedy_continue
 from hf_subtok.bench.memory import PeakRSS
 from hf_subtok.bench.methods import MethodSpec
+from hf_subtok.bench.resume import skip_finished
 from hf_subtok.tasks import as_input_ids, build_needle_case
 
 
@@ -132,11 +133,7 @@ def run_speed(ctx) -> None:
         ours: dict[float, float] = {}
         for spec in methods:
             key = f"{ctx.run_id}|speed|{length}|{spec.name}"
-            done = ctx.store.get(key)
-            if done is not None and done.get("status") != "error":
-                if spec.family == "subtok" and done.get("status") == "ok":
-                    ours[spec.budget] = done["ratio"]
-                ctx.advance()
+            if skip_finished(ctx, key, spec, ours):
                 continue
             ctx.set_status(f"speed {length} tok: {spec.name}")
             row = {"suite": "speed", "key": key, "run_id": ctx.run_id, "context_tokens": length,
