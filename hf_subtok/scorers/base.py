@@ -6,7 +6,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
-_GROUP_SCORERS: dict[str, type[GroupScorer]] = {}
+from hf_subtok.scorers.registry import Registry
+
+_GROUP_SCORERS = Registry("group scorer", "router")
 
 
 class GroupScorer(ABC):
@@ -28,21 +30,6 @@ class GroupScorer(ABC):
         """
 
 
-def register_group_scorer(cls: type[GroupScorer]) -> type[GroupScorer]:
-    """Class decorator: make `cls` available under `cls.name`."""
-    if not cls.name:
-        raise ValueError(f"group scorer {cls.__name__} has an empty name")
-    if cls.name in _GROUP_SCORERS and _GROUP_SCORERS[cls.name] is not cls:
-        raise ValueError(f"group scorer name {cls.name!r} is already registered")
-    _GROUP_SCORERS[cls.name] = cls
-    return cls
-
-
-def available_group_scorers() -> tuple[str, ...]:
-    return tuple(_GROUP_SCORERS)
-
-
-def get_group_scorer(name: str) -> GroupScorer:
-    if name not in _GROUP_SCORERS:
-        raise ValueError(f"router must be one of {sorted(_GROUP_SCORERS)}, got {name!r}")
-    return _GROUP_SCORERS[name]()
+register_group_scorer = _GROUP_SCORERS.register
+available_group_scorers = _GROUP_SCORERS.names
+get_group_scorer = _GROUP_SCORERS.create

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-_TOKEN_SCORERS: dict[str, type[TokenScorer]] = {}
+from hf_subtok.scorers.registry import Registry
+
+_TOKEN_SCORERS = Registry("token scorer", "token_scorer")
 
 
 @dataclass(frozen=True)
@@ -47,21 +49,6 @@ class TokenScorer(ABC):
         """
 
 
-def register_token_scorer(cls: type[TokenScorer]) -> type[TokenScorer]:
-    """Class decorator: make `cls` available under `cls.name`."""
-    if not cls.name:
-        raise ValueError(f"token scorer {cls.__name__} has an empty name")
-    if cls.name in _TOKEN_SCORERS and _TOKEN_SCORERS[cls.name] is not cls:
-        raise ValueError(f"token scorer name {cls.name!r} is already registered")
-    _TOKEN_SCORERS[cls.name] = cls
-    return cls
-
-
-def available_token_scorers() -> tuple[str, ...]:
-    return tuple(_TOKEN_SCORERS)
-
-
-def get_token_scorer(name: str) -> TokenScorer:
-    if name not in _TOKEN_SCORERS:
-        raise ValueError(f"token_scorer must be one of {sorted(_TOKEN_SCORERS)}, got {name!r}")
-    return _TOKEN_SCORERS[name]()
+register_token_scorer = _TOKEN_SCORERS.register
+available_token_scorers = _TOKEN_SCORERS.names
+get_token_scorer = _TOKEN_SCORERS.create
