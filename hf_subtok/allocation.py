@@ -1,9 +1,12 @@
-"""Allocator: spend one layer's byte budget jointly on tokens and value groups.
+"""Allocator: spend the byte budget jointly on tokens and value groups, within and across layers.
 
 A kept token costs its whole key, its K kept groups, their K one-byte indices and its float32
-score; keeping more groups per token leaves room for fewer tokens. For each candidate K the
-allocator takes the most tokens the budget pays for and scores the plan by the token weight
-it keeps times the value energy the K best groups keep; it picks the best plan.
+score; keeping more groups per token leaves room for fewer tokens. A plan `(n tokens, K
+groups)` of a layer is worth the attention weight its n best tokens cover (mean over the
+`[B, Hkv]` rows, each row's weights summing to 1) times the value energy the K best groups
+keep. `plan_layer` picks the best plan for one layer's bytes; `split_layer_budgets` shares
+bytes among layers so that the sum of the layers' worth is largest (layers whose attention
+is spread over many tokens get more than layers that attend to a few).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.config import INDEX_BYTES
+from hf_subtok.scorers import PRIORITY
 
 SCORE_BYTES = 4  # float32 token score kept per stored token (re-allocation while decoding)
 
@@ -25,10 +29,16 @@ class LayerPlan:
     keep_groups: int
 
 
-def packed_token_bytes(head_dim: int, num_groups: int, keep_groups: int, elem_bytes: int, scored: bool) -> int:
+def packed_token_bytes(
+    head_dim: int, num_groups: int, keep_groups: int, elem_bytes: int, scored: bool
+) -> int:
     """Bytes of one packed token in one KV head."""
     width = head_dim // num_groups
-    return (head_dim + keep_groups * width) * elem_bytes + keep_groups * INDEX_BYTES + (SCORE_BYTES if scored else 0)
+    return (
+        (head_dim + keep_groups * width) * elem_bytes
+        + keep_groups * INDEX_BYTES
+        + (SCORE_BYTES if scored else 0)
+    )
 
 
 def group_energy_kept(group_scores: torch.Tensor, keep_groups: int) -> torch.Tensor:
@@ -63,9 +73,13 @@ def plan_layer(
     tokens = token_scores.shape[-1]
     num_groups = group_scores.shape[-1]
     weights = _token_weights(token_scores)  # [B, Hkv, T], rows sum to 1
-    ranked = weights.sort(dim=-1, descending=True).values.cumsum(-1)  # kept weight for the top-n tokens
+    ranked = weights.sort(dim=-1, descending=True).values.cumsum(
+        -1
+    )  # kept weight for the top-n tokens
     best: tuple[float, LayerPlan] | None = None
-    for keep_groups in sorted(candidate_groups, reverse=True):  # on a tie (no evidence) keep more groups
+    for keep_groups in sorted(
+        candidate_groups, reverse=True
+    ):  # on a tie (no evidence) keep more groups
         cost = packed_token_bytes(head_dim, num_groups, keep_groups, elem_bytes, scored=True)
         keep_tokens = min(tokens, int(row_budget_bytes // cost))
         if keep_tokens < min(min_tokens, tokens):
@@ -78,7 +92,9 @@ def plan_layer(
         if best is None or value > best[0]:
             best = (value, LayerPlan(keep_tokens, keep_groups))
     if best is None:
-        cheapest = packed_token_bytes(head_dim, num_groups, min(candidate_groups), elem_bytes, scored=True)
+        cheapest = packed_token_bytes(
+            head_dim, num_groups, min(candidate_groups), elem_bytes, scored=True
+        )
         raise ValueError(
             f"budget leaves {row_budget_bytes:.0f} bytes per head, less than {min_tokens} token(s) "
             f"of {cheapest} bytes each"
@@ -87,15 +103,104 @@ def plan_layer(
 
 
 def _token_weights(token_scores: torch.Tensor) -> torch.Tensor:
-    """Turn scores into per-row weights summing to 1; forced (+inf) tokens weigh nothing here
-    because they are kept whatever the plan, and -inf (padding) weighs nothing."""
-    finite = token_scores.isfinite()
-    scores = torch.where(finite, token_scores.float(), 0.0)
-    if (scores[finite] >= 0).all():
+    """Turn scores into per-row weights summing to 1. Priority tokens (`PRIORITY` and above,
+    +inf) weigh nothing because they are kept first whatever the plan; -inf (padding) weighs
+    nothing."""
+    mass = token_scores.isfinite() & (token_scores < PRIORITY)
+    scores = torch.where(mass, token_scores.float(), 0.0)
+    if (scores[mass] >= 0).all():
         weights = scores
     else:  # scores that are not masses (e.g. negative key norms): rank tokens uniformly
-        weights = finite.float()
+        weights = mass.float()
     return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class LayerEvidence:
+    """What one layer's prompt tells the cross-layer split: its scores and packed-token costs."""
+
+    token_scores: torch.Tensor  # [B, Hkv, T]
+    group_scores: torch.Tensor  # [B, Hkv, T, G]
+    head_dim: int
+    elem_bytes: int
+    candidate_groups: list[int]
+
+
+def split_layer_budgets(
+    evidence: list[LayerEvidence], total_bytes: float, floor_bytes: list[float], *, steps: int = 60
+) -> list[float]:
+    """Share `total_bytes` (per `[B, Hkv]` row, summed over layers) among layers.
+
+    Each layer gets at least its `floor_bytes`; above that, bytes go where they buy the most
+    worth: for a price `lam` per byte every layer takes, for each K, the tokens whose marginal
+    weight times K's energy is at least `lam` times their cost; `lam` is bisected so the
+    layers spend `total_bytes`.
+
+    Returns:
+        the bytes per row each layer may spend on packed tokens.
+    """
+    if sum(floor_bytes) > total_bytes * (1 + 1e-9):
+        raise ValueError(
+            f"layer floors need {sum(floor_bytes):.0f} bytes per row, above the total {total_bytes:.0f}"
+        )
+    curves = [_layer_curves(e) for e in evidence]
+
+    def spend(lam: float) -> list[float]:
+        return [
+            max(floor, _best_bytes(curve, lam, floor))
+            for curve, floor in zip(curves, floor_bytes, strict=True)
+        ]
+
+    # above the best ratio of first-token worth to cost, no layer wants any token
+    peaks = [
+        m[0].item() * energy / cost for curve in curves for cost, m, energy in curve if m.numel()
+    ]
+    low, high = 0.0, 2 * max(peaks + [1e-12])
+    if sum(spend(0.0)) <= total_bytes:  # every layer can keep all it wants: share the rest
+        chosen = spend(0.0)
+        spare = total_bytes - sum(chosen)
+        return [c + spare * c / (sum(chosen) or 1.0) for c in chosen]
+    for _ in range(steps):
+        mid = 0.5 * (low + high)
+        if sum(spend(mid)) > total_bytes:
+            low = mid
+        else:
+            high = mid
+    # tokens of equal worth sit at the final price: under it (high) the layers spend at most
+    # the total, over it (low) more; take the same fraction of each layer's difference
+    under, over = spend(high), spend(low)
+    extra = sum(over) - sum(under)
+    fraction = (total_bytes - sum(under)) / extra if extra > 0 else 0.0
+    return [u + fraction * (o - u) for u, o in zip(under, over, strict=True)]
+
+
+def _layer_curves(e: LayerEvidence) -> list[tuple[int, torch.Tensor, float]]:
+    """Per candidate K: (cost of a token, marginal weights by rank `[T]` descending, energy kept)."""
+    num_groups = e.group_scores.shape[-1]
+    weights = _token_weights(e.token_scores)  # [B, Hkv, T]
+    marginal = weights.sort(dim=-1, descending=True).values.flatten(0, -2).mean(0)  # [T]
+    curves = []
+    for keep_groups in e.candidate_groups:
+        cost = packed_token_bytes(e.head_dim, num_groups, keep_groups, e.elem_bytes, scored=True)
+        energy = (
+            group_energy_kept(e.group_scores, keep_groups).mean().item()
+            if e.group_scores.numel()
+            else 1.0
+        )
+        curves.append((cost, marginal, energy))
+    return curves
+
+
+def _best_bytes(curves: list[tuple[int, torch.Tensor, float]], lam: float, floor: float) -> float:
+    """Bytes of the plan maximising worth - lam * bytes (ties keep more groups)."""
+    best_value, best_bytes = None, 0.0
+    for cost, marginal, energy in sorted(curves, key=lambda c: -c[0]):
+        wanted = int((marginal * energy >= lam * cost).sum().item())
+        tokens = max(wanted, min(int(floor // cost), marginal.numel()))
+        value = energy * marginal[:tokens].sum().item() - lam * tokens * cost
+        if best_value is None or value > best_value + 1e-15:
+            best_value, best_bytes = value, float(tokens * cost)
+    return best_bytes
 
 
 def select_tokens(token_scores: torch.Tensor, keep_tokens: int) -> torch.Tensor:

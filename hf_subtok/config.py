@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from hf_subtok.scorers import available_group_scorers, available_token_scorers
 
@@ -11,6 +11,56 @@ INDEX_BYTES = 1
 MAX_GROUPS = 256
 BACKENDS = ("auto", "torch", "triton")
 AXES = ("both", "tokens", "groups")
+LAYER_BUDGETS = ("adaptive", "uniform")
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Settings for the layers `first..last` (inclusive) that differ from the rest.
+
+    `budget` fixes those layers' share of the dense bytes (the other layers share what is
+    left of the overall budget); `token_scorer` and `router` pick other registered scorers.
+    """
+
+    first: int
+    last: int
+    budget: float | None = None
+    token_scorer: str | None = None
+    router: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("first", self.first, 0, None)
+        _check_int("last", self.last, self.first, None)
+        if self.budget is not None:
+            _check_budget("override budget", self.budget)
+        if self.token_scorer is not None and self.token_scorer not in available_token_scorers():
+            raise ValueError(
+                f"override token_scorer must be one of {sorted(available_token_scorers())}, got {self.token_scorer!r}"
+            )
+        if self.router is not None and self.router not in available_group_scorers():
+            raise ValueError(
+                f"override router must be one of {sorted(available_group_scorers())}, got {self.router!r}"
+            )
+
+    @classmethod
+    def parse(cls, item: LayerOverride | dict) -> LayerOverride:
+        """An override from itself or a dict such as `{"layers": "0-3", "budget": 0.5}`."""
+        if isinstance(item, LayerOverride):
+            return item
+        if not isinstance(item, dict):
+            raise ValueError(f"overrides items must be LayerOverride or dict, got {item!r}")
+        item = dict(item)
+        if "layers" in item:
+            first, last = _parse_layer_range(item.pop("layers"))
+            item.setdefault("first", first)
+            item.setdefault("last", last)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise ValueError(
+                f"overrides item has unknown field(s) {unknown}; known: layers, {sorted(known)}"
+            )
+        return cls(**item)
 
 
 @dataclass
@@ -28,32 +78,61 @@ class SubTokenConfig:
     (`axes="both"`; `keep_groups`, if given, fixes K), on tokens only (`axes="tokens"`, K = G)
     or on groups only (`axes="groups"`: the largest K that fits; budgets below about
     `(1 + 1/num_groups) / 2` are then unreachable and raise `ValueError`).
+
+    `layer_budgets="adaptive"` shares the bytes among layers by the attention the prompt
+    showed (see `hf_subtok.prompt_planner`); `"uniform"` gives every layer `budget`.
+    `overrides` give layer ranges another budget, token scorer or router (`LayerOverride`).
     """
 
-    num_groups: int = field(default=8, metadata={"help": "value groups per head (must divide head_dim)"})
+    num_groups: int = field(
+        default=8, metadata={"help": "value groups per head (must divide head_dim)"}
+    )
     keep_groups: int | None = field(
-        default=None, metadata={"help": "groups stored per token, 1..num_groups (None: from budget)"}
+        default=None,
+        metadata={"help": "groups stored per token, 1..num_groups (None: from budget)"},
     )
     budget: float | None = field(
-        default=None, metadata={"help": "target stored/dense byte ratio in (0, 1] (None: from keep_groups)"}
+        default=None,
+        metadata={"help": "target stored/dense byte ratio in (0, 1] (None: from keep_groups)"},
     )
     window: int = field(default=64, metadata={"help": "newest tokens kept dense (>= 0)"})
     pack_chunk: int | None = field(
         default=None,
-        metadata={"help": "tokens packed at once when the window overflows (None: max(1, window // 2))"},
+        metadata={
+            "help": "tokens packed at once when the window overflows (None: max(1, window // 2))"
+        },
     )
     router: str = field(default="value_norm", metadata={"help": "registered group scorer name"})
     token_scorer: str = field(
-        default="snapkv", metadata={"help": "registered token scorer deciding which tokens survive (with budget)"}
+        default="snapkv",
+        metadata={"help": "registered token scorer deciding which tokens survive (with budget)"},
     )
     axes: str = field(
         default="both",
-        metadata={"help": "what a budget may cut: 'both' tokens and groups, 'tokens' only, 'groups' only"},
+        metadata={
+            "help": "what a budget may cut: 'both' tokens and groups, 'tokens' only, 'groups' only"
+        },
     )
-    obs_window: int = field(default=32, metadata={"help": "last prompt queries observed to score tokens"})
+    obs_window: int = field(
+        default=32, metadata={"help": "last prompt queries observed to score tokens"}
+    )
     backend: str = field(
         default="auto",
-        metadata={"help": "attention kernels: 'auto' (Triton on CUDA, PyTorch otherwise), 'torch' or 'triton'"},
+        metadata={
+            "help": "attention kernels: 'auto' (Triton on CUDA, PyTorch otherwise), 'torch' or 'triton'"
+        },
+    )
+    layer_budgets: str = field(
+        default="uniform",
+        metadata={
+            "help": "'adaptive': layers get bytes by prefill attention evidence; 'uniform': equal shares"
+        },
+    )
+    overrides: list = field(
+        default_factory=list,
+        metadata={
+            "help": "LayerOverride (or dicts like {'layers': '0-3', 'budget': 0.5}) for layer ranges"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -61,17 +140,15 @@ class SubTokenConfig:
         if self.keep_groups is not None:
             _check_int("keep_groups", self.keep_groups, 1, self.num_groups)
         if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
-                raise ValueError(f"budget must be a number in (0, 1], got {self.budget!r}")
-            if not 0.0 < float(self.budget) <= 1.0:
-                raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
-            self.budget = float(self.budget)
+            self.budget = _check_budget("budget", self.budget)
         _check_int("window", self.window, 0, None)
         if self.pack_chunk is None:
             self.pack_chunk = max(1, self.window // 2)
         _check_int("pack_chunk", self.pack_chunk, 1, None)
         if self.window > 0 and self.pack_chunk > self.window:
-            raise ValueError(f"pack_chunk must be at most window={self.window}, got {self.pack_chunk}")
+            raise ValueError(
+                f"pack_chunk must be at most window={self.window}, got {self.pack_chunk}"
+            )
         if self.router not in available_group_scorers():
             raise ValueError(
                 f"router must be one of {sorted(available_group_scorers())}, got {self.router!r}"
@@ -85,8 +162,51 @@ class SubTokenConfig:
         _check_int("obs_window", self.obs_window, 1, None)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.layer_budgets not in LAYER_BUDGETS:
+            raise ValueError(
+                f"layer_budgets must be one of {LAYER_BUDGETS}, got {self.layer_budgets!r}"
+            )
+        self.overrides = [LayerOverride.parse(item) for item in self.overrides]
+        if any(o.budget is not None for o in self.overrides) and not self.evicts_tokens:
+            raise ValueError(
+                "overrides with a budget need budget= and axes 'both' or 'tokens' (token eviction)"
+            )
         if self.keep_groups is None and self.budget is None:
             self.keep_groups = self.num_groups // 2 or 1
+
+    def layer_settings(self, num_layers: int) -> list[SubTokenConfig]:
+        """The config each of `num_layers` layers runs with, overrides applied (a later
+        override wins). `budget` of a layer without a budget override is what the
+        overridden layers leave of `budget * num_layers`, shared equally.
+
+        Raises `ValueError` for an override naming a layer the model does not have, or
+        overridden budgets that leave the other layers nothing.
+        """
+        layers = [{} for _ in range(num_layers)]
+        for i, override in enumerate(self.overrides):
+            if override.last >= num_layers:
+                raise ValueError(
+                    f"overrides[{i}] names layers {override.first}..{override.last}, but the model has "
+                    f"{num_layers} layers (0..{num_layers - 1})"
+                )
+            changes = {
+                k: v
+                for k, v in asdict(override).items()
+                if k not in ("first", "last") and v is not None
+            }
+            for layer in range(override.first, override.last + 1):
+                layers[layer].update(changes)
+        fixed = [c["budget"] for c in layers if "budget" in c]
+        if fixed and len(fixed) < num_layers:
+            rest = (self.budget * num_layers - sum(fixed)) / (num_layers - len(fixed))
+            if rest <= 0:
+                raise ValueError(
+                    f"overrides fix budgets summing to {sum(fixed):.3f} over {len(fixed)} layers, leaving "
+                    f"nothing of budget={self.budget} x {num_layers} layers for the other layers"
+                )
+            for changes in layers:
+                changes.setdefault("budget", min(rest, 1.0))
+        return [replace(self, overrides=[], **changes) for changes in layers]
 
     @property
     def evicts_tokens(self) -> bool:
@@ -98,7 +218,11 @@ class SubTokenConfig:
 
     def packed_bytes_per_token(self, keep_groups: int, head_dim: int, elem_bytes: int) -> int:
         """Bytes one packed token costs in one KV head: whole key, kept groups, their indices."""
-        return head_dim * elem_bytes + keep_groups * (head_dim // self.num_groups) * elem_bytes + keep_groups * INDEX_BYTES
+        return (
+            head_dim * elem_bytes
+            + keep_groups * (head_dim // self.num_groups) * elem_bytes
+            + keep_groups * INDEX_BYTES
+        )
 
     def resolve_keep_groups(self, head_dim: int, elem_bytes: int) -> int:
         """`keep_groups` for a model with this `head_dim` and element size.
@@ -130,6 +254,25 @@ class SubTokenConfig:
                 f"keys and num_groups={self.num_groups} (axes='both' or 'tokens' also evicts tokens)"
             )
         return max(fitting)
+
+
+def _check_budget(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _parse_layer_range(text) -> tuple[int, int]:
+    """`3` or `"3"` -> (3, 3); `"0-5"` -> (0, 5)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text, text
+    first, sep, last = str(text).partition("-")
+    try:
+        return int(first), int(last if sep else first)
+    except ValueError:
+        raise ValueError(f"overrides layers must be 'N' or 'FIRST-LAST', got {text!r}") from None
 
 
 def _check_int(name: str, value, low: int, high: int | None) -> None:

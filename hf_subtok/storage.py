@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from hf_subtok.allocation import SCORE_BYTES, packed_token_bytes, plan_layer, select_tokens
+from hf_subtok.allocation import (
+    SCORE_BYTES,
+    LayerEvidence,
+    packed_token_bytes,
+    plan_layer,
+    select_tokens,
+)
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.packed import PackedKV, PrefillKV
-from hf_subtok.scorers import GroupScorer, Observation, TokenScorer
+from hf_subtok.prompt_planner import PromptEvidence, PromptPlanner
+from hf_subtok.scorers import GroupScorer, Observation, RopeInfo, TokenScorer
 
 # transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
 # end); later releases call `crop(tokens_to_remove)` with a negative count.
@@ -50,12 +58,16 @@ class SubTokenLayer(CacheLayerMixin):
         keep_groups: int | None,
         scorer: GroupScorer,
         token_scorer: TokenScorer | None = None,
+        planner: PromptPlanner | None = None,
+        rope: RopeInfo | None = None,
     ):
         super().__init__()
         self.config = config
         self.fixed_keep_groups = keep_groups
         self.scorer = scorer
         self.token_scorer = token_scorer
+        self.planner = planner
+        self.rope = rope
         self._clear()
 
     def _clear(self) -> None:
@@ -67,7 +79,11 @@ class SubTokenLayer(CacheLayerMixin):
         self.token_scores: torch.Tensor | None = None
         self.window_scores: torch.Tensor | None = None
         self.keep_groups = self.fixed_keep_groups
+        self.budget = (
+            self.config.budget
+        )  # this layer's share of the dense bytes (a plan may move it)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prompt: PromptEvidence | None = None  # scored prompt waiting for the cross-layer plan
         self.packed_positions = 0  # seen tokens behind the window (packed or evicted)
         self._window_cap: int | None = None  # dense tokens allowed until the next pack
         self.seen_tokens = 0
@@ -85,12 +101,18 @@ class SubTokenLayer(CacheLayerMixin):
             self.keep_groups = groups  # until the prefill plan picks K
         self.packed_keys = key_states.new_empty(batch, heads, 0, head_dim)
         self.packed_values = value_states.new_empty(batch, heads, self.keep_groups, 0, width)
-        self.group_idx = torch.empty(batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=self.device)
+        self.group_idx = torch.empty(
+            batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=self.device
+        )
         self.window_keys = key_states.new_empty(batch, heads, 0, head_dim)
         self.window_values = value_states.new_empty(batch, heads, 0, head_dim)
         if self.token_scorer is not None:
-            self.token_scores = torch.empty(batch, heads, 0, dtype=torch.float32, device=self.device)
-            self.window_scores = torch.empty(batch, heads, 0, dtype=torch.float32, device=self.device)
+            self.token_scores = torch.empty(
+                batch, heads, 0, dtype=torch.float32, device=self.device
+            )
+            self.window_scores = torch.empty(
+                batch, heads, 0, dtype=torch.float32, device=self.device
+            )
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -121,7 +143,10 @@ class SubTokenLayer(CacheLayerMixin):
         tail_values = torch.cat([self.window_values, value_states], dim=-2)
         self._pending = (tail_keys, tail_values)
         view = self._view(
-            tail_keys, tail_values, stored_valid=self.token_scores.isfinite(), observer=self._finish_step
+            tail_keys,
+            tail_values,
+            stored_valid=self.token_scores.isfinite(),
+            observer=self._finish_step,
         )
         return view, view
 
@@ -140,10 +165,14 @@ class SubTokenLayer(CacheLayerMixin):
 
     def _flush(self) -> None:
         """Store a pending tail whose attention never reported back (another attention path)."""
+        if self._prompt is not None:
+            self.planner.flush()
         if self._pending is None:
             return
         if self.packed_keys.shape[-2] == 0 and self.window_keys.shape[-2] == 0:
             self._finish_prefill(None)
+            if self._prompt is not None:
+                self.planner.flush()
         else:
             self._finish_step(None)
 
@@ -156,12 +185,55 @@ class SubTokenLayer(CacheLayerMixin):
                 f"token_scorer {self.token_scorer.name!r} needs the prompt's queries; "
                 "run the prompt through the model with the hf_subtok attention installed"
             )
+        if observation is not None and observation.rope is None:
+            observation = dataclasses.replace(observation, rope=self.rope)
         scores = self.token_scorer.score_tokens(keys, values, observation)  # [B, Hkv, T]
         if observation is not None and observation.key_valid is not None:
             invalid = ~observation.key_valid.view(keys.shape[0], 1, -1)
             scores = scores.masked_fill(invalid, float("-inf"))
         n_pack = self._tokens_to_pack(keys.shape[-2])
-        self._pack_selected(keys[..., :n_pack, :], values[..., :n_pack, :], scores[..., :n_pack], plan=True)
+        group_scores = self.scorer.score_groups(
+            keys[..., :n_pack, :], values[..., :n_pack, :], self.config.num_groups
+        )
+        self._prompt = PromptEvidence(keys, values, scores, group_scores, n_pack)
+        if self.planner is None:
+            self.pack_prompt(None)
+        else:
+            self.planner.submit(self)
+
+    def prompt_evidence(self) -> LayerEvidence:
+        """What the scored prompt tells the cross-layer split (see `PromptPlanner`)."""
+        prompt = self._prompt
+        return LayerEvidence(
+            prompt.scores[..., : prompt.n_pack],
+            prompt.group_scores,
+            self.head_dim,
+            prompt.keys.element_size(),
+            self._plan_candidates(),
+        )
+
+    def prompt_row_budget(self) -> float:
+        """Bytes per (batch, head) row this layer's own budget gives its packed prompt tokens."""
+        return self._row_budget(self._window_cap)
+
+    def pack_prompt(self, row_budget: float | None) -> None:
+        """Pack the scored prompt within `row_budget` bytes per row (None: this layer's budget);
+        the layer's budget then becomes the share it was given."""
+        prompt, self._prompt = self._prompt, None
+        if row_budget is not None:
+            dense = 2 * self.head_dim * prompt.keys.element_size()
+            self.budget = (row_budget + self._window_cap * (dense + SCORE_BYTES)) / (
+                dense * self.seen_tokens
+            )
+        n_pack = prompt.n_pack
+        keys, values, scores = prompt.keys, prompt.values, prompt.scores
+        self._pack_selected(
+            keys[..., :n_pack, :],
+            values[..., :n_pack, :],
+            scores[..., :n_pack],
+            prompt.group_scores,
+            plan=True,
+        )
         self.window_keys = keys[..., n_pack:, :].clone()
         self.window_values = values[..., n_pack:, :].clone()
         self.window_scores = _finite_top(scores[..., n_pack:])
@@ -180,8 +252,17 @@ class SubTokenLayer(CacheLayerMixin):
         n_pack = self._tokens_to_pack(tail_keys.shape[-2])
         if n_pack:
             head_scores = tail_scores[..., :n_pack]
-            self._pack_selected(tail_keys[..., :n_pack, :], tail_values[..., :n_pack, :], head_scores, plan=False)
-            tail_keys, tail_values = tail_keys[..., n_pack:, :].clone(), tail_values[..., n_pack:, :].clone()
+            self._pack_selected(
+                tail_keys[..., :n_pack, :],
+                tail_values[..., :n_pack, :],
+                head_scores,
+                None,
+                plan=False,
+            )
+            tail_keys, tail_values = (
+                tail_keys[..., n_pack:, :].clone(),
+                tail_values[..., n_pack:, :].clone(),
+            )
         self.window_keys, self.window_values = tail_keys, tail_values
         self.window_scores = tail_scores[..., n_pack:].clone()
 
@@ -206,54 +287,86 @@ class SubTokenLayer(CacheLayerMixin):
     def _window_limit(self) -> int:
         """Dense tokens allowed: `window`, shrunk so it never takes more than half the budget."""
         dense = 2 * self.head_dim * self.packed_keys.element_size()
-        affordable = int(0.5 * self.config.budget * dense * self.seen_tokens // (dense + SCORE_BYTES))
+        affordable = int(0.5 * self.budget * dense * self.seen_tokens // (dense + SCORE_BYTES))
         return min(self.config.window, affordable)
 
     def _row_budget(self, window_tokens: int) -> float:
         """Bytes one (batch, head) row may spend on packed tokens with `window_tokens` dense."""
         elem = self.packed_keys.element_size()
         dense = 2 * self.head_dim * elem
-        return self.config.budget * dense * self.seen_tokens - window_tokens * (dense + SCORE_BYTES)
+        return self.budget * dense * self.seen_tokens - window_tokens * (dense + SCORE_BYTES)
 
-    def _pack_selected(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, plan: bool) -> None:
+    def _pack_selected(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scores: torch.Tensor,
+        group_scores: torch.Tensor | None,
+        plan: bool,
+    ) -> None:
         """Merge `[B, Hkv, T, D]` candidates into the packed tokens, keeping the best that fit."""
-        group_scores = self.scorer.score_groups(keys, values, self.config.num_groups)  # [B, Hkv, T, G]
+        if group_scores is None:
+            group_scores = self.scorer.score_groups(
+                keys, values, self.config.num_groups
+            )  # [B, Hkv, T, G]
         behind_window = self.packed_positions + keys.shape[-2]
         # room for a full window: it refills up to the cap before the next pack
         budget = self._row_budget(self._window_cap)
         if plan:
-            candidates = [self.fixed_keep_groups] if self.fixed_keep_groups else self._candidate_groups()
             layer_plan = plan_layer(
                 scores,
                 group_scores,
                 budget,
                 head_dim=self.head_dim,
                 elem_bytes=keys.element_size(),
-                candidate_groups=candidates,
+                candidate_groups=self._plan_candidates(),
             )
             self.keep_groups = layer_plan.keep_groups
-            batch, heads, width = values.shape[0], values.shape[1], self.head_dim // self.config.num_groups
+            batch, heads, width = (
+                values.shape[0],
+                values.shape[1],
+                self.head_dim // self.config.num_groups,
+            )
             self.packed_values = values.new_empty(batch, heads, self.keep_groups, 0, width)
-            self.group_idx = torch.empty(batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=values.device)
-        packed, group_idx = pack_value_groups(values, group_scores, self.keep_groups, backend=self.config.backend)
+            self.group_idx = torch.empty(
+                batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=values.device
+            )
+        packed, group_idx = pack_value_groups(
+            values, group_scores, self.keep_groups, backend=self.config.backend
+        )
         all_keys = torch.cat([self.packed_keys, keys], dim=-2)
         all_values = torch.cat([self.packed_values, packed], dim=-2)
         all_idx = torch.cat([self.group_idx, group_idx], dim=-1)
         all_scores = torch.cat([self.token_scores, _finite_top(scores)], dim=-1)  # -inf: filler
         elem = keys.element_size()
-        cost = packed_token_bytes(self.head_dim, self.config.num_groups, self.keep_groups, elem, scored=True)
+        cost = packed_token_bytes(
+            self.head_dim, self.config.num_groups, self.keep_groups, elem, scored=True
+        )
         keep = max(0, min(all_keys.shape[-2], int(budget // cost)))
         if keep < all_keys.shape[-2]:
             index = select_tokens(all_scores, keep)  # [B, Hkv, keep]
-            all_keys = all_keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, all_keys.shape[-1]))
-            slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
-            all_values = all_values.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, all_values.shape[-1]))
+            all_keys = all_keys.gather(
+                2, index.unsqueeze(-1).expand(-1, -1, -1, all_keys.shape[-1])
+            )
+            slot_index = index.unsqueeze(2).expand(
+                -1, -1, self.keep_groups, -1
+            )  # [B, Hkv, K, keep]
+            all_values = all_values.gather(
+                3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, all_values.shape[-1])
+            )
             all_idx = all_idx.gather(3, slot_index)
             all_scores = all_scores.gather(2, index)
-        self.packed_keys, self.packed_values, self.group_idx, self.token_scores = all_keys, all_values, all_idx, all_scores
+        self.packed_keys, self.packed_values, self.group_idx, self.token_scores = (
+            all_keys,
+            all_values,
+            all_idx,
+            all_scores,
+        )
         self.packed_positions = behind_window
 
-    def _candidate_groups(self) -> list[int]:
+    def _plan_candidates(self) -> list[int]:
+        if self.fixed_keep_groups:
+            return [self.fixed_keep_groups]
         if self.config.axes == "tokens":
             return [self.config.num_groups]
         return list(range(1, self.config.num_groups + 1))
@@ -271,7 +384,9 @@ class SubTokenLayer(CacheLayerMixin):
 
     def _append_packed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         scores = self.scorer.score_groups(keys, values, self.config.num_groups)  # [B, Hkv, T, G]
-        packed, group_idx = pack_value_groups(values, scores, self.keep_groups, backend=self.config.backend)
+        packed, group_idx = pack_value_groups(
+            values, scores, self.keep_groups, backend=self.config.backend
+        )
         self.packed_keys = torch.cat([self.packed_keys, keys], dim=-2)
         self.packed_values = torch.cat([self.packed_values, packed], dim=-2)
         self.group_idx = torch.cat([self.group_idx, group_idx], dim=-1)
@@ -338,10 +453,16 @@ class SubTokenLayer(CacheLayerMixin):
         """Drop the newest tokens (assisted decoding); see `_CROP_TAKES_LENGTH` for the argument."""
         self._flush()
         if _CROP_TAKES_LENGTH:
-            keep = length_or_removed if length_or_removed >= 0 else self.seen_tokens + length_or_removed
+            keep = (
+                length_or_removed
+                if length_or_removed >= 0
+                else self.seen_tokens + length_or_removed
+            )
         else:
             if length_or_removed > 0:
-                raise ValueError(f"crop takes a negative number of tokens to remove, got {length_or_removed}")
+                raise ValueError(
+                    f"crop takes a negative number of tokens to remove, got {length_or_removed}"
+                )
             keep = self.seen_tokens + length_or_removed
         if keep < 0:
             raise ValueError(f"cannot crop {self.seen_tokens} tokens to {keep}")

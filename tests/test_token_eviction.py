@@ -15,12 +15,17 @@ from tests.tiny_models import make_tiny_model, random_prompts
 BUDGETS = [0.75, 0.5, 0.375, 0.25, 0.125, 0.06]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype, layer_budgets",
+    [(torch.float32, "uniform"), (torch.bfloat16, "uniform"), (torch.float32, "adaptive")],
+    ids=["fp32", "bf16", "fp32-adaptive"],
+)
 @pytest.mark.parametrize("axes", ["both", "tokens"])
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_ratio_never_exceeds_budget(budget, axes, dtype):
+def test_ratio_never_exceeds_budget(budget, axes, dtype, layer_budgets):
     model = make_tiny_model("qwen2", dtype=dtype)
-    cache = SubTokenCache(model, SubTokenConfig(budget=budget, axes=axes, window=16, pack_chunk=8))
+    config = SubTokenConfig(budget=budget, axes=axes, window=16, pack_chunk=8, layer_budgets=layer_budgets)
+    cache = SubTokenCache(model, config)
     ids = random_prompts(2, 400)
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache)

@@ -10,11 +10,14 @@ from hf_subtok.scorers.base import (
     get_group_scorer,
     register_group_scorer,
 )
+from hf_subtok.scorers.expected_attention import ExpectedAttentionScorer
 from hf_subtok.scorers.key_norm import KeyNormScorer
 from hf_subtok.scorers.snapkv import SnapKVScorer
 from hf_subtok.scorers.streaming import StreamingScorer
 from hf_subtok.scorers.token_base import (
+    PRIORITY,
     Observation,
+    RopeInfo,
     TokenScorer,
     available_token_scorers,
     get_token_scorer,
@@ -23,9 +26,12 @@ from hf_subtok.scorers.token_base import (
 from hf_subtok.scorers.value_norm import ValueNormScorer
 
 __all__ = [
+    "ExpectedAttentionScorer",
     "GroupScorer",
+    "RopeInfo",
     "KeyNormScorer",
     "Observation",
+    "PRIORITY",
     "SnapKVScorer",
     "StreamingScorer",
     "TokenScorer",

@@ -17,7 +17,9 @@ class GroupScorer(ABC):
     name: str = ""
 
     @abstractmethod
-    def score_groups(self, keys: torch.Tensor, values: torch.Tensor, num_groups: int) -> torch.Tensor:
+    def score_groups(
+        self, keys: torch.Tensor, values: torch.Tensor, num_groups: int
+    ) -> torch.Tensor:
         """Score every value group.
 
         Args:

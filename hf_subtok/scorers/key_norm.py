@@ -17,5 +17,7 @@ class KeyNormScorer(TokenScorer):
 
     name = "key_norm"
 
-    def score_tokens(self, keys: torch.Tensor, values: torch.Tensor, observation: Observation | None) -> torch.Tensor:
+    def score_tokens(
+        self, keys: torch.Tensor, values: torch.Tensor, observation: Observation | None
+    ) -> torch.Tensor:
         return -torch.linalg.vector_norm(keys.float(), dim=-1)  # [B, Hkv, T]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hf_subtok.scorers.token_base import Observation, TokenScorer, register_token_scorer
+from hf_subtok.scorers.token_base import PRIORITY, Observation, TokenScorer, register_token_scorer
 
 
 @register_token_scorer
@@ -22,7 +22,9 @@ class SnapKVScorer(TokenScorer):
     pool = 15
     sinks = 4
 
-    def score_tokens(self, keys: torch.Tensor, values: torch.Tensor, observation: Observation | None) -> torch.Tensor:
+    def score_tokens(
+        self, keys: torch.Tensor, values: torch.Tensor, observation: Observation | None
+    ) -> torch.Tensor:
         if observation is None:
             raise ValueError("token_scorer 'snapkv' needs the prompt's queries (observation=None)")
         batch, kv_heads, tokens, head_dim = keys.shape
@@ -31,17 +33,29 @@ class SnapKVScorer(TokenScorer):
         group = queries.shape[1] // kv_heads
         q = queries.reshape(batch, kv_heads, group * window, head_dim)  # [B, Hkv, R*W, D]
         logits = (q @ keys.transpose(-1, -2)).float() * observation.scaling  # [B, Hkv, R*W, T]
-        q_pos = torch.arange(tokens - window, tokens, device=keys.device).repeat(group)  # causal inside the window
-        causal = torch.arange(tokens, device=keys.device).view(1, tokens) <= q_pos.view(-1, 1)  # [R*W, T]
+        q_pos = torch.arange(tokens - window, tokens, device=keys.device).repeat(
+            group
+        )  # causal inside the window
+        causal = torch.arange(tokens, device=keys.device).view(1, tokens) <= q_pos.view(
+            -1, 1
+        )  # [R*W, T]
         allowed = causal.view(1, 1, group * window, tokens)
         if observation.key_valid is not None:
             allowed = allowed & observation.key_valid.view(batch, 1, 1, tokens)
         logits = logits.masked_fill(~allowed, float("-inf"))
         probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # [B, Hkv, T]
-        pooled = F.max_pool1d(probs.view(batch * kv_heads, 1, tokens), self.pool, stride=1, padding=self.pool // 2)
-        scores = 0.5 * (pooled.view(batch, kv_heads, tokens) + probs)  # a span's peak still ranks first
+        pooled = F.max_pool1d(
+            probs.view(batch * kv_heads, 1, tokens), self.pool, stride=1, padding=self.pool // 2
+        )
+        scores = 0.5 * (
+            pooled.view(batch, kv_heads, tokens) + probs
+        )  # a span's peak still ranks first
         # the observation window ranks above every other token, the newest first (when the
         # window covers most of a short prompt, recency decides what fits)
-        scores[..., tokens - window :] = 2.0 + torch.arange(1, window + 1, device=keys.device) / window
-        scores[..., : self.sinks] = 3.0  # attention sinks (the first tokens) rank above all
+        scores[..., tokens - window :] = (
+            PRIORITY + torch.arange(1, window + 1, device=keys.device) / window
+        )
+        scores[..., : self.sinks] = (
+            PRIORITY + 1.0
+        )  # attention sinks (the first tokens) rank above all
         return scores

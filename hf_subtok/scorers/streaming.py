@@ -17,7 +17,9 @@ class StreamingScorer(TokenScorer):
     name = "streaming"
     sinks = 4
 
-    def score_tokens(self, keys: torch.Tensor, values: torch.Tensor, observation: Observation | None) -> torch.Tensor:
+    def score_tokens(
+        self, keys: torch.Tensor, values: torch.Tensor, observation: Observation | None
+    ) -> torch.Tensor:
         batch, kv_heads, tokens, _ = keys.shape
         scores = torch.arange(tokens, device=keys.device, dtype=torch.float32) / max(tokens, 1)
         scores[: self.sinks] = float("inf")

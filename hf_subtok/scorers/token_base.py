@@ -11,6 +11,11 @@ from hf_subtok.scorers.registry import Registry
 
 _TOKEN_SCORERS = Registry("token scorer", "token_scorer")
 
+# Scores at or above PRIORITY rank above every attention mass (masses lie in [0, 1]): such
+# tokens (sinks, the observation window) are kept first and weigh nothing when plans compare
+# how much attention a number of kept tokens covers.
+PRIORITY = 2.0
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -20,11 +25,34 @@ class Observation:
         queries: `[B, Hq, W, D]` the last W queries of the prompt (RoPE applied).
         key_valid: `[B, T]` bool, False for keys no query may attend (left padding).
         scaling: the softmax scale of the layer.
+        rope: the model's rotary embedding (`RopeInfo`), filled in by the cache; scorers that
+            move queries to other positions need it.
     """
 
     queries: torch.Tensor
     key_valid: torch.Tensor | None
     scaling: float
+    rope: RopeInfo | None = None
+
+
+@dataclass(frozen=True)
+class RopeInfo:
+    """A rotary embedding as transformers applies it: angle `position * inv_freq` on channel
+    pairs `(i, i + D/2)`, cos and sin multiplied by `attention_scaling`."""
+
+    inv_freq: torch.Tensor  # [D/2] float32
+    attention_scaling: float = 1.0
+
+    @classmethod
+    def from_model(cls, model) -> RopeInfo | None:
+        """The first `rotary_emb` module's frequencies, or None for a model without one."""
+        for name, module in model.named_modules():
+            if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
+                return cls(
+                    module.inv_freq.detach().float(),
+                    float(getattr(module, "attention_scaling", 1.0)),
+                )
+        return None
 
 
 class TokenScorer(ABC):
@@ -45,7 +73,9 @@ class TokenScorer(ABC):
             observation: the prompt's last queries, when `needs_queries`.
 
         Returns:
-            `[B, Hkv, T]` float32 scores, comparable within one (batch, head) row.
+            `[B, Hkv, T]` float32 scores, comparable within one (batch, head) row: attention
+            masses in [0, 1] (or any ranking if negative values occur), `PRIORITY` and above
+            for tokens to keep first, +inf for tokens always kept.
         """
 
 

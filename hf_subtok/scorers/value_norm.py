@@ -18,7 +18,11 @@ class ValueNormScorer(GroupScorer):
 
     name = "value_norm"
 
-    def score_groups(self, keys: torch.Tensor, values: torch.Tensor, num_groups: int) -> torch.Tensor:
+    def score_groups(
+        self, keys: torch.Tensor, values: torch.Tensor, num_groups: int
+    ) -> torch.Tensor:
         batch, heads, tokens, head_dim = values.shape
-        grouped = values.view(batch, heads, tokens, num_groups, head_dim // num_groups)  # [B, Hkv, T, G, C]
+        grouped = values.view(
+            batch, heads, tokens, num_groups, head_dim // num_groups
+        )  # [B, Hkv, T, G, C]
         return torch.linalg.vector_norm(grouped.float(), dim=-1)  # [B, Hkv, T, G]

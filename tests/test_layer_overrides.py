@@ -1,0 +1,123 @@
+"""Per-layer overrides: another budget or scorer for a range of layers, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.config import LayerOverride
+from tests.tiny_models import make_tiny_model, random_prompts
+
+
+def _prefill(num_layers: int, config: SubTokenConfig) -> SubTokenCache:
+    model = make_tiny_model("llama", num_hidden_layers=num_layers)
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, 300), past_key_values=cache)
+    return cache
+
+
+def test_budget_override_fixes_those_layers_and_the_rest_share_what_is_left():
+    config = SubTokenConfig(
+        budget=0.25,
+        window=16,
+        layer_budgets="uniform",
+        overrides=[{"layers": "0-1", "budget": 0.4}],
+    )
+    cache = _prefill(4, config)
+    report = cache.memory_report()
+    ratios = [layer["ratio"] for layer in report["per_layer"]]
+    assert ratios[0] == pytest.approx(0.4, abs=0.03) and ratios[1] == pytest.approx(0.4, abs=0.03)
+    # layers 2-3 share what is left: (4 x 0.25 - 2 x 0.4) / 2 = 0.1 each
+    assert ratios[2] == pytest.approx(0.1, abs=0.02) and ratios[3] == pytest.approx(0.1, abs=0.02)
+    assert report["ratio"] <= 0.25 * 1.01
+
+
+@pytest.mark.parametrize("layer_budgets", ["uniform", "adaptive"])
+def test_budget_override_keeps_the_total_within_budget(layer_budgets):
+    override = LayerOverride(first=3, last=3, budget=0.1)
+    config = SubTokenConfig(
+        budget=0.25, window=16, layer_budgets=layer_budgets, overrides=[override]
+    )
+    cache = _prefill(4, config)
+    report = cache.memory_report()
+    ratios = [layer["ratio"] for layer in report["per_layer"]]
+    assert ratios[3] <= 0.1 * 1.01
+    # the other layers get the bytes layer 3 gave up: 0.3 each, or 0.9 together when adaptive
+    if layer_budgets == "uniform":
+        assert ratios[:3] == pytest.approx([0.3] * 3, abs=0.02)
+    assert sum(ratios[:3]) == pytest.approx(0.9, abs=0.05)
+    assert report["ratio"] <= 0.25 * 1.01
+
+
+def test_scorer_override_takes_effect_on_its_layers_only():
+    config = SubTokenConfig(
+        budget=0.3, overrides=[{"layers": 1, "token_scorer": "streaming", "router": "value_norm"}]
+    )
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    cache = SubTokenCache(model, config)
+    assert [layer.token_scorer.name for layer in cache.layers] == ["snapkv", "streaming", "snapkv"]
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 200), past_key_values=cache)
+    kept = [layer.token_scores for layer in cache.layers]
+    # streaming keeps the sinks and the newest tokens: its stored positions are one recent run
+    assert kept[1] is not None and cache.memory_report()["ratio"] <= 0.3 * 1.01
+
+
+def test_later_override_wins():
+    config = SubTokenConfig(
+        budget=0.3,
+        overrides=[
+            {"layers": "0-2", "token_scorer": "key_norm"},
+            {"layers": 2, "token_scorer": "streaming"},
+        ],
+    )
+    settings = config.layer_settings(3)
+    assert [s.token_scorer for s in settings] == ["key_norm", "key_norm", "streaming"]
+    assert all(s.overrides == [] for s in settings)
+
+
+def test_override_for_a_missing_layer_is_refused():
+    model = make_tiny_model("llama", num_hidden_layers=2)
+    with pytest.raises(
+        ValueError, match=r"overrides\[0\] names layers 2\.\.5, but the model has 2 layers"
+    ):
+        SubTokenCache(
+            model, SubTokenConfig(budget=0.3, overrides=[{"layers": "2-5", "budget": 0.5}])
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ([{"layers": "x"}], "layers must be 'N' or 'FIRST-LAST'"),
+        ([{"layers": "3-1"}], "last must be >= 3"),
+        ([{"layers": 0, "budget": 1.5}], "override budget must be in"),
+        ([{"layers": 0, "token_scorer": "nope"}], "override token_scorer must be one of"),
+        ([{"layers": 0, "colour": "red"}], r"unknown field\(s\) \['colour'\]"),
+        (["0-1"], "overrides items must be LayerOverride or dict"),
+    ],
+    ids=[
+        "bad-range",
+        "reversed-range",
+        "budget-above-1",
+        "unknown-scorer",
+        "unknown-field",
+        "not-a-dict",
+    ],
+)
+def test_bad_overrides_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        SubTokenConfig(budget=0.3, overrides=overrides)
+
+
+def test_budget_overrides_that_starve_the_rest_are_refused():
+    config = SubTokenConfig(budget=0.25, overrides=[{"layers": "0-1", "budget": 0.9}])
+    with pytest.raises(ValueError, match="leaving nothing"):
+        config.layer_settings(3)
+
+
+def test_budget_override_needs_token_eviction():
+    with pytest.raises(ValueError, match="overrides with a budget need"):
+        SubTokenConfig(keep_groups=4, overrides=[{"layers": 0, "budget": 0.5}])
