@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_subtok.quant import QuantizedTensor
+
 
 @dataclass(frozen=True)
 class PackedKV:
@@ -16,8 +18,10 @@ class PackedKV:
     the current forward), in position order.
 
     Attributes:
-        keys: `[B, Hkv, Ts, D]` whole keys of the packed tokens.
-        values: `[B, Hkv, K, Ts, C]` kept value groups, slot-major, `C = D / G`.
+        keys: `[B, Hkv, Ts, D]` whole keys of the packed tokens, in the query's dtype or a
+            `QuantizedTensor` of that logical shape (quantized along D).
+        values: `[B, Hkv, K, Ts, C]` kept value groups, slot-major, `C = D / G`, in the
+            query's dtype or a `QuantizedTensor` of that logical shape (quantized along C).
         group_idx: `[B, Hkv, K, Ts]` uint8, the group each slot holds, ascending over slots.
         num_groups: G.
         tail_keys: `[B, Hkv, Tt, D]` dense keys of the window and the current tokens.
@@ -30,8 +34,8 @@ class PackedKV:
             (mean over the query heads and queries), when the layer re-allocates by it.
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: torch.Tensor | QuantizedTensor
+    values: torch.Tensor | QuantizedTensor
     group_idx: torch.Tensor
     num_groups: int
     tail_keys: torch.Tensor

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from hf_subtok.kernels.pack_reference import pack_value_groups
 from hf_subtok.packed import PackedKV
+from hf_subtok.quant import quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -63,3 +65,22 @@ def make_packed(shape: Shape, dtype: torch.dtype, seed: int = 0, device: str = D
         "triton",
     )
     return query, kv, keys, values
+
+
+def quantize_packed(kv: PackedKV, key_bits: int | None, value_bits: int | None, key_group: int = 32):
+    """`(quantized, dequantized)`: `kv` with its packed keys/values quantized (None: left plain;
+    values per group of `min(C, 16)` channels), and the same `PackedKV` holding the quantized
+    tensors dequantized to the query's dtype: attention over both must agree."""
+    keys, values = kv.keys, kv.values
+    if key_bits is not None:
+        keys = quantize(kv.keys, key_bits, key_group)
+    if value_bits is not None:
+        values = quantize(kv.values, value_bits, min(kv.values.shape[-1], 16))
+    quantized = dataclasses.replace(kv, keys=keys, values=values)
+    dtype = kv.tail_keys.dtype
+    dequantized = dataclasses.replace(
+        kv,
+        keys=keys.dequantize(dtype) if key_bits is not None else keys,
+        values=values.dequantize(dtype) if value_bits is not None else values,
+    )
+    return quantized, dequantized

@@ -13,6 +13,7 @@ import torch
 
 from hf_subtok import kernels
 from hf_subtok.kernels import pack_value_groups, packed_attention
+from hf_subtok.quant import QuantizedTensor, quantize
 from tests.kernel_cases import DEVICE, Shape, make_packed
 
 SHAPE = Shape(stored=10, tail=3, head_dim=64, group=2, keep=3, groups=8)
@@ -62,6 +63,55 @@ def test_packed_attention_rejects(case, no_launch):
     args, message = BAD_ATTENTION[case]
     with pytest.raises(ValueError, match=message):
         packed_attention(*args)
+
+
+def _with_bits(quantized: QuantizedTensor, bits: int) -> QuantizedTensor:
+    """A `QuantizedTensor` whose bits were changed behind its back (it is frozen)."""
+    broken = QuantizedTensor(quantized.payload, quantized.scale, quantized.zero, quantized.bits, quantized.group_size)
+    object.__setattr__(broken, "bits", bits)
+    return broken
+
+
+def _bad_quantized_inputs():
+    query, kv, _, _ = make_packed(SHAPE, torch.float32)
+    keys, values = quantize(kv.keys, 4, 32), quantize(kv.values, 4, 8)
+    return {
+        "keys-bits-3": ((query, _replace(kv, keys=_with_bits(keys, 3))), r"kv.keys: bits must be one of \(2, 4, 8\), got 3"),
+        "values-bits-8-on-4bit-payload": ((query, _replace(kv, values=_with_bits(values, 8))), r"kv.values: scale \(2, 2, 3, 10, 1\) must be \[..., N/group_size\] = \(2, 2, 3, 10, 0\)"),
+        "keys-head-dim": ((query, _replace(kv, keys=quantize(kv.keys[..., :32], 4, 32))), r"kv.keys must be \[B=2, Hkv, T, D=64\], got \(2, 2, 10, 32\)"),
+        "keys-tokens": ((query, _replace(kv, keys=quantize(kv.keys[:, :, :9], 4, 32))), r"kv.values must be .*Ts=9, C=8\], got \(2, 2, 3, 10, 8\)"),
+        "values-width": ((query, _replace(kv, values=quantize(kv.values[..., :4], 4, 4))), r"kv.values must be .*C=8\], got \(2, 2, 3, 10, 4\)"),
+        "values-device": ((query, _replace(kv, values=values.apply(lambda x: x.to("meta")))), r"kv.values is on meta, query on"),
+    }  # fmt: skip
+
+
+BAD_QUANTIZED = _bad_quantized_inputs()
+
+
+@pytest.mark.parametrize("case", BAD_QUANTIZED, ids=list(BAD_QUANTIZED))
+def test_packed_attention_rejects_quantized(case, no_launch):
+    args, message = BAD_QUANTIZED[case]
+    with pytest.raises(ValueError, match=message):
+        packed_attention(*args)
+
+
+def test_packed_attention_rejects_other_storage_types(no_launch):
+    query, kv, _, _ = make_packed(SHAPE, torch.float32)
+    with pytest.raises(TypeError, match="kv.keys must be a torch.Tensor or a QuantizedTensor, got list"):
+        packed_attention(query, _replace(kv, keys=[kv.keys]))
+    with pytest.raises(TypeError, match="kv.group_idx must be a torch.Tensor, got QuantizedTensor"):
+        packed_attention(query, _replace(kv, group_idx=quantize(kv.keys, 8, 64)))
+
+
+def test_quantized_strides_rejected_before_launch(no_launch):
+    query, kv, _, _ = make_packed(SHAPE, torch.float32)
+    keys = quantize(kv.keys, 4, 16)
+    transposed = keys.zero.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    with pytest.raises(ValueError, match=r"kv.keys.scale and kv.keys.zero must have equal strides .*got \(80, 40, 4, 1\) and \(40, 80, 4, 1\)"):
+        packed_attention(query, _replace(kv, keys=QuantizedTensor(keys.payload, keys.scale, transposed, 4, 16)))
+    strided = keys.payload.transpose(-1, -2).contiguous().transpose(-1, -2)
+    with pytest.raises(ValueError, match=r"kv.keys.payload must be contiguous in its last dim"):
+        packed_attention(query, _replace(kv, keys=QuantizedTensor(strided, keys.scale, keys.zero, 4, 16)))
 
 
 def test_non_contiguous_last_dim_rejected_before_launch(no_launch):

@@ -8,6 +8,9 @@ Each kernel has a pure PyTorch reference (the CPU path and the test oracle) besi
 | `pack_value_groups` | `pack_triton.py` | `pack_reference.py` |
 | `merge_attention_states` | (PyTorch on every device) | `merge.py` |
 
+Packed keys and values may be `hf_subtok.quant.QuantizedTensor`s (8, 4 or 2 bits): both paths
+read the quantized storage directly, dequantizing one block of tokens at a time.
+
 The public functions check their inputs (raising `ValueError` with the argument and the
 value) before any launch, then dispatch: backend "auto" takes Triton for CUDA tensors and the
 reference otherwise, "torch" always the reference, "triton" always Triton (CPU tensors need
@@ -53,7 +56,9 @@ def packed_attention(
     Args:
         query: `[B, Hq, Q, D]`, `Hq = R * Hkv` (query head `h*R + r` reads KV head `h`).
         kv: keys `[B, Hkv, Ts, D]`, values `[B, Hkv, K, Ts, C]`, uint8 group_idx `[B, Hkv, K, Ts]`,
-            tail keys/values `[B, Hkv, Tt, D]`, all in the query's dtype and on its device.
+            tail keys/values `[B, Hkv, Tt, D]`, all on the query's device and in its dtype;
+            keys and values may instead be `QuantizedTensor`s of those logical shapes (then
+            dequantized to the query's dtype, a block of tokens at a time).
         attention_mask: `[B|1, 1, Q, T]` bool (True attends) or additive float, `T = Ts + Tt`,
             or None (causal for Q > 1).
         scaling: softmax scale, default `D ** -0.5`.

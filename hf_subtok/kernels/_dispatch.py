@@ -12,6 +12,7 @@ import os
 import torch
 
 from hf_subtok.packed import PackedKV
+from hf_subtok.quant import QuantizedTensor
 
 BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,6 +49,7 @@ def check_packed_attention_inputs(
     """Raise `ValueError` naming the argument and the value unless the inputs fit together."""
     if not isinstance(kv, PackedKV):
         raise TypeError(f"kv must be a PackedKV, got {type(kv).__name__}")
+    _check_kinds(kv)
     if query.dim() != 4:
         raise ValueError(f"query must be [B, Hq, Q, D], got shape {tuple(query.shape)}")
     batch, q_heads, _, head_dim = query.shape
@@ -88,6 +90,8 @@ def check_packed_attention_inputs(
         raise ValueError(f"query dtype must be one of {_FLOAT_DTYPES}, got {query.dtype}")
     for name in ("keys", "values", "tail_keys", "tail_values"):
         tensor = getattr(kv, name)
+        if isinstance(tensor, QuantizedTensor):  # dequantized to the query's dtype
+            continue
         if tensor.dtype != query.dtype:
             raise ValueError(f"kv.{name} dtype must match query dtype {query.dtype}, got {tensor.dtype}")
     for name in ("keys", "values", "group_idx", "tail_keys", "tail_values"):
@@ -123,9 +127,36 @@ def check_packed_attention_inputs(
             raise ValueError(f"attention_mask is on {attention_mask.device}, query on {query.device}")
 
 
-def check_strides_for_triton(named: dict[str, torch.Tensor]) -> None:
-    """The Triton kernels take any batch/head/token strides but need the last dim contiguous."""
+def _check_kinds(kv: PackedKV) -> None:
+    """Keys and values are tensors or `QuantizedTensor`s (validated again: kernels read their
+    raw bytes), everything else a tensor."""
+    for name in ("keys", "values", "group_idx", "tail_keys", "tail_values"):
+        tensor = getattr(kv, name)
+        if isinstance(tensor, QuantizedTensor) and name in ("keys", "values"):
+            try:
+                tensor.validate()
+            except ValueError as error:
+                raise ValueError(f"kv.{name}: {error}") from None
+        elif not isinstance(tensor, torch.Tensor):
+            kinds = "a torch.Tensor or a QuantizedTensor" if name in ("keys", "values") else "a torch.Tensor"
+            raise TypeError(f"kv.{name} must be {kinds}, got {type(tensor).__name__}")
+
+
+def check_strides_for_triton(named: dict[str, torch.Tensor | QuantizedTensor]) -> None:
+    """The Triton kernels take any batch/head/token strides but need the last dim contiguous;
+    a `QuantizedTensor`'s scale and zero must share their strides."""
+    flat = {}
     for name, tensor in named.items():
+        if not isinstance(tensor, QuantizedTensor):
+            flat[name] = tensor
+            continue
+        if tensor.scale.stride() != tensor.zero.stride():
+            raise ValueError(
+                f"{name}.scale and {name}.zero must have equal strides for the Triton path, "
+                f"got {tensor.scale.stride()} and {tensor.zero.stride()}"
+            )
+        flat.update({f"{name}.{part}": t for part, t in tensor.tensors().items()})
+    for name, tensor in flat.items():
         if tensor.numel() and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
             raise ValueError(
                 f"{name} must be contiguous in its last dim for the Triton path, got strides {tensor.stride()}"

@@ -72,5 +72,6 @@ def packed_attention_lse_reference(
     probs = scores.softmax(dim=-1).view(batch, kv_heads, group * q_len, total)  # [B, Hkv, R*Q, T]
     out = probs[..., stored:] @ kv.tail_values.float()  # [B, Hkv, R*Q, D]
     if stored:
-        out = out + packed_value_matmul(probs[..., :stored], kv.values, kv.group_idx, kv.num_groups).float()
+        values = packed_value_matmul(probs[..., :stored], kv.values, kv.group_idx, kv.num_groups, query.dtype)
+        out = out + values.float()
     return out.view(batch, q_heads, q_len, head_dim), lse.reshape(batch, q_heads, q_len)

@@ -1,25 +1,78 @@
-"""Attention over whole keys and packed value groups (PyTorch reference and CPU path)."""
+"""Attention over whole keys and packed value groups (PyTorch reference and CPU path).
+
+Keys and values may be plain tensors or `QuantizedTensor`s. Quantized storage is read
+`BLOCK_TOKENS` packed tokens at a time: each block is dequantized to the query's dtype, used,
+and dropped, so no dense copy of all stored keys or values ever exists. The scores of every
+token (D times smaller than the keys) are kept whole, as for plain storage: the softmax and
+the `[B, Hkv, T]` attention mass need the global normaliser of each row. The result equals
+attention over the dequantized tensors (`dequantize(query.dtype)`), up to summation order.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from hf_subtok.packed import PackedKV
+from hf_subtok.quant import QuantizedTensor
+
+BLOCK_TOKENS = 1024  # packed tokens dequantized at once (read at call time: tests lower it)
 
 
 def packed_value_matmul(
-    probs: torch.Tensor, values: torch.Tensor, group_idx: torch.Tensor, num_groups: int
+    probs: torch.Tensor,
+    values: torch.Tensor | QuantizedTensor,
+    group_idx: torch.Tensor,
+    num_groups: int,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`probs @ V` where V holds only the kept groups of each token.
 
     Args:
         probs: `[B, Hkv, M, T]` attention weights (M = query heads per KV head x queries).
-        values: `[B, Hkv, K, T, C]` kept value groups, slot-major.
+        values: `[B, Hkv, K, T, C]` kept value groups, slot-major, plain or quantized.
         group_idx: `[B, Hkv, K, T]` uint8 group of each slot, ascending over slots.
         num_groups: G.
+        dtype: what quantized values are dequantized to and computed in (default float32);
+            plain values compute in their own dtype.
 
     Returns:
-        `[B, Hkv, M, D]` with `D = G * C`; dropped groups contribute zero.
+        `[B, Hkv, M, D]` with `D = G * C`, in the values' dtype (quantized: `dtype`); dropped
+        groups contribute zero.
+    """
+    if not isinstance(values, QuantizedTensor):
+        return _dense_value_matmul(probs, values, group_idx, num_groups)
+    dtype = torch.float32 if dtype is None else dtype
+    batch, heads, _, tokens, width = values.shape
+    out = probs.new_zeros(batch, heads, probs.shape[2], num_groups * width, dtype=torch.float32)  # [B, Hkv, M, D]
+    for start in range(0, tokens, BLOCK_TOKENS):
+        end = min(start + BLOCK_TOKENS, tokens)
+        block = token_slice(values, start, end).dequantize(dtype)  # [B, Hkv, K, t, C]
+        out += _dense_value_matmul(probs[..., start:end], block, group_idx[..., start:end], num_groups)
+    return out.to(dtype)
+
+
+def token_slice(x: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
+    """Tokens `start:end` of a quantized `[..., T, N]` tensor."""
+    return x.apply(lambda part: part[..., start:end, :])
+
+
+def key_scores(query: torch.Tensor, keys: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+    """`query @ keys^T`: `[B, Hkv, M, D]` x `[B, Hkv, T, D]` -> `[B, Hkv, M, T]` in the query's
+    dtype; quantized keys are dequantized `BLOCK_TOKENS` at a time."""
+    if not isinstance(keys, QuantizedTensor):
+        return query @ keys.transpose(-1, -2)
+    tokens = keys.shape[-2]
+    blocks = [
+        query @ token_slice(keys, start, min(start + BLOCK_TOKENS, tokens)).dequantize(query.dtype).transpose(-1, -2)
+        for start in range(0, tokens, BLOCK_TOKENS)
+    ]  # [B, Hkv, M, t] each
+    return torch.cat(blocks, dim=-1) if blocks else query.new_zeros(*query.shape[:-1], 0)
+
+
+def _dense_value_matmul(
+    probs: torch.Tensor, values: torch.Tensor, group_idx: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """`packed_value_matmul` on plain values.
 
     One matmul per slot (K <= G iterations, never per token or head): slot k can only hold
     groups k..G-K+k since indices ascend, so its weights are spread over those G-K+1 groups.
@@ -74,7 +127,8 @@ def packed_attention(
 
     out = probs[..., stored:].to(kv.tail_values.dtype) @ kv.tail_values  # [B, Hkv, R*Q, D]
     if stored:
-        out = out + packed_value_matmul(probs[..., :stored], kv.values, kv.group_idx, kv.num_groups)
+        values = packed_value_matmul(probs[..., :stored], kv.values, kv.group_idx, kv.num_groups, query.dtype)
+        out = out + values
     out = out.view(batch, q_heads, q_len, head_dim).to(query.dtype)  # [B, Hq, Q, D]
     if return_mass:
         return out, probs.mean(dim=2)  # [B, Hkv, T]
@@ -93,9 +147,8 @@ def masked_scores(
     group = q_heads // kv_heads
     scale = head_dim**-0.5 if scaling is None else scaling
     q = query.reshape(batch, kv_heads, group * q_len, head_dim)  # [B, Hkv, R*Q, D]
-    scores = torch.cat(
-        [q @ kv.keys.transpose(-1, -2), q @ kv.tail_keys.transpose(-1, -2)], dim=-1
-    ).float() * scale  # [B, Hkv, R*Q, T]
+    scores = torch.cat([key_scores(q, kv.keys), q @ kv.tail_keys.transpose(-1, -2)], dim=-1)  # [B, Hkv, R*Q, T]
+    scores = scores.float() * scale
     scores = scores.view(batch, kv_heads, group, q_len, kv.num_tokens)  # [B, Hkv, R, Q, T]
     mask = _combined_mask(kv, attention_mask, q_len, query.device)  # [B|1, Hkv|1, 1, Q, T] bool
     if mask is not None:

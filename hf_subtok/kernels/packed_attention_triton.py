@@ -11,6 +11,12 @@ are gathered inside the kernel: for each token the K stored slots are matched ag
 group `d // C` of every output channel `d`, and a single masked load reads the kept channels
 (dropped groups load nothing and count as zero). No dense value tensor is ever built.
 
+Keys and values may be quantized (`hf_subtok.quant.QuantizedTensor`, KEY_BITS / VALUE_BITS of
+2, 4 or 8; 0 means plain): each block is dequantized in registers (`_dequantize`: the byte
+holding a channel is loaded, its code shifted out and masked, then `code * scale + zero` in
+float32) and rounded to the query's dtype, as the reference does, before the same
+online-softmax step.
+
 Every load and store is masked; `tl.exp`/`tl.log` run on float32; under the interpreter every
 `tl.dot` runs on float32 inputs (bf16 `tl.dot` is wrong there), on a GPU fp16/bf16 tiles go to
 the tensor cores with float32 accumulation.
@@ -25,6 +31,7 @@ import triton
 import triton.language as tl
 
 from hf_subtok.packed import PackedKV
+from hf_subtok.quant import QuantizedTensor
 
 _LOG2E = 1.4426950408889634
 
@@ -53,12 +60,27 @@ def _attend_block(q, k, v, valid, allowed, m_i, l_i, acc, LOW_PRECISION_DOT: tl.
 
 
 @triton.jit
+def _dequantize(P, S, Z, p_offset, s_offset, chan, ok, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """float32 values of channels `chan` of the quantized rows at `p_offset` (payload bytes) and
+    `s_offset` (scale/zero elements); `ok` masks every load (masked lanes read as 0)."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    byte = tl.load(P + p_offset + chan // PER_BYTE, mask=ok, other=0).to(tl.int32)
+    code = (byte >> ((chan % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
+    scale = tl.load(S + s_offset + chan // GROUP_SIZE, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(Z + s_offset + chan // GROUP_SIZE, mask=ok, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + zero
+
+
+@triton.jit
 def _packed_decode_kernel(
     Q, K, V, IDX, TK, TV, MASK, VALID, OUT, LSE,
+    KS, KZ, VS, VZ,
     scale_log2,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vk, stride_vt,
+    stride_ksb, stride_ksh, stride_kst,
+    stride_vsb, stride_vsh, stride_vsk, stride_vst,
     stride_ib, stride_ih, stride_ik,
     stride_tkb, stride_tkh, stride_tkt,
     stride_tvb, stride_tvh, stride_tvt,
@@ -73,6 +95,10 @@ def _packed_decode_kernel(
     HAS_MASK: tl.constexpr,
     HAS_STORED_VALID: tl.constexpr,
     LOW_PRECISION_DOT: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    KEY_GROUP_SIZE: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    VALUE_GROUP_SIZE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -103,26 +129,43 @@ def _packed_decode_kernel(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
 
-    # packed tokens: whole keys, values gathered from the K kept slots
+    # packed tokens: whole keys, values gathered from the K kept slots (K, V: payloads if quantized)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     i_base = IDX + b * stride_ib + h * stride_ih
+    ks_offset = b * stride_ksb + h * stride_ksh
+    vs_offset = b * stride_vsb + h * stride_vsh
     for start in range(lo, tl.minimum(hi, n_stored), BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
         t_ok = t < tl.minimum(hi, n_stored)
         td_ok = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + t[:, None] * stride_kt + d[None, :], mask=td_ok, other=0.0)  # [T, D]
+        if KEY_BITS == 0:
+            k = tl.load(k_base + t[:, None] * stride_kt + d[None, :], mask=td_ok, other=0.0)  # [T, D]
+        else:
+            k = _dequantize(
+                k_base, KS, KZ, t[:, None] * stride_kt, ks_offset + t[:, None] * stride_kst, d[None, :], td_ok,
+                KEY_BITS, KEY_GROUP_SIZE,
+            ).to(Q.dtype.element_ty)  # [T, D], rounded like the reference's dequantize(query.dtype)
         slot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)  # slot holding channel d of token t
         hit = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)  # 1 where that group is kept
         for kk in range(0, n_keep):
             g = tl.load(i_base + kk * stride_ik + t, mask=t_ok, other=255).to(tl.int32)  # [T]
             hit += (g[:, None] == d_group[None, :]).to(tl.int32)
             slot += (g[:, None] < d_group[None, :]).to(tl.int32)
-        v = tl.load(
-            v_base + slot * stride_vk + t[:, None] * stride_vt + d_chan[None, :],
-            mask=td_ok & (hit > 0),
-            other=0.0,
-        )  # [T, D], dropped groups zero
+        if VALUE_BITS == 0:
+            v = tl.load(
+                v_base + slot * stride_vk + t[:, None] * stride_vt + d_chan[None, :],
+                mask=td_ok & (hit > 0),
+                other=0.0,
+            )  # [T, D], dropped groups zero
+        else:
+            v = _dequantize(
+                v_base, VS, VZ,
+                slot * stride_vk + t[:, None] * stride_vt,
+                vs_offset + slot * stride_vsk + t[:, None] * stride_vst,
+                d_chan[None, :], td_ok & (hit > 0),
+                VALUE_BITS, VALUE_GROUP_SIZE,
+            ).to(Q.dtype.element_ty)  # [T, D], dropped groups zero
         allowed = t_ok
         if HAS_STORED_VALID:  # tokens selected per head: their own validity, not the mask's
             allowed = allowed & (tl.load(VALID + b * stride_sb + h * stride_sh + t, mask=t_ok, other=0) != 0)
@@ -172,6 +215,14 @@ def _allowed_bytes(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.to(torch.uint8).contiguous()
 
 
+def _storage(x: torch.Tensor | QuantizedTensor):
+    """`(data, scale, zero, bits, group_size)`: a plain tensor is its own (never read) scale and
+    zero with bits 0; a quantized one gives its payload, scale and zero (equal strides)."""
+    if isinstance(x, QuantizedTensor):
+        return x.payload, x.scale, x.zero, x.bits, x.group_size
+    return x, x, x, 0, 1
+
+
 def _default_split_tokens(batch_heads: int, total: int, block_t: int, device: torch.device) -> int:
     """Tokens per program: one split unless the (batch, KV head) grid would leave the GPU idle."""
     if device.type != "cuda" or is_interpreted():
@@ -194,9 +245,10 @@ def packed_decode_attention_triton(
 
     Args:
         query: `[B, Hq, 1, D]`.
-        kv: keys `[B, Hkv, Ts, D]`, values `[B, Hkv, K, Ts, C]`, uint8 group_idx
-            `[B, Hkv, K, Ts]`, tail keys/values `[B, Hkv, Tt, D]` (last dims contiguous), and
-            optionally `stored_valid` `[B, Hkv, Ts]` bool (tokens selected per head).
+        kv: keys `[B, Hkv, Ts, D]`, values `[B, Hkv, K, Ts, C]` (each plain or a
+            `QuantizedTensor`), uint8 group_idx `[B, Hkv, K, Ts]`, tail keys/values
+            `[B, Hkv, Tt, D]` (last dims contiguous), and optionally `stored_valid`
+            `[B, Hkv, Ts]` bool (tokens selected per head).
         attention_mask: `[B|1, 1, 1, T']` bool or additive float, or None. Its last Tt
             columns cover the tail; its first Ts cover the packed tokens unless
             `kv.stored_valid` is given (then `T'` may differ from `T = Ts + Tt`).
@@ -237,16 +289,21 @@ def packed_decode_attention_triton(
     out = torch.empty(batch, q_heads, splits, head_dim, dtype=part_dtype, device=query.device)
     lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=query.device)
     # empty packed or tail parts: any valid pointer does, the loops never read it
-    values, group_idx = kv.values, kv.group_idx
+    keys, key_scale, key_zero, key_bits, key_group_size = _storage(kv.keys)
+    values, value_scale, value_zero, value_bits, value_group_size = _storage(kv.values)
+    group_idx = kv.group_idx
     _packed_decode_kernel[(batch * kv_heads, splits)](
-        query, kv.keys, values, group_idx, kv.tail_keys, kv.tail_values,
+        query, keys, values, group_idx, kv.tail_keys, kv.tail_values,
         query if mask is None else mask,  # never read without HAS_MASK
         query if valid is None else valid,  # never read without HAS_STORED_VALID
         out, lse,
+        key_scale, key_zero, value_scale, value_zero,  # never read without KEY_BITS / VALUE_BITS
         scale * _LOG2E,
         query.stride(0), query.stride(1),
-        kv.keys.stride(0), kv.keys.stride(1), kv.keys.stride(2),
+        keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
+        key_scale.stride(0), key_scale.stride(1), key_scale.stride(2),
+        value_scale.stride(0), value_scale.stride(1), value_scale.stride(2), value_scale.stride(3),
         group_idx.stride(0), group_idx.stride(1), group_idx.stride(2),
         kv.tail_keys.stride(0), kv.tail_keys.stride(1), kv.tail_keys.stride(2),
         kv.tail_values.stride(0), kv.tail_values.stride(1), kv.tail_values.stride(2),
@@ -261,6 +318,10 @@ def packed_decode_attention_triton(
         HAS_MASK=mask is not None,
         HAS_STORED_VALID=valid is not None,
         LOW_PRECISION_DOT=low_precision_dot,
+        KEY_BITS=key_bits,
+        KEY_GROUP_SIZE=key_group_size,
+        VALUE_BITS=value_bits,
+        VALUE_GROUP_SIZE=value_group_size,
         BLOCK_R=block_r,
         BLOCK_T=block_t,
         BLOCK_D=block_d,

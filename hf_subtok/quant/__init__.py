@@ -1,0 +1,22 @@
+"""The precision axis: stored keys and value groups in 8, 4 or 2 bits.
+
+`quantize(x, bits, group_size)` turns a `[..., N]` tensor into a `QuantizedTensor` (uint8
+payload with codes packed along the last dim, a scale and a zero per `group_size` channels of
+each row). Rows (tokens) are independent, so the cache moves them with `QuantizedTensor.apply`
+and `QuantizedTensor.cat` exactly as it moves plain tensors. Attention reads the quantized
+storage directly (`hf_subtok.kernels.packed_attention`).
+"""
+
+from hf_subtok.quant.bits import SUPPORTED_BITS, pack_bits, unpack_bits
+from hf_subtok.quant.reference import check_quantize_args, default_scale_dtype, quantize
+from hf_subtok.quant.tensor import QuantizedTensor
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "QuantizedTensor",
+    "check_quantize_args",
+    "default_scale_dtype",
+    "pack_bits",
+    "quantize",
+    "unpack_bits",
+]
