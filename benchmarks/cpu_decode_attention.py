@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hf_subtok.allocation import packed_token_bytes
+from hf_subtok.accounting import StorageFormat
 from hf_subtok.kernels import pack_value_groups, packed_attention
 from hf_subtok.packed import PackedKV
 
@@ -40,7 +40,7 @@ def packed_layer(tokens: int, budget: float, keep_groups: int, generator) -> Pac
     """A layer holding `budget` of the dense bytes of `tokens` tokens."""
     dense_row = 2 * HEAD_DIM * 4 * tokens
     window_row = WINDOW * 2 * HEAD_DIM * 4
-    cost = packed_token_bytes(HEAD_DIM, GROUPS, keep_groups, 4, scored=True)
+    cost = StorageFormat(HEAD_DIM, GROUPS, 4).token_bytes(keep_groups, scored=True)
     kept = max(1, min(tokens - WINDOW, int((budget * dense_row - window_row) // cost)))
     keys = torch.randn(1, KV_HEADS, kept, HEAD_DIM, generator=generator)  # [B, Hkv, Ts, D]
     values = torch.randn(1, KV_HEADS, kept, HEAD_DIM, generator=generator)

@@ -1,7 +1,7 @@
 """Allocator: spend the byte budget jointly on tokens and value groups, within and across layers.
 
 A kept token costs its whole key, its K kept groups, their K one-byte indices and its float32
-score; keeping more groups per token leaves room for fewer tokens. A plan `(n tokens, K
+score (`accounting.StorageFormat`, quantized or not); keeping more groups per token leaves room for fewer tokens. A plan `(n tokens, K
 groups)` of a layer is worth the attention weight its n best tokens cover (mean over the
 `[B, Hkv]` rows, each row's weights summing to 1) times the value energy the K best groups
 keep. `plan_layer` picks the best plan for one layer's bytes; `split_layer_budgets` shares
@@ -15,10 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_subtok.config import INDEX_BYTES
+from hf_subtok.accounting import StorageFormat
 from hf_subtok.scorers import PRIORITY
-
-SCORE_BYTES = 4  # float32 token score kept per stored token (re-allocation while decoding)
 
 
 @dataclass(frozen=True)
@@ -27,18 +25,6 @@ class LayerPlan:
 
     keep_tokens: int
     keep_groups: int
-
-
-def packed_token_bytes(
-    head_dim: int, num_groups: int, keep_groups: int, elem_bytes: int, scored: bool
-) -> int:
-    """Bytes of one packed token in one KV head."""
-    width = head_dim // num_groups
-    return (
-        (head_dim + keep_groups * width) * elem_bytes
-        + keep_groups * INDEX_BYTES
-        + (SCORE_BYTES if scored else 0)
-    )
 
 
 def group_energy_kept(group_scores: torch.Tensor, keep_groups: int) -> torch.Tensor:
@@ -53,8 +39,7 @@ def plan_layer(
     group_scores: torch.Tensor,
     row_budget_bytes: float,
     *,
-    head_dim: int,
-    elem_bytes: int,
+    storage: StorageFormat,
     candidate_groups: list[int],
     min_tokens: int = 0,
 ) -> LayerPlan:
@@ -71,16 +56,12 @@ def plan_layer(
         ValueError: when even `min_tokens` tokens at the smallest K exceed the budget.
     """
     tokens = token_scores.shape[-1]
-    num_groups = group_scores.shape[-1]
     weights = _token_weights(token_scores)  # [B, Hkv, T], rows sum to 1
-    ranked = weights.sort(dim=-1, descending=True).values.cumsum(
-        -1
-    )  # kept weight for the top-n tokens
+    ranked = weights.sort(dim=-1, descending=True).values.cumsum(-1)  # kept weight of the top n
     best: tuple[float, LayerPlan] | None = None
-    for keep_groups in sorted(
-        candidate_groups, reverse=True
-    ):  # on a tie (no evidence) keep more groups
-        cost = packed_token_bytes(head_dim, num_groups, keep_groups, elem_bytes, scored=True)
+    # on a tie (no evidence) keep more groups
+    for keep_groups in sorted(candidate_groups, reverse=True):
+        cost = storage.token_bytes(keep_groups, scored=True)
         keep_tokens = min(tokens, int(row_budget_bytes // cost))
         if keep_tokens < min(min_tokens, tokens):
             continue
@@ -92,9 +73,7 @@ def plan_layer(
         if best is None or value > best[0]:
             best = (value, LayerPlan(keep_tokens, keep_groups))
     if best is None:
-        cheapest = packed_token_bytes(
-            head_dim, num_groups, min(candidate_groups), elem_bytes, scored=True
-        )
+        cheapest = storage.token_bytes(min(candidate_groups), scored=True)
         raise ValueError(
             f"budget leaves {row_budget_bytes:.0f} bytes per head, less than {min_tokens} token(s) "
             f"of {cheapest} bytes each"
@@ -121,8 +100,7 @@ class LayerEvidence:
 
     token_scores: torch.Tensor  # [B, Hkv, T]
     group_scores: torch.Tensor  # [B, Hkv, T, G]
-    head_dim: int
-    elem_bytes: int
+    storage: StorageFormat
     candidate_groups: list[int]
 
 
@@ -176,12 +154,11 @@ def split_layer_budgets(
 
 def _layer_curves(e: LayerEvidence) -> list[tuple[int, torch.Tensor, float]]:
     """Per candidate K: (cost of a token, marginal weights by rank `[T]` descending, energy kept)."""
-    num_groups = e.group_scores.shape[-1]
     weights = _token_weights(e.token_scores)  # [B, Hkv, T]
     marginal = weights.sort(dim=-1, descending=True).values.flatten(0, -2).mean(0)  # [T]
     curves = []
     for keep_groups in e.candidate_groups:
-        cost = packed_token_bytes(e.head_dim, num_groups, keep_groups, e.elem_bytes, scored=True)
+        cost = e.storage.token_bytes(keep_groups, scored=True)
         energy = (
             group_energy_kept(e.group_scores, keep_groups).mean().item()
             if e.group_scores.numel()

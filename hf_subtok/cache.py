@@ -126,17 +126,7 @@ class SubTokenCache(Cache):
                 nbytes = tensor.untyped_storage().nbytes()
                 parts[name] = parts.get(name, 0) + nbytes
                 layer_bytes += nbytes
-            layer_dense = 0
-            if tensors:
-                batch, heads, _, head_dim = layer.packed_keys.shape
-                layer_dense = (
-                    2
-                    * batch
-                    * heads
-                    * layer.seen_tokens
-                    * head_dim
-                    * layer.packed_keys.element_size()
-                )
+            layer_dense = layer.dense_bytes()
             per_layer.append(
                 {
                     "stored_bytes": layer_bytes,

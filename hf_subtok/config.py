@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from hf_subtok.accounting import StorageFormat
+from hf_subtok.quant import SUPPORTED_BITS
 from hf_subtok.scorers import available_group_scorers, available_token_scorers
 
-# Stored group indices are uint8: one byte per kept group.
-INDEX_BYTES = 1
 MAX_GROUPS = 256
 BACKENDS = ("auto", "torch", "triton")
 AXES = ("both", "tokens", "groups")
@@ -79,6 +79,9 @@ class SubTokenConfig:
     or on groups only (`axes="groups"`: the largest K that fits; budgets below about
     `(1 + 1/num_groups) / 2` are then unreachable and raise `ValueError`).
 
+    With `bits`, packed keys and value groups are stored quantized (per token, a scale and
+    zero per `quant_group_size` channels); the dense window stays in the model's dtype.
+
     `layer_budgets="adaptive"` shares the bytes among layers by the attention the prompt
     showed (see `hf_subtok.prompt_planner`); `"uniform"` gives every layer `budget`.
     `overrides` give layer ranges another budget, token scorer or router (`LayerOverride`).
@@ -122,6 +125,18 @@ class SubTokenConfig:
             "help": "attention kernels: 'auto' (Triton on CUDA, PyTorch otherwise), 'torch' or 'triton'"
         },
     )
+    bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "stored keys and value groups in 8, 4 or 2 bits (None: the model's dtype)"
+        },
+    )
+    quant_group_size: int = field(
+        default=32,
+        metadata={
+            "help": "channels sharing a scale and zero (at most a key's or a value group's width)"
+        },
+    )
     layer_budgets: str = field(
         default="uniform",
         metadata={
@@ -162,6 +177,11 @@ class SubTokenConfig:
         _check_int("obs_window", self.obs_window, 1, None)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.bits is not None and (
+            isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS
+        ):
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None, got {self.bits!r}")
+        _check_int("quant_group_size", self.quant_group_size, 1, None)
         if self.layer_budgets not in LAYER_BUDGETS:
             raise ValueError(
                 f"layer_budgets must be one of {LAYER_BUDGETS}, got {self.layer_budgets!r}"
@@ -216,26 +236,40 @@ class SubTokenConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def packed_bytes_per_token(self, keep_groups: int, head_dim: int, elem_bytes: int) -> int:
-        """Bytes one packed token costs in one KV head: whole key, kept groups, their indices."""
-        return (
-            head_dim * elem_bytes
-            + keep_groups * (head_dim // self.num_groups) * elem_bytes
-            + keep_groups * INDEX_BYTES
+    def storage_format(self, head_dim: int, elem_bytes: int) -> StorageFormat:
+        """How a packed token is stored for a model with this `head_dim` and element size.
+
+        Raises `ValueError` if `num_groups` does not divide `head_dim`, or (with `bits`) if
+        the quantization group does not divide the key or a value group.
+        """
+        if head_dim % self.num_groups:
+            raise ValueError(f"num_groups must divide head_dim={head_dim}, got {self.num_groups}")
+        storage = StorageFormat(
+            head_dim, self.num_groups, elem_bytes, self.bits, self.quant_group_size
         )
+        if self.bits is not None:
+            for name, channels, size in (
+                ("head_dim", head_dim, storage.key_group_size),
+                ("value group width", storage.width, storage.value_group_size),
+            ):
+                if channels % size or channels * self.bits % 8:
+                    raise ValueError(
+                        f"quant_group_size={self.quant_group_size} at bits={self.bits} does not fit "
+                        f"{name}={channels} (it must divide it into whole bytes)"
+                    )
+        return storage
 
     def resolve_keep_groups(self, head_dim: int, elem_bytes: int) -> int:
         """`keep_groups` for a model with this `head_dim` and element size.
 
-        Raises `ValueError` if `num_groups` does not divide `head_dim`, or if no `keep_groups`
-        meets `budget` for packed tokens.
+        Raises `ValueError` as `storage_format` does, or if no `keep_groups` meets `budget`
+        for packed tokens.
         """
-        if head_dim % self.num_groups:
-            raise ValueError(f"num_groups must divide head_dim={head_dim}, got {self.num_groups}")
-        dense = 2 * head_dim * elem_bytes
+        storage = self.storage_format(head_dim, elem_bytes)
+        dense = storage.dense_token_bytes
         if self.keep_groups is not None:
             if self.budget is not None:
-                ratio = self.packed_bytes_per_token(self.keep_groups, head_dim, elem_bytes) / dense
+                ratio = storage.token_bytes(self.keep_groups, scored=False) / dense
                 if ratio > self.budget:
                     raise ValueError(
                         f"keep_groups={self.keep_groups} stores {ratio:.4f} of the dense bytes, "
@@ -245,10 +279,10 @@ class SubTokenConfig:
         fitting = [
             k
             for k in range(1, self.num_groups + 1)
-            if self.packed_bytes_per_token(k, head_dim, elem_bytes) / dense <= self.budget
+            if storage.token_bytes(k, scored=False) / dense <= self.budget
         ]
         if not fitting:
-            lowest = self.packed_bytes_per_token(1, head_dim, elem_bytes) / dense
+            lowest = storage.token_bytes(1, scored=False) / dense
             raise ValueError(
                 f"budget={self.budget} is below {lowest:.4f}, the smallest ratio reachable with whole "
                 f"keys and num_groups={self.num_groups} (axes='both' or 'tokens' also evicts tokens)"

@@ -8,18 +8,21 @@ import inspect
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from hf_subtok.allocation import (
-    SCORE_BYTES,
-    LayerEvidence,
-    packed_token_bytes,
-    plan_layer,
-    select_tokens,
-)
+from hf_subtok.accounting import SCORE_BYTES, StorageFormat
+from hf_subtok.allocation import LayerEvidence, plan_layer, select_tokens
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.packed import PackedKV, PrefillKV
 from hf_subtok.prompt_planner import PromptEvidence, PromptPlanner
 from hf_subtok.scorers import GroupScorer, Observation, RopeInfo, TokenScorer
+from hf_subtok.stored import (
+    Stored,
+    cat_stored,
+    map_stored,
+    maybe_quantize,
+    stored_parts,
+    take_tokens,
+)
 
 # transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
 # end); later releases call `crop(tokens_to_remove)` with a negative count.
@@ -71,17 +74,15 @@ class SubTokenLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self) -> None:
-        self.packed_keys: torch.Tensor | None = None
-        self.packed_values: torch.Tensor | None = None
+        self.packed_keys: Stored | None = None  # a `QuantizedTensor` with `config.bits`
+        self.packed_values: Stored | None = None
         self.group_idx: torch.Tensor | None = None
         self.window_keys: torch.Tensor | None = None
         self.window_values: torch.Tensor | None = None
         self.token_scores: torch.Tensor | None = None
         self.window_scores: torch.Tensor | None = None
         self.keep_groups = self.fixed_keep_groups
-        self.budget = (
-            self.config.budget
-        )  # this layer's share of the dense bytes (a plan may move it)
+        self.budget = self.config.budget  # this layer's share of the dense bytes (plans move it)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._prompt: PromptEvidence | None = None  # scored prompt waiting for the cross-layer plan
         self.packed_positions = 0  # seen tokens behind the window (packed or evicted)
@@ -91,19 +92,15 @@ class SubTokenLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
-        groups = self.config.num_groups
-        if head_dim % groups:
-            raise ValueError(f"num_groups must divide head_dim={head_dim}, got {groups}")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.head_dim = head_dim
-        width = head_dim // groups
-        if self.keep_groups is None:
-            self.keep_groups = groups  # until the prefill plan picks K
-        self.packed_keys = key_states.new_empty(batch, heads, 0, head_dim)
-        self.packed_values = value_states.new_empty(batch, heads, self.keep_groups, 0, width)
-        self.group_idx = torch.empty(
-            batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=self.device
+        self.storage: StorageFormat = self.config.storage_format(
+            head_dim, key_states.element_size()
         )
+        if self.keep_groups is None:
+            self.keep_groups = self.config.num_groups  # until the prefill plan picks K
+        self.packed_keys = self._store_keys(key_states[..., :0, :])
+        self._reset_packed_values(value_states)
         self.window_keys = key_states.new_empty(batch, heads, 0, head_dim)
         self.window_values = value_states.new_empty(batch, heads, 0, head_dim)
         if self.token_scorer is not None:
@@ -149,6 +146,23 @@ class SubTokenLayer(CacheLayerMixin):
             observer=self._finish_step,
         )
         return view, view
+
+    def _store_keys(self, keys: torch.Tensor) -> Stored:
+        """`[B, Hkv, T, D]` keys as stored (quantized with `config.bits`)."""
+        return maybe_quantize(keys, self.storage.bits, self.storage.key_group_size)
+
+    def _store_values(self, packed: torch.Tensor) -> Stored:
+        """`[B, Hkv, K, T, C]` kept value groups as stored (quantized with `config.bits`)."""
+        return maybe_quantize(packed, self.storage.bits, self.storage.value_group_size)
+
+    def _reset_packed_values(self, like: torch.Tensor) -> None:
+        """Empty `[B, Hkv, K, 0, C]` packed values and `[B, Hkv, K, 0]` indices for the current K."""
+        batch, heads = like.shape[:2]
+        empty = like.new_empty(batch, heads, self.keep_groups, 0, self.storage.width)
+        self.packed_values = self._store_values(empty)
+        self.group_idx = torch.empty(
+            batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=like.device
+        )
 
     def _view(self, tail_keys: torch.Tensor, tail_values: torch.Tensor, **extra) -> PackedKV:
         """What attention reads this step: the packed tokens, then the `[B, Hkv, Tt, D]` tail."""
@@ -207,8 +221,7 @@ class SubTokenLayer(CacheLayerMixin):
         return LayerEvidence(
             prompt.scores[..., : prompt.n_pack],
             prompt.group_scores,
-            self.head_dim,
-            prompt.keys.element_size(),
+            self.storage,
             self._plan_candidates(),
         )
 
@@ -221,7 +234,7 @@ class SubTokenLayer(CacheLayerMixin):
         the layer's budget then becomes the share it was given."""
         prompt, self._prompt = self._prompt, None
         if row_budget is not None:
-            dense = 2 * self.head_dim * prompt.keys.element_size()
+            dense = self.storage.dense_token_bytes
             self.budget = (row_budget + self._window_cap * (dense + SCORE_BYTES)) / (
                 dense * self.seen_tokens
             )
@@ -286,14 +299,13 @@ class SubTokenLayer(CacheLayerMixin):
 
     def _window_limit(self) -> int:
         """Dense tokens allowed: `window`, shrunk so it never takes more than half the budget."""
-        dense = 2 * self.head_dim * self.packed_keys.element_size()
+        dense = self.storage.dense_token_bytes
         affordable = int(0.5 * self.budget * dense * self.seen_tokens // (dense + SCORE_BYTES))
         return min(self.config.window, affordable)
 
     def _row_budget(self, window_tokens: int) -> float:
         """Bytes one (batch, head) row may spend on packed tokens with `window_tokens` dense."""
-        elem = self.packed_keys.element_size()
-        dense = 2 * self.head_dim * elem
+        dense = self.storage.dense_token_bytes
         return self.budget * dense * self.seen_tokens - window_tokens * (dense + SCORE_BYTES)
 
     def _pack_selected(
@@ -317,51 +329,33 @@ class SubTokenLayer(CacheLayerMixin):
                 scores,
                 group_scores,
                 budget,
-                head_dim=self.head_dim,
-                elem_bytes=keys.element_size(),
+                storage=self.storage,
                 candidate_groups=self._plan_candidates(),
             )
             self.keep_groups = layer_plan.keep_groups
-            batch, heads, width = (
-                values.shape[0],
-                values.shape[1],
-                self.head_dim // self.config.num_groups,
-            )
-            self.packed_values = values.new_empty(batch, heads, self.keep_groups, 0, width)
-            self.group_idx = torch.empty(
-                batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=values.device
-            )
+            self._reset_packed_values(values)
         packed, group_idx = pack_value_groups(
             values, group_scores, self.keep_groups, backend=self.config.backend
         )
-        all_keys = torch.cat([self.packed_keys, keys], dim=-2)
-        all_values = torch.cat([self.packed_values, packed], dim=-2)
+        all_keys = cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2)
+        all_values = cat_stored([self.packed_values, self._store_values(packed)], dim=-2)
         all_idx = torch.cat([self.group_idx, group_idx], dim=-1)
         all_scores = torch.cat([self.token_scores, _finite_top(scores)], dim=-1)  # -inf: filler
-        elem = keys.element_size()
-        cost = packed_token_bytes(
-            self.head_dim, self.config.num_groups, self.keep_groups, elem, scored=True
+        stored = all_scores.shape[-1]
+        keep = max(
+            0, min(stored, int(budget // self.storage.token_bytes(self.keep_groups, scored=True)))
         )
-        keep = max(0, min(all_keys.shape[-2], int(budget // cost)))
-        if keep < all_keys.shape[-2]:
+        if keep < stored:
             index = select_tokens(all_scores, keep)  # [B, Hkv, keep]
-            all_keys = all_keys.gather(
-                2, index.unsqueeze(-1).expand(-1, -1, -1, all_keys.shape[-1])
-            )
             slot_index = index.unsqueeze(2).expand(
                 -1, -1, self.keep_groups, -1
             )  # [B, Hkv, K, keep]
-            all_values = all_values.gather(
-                3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, all_values.shape[-1])
-            )
+            all_keys = take_tokens(all_keys, index, dim=2)
+            all_values = take_tokens(all_values, slot_index, dim=3)
             all_idx = all_idx.gather(3, slot_index)
             all_scores = all_scores.gather(2, index)
-        self.packed_keys, self.packed_values, self.group_idx, self.token_scores = (
-            all_keys,
-            all_values,
-            all_idx,
-            all_scores,
-        )
+        self.packed_keys, self.packed_values = all_keys, all_values
+        self.group_idx, self.token_scores = all_idx, all_scores
         self.packed_positions = behind_window
 
     def _plan_candidates(self) -> list[int]:
@@ -387,33 +381,47 @@ class SubTokenLayer(CacheLayerMixin):
         packed, group_idx = pack_value_groups(
             values, scores, self.keep_groups, backend=self.config.backend
         )
-        self.packed_keys = torch.cat([self.packed_keys, keys], dim=-2)
-        self.packed_values = torch.cat([self.packed_values, packed], dim=-2)
+        self.packed_keys = cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2)
+        self.packed_values = cat_stored([self.packed_values, self._store_values(packed)], dim=-2)
         self.group_idx = torch.cat([self.group_idx, group_idx], dim=-1)
 
+    _HELD = (
+        "packed_keys",
+        "packed_values",
+        "group_idx",
+        "window_keys",
+        "window_values",
+        "token_scores",
+        "window_scores",
+    )
+
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor this layer holds, by name."""
+        """Every tensor this layer holds, by name (a quantized part as `name.payload`, ...)."""
         if not self.is_initialized:
             return {}
-        tensors = {
-            "packed_keys": self.packed_keys,
-            "packed_values": self.packed_values,
-            "group_idx": self.group_idx,
-            "window_keys": self.window_keys,
-            "window_values": self.window_values,
-        }
-        if self.token_scores is not None:
-            tensors["token_scores"] = self.token_scores
-            tensors["window_scores"] = self.window_scores
+        tensors = {}
+        for name in self._HELD:
+            held = getattr(self, name)
+            if held is not None:
+                tensors.update(stored_parts(name, held))
         return tensors
+
+    def dense_bytes(self) -> int:
+        """What a `DynamicCache` would hold for this layer's tokens (keys and values)."""
+        if not self.is_initialized:
+            return 0
+        batch, heads = self.window_keys.shape[:2]
+        return batch * heads * self.seen_tokens * self.storage.dense_token_bytes
 
     def _apply(self, fn) -> None:
         """Replace every held tensor `t` (batch first) by `fn(t)`."""
         if not self.is_initialized:
             return
         self._flush()
-        for name, tensor in self.stored_tensors().items():
-            setattr(self, name, fn(tensor))
+        for name in self._HELD:
+            held = getattr(self, name)
+            if held is not None:
+                setattr(self, name, map_stored(held, fn))
 
     def get_seq_length(self) -> int:
         """Tokens seen (position count), not tokens stored."""
@@ -484,8 +492,8 @@ class SubTokenLayer(CacheLayerMixin):
             self.window_keys = self.window_keys[..., : keep - stored, :].clone()
             self.window_values = self.window_values[..., : keep - stored, :].clone()
         else:
-            self.packed_keys = self.packed_keys[..., :keep, :].clone()
-            self.packed_values = self.packed_values[..., :keep, :].clone()
+            self.packed_keys = map_stored(self.packed_keys, lambda t: t[..., :keep, :].clone())
+            self.packed_values = map_stored(self.packed_values, lambda t: t[..., :keep, :].clone())
             self.group_idx = self.group_idx[..., :keep].clone()
             self.window_keys = self.window_keys[..., :0, :].clone()
             self.window_values = self.window_values[..., :0, :].clone()

@@ -6,23 +6,25 @@ import pytest
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.allocation import LayerEvidence, packed_token_bytes, split_layer_budgets
+from hf_subtok.accounting import StorageFormat
+from hf_subtok.allocation import LayerEvidence, split_layer_budgets
 from tests.tiny_models import make_tiny_model, random_prompts
 
-HEAD_DIM, GROUPS = 16, 4
+FORMAT = StorageFormat(head_dim=16, num_groups=4, elem_bytes=4)
+GROUPS = 4
 
 
 def _evidence(scores: torch.Tensor) -> LayerEvidence:
     tokens = scores.shape[-1]
     group_scores = torch.ones(1, 1, tokens, GROUPS)
-    return LayerEvidence(scores.view(1, 1, tokens), group_scores, HEAD_DIM, 4, [1, 2, 3, 4])
+    return LayerEvidence(scores.view(1, 1, tokens), group_scores, FORMAT, [1, 2, 3, 4])
 
 
 def test_spread_attention_gets_more_bytes_than_concentrated():
     concentrated = torch.full((100,), 1e-4)
     concentrated[7] = 1.0
     spread = torch.full((100,), 0.01)
-    total = 2 * 30 * packed_token_bytes(HEAD_DIM, GROUPS, 4, 4, scored=True)
+    total = 2 * 30 * FORMAT.token_bytes(4, scored=True)
     split = split_layer_budgets([_evidence(concentrated), _evidence(spread)], total, [0.0, 0.0])
     assert sum(split) == pytest.approx(total)
     assert split[1] > 3 * split[0]

@@ -1,0 +1,122 @@
+"""The precision axis in the cache: quantized keys and value groups, accounted and bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.accounting import StorageFormat
+from hf_subtok.quant import QuantizedTensor
+from tests.tiny_models import make_tiny_model, random_prompts
+
+_WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_measured_bytes_match_the_storage_format(bits, dtype):
+    """Every token kept, no window: held bytes are exactly tokens x the format's token bytes."""
+    model = make_tiny_model("llama", dtype=dtype, **_WIDE)
+    config = SubTokenConfig(num_groups=4, keep_groups=2, window=0, bits=bits, quant_group_size=16)
+    cache = SubTokenCache(model, config)
+    tokens = 100
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, tokens), past_key_values=cache)
+    report = cache.memory_report()
+    storage = StorageFormat(64, 4, dtype.itemsize, bits, 16)
+    assert report["stored_bytes"] == 2 * 2 * tokens * storage.token_bytes(2, scored=False)  # layers x batch
+    assert report["dense_bytes"] == 2 * 2 * tokens * 2 * 64 * dtype.itemsize
+    assert {"packed_keys.payload", "packed_keys.scale", "packed_values.zero"} <= set(report["parts"])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stored_keys_and_values_are_within_half_a_step(bits):
+    model = make_tiny_model("llama", **_WIDE)
+    keys_seen = {}
+
+    def keep_keys(module, args, kwargs, output):
+        keys_seen.setdefault("k", output)
+
+    hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(keep_keys, with_kwargs=True)
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=4, window=0, bits=bits))
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 50), past_key_values=cache)
+    hook.remove()
+    layer = cache.layers[0]
+    assert isinstance(layer.packed_keys, QuantizedTensor) and isinstance(layer.packed_values, QuantizedTensor)
+    keys = layer.packed_keys
+    step = keys.scale.float().repeat_interleave(keys.group_size, dim=-1)  # [B, Hkv, T, D]
+    exact = _roped_keys(model, keys_seen["k"], 50)
+    error = (keys.dequantize(torch.float32) - exact).abs()
+    assert (error <= step / 2 + 1e-5).all()
+
+
+def _roped_keys(model, projected: torch.Tensor, tokens: int) -> torch.Tensor:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attention = model.model.layers[0].self_attn
+    keys = projected.view(1, tokens, -1, attention.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+    cos, sin = model.model.rotary_emb(keys, torch.arange(tokens).view(1, -1))
+    return apply_rotary_pos_emb(keys, keys, cos, sin)[0]
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.15, 0.08, 0.05])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_budget_holds_with_quantized_storage_through_decoding(bits, budget):
+    model = make_tiny_model("qwen2", **_WIDE)
+    config = SubTokenConfig(budget=budget, bits=bits, num_groups=4, window=16, pack_chunk=8)
+    try:
+        cache = SubTokenCache(model, config)
+    except ValueError:
+        pytest.fail("a budget that fits a window should be accepted")
+    ratios = []
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, 400), past_key_values=cache)
+        for step in range(20):
+            model(input_ids=random_prompts(2, 1, seed=step), past_key_values=cache)
+            ratios.append(cache.memory_report()["ratio"])
+    assert max(ratios) <= budget * 1.01
+    # the budget is spent, up to what keeping every token whole would cost
+    everything = StorageFormat(64, 4, 4, bits).token_bytes(4, scored=True) / (2 * 64 * 4)
+    assert min(ratios) >= min(budget, everything) * 0.7, "the budget should be spent"
+
+
+def test_lower_precision_keeps_more_tokens_at_the_same_budget():
+    model = make_tiny_model("llama", **_WIDE)
+    kept = {}
+    for bits in (None, 8, 4):
+        cache = SubTokenCache(model, SubTokenConfig(budget=0.2, bits=bits, num_groups=4, keep_groups=4, window=16))
+        with torch.no_grad():
+            model(input_ids=random_prompts(1, 400), past_key_values=cache)
+        kept[bits] = cache.memory_report()["tokens_packed"]
+    assert kept[None] < kept[8] < kept[4]
+
+
+def test_quantized_generation_stays_close_to_dense():
+    model = make_tiny_model("llama", **_WIDE)
+    ids = random_prompts(2, 120)
+    dense = model.generate(ids, max_new_tokens=16, do_sample=False)
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=4, window=8, bits=8))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+    assert (out[:, 120:] == dense[:, 120:]).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bits": 3}, "bits must be one of"),
+        ({"bits": True}, "bits must be one of"),
+        ({"bits": 4, "quant_group_size": 0}, "quant_group_size must be >= 1"),
+    ],
+    ids=["bits-3", "bits-bool", "group-size-0"],
+)
+def test_bad_precision_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SubTokenConfig(keep_groups=4, **kwargs)
+
+
+def test_group_size_that_does_not_divide_the_head_is_refused():
+    model = make_tiny_model("llama", **_WIDE)
+    with pytest.raises(ValueError, match="quant_group_size=24 at bits=4 does not fit head_dim=64"):
+        SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=2, bits=4, quant_group_size=24))
