@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hf_subtok.bench.runner import DEFAULT_BUDGETS, QUICK_BUDGETS, SUITES
+    from hf_subtok.bench.runner import DEFAULT_BUDGETS, DTYPES, QUICK_BUDGETS, SUITES
 
     parser = _Parser(prog="hf-subtok", description="Sub-token KV-cache compression for transformers' generate().")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
     bench.add_argument(
         "--methods", default="dense,subtok,kvpress",
-        help="comma list: dense, subtok[@B], kvpress[:NAME][@B] (kvpress rows need kvpress installed)",
+        help="comma list: dense, subtok[@B], subtok:KEY=VALUE[+KEY=VALUE...][@B] (any SubTokenConfig field) or "
+        "subtok:PRESET[@B], kvpress[:NAME][@B] (needs kvpress), quantized[:quanto|hqq][@BITS] (transformers' "
+        "QuantizedCache, 4 and 2 bits by default; needs hf-subtok[quant])",
     )
     bench.add_argument(
         "--budgets", default=None, help=f"comma list in (0, 1] (default {','.join(map(str, DEFAULT_BUDGETS))}; --quick: "
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench_out", help="output folder (JSONL, JSON, Markdown, PNG)")
     bench.add_argument("--restart", action="store_true", help="ignore finished cases in --out instead of resuming")
     bench.add_argument("--model", default=None, help="model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    bench.add_argument(
+        "--dtype", default="float32", choices=DTYPES,
+        help="dtype the model runs in; every stored/dense ratio is against the dense cache in it (default float32)",
+    )
     return parser
 
 
@@ -104,6 +110,7 @@ def bench_config_from_args(args) -> object:
         "window": _non_negative("window", args.window),
         "out_dir": args.out,
         "model": args.model,
+        "dtype": args.dtype,
         "restart": args.restart,
     }
     if args.lengths:

@@ -100,20 +100,12 @@ def _tiny_config(tmp_path, methods, suites=("needle", "ppl")) -> BenchConfig:
     )
 
 
-def _held_bytes(cache) -> int:
-    """Every tensor any layer of `cache` holds, summed over storages (independent of memory_report)."""
-    total = 0
-    for layer in cache.layers:
-        for value in vars(layer).values():
-            if torch.is_tensor(value):
-                total += value.untyped_storage().nbytes()
-    return total
-
-
 @pytest.fixture
 def tiny_run(tmp_path, tiny_chat_model, smollm_tokenizer, monkeypatch):
     # budgets on the value-group axis alone: 0.125 is then out of reach (whole keys)
-    monkeypatch.setattr(bench_apply, "subtok_config", lambda b, w: SubTokenConfig(budget=b, window=w, axes="groups"))
+    monkeypatch.setattr(
+        bench_apply, "subtok_config", lambda b, w, options=(): SubTokenConfig(budget=b, window=w, axes="groups")
+    )
     methods = [MethodSpec("dense"), MethodSpec("subtok", 0.75), MethodSpec("subtok", 0.125)]
     config = _tiny_config(tmp_path, methods, suites=("needle", "ppl", "speed"))
     return config, run_bench(config, tiny_chat_model, smollm_tokenizer, command="test")

@@ -9,6 +9,7 @@ import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.bench import kvpress_methods as kvp
+from hf_subtok.bench import quantized_methods as quantized
 from hf_subtok.bench.methods import MethodSpec
 from hf_subtok.bench.prefill import DensePrefill, attention_modules
 from hf_subtok.packed import PrefillKV
@@ -40,15 +41,22 @@ class Compressed:
         return self.stored_bytes / self.dense_bytes
 
 
-def subtok_config(budget: float, window: int) -> SubTokenConfig:
-    """The `SubTokenConfig` the benchmark uses for `subtok@budget`."""
-    return SubTokenConfig(budget=budget, window=window)
+def subtok_config(budget: float | None, window: int, options: tuple = ()) -> SubTokenConfig:
+    """The `SubTokenConfig` the benchmark uses for `subtok[options]@budget`.
+
+    The bench's `window` is the base; `options` (a preset's fields, then `key=value`
+    overrides, see `methods.MethodSpec`) replace it and any other field.
+    """
+    fields = {"window": window, **dict(options)}
+    if budget is not None:
+        fields["budget"] = budget
+    return SubTokenConfig(**fields)
 
 
-def check_subtok_reachable(model, budget: float, window: int) -> str | None:
-    """None if `subtok@budget` can be built for `model`, else the reason it cannot."""
+def check_subtok_reachable(model, budget: float | None, window: int, options: tuple = ()) -> str | None:
+    """None if `subtok[options]@budget` can be built for `model`, else the reason it cannot."""
     try:
-        SubTokenCache(model, subtok_config(budget, window))
+        SubTokenCache(model, subtok_config(budget, window, options))
     except ValueError as e:
         return f"{UNREACHABLE} ({e})"
     return None
@@ -106,14 +114,19 @@ def build_cache(
     if spec.family == "subtok":
         start = time.perf_counter()
         try:
-            cache = SubTokenCache(model, subtok_config(spec.budget, window))
+            cache = SubTokenCache(model, subtok_config(spec.budget, window, spec.options))
         except ValueError as e:  # the configuration cannot store this budget
             raise Unreachable(f"{UNREACHABLE} ({e})") from e
         fill_from_prefill(cache, model, prefill)
         seconds = time.perf_counter() - start
         report = cache.memory_report()
-        info = {"keep_groups": report["keep_groups"], "num_groups": report["num_groups"], "window": window}
+        info = {"keep_groups": report["keep_groups"], "num_groups": report["num_groups"], "window": cache.config.window}
+        if spec.options:
+            info["overrides"] = dict(spec.options)
         return Compressed(cache, report["stored_bytes"], report["dense_bytes"], seconds, info)
+    if spec.family == "quantized":
+        cache, stored, seconds, info = quantized.build(model, prefill, spec.backend, spec.bits, dict(spec.options))
+        return Compressed(cache, stored, dense_bytes, seconds, info)
     if spec.family == "kvpress":
         ratio = spec.budget if match_ratio is None else match_ratio
         compression_ratio = min(max(1.0 - ratio, 0.0), 0.99)
@@ -134,7 +147,7 @@ def build_cache(
         if masked is not None:
             info["effective_ratio"] = 1.0 - masked
         return Compressed(cache, stored, dense_bytes, seconds, info)
-    raise ValueError(f"family must be one of dense, subtok, kvpress, got {spec.family!r}")
+    raise ValueError(f"family must be one of dense, subtok, kvpress, quantized, got {spec.family!r}")
 
 
 def release(model, compressed: Compressed | None) -> None:

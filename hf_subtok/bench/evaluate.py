@@ -29,8 +29,8 @@ def run_methods(
 ) -> None:
     """Evaluate each of `ctx.methods` not yet in `ctx.store` on `prefill`; store one row each.
 
-    Methods run in order dense, subtok, kvpress, so each press can be matched to the stored
-    bytes subtok measured at the same budget on this very context (`MATCHING`).
+    Methods run in order dense, subtok, kvpress, quantized, so each press can be matched to
+    the stored bytes plain subtok measured at the same budget on this very context (`MATCHING`).
 
     Args:
         ctx: the run's `BenchContext`.
@@ -45,7 +45,7 @@ def run_methods(
         key = f"{ctx.run_id}|{key_prefix}|{spec.name}"
         if skip_finished(ctx, key, spec, ours):
             continue
-        row = {**base, "key": key, "run_id": ctx.run_id, **_method_fields(spec)}
+        row = {**base, "key": key, "run_id": ctx.run_id, **method_fields(spec)}
         compressed = None
         try:
             match = None
@@ -69,7 +69,7 @@ def run_methods(
                 **compressed.info,
             )
             row.update(evaluate(compressed))
-            if spec.family == "subtok":
+            if spec.is_plain_subtok:
                 ours[spec.budget] = compressed.ratio
         except Unreachable as e:
             row.update(status="unreachable", reason=str(e))
@@ -83,8 +83,10 @@ def run_methods(
         ctx.advance()
 
 
-def _method_fields(spec: MethodSpec) -> dict:
-    return {"method": spec.name, "label": spec.label, "family": spec.family, "press": spec.press, "budget": spec.budget}
+def method_fields(spec: MethodSpec) -> dict:
+    """The fields every row of `spec` carries (name, label, family, budget, bits, ...)."""
+    return {"method": spec.name, "label": spec.label, "family": spec.family, "press": spec.press,
+            "budget": spec.budget, "bits": spec.bits, "backend": spec.backend, "variant": spec.variant}
 
 
 def _match(ctx, budget: float, prefill: DensePrefill, ours: dict[float, float]) -> tuple[float, str]:

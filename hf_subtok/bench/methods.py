@@ -5,14 +5,28 @@ Grammar of one item of `--methods` (comma separated, case-insensitive):
 - `dense`: transformers' `DynamicCache`, nothing compressed.
 - `subtok` or `subtok@B`: `SubTokenCache(SubTokenConfig(budget=B))` at every budget of
   `--budgets`, or at `B` only.
+- `subtok:VARIANT` or `subtok:VARIANT@B`: the same with `SubTokenConfig` fields overridden
+  (ablations). VARIANT is `key=value` pairs joined by `+`, any field of `SubTokenConfig`
+  but `budget` (e.g. `subtok:axes=tokens@0.25`, `subtok:axes=groups+token_scorer=key_norm`),
+  and/or one preset name (`subtok:balanced`, preset fields first, pairs on top). A preset
+  with a budget runs at that budget unless `@B` is given. Rows are named
+  `subtok[VARIANT]@B`.
 - `kvpress` or `kvpress:NAME` or `kvpress:NAME@B`: kvpress presses (all of `PRESSES`, or one),
   at every budget or at `B`. NAME is a key of `PRESSES` or a kvpress class name.
+- `quantized`, `quantized@BITS`, `quantized:BACKEND`, `quantized:BACKEND@BITS`: transformers'
+  `QuantizedCache` with backend quanto or hqq (all backends, or one) at 4 and 2 bits (or
+  BITS), its defaults otherwise; `quantized:BACKEND+residual_length=32@4` also sets
+  `QuantizedCache` arguments (see `quantized_methods.OPTIONS`). A backend that cannot run
+  here is skipped with a logged reason. Rows are named `quantized[BACKEND]@4bit`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 # short name -> (kvpress class, inner ScorerPress class for wrappers such as AdaKV, or None)
 PRESSES: dict[str, tuple[str, str | None]] = {
@@ -23,34 +37,54 @@ PRESSES: dict[str, tuple[str, str | None]] = {
     "tova": ("TOVAPress", None),
     "adakv_expected_attention": ("AdaKVPress", "ExpectedAttentionPress"),
 }
-FAMILIES = ("dense", "subtok", "kvpress")
+FAMILIES = ("dense", "subtok", "kvpress", "quantized")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method at one target budget (`budget` is None for `dense`).
+    """One method at one target budget (`budget` is None for `dense` and `quantized`).
 
     `press` is a key of `PRESSES` for the `kvpress` family. For kvpress the budget is the
     target the press is matched to; the compression ratio itself is chosen per case (see
-    `hf_subtok.bench.kvpress_methods.MATCHING`).
+    `hf_subtok.bench.kvpress_methods.MATCHING`). `backend` and `bits` are the `quantized`
+    family's. `variant` is the canonical text of the overrides (`axes=tokens`, `balanced`,
+    `residual_length=32`) and `options` the keyword arguments it resolves to, for
+    `SubTokenConfig` (subtok) or `QuantizedCache` (quantized).
     """
 
     family: str
     budget: float | None = None
     press: str | None = None
+    backend: str | None = None
+    bits: int | None = None
+    variant: str | None = None
+    options: tuple[tuple[str, object], ...] = field(default=(), hash=False)
 
     @property
     def name(self) -> str:
-        """Row label: `dense`, `subtok@0.75`, `snapkv@0.75`."""
+        """Row name: `dense`, `subtok@0.75`, `subtok[axes=tokens]@0.25`, `snapkv@0.75`,
+        `quantized[quanto]@4bit`."""
         if self.family == "dense":
             return "dense"
-        base = "subtok" if self.family == "subtok" else self.press
-        return f"{base}@{self.budget:g}"
+        if self.family == "quantized":
+            return f"{self.label}@{self.bits}bit"
+        return self.label if self.budget is None else f"{self.label}@{self.budget:g}"
 
     @property
     def label(self) -> str:
-        """Method label without the budget: `dense`, `subtok`, `snapkv`."""
-        return self.press if self.family == "kvpress" else self.family
+        """Method label without the budget or bits: `dense`, `subtok`, `subtok[axes=tokens]`,
+        `snapkv`, `quantized[quanto]`."""
+        if self.family == "kvpress":
+            return self.press
+        if self.family == "quantized":
+            inside = self.backend + (f"+{self.variant}" if self.variant else "")
+            return f"quantized[{inside}]"
+        return f"{self.family}[{self.variant}]" if self.variant else self.family
+
+    @property
+    def is_plain_subtok(self) -> bool:
+        """`subtok@B` without overrides: the row kvpress presses are matched to."""
+        return self.family == "subtok" and not self.variant
 
 
 def kvpress_available() -> bool:
@@ -74,34 +108,43 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
-def parse_methods(text: str, budgets: list[float], *, have_kvpress: bool | None = None) -> list[MethodSpec]:
+def parse_methods(
+    text: str,
+    budgets: list[float],
+    *,
+    have_kvpress: bool | None = None,
+    quant_problems: dict[str, str | None] | None = None,
+) -> list[MethodSpec]:
     """Expand a `--methods` string into `MethodSpec`s, in a stable order without duplicates.
 
     A bare `kvpress` is dropped (with nothing else changed) when kvpress is not installed;
-    a named press then raises `ValueError`, as does any unknown method or press.
+    a named press then raises `ValueError`, as does any unknown method, press, field or value.
+    A `quantized` backend whose `quant_problems` entry is a reason (default: probed with
+    `quantized_methods.backend_problem`) is skipped with that reason logged.
     """
     if have_kvpress is None:
         have_kvpress = kvpress_available()
+    problems = dict(quant_problems or {})  # probed once per backend, on first use
     specs: list[MethodSpec] = []
     for item in _items(text):
         head, _, budget_text = item.partition("@")
-        item_budgets = parse_budgets(budget_text) if budget_text else budgets
-        family, _, press = head.partition(":")
+        family, _, variant = head.partition(":")
         if family == "dense":
-            if budget_text or press:
+            if budget_text or variant:
                 raise ValueError(f"method 'dense' takes no budget or press, got {item!r}")
             specs.append(MethodSpec("dense"))
         elif family == "subtok":
-            if press:
-                raise ValueError(f"method 'subtok' takes no press name, got {item!r}")
-            specs.extend(MethodSpec("subtok", b) for b in item_budgets)
+            specs.extend(_subtok_specs(item, variant, budget_text, budgets))
         elif family == "kvpress":
-            names = [press_key(press)] if press else list(PRESSES)
+            item_budgets = parse_budgets(budget_text) if budget_text else budgets
+            names = [press_key(variant)] if variant else list(PRESSES)
             if not have_kvpress:
-                if press:
+                if variant:
                     raise ValueError(f"method {item!r} needs kvpress, which is not installed (pip install kvpress)")
                 continue
             specs.extend(MethodSpec("kvpress", b, n) for b in item_budgets for n in names)
+        elif family == "quantized":
+            specs.extend(_quantized_specs(item, variant, budget_text, problems))
         else:
             raise ValueError(f"method must be one of {', '.join(FAMILIES)} (see --help), got {item!r}")
     if not specs:
@@ -109,10 +152,95 @@ def parse_methods(text: str, budgets: list[float], *, have_kvpress: bool | None 
     unique = list(dict.fromkeys(specs))
     order = {f: i for i, f in enumerate(FAMILIES)}
     press_order = {p: i for i, p in enumerate(PRESSES)}
-    return sorted(
-        unique,
-        key=lambda s: (order[s.family], -(s.budget or 2.0), press_order.get(s.press, -1)),
-    )
+    from hf_subtok.bench.quantized_methods import BACKENDS
+
+    backend_order = {b: i for i, b in enumerate(BACKENDS)}
+    first_seen = {label: i for i, label in reversed(list(enumerate(s.label for s in unique)))}
+
+    def key(s: MethodSpec):
+        size = -(s.bits if s.family == "quantized" else (s.budget if s.budget is not None else 2.0))
+        return (order[s.family], size, press_order.get(s.press, -1), backend_order.get(s.backend, -1),
+                s.variant is not None, first_seen[s.label])
+
+    return sorted(unique, key=key)
+
+
+def _subtok_specs(item: str, variant: str, budget_text: str, budgets: list[float]) -> list[MethodSpec]:
+    """`subtok[:VARIANT][@B]` at `B` or at every budget (a preset's own budget first)."""
+    from hf_subtok.bench.overrides import format_overrides, parse_overrides, split_top_level
+    from hf_subtok.config import SubTokenConfig
+    from hf_subtok.presets import PRESETS
+
+    preset, pairs = None, []
+    for part in split_top_level(variant, "+"):
+        if "=" in part:
+            pairs.append(part)
+        elif part in PRESETS and preset is None:
+            preset = part
+        else:
+            raise ValueError(f"subtok preset must be one of {', '.join(PRESETS)} (or use key=value), got {part!r}")
+    overrides = parse_overrides("+".join(pairs), SubTokenConfig, what="subtok field")
+    if any(name == "budget" for name, _ in overrides):
+        raise ValueError(f"subtok field budget is set with @B, not budget=, got {item!r}")
+    fields = {**(PRESETS[preset] if preset else {}), **dict(overrides)}
+    preset_budget = fields.pop("budget", None)
+    if budget_text:
+        item_budgets = parse_budgets(budget_text)
+    elif preset:
+        item_budgets = [preset_budget]
+    else:
+        item_budgets = budgets
+    options = tuple(fields.items())
+    canonical = "+".join(p for p in (preset, format_overrides(overrides)) if p) or None
+    for b in item_budgets:  # validate every field value now, before any model is loaded
+        try:
+            SubTokenConfig(**fields, **({} if b is None else {"budget": b}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"method {item!r}: {e}") from None
+    return [MethodSpec("subtok", b, variant=canonical, options=options) for b in item_budgets]
+
+
+def _quantized_specs(item: str, variant: str, bits_text: str, problems: dict[str, str | None]) -> list[MethodSpec]:
+    """`quantized[:BACKEND[+k=v...]][@BITS]`, skipping backends that cannot run here.
+
+    `problems` maps a backend to why it cannot run (None: it runs); a backend missing from
+    it is probed with `backend_problem` and added.
+    """
+    from hf_subtok.bench import quantized_methods as qm
+    from hf_subtok.bench.overrides import convert, split_top_level
+
+    backend, *pairs = split_top_level(variant, "+") if variant else [""]
+    backends = [backend] if backend else list(qm.BACKENDS)
+    if backend and backend not in qm.BACKENDS:
+        raise ValueError(f"quantized backend must be one of {', '.join(qm.BACKENDS)}, got {backend!r}")
+    options = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"quantized option must be key=value, got {pair!r}")
+        if name in options:
+            raise ValueError(f"quantized option {name} is set twice, got {item!r}")
+        options[name] = convert(name, raw, int, what="quantized option") if name in qm.OPTIONS else raw
+    if bits_text:
+        bits_list = [convert("bits", bits_text.removesuffix("bit"), int, what="quantized")]
+    else:
+        bits_list = list(qm.DEFAULT_BITS)
+    canonical = "+".join(f"{k}={v}" for k, v in options.items()) or None
+    specs = []
+    for name in backends:
+        for bits in bits_list:
+            qm.check_settings(name, bits, options)
+        if name not in problems:
+            problems[name] = qm.backend_problem(name)
+        problem = problems[name]
+        if problem:
+            logger.warning("skipping quantized[%s]: %s", name, problem)
+            continue
+        specs.extend(
+            MethodSpec("quantized", backend=name, bits=bits, variant=canonical, options=tuple(options.items()))
+            for bits in bits_list
+        )
+    return specs
 
 
 def press_key(name: str) -> str:
@@ -151,4 +279,6 @@ def parse_ints(name: str, text: str, low: int = 1) -> list[int]:
 
 
 def _items(text: str) -> list[str]:
-    return [part.strip().lower() for part in str(text).split(",") if part.strip()]
+    from hf_subtok.bench.overrides import split_top_level
+
+    return [part.lower() for part in split_top_level(str(text), ",")]

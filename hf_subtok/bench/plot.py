@@ -23,7 +23,9 @@ def _points(rows: list[dict], suite: str, setting: str | None, metric: str) -> d
         if r.get("suite") == suite and r.get("status") == "ok" and (setting is None or r.get("setting") == setting)
     ]
     series: dict[str, list[tuple]] = {}
-    for (label, _budget), group in sorted(group_by(chosen, "label", "budget").items(), key=lambda kv: str(kv[0])):
+    for (label, _budget, _bits), group in sorted(
+        group_by(chosen, "label", "budget", "bits").items(), key=lambda kv: str(kv[0])
+    ):
         masked = any(r.get("masked") for r in group)
         ratio_key = "effective_ratio" if masked else "ratio"
         ratio = sum(r[ratio_key] for r in group) / len(group)

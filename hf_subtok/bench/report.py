@@ -47,6 +47,8 @@ def _status_cell(rows: list[dict]) -> str:
 
 
 def _budget_cell(row: dict) -> str:
+    if row.get("bits") is not None:
+        return f"{row['bits']} bit"
     return DASH if row.get("budget") is None else f"{row['budget']:g}"
 
 
@@ -125,9 +127,11 @@ def speed_table(rows: list[dict]) -> list[str]:
 
 def notes(meta: dict, rows: list[dict]) -> str:
     lines = ["### how to read this", ""]
+    dtype = meta.get("dtype") or meta.get("model", {}).get("dtype")
     lines.append(
         "- stored/dense: bytes the cache holds after compressing the context (every tensor: keys, "
-        "values, indices, masks), divided by what a DynamicCache holds for the same tokens; mean over cases."
+        "values, indices, masks, scales), divided by what a DynamicCache holds for the same tokens"
+        + (f" in {dtype}, the dtype the model ran in" if dtype else "") + "; mean over cases."
     )
     lines.append(
         "- prefill: one dense prefill per case is shared by every method (prefill attention is exact for all of "
@@ -135,6 +139,9 @@ def notes(meta: dict, rows: list[dict]) -> str:
     )
     if meta.get("matching"):
         lines.append(f"- matching: {meta['matching']}")
+    if meta.get("quantized_note"):
+        versions = ", ".join(f"{b} {v or '?'}" for b, v in (meta.get("quantized_backends") or {}).items())
+        lines.append(f"- quantized: {meta['quantized_note']}" + (f" Backends: {versions}." if versions else ""))
     if any(r.get("masked") for r in rows):
         lines.append(f"- † {meta.get('masking_note')}")
     check = meta.get("shared_prefill_check")
@@ -156,7 +163,7 @@ def notes(meta: dict, rows: list[dict]) -> str:
     if speed:
         scopes = sorted({r.get("rss_scope", "benchmark process") for r in speed})
         lines.append(
-            f"- speed: each method prefills its own way (dense, through SubTokenCache, or under the press's hooks), "
+            f"- speed: each method prefills its own way (dense, through SubTokenCache or QuantizedCache, or under the press's hooks), "
             f"then decodes {speed[0].get('decode_tokens')} greedy tokens; peak RSS measured in: {', '.join(scopes)}"
         )
     machine = meta.get("machine", {})

@@ -97,7 +97,7 @@ def skip_finished(ctx, key: str, spec, ours: dict[float, float]) -> bool:
     done = ctx.store.get(key)
     if done is None or done.get("status") == "error":
         return False
-    if spec.family == "subtok" and done.get("status") == "ok":
+    if spec.is_plain_subtok and done.get("status") == "ok":
         ours[spec.budget] = done["ratio"]
     ctx.advance()
     return True

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 SUITES = ("needle", "ppl", "speed")
 DEFAULT_BUDGETS = (0.75, 0.5, 0.375, 0.25, 0.125)
 QUICK_BUDGETS = (0.75, 0.25)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class BenchConfig:
     window: int = 64
     out_dir: str = "bench_out"
     model: str | None = None
+    dtype: str = "float32"  # the model runs in it; every ratio is against the dense cache in it
     quick: bool = False
     restart: bool = False
 
@@ -59,6 +61,14 @@ class BenchConfig:
         )
         grid.update(overrides)
         return cls(**grid)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -79,7 +89,7 @@ class BenchContext:
         self.has_kvpress = any(m.family == "kvpress" for m in self.methods)
         self.hooked_presses: set[str] = set()
         self.verification: dict[str, dict] = {}
-        self._unreachable: dict[float, str | None] = {}
+        self._unreachable: dict[tuple, str | None] = {}
         self.isolate_speed = False  # run speed cases in fresh processes (model loadable by name)
         self.bar = tqdm(total=total, desc="hf-subtok bench", unit="case", leave=False, dynamic_ncols=True)
 
@@ -102,11 +112,14 @@ class BenchContext:
             for m in self.methods
         )
 
-    def subtok_unreachable(self, budget: float) -> str | None:
-        """Why `subtok@budget` cannot be built for this model, or None."""
-        if budget not in self._unreachable:
-            self._unreachable[budget] = check_subtok_reachable(self.model, budget, self.config.window)
-        return self._unreachable[budget]
+    def subtok_unreachable(self, spec: MethodSpec | float) -> str | None:
+        """Why subtok `spec` (or plain `subtok@budget`) cannot be built for this model, or None."""
+        if not isinstance(spec, MethodSpec):
+            spec = MethodSpec("subtok", spec)
+        key = (spec.budget, spec.variant)
+        if key not in self._unreachable:
+            self._unreachable[key] = check_subtok_reachable(self.model, spec.budget, self.config.window, spec.options)
+        return self._unreachable[key]
 
     def maybe_verify_presses(self, where: str, input_ids, prefill, *, unless_checked: bool = False) -> None:
         """Once per `where`: check the shared-prefill press path against kvpress's own hooks.
@@ -196,13 +209,15 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
     if model is None:
         from hf_subtok.model_loading import load_model_and_tokenizer
 
-        logger.info("Loading model %s", config.model or "(embedded default)")
-        model, tokenizer = load_model_and_tokenizer(config.model)
+        logger.info("Loading model %s in %s", config.model or "(embedded default)", config.dtype)
+        model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.torch_dtype)
+    elif model.dtype != config.torch_dtype:
+        raise ValueError(f"dtype={config.dtype!r} but the model given runs in {str(model.dtype).removeprefix('torch.')}")
     from hf_subtok.model_loading import model_fingerprint
 
     fingerprint = model_fingerprint(model)
     settings = {
-        "model": fingerprint,
+        "model": fingerprint,  # includes the dtype the model runs in
         "window": config.window,
         "max_new_tokens": config.max_new_tokens,
         "speed_new_tokens": config.speed_new_tokens,
@@ -229,6 +244,7 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
         "run_id": rid,
         "code_fingerprint": settings["code"],
         "model": fingerprint,
+        "dtype": config.dtype,
         "machine": machine_info(),
         "command": command,
         "elapsed_s_this_invocation": round(elapsed, 1),
@@ -241,6 +257,12 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
 
         meta["matching"] = MATCHING
         meta["masking_note"] = MASKING_NOTE
+    if any(m.family == "quantized" for m in config.methods):
+        from hf_subtok.bench.quantized_methods import QUANTIZED_NOTE, backend_version
+
+        meta["quantized_note"] = QUANTIZED_NOTE
+        meta["quantized_backends"] = {b: backend_version(b) for b in dict.fromkeys(
+            m.backend for m in config.methods if m.family == "quantized")}
     paths = {
         "jsonl": str(store.path),
         "json": str(out / "results.json"),

@@ -1,9 +1,10 @@
 """`speed` suite: prefill seconds, decode tokens/s, peak RSS and stored bytes per context length.
 
 Unlike the quality suites, every method runs its own prefill here (that cost is what is
-measured): dense with a `DynamicCache`, subtok through `SubTokenCache`, and each press under
-its own `with press(model)` hooks. Decoding then produces exactly `speed_new_tokens` greedy
-tokens. Speed hardly depends on the budget, so each method runs at its largest budget only.
+measured): dense with a `DynamicCache`, subtok through `SubTokenCache`, quantized through
+transformers' `QuantizedCache`, and each press under its own `with press(model)` hooks.
+Decoding then produces exactly `speed_new_tokens` greedy tokens. Speed hardly depends on the
+budget, so each method runs at its largest budget (or bit width) only.
 
 When the model is loaded by name, each (length, method) runs in a fresh spawned process, so
 its RSS (sampled during prefill and decode, model weights included) is that method's alone; with a model
@@ -21,10 +22,13 @@ from transformers import DynamicCache
 
 from hf_subtok import SubTokenCache
 from hf_subtok.bench import kvpress_methods as kvp
+from hf_subtok.bench import quantized_methods as quantized
 from hf_subtok.bench.apply import subtok_config
 from hf_subtok.bench.decoding import greedy_continue
+from hf_subtok.bench.evaluate import method_fields
 from hf_subtok.bench.memory import PeakRSS
 from hf_subtok.bench.methods import MethodSpec
+from hf_subtok.bench.quantized_bytes import quantized_cache_bytes
 from hf_subtok.bench.resume import skip_finished
 from hf_subtok.tasks import as_input_ids, build_needle_case
 
@@ -48,7 +52,9 @@ def _prefill(model, spec, ids, match, window):
     if spec.family == "dense":
         cache = DynamicCache()
     elif spec.family == "subtok":
-        cache = SubTokenCache(model, subtok_config(spec.budget, window))
+        cache = SubTokenCache(model, subtok_config(spec.budget, window, spec.options))
+    elif spec.family == "quantized":
+        cache = quantized.make_cache(model, spec.backend, spec.bits, dict(spec.options))
     else:
         ratio = spec.budget if match is None else match
         compression_ratio = min(max(1.0 - ratio, 0.0), 0.99)
@@ -69,6 +75,8 @@ def _stored(model, spec, cache) -> int:
         return cache.memory_report()["stored_bytes"]
     if spec.family == "kvpress":
         return kvp.press_cache_bytes(model, cache)
+    if spec.family == "quantized":
+        return quantized_cache_bytes(cache)["total"]
     return sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
@@ -88,14 +96,16 @@ def measure(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, win
                 ratio=stored / dense, **info)
 
 
-def _worker(model_name, spec: MethodSpec, ids: list[int], match, window: int, new_tokens: int, threads: int) -> dict:
+def _worker(
+    model_name, spec: MethodSpec, ids: list[int], match, window: int, new_tokens: int, threads: int, dtype: str
+) -> dict:
     """`measure` in a fresh process, so its peak RSS is this method's alone."""
     torch.set_num_threads(threads)
     if spec.family == "kvpress":
         kvp.import_kvpress()
     from hf_subtok.model_loading import load_model_and_tokenizer
 
-    model, _ = load_model_and_tokenizer(model_name)
+    model, _ = load_model_and_tokenizer(model_name, dtype=getattr(torch, dtype))
     with torch.no_grad():  # page the (memory-mapped) weights in before measuring
         model(input_ids=torch.tensor([ids[:8]]), use_cache=False, logits_to_keep=1)
     with PeakRSS() as peak:
@@ -110,7 +120,7 @@ def _run_isolated(ctx, spec, ids, match) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         future = pool.submit(
             _worker, ctx.config.model, spec, ids[0].tolist(), match, ctx.config.window,
-            ctx.config.speed_new_tokens, torch.get_num_threads(),
+            ctx.config.speed_new_tokens, torch.get_num_threads(), ctx.config.dtype,
         )
         return future.result()
 
@@ -137,15 +147,14 @@ def run_speed(ctx) -> None:
                 continue
             ctx.set_status(f"speed {length} tok: {spec.name}")
             row = {"suite": "speed", "key": key, "run_id": ctx.run_id, "context_tokens": length,
-                   "prompt_tokens": ids.shape[1], "method": spec.name, "label": spec.label,
-                   "family": spec.family, "press": spec.press, "budget": spec.budget}
-            reason = ctx.subtok_unreachable(spec.budget) if spec.family == "subtok" else None
+                   "prompt_tokens": ids.shape[1], **method_fields(spec)}
+            reason = ctx.subtok_unreachable(spec) if spec.family == "subtok" else None
             if reason:
                 row.update(status="unreachable", reason=reason)
             else:
                 try:
                     row.update(status="ok", **run(ctx, spec, ids, ours.get(spec.budget)))
-                    if spec.family == "subtok":
+                    if spec.is_plain_subtok:
                         ours[spec.budget] = row["ratio"]
                 except Exception as e:  # noqa: BLE001 - record and continue with the next method
                     row.update(status="error", reason=f"{type(e).__name__}: {e}")
