@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.accounting import StorageFormat
+from hf_subtok.quant import quantize
 from hf_subtok.scorers import PRIORITY
 
 
@@ -25,6 +26,34 @@ class LayerPlan:
 
     keep_tokens: int
     keep_groups: int
+    storage: StorageFormat
+
+
+@dataclass(frozen=True)
+class StorageChoice:
+    """A storage format a layer may use, with the share of its signal it keeps: 1 for the
+    model's dtype, `1 - (relative squared quantization error)` measured on the layer's own
+    keys and values when quantized (see `quantization_fidelity`)."""
+
+    storage: StorageFormat
+    fidelity: float = 1.0
+
+
+def quantization_fidelity(
+    keys: torch.Tensor, values: torch.Tensor, storage: StorageFormat, sample: int = 1024
+) -> float:
+    """`1 - mean(|x - Q(x)|^2 / |x|^2)` over `[B, Hkv, T, D]` keys and values (at most `sample`
+    tokens), quantized as `storage` would; 1.0 for unquantized storage."""
+    if storage.bits is None or keys.shape[-2] == 0:
+        return 1.0
+    errors = []
+    for x, group_size in ((keys, storage.key_group_size), (values, storage.value_group_size)):
+        x = x[..., -sample:, :].float()
+        restored = quantize(x, storage.bits, group_size).dequantize(torch.float32)
+        errors.append(
+            (restored - x).square().sum().item() / x.square().sum().clamp_min(1e-12).item()
+        )
+    return max(0.0, 1.0 - sum(errors) / len(errors))
 
 
 def group_energy_kept(group_scores: torch.Tensor, keep_groups: int) -> torch.Tensor:
@@ -39,16 +68,17 @@ def plan_layer(
     group_scores: torch.Tensor,
     row_budget_bytes: float,
     *,
-    storage: StorageFormat,
+    choices: list[StorageChoice],
     candidate_groups: list[int],
     min_tokens: int = 0,
 ) -> LayerPlan:
-    """Choose `(keep_tokens, keep_groups)` for one layer.
+    """Choose `(keep_tokens, keep_groups, storage)` for one layer.
 
     Args:
         token_scores: `[B, Hkv, T]` (higher kept; +inf always kept, -inf never).
         group_scores: `[B, Hkv, T, G]`.
         row_budget_bytes: bytes one (batch, head) row may spend on packed tokens.
+        choices: the storage formats allowed (precision), each with its fidelity.
         candidate_groups: the K values allowed (one value fixes K).
         min_tokens: floor of tokens per row.
 
@@ -59,21 +89,28 @@ def plan_layer(
     weights = _token_weights(token_scores)  # [B, Hkv, T], rows sum to 1
     ranked = weights.sort(dim=-1, descending=True).values.cumsum(-1)  # kept weight of the top n
     best: tuple[float, LayerPlan] | None = None
-    # on a tie (no evidence) keep more groups
+    energies = {
+        k: group_energy_kept(group_scores, k).mean().item() if tokens else 1.0
+        for k in candidate_groups
+    }
+    # on a tie (no evidence) keep more groups, then more precision
     for keep_groups in sorted(candidate_groups, reverse=True):
-        cost = storage.token_bytes(keep_groups, scored=True)
-        keep_tokens = min(tokens, int(row_budget_bytes // cost))
-        if keep_tokens < min(min_tokens, tokens):
-            continue
-        if keep_tokens == 0:
+        for choice in choices:
+            cost = choice.storage.token_bytes(keep_groups, scored=True)
+            keep_tokens = min(tokens, int(row_budget_bytes // cost))
+            if keep_tokens < min(min_tokens, tokens):
+                continue
             value = 0.0
-        else:
-            kept_weight = ranked[..., keep_tokens - 1].mean().item()
-            value = kept_weight * group_energy_kept(group_scores, keep_groups).mean().item()
-        if best is None or value > best[0]:
-            best = (value, LayerPlan(keep_tokens, keep_groups))
+            if keep_tokens:
+                value = (
+                    ranked[..., keep_tokens - 1].mean().item()
+                    * energies[keep_groups]
+                    * choice.fidelity
+                )
+            if best is None or value > best[0]:
+                best = (value, LayerPlan(keep_tokens, keep_groups, choice.storage))
     if best is None:
-        cheapest = storage.token_bytes(min(candidate_groups), scored=True)
+        cheapest = min(c.storage.token_bytes(min(candidate_groups), scored=True) for c in choices)
         raise ValueError(
             f"budget leaves {row_budget_bytes:.0f} bytes per head, less than {min_tokens} token(s) "
             f"of {cheapest} bytes each"
@@ -100,7 +137,7 @@ class LayerEvidence:
 
     token_scores: torch.Tensor  # [B, Hkv, T]
     group_scores: torch.Tensor  # [B, Hkv, T, G]
-    storage: StorageFormat
+    choices: list[StorageChoice]
     candidate_groups: list[int]
 
 
@@ -153,18 +190,25 @@ def split_layer_budgets(
 
 
 def _layer_curves(e: LayerEvidence) -> list[tuple[int, torch.Tensor, float]]:
-    """Per candidate K: (cost of a token, marginal weights by rank `[T]` descending, energy kept)."""
+    """Per candidate (K, storage): (cost of a token, marginal weights by rank `[T]` descending,
+    share of the signal kept: value energy of the K groups times the storage's fidelity)."""
     weights = _token_weights(e.token_scores)  # [B, Hkv, T]
     marginal = weights.sort(dim=-1, descending=True).values.flatten(0, -2).mean(0)  # [T]
     curves = []
     for keep_groups in e.candidate_groups:
-        cost = e.storage.token_bytes(keep_groups, scored=True)
         energy = (
             group_energy_kept(e.group_scores, keep_groups).mean().item()
             if e.group_scores.numel()
             else 1.0
         )
-        curves.append((cost, marginal, energy))
+        for choice in e.choices:
+            curves.append(
+                (
+                    choice.storage.token_bytes(keep_groups, scored=True),
+                    marginal,
+                    energy * choice.fidelity,
+                )
+            )
     return curves
 
 

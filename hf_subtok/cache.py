@@ -133,6 +133,7 @@ class SubTokenCache(Cache):
                     "dense_bytes": layer_dense,
                     "ratio": layer_bytes / layer_dense if layer_dense else 0.0,
                     "keep_groups": layer.keep_groups,
+                    "bits": layer.storage.bits if tensors else None,
                     "tokens_stored": layer.packed_keys.shape[-2] if tensors else 0,
                 }
             )

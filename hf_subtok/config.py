@@ -125,10 +125,11 @@ class SubTokenConfig:
             "help": "attention kernels: 'auto' (Triton on CUDA, PyTorch otherwise), 'torch' or 'triton'"
         },
     )
-    bits: int | None = field(
+    bits: int | str | None = field(
         default=None,
         metadata={
-            "help": "stored keys and value groups in 8, 4 or 2 bits (None: the model's dtype)"
+            "help": "stored keys and value groups in 8, 4 or 2 bits (None: the model's dtype; "
+            "'auto': each layer's plan picks, with a budget that evicts tokens)"
         },
     )
     quant_group_size: int = field(
@@ -177,10 +178,12 @@ class SubTokenConfig:
         _check_int("obs_window", self.obs_window, 1, None)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.bits is not None and (
+        if self.bits not in (None, "auto") and (
             isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS
         ):
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None, got {self.bits!r}")
+            raise ValueError(
+                f"bits must be one of {SUPPORTED_BITS}, 'auto' or None, got {self.bits!r}"
+            )
         _check_int("quant_group_size", self.quant_group_size, 1, None)
         if self.layer_budgets not in LAYER_BUDGETS:
             raise ValueError(
@@ -190,6 +193,10 @@ class SubTokenConfig:
         if any(o.budget is not None for o in self.overrides) and not self.evicts_tokens:
             raise ValueError(
                 "overrides with a budget need budget= and axes 'both' or 'tokens' (token eviction)"
+            )
+        if self.bits == "auto" and not self.evicts_tokens:
+            raise ValueError(
+                "bits='auto' needs budget= and axes 'both' or 'tokens' (the plan picks the precision)"
             )
         if self.keep_groups is None and self.budget is None:
             self.keep_groups = self.num_groups // 2 or 1
@@ -236,25 +243,41 @@ class SubTokenConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def storage_format(self, head_dim: int, elem_bytes: int) -> StorageFormat:
-        """How a packed token is stored for a model with this `head_dim` and element size.
+    def storage_formats(self, head_dim: int, elem_bytes: int) -> list[StorageFormat]:
+        """The formats a layer may store packed tokens in: `bits`'s, or with `bits='auto'` the
+        model's dtype and every bit width that fits (highest precision first)."""
+        if self.bits != "auto":
+            return [self.storage_format(head_dim, elem_bytes)]
+        formats = [self.storage_format(head_dim, elem_bytes, None)]
+        for bits in sorted(SUPPORTED_BITS, reverse=True):
+            try:
+                formats.append(self.storage_format(head_dim, elem_bytes, bits))
+            except ValueError:
+                continue  # this width does not pack the groups into whole bytes
+        return formats
 
-        Raises `ValueError` if `num_groups` does not divide `head_dim`, or (with `bits`) if
+    def storage_format(
+        self, head_dim: int, elem_bytes: int, bits: int | str | None = "config"
+    ) -> StorageFormat:
+        """How a packed token is stored for a model with this `head_dim` and element size,
+        in `bits` (default: the config's; 'auto' stores in the model's dtype until a plan picks).
+
+        Raises `ValueError` if `num_groups` does not divide `head_dim`, or (with bits) if
         the quantization group does not divide the key or a value group.
         """
         if head_dim % self.num_groups:
             raise ValueError(f"num_groups must divide head_dim={head_dim}, got {self.num_groups}")
-        storage = StorageFormat(
-            head_dim, self.num_groups, elem_bytes, self.bits, self.quant_group_size
-        )
-        if self.bits is not None:
+        bits = self.bits if bits == "config" else bits
+        bits = None if bits == "auto" else bits
+        storage = StorageFormat(head_dim, self.num_groups, elem_bytes, bits, self.quant_group_size)
+        if bits is not None:
             for name, channels, size in (
                 ("head_dim", head_dim, storage.key_group_size),
                 ("value group width", storage.width, storage.value_group_size),
             ):
-                if channels % size or channels * self.bits % 8:
+                if channels % size or channels * bits % 8:
                     raise ValueError(
-                        f"quant_group_size={self.quant_group_size} at bits={self.bits} does not fit "
+                        f"quant_group_size={self.quant_group_size} at bits={bits} does not fit "
                         f"{name}={channels} (it must divide it into whole bytes)"
                     )
         return storage

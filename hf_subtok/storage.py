@@ -9,7 +9,13 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from hf_subtok.accounting import SCORE_BYTES, StorageFormat
-from hf_subtok.allocation import LayerEvidence, plan_layer, select_tokens
+from hf_subtok.allocation import (
+    LayerEvidence,
+    StorageChoice,
+    plan_layer,
+    quantization_fidelity,
+    select_tokens,
+)
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.packed import PackedKV, PrefillKV
@@ -221,7 +227,9 @@ class SubTokenLayer(CacheLayerMixin):
         return LayerEvidence(
             prompt.scores[..., : prompt.n_pack],
             prompt.group_scores,
-            self.storage,
+            self._storage_choices(
+                prompt.keys[..., : prompt.n_pack, :], prompt.values[..., : prompt.n_pack, :]
+            ),
             self._plan_candidates(),
         )
 
@@ -325,14 +333,16 @@ class SubTokenLayer(CacheLayerMixin):
         # room for a full window: it refills up to the cap before the next pack
         budget = self._row_budget(self._window_cap)
         if plan:
+            choices = self._storage_choices(keys, values)
             layer_plan = plan_layer(
                 scores,
                 group_scores,
                 budget,
-                storage=self.storage,
+                choices=choices,
                 candidate_groups=self._plan_candidates(),
             )
-            self.keep_groups = layer_plan.keep_groups
+            self.keep_groups, self.storage = layer_plan.keep_groups, layer_plan.storage
+            self.packed_keys = self._store_keys(keys[..., :0, :])
             self._reset_packed_values(values)
         packed, group_idx = pack_value_groups(
             values, group_scores, self.keep_groups, backend=self.config.backend
@@ -357,6 +367,13 @@ class SubTokenLayer(CacheLayerMixin):
         self.packed_keys, self.packed_values = all_keys, all_values
         self.group_idx, self.token_scores = all_idx, all_scores
         self.packed_positions = behind_window
+
+    def _storage_choices(self, keys: torch.Tensor, values: torch.Tensor) -> list[StorageChoice]:
+        """The precisions the plan may pick, each with its fidelity on these keys and values."""
+        formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
+        if len(formats) == 1:
+            return [StorageChoice(formats[0])]
+        return [StorageChoice(f, quantization_fidelity(keys, values, f)) for f in formats]
 
     def _plan_candidates(self) -> list[int]:
         if self.fixed_keep_groups:

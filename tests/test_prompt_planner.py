@@ -7,7 +7,7 @@ import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.accounting import StorageFormat
-from hf_subtok.allocation import LayerEvidence, split_layer_budgets
+from hf_subtok.allocation import LayerEvidence, StorageChoice, split_layer_budgets
 from tests.tiny_models import make_tiny_model, random_prompts
 
 FORMAT = StorageFormat(head_dim=16, num_groups=4, elem_bytes=4)
@@ -17,7 +17,7 @@ GROUPS = 4
 def _evidence(scores: torch.Tensor) -> LayerEvidence:
     tokens = scores.shape[-1]
     group_scores = torch.ones(1, 1, tokens, GROUPS)
-    return LayerEvidence(scores.view(1, 1, tokens), group_scores, FORMAT, [1, 2, 3, 4])
+    return LayerEvidence(scores.view(1, 1, tokens), group_scores, [StorageChoice(FORMAT)], [1, 2, 3, 4])
 
 
 def test_spread_attention_gets_more_bytes_than_concentrated():

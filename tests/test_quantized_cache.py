@@ -120,3 +120,37 @@ def test_group_size_that_does_not_divide_the_head_is_refused():
     model = make_tiny_model("llama", **_WIDE)
     with pytest.raises(ValueError, match="quant_group_size=24 at bits=4 does not fit head_dim=64"):
         SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=2, bits=4, quant_group_size=24))
+
+
+def test_plan_trades_precision_for_tokens():
+    """Equal attention over every token: 4 bits keeping all beats full precision keeping a few;
+    attention on a few tokens: full precision of those few wins over 2 bits of all."""
+    from hf_subtok.allocation import StorageChoice, plan_layer
+
+    formats = {bits: StorageFormat(64, 4, 4, bits) for bits in (None, 4, 2)}
+    choices = [StorageChoice(formats[None]), StorageChoice(formats[4], 0.99), StorageChoice(formats[2], 0.6)]
+    group_scores = torch.ones(1, 1, 100, 4)
+    budget = 100 * formats[4].token_bytes(4, scored=True)
+    spread = torch.full((1, 1, 100), 0.01)
+    plan = plan_layer(spread, group_scores, budget, choices=choices, candidate_groups=[4])
+    assert plan.storage.bits == 4 and plan.keep_tokens == 100
+    peaked = torch.zeros(1, 1, 100)
+    peaked[..., :5] = 0.2
+    plan = plan_layer(peaked, group_scores, budget, choices=choices, candidate_groups=[4])
+    assert plan.storage.bits is None and plan.keep_tokens >= 5
+
+
+def test_auto_bits_picks_a_precision_per_layer_within_budget():
+    model = make_tiny_model("llama", num_hidden_layers=3, **_WIDE)
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.15, bits="auto", num_groups=4, window=16))
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 400), past_key_values=cache)
+    report = cache.memory_report()
+    assert report["ratio"] <= 0.15 * 1.01
+    assert all(layer.storage.bits in (8, 4, 2) for layer in cache.layers), "at 15% whole tokens need bits"
+    assert [entry["bits"] for entry in report["per_layer"]] == [layer.storage.bits for layer in cache.layers]
+
+
+def test_auto_bits_needs_a_token_budget():
+    with pytest.raises(ValueError, match="bits='auto' needs budget="):
+        SubTokenConfig(keep_groups=2, bits="auto")

@@ -7,7 +7,7 @@ import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.accounting import StorageFormat
-from hf_subtok.allocation import plan_layer
+from hf_subtok.allocation import StorageChoice, plan_layer
 from hf_subtok.attention import subtok_attention
 from hf_subtok.scorers import Observation, get_token_scorer
 from hf_subtok.storage import _CROP_TAKES_LENGTH
@@ -96,24 +96,24 @@ def test_plan_respects_budget_and_floor():
     token_scores = torch.rand(1, 2, 100)
     group_scores = torch.rand(1, 2, 100, 8)
     cost = FORMAT.token_bytes(2, scored=True)
-    plan = plan_layer(token_scores, group_scores, 10 * cost, storage=FORMAT, candidate_groups=[2])
+    plan = plan_layer(token_scores, group_scores, 10 * cost, choices=[StorageChoice(FORMAT)], candidate_groups=[2])
     assert plan.keep_groups == 2 and plan.keep_tokens == 10
-    plan = plan_layer(token_scores, group_scores, 10 * cost, storage=FORMAT, candidate_groups=list(range(1, 9)))
+    plan = plan_layer(token_scores, group_scores, 10 * cost, choices=[StorageChoice(FORMAT)], candidate_groups=list(range(1, 9)))
     assert FORMAT.token_bytes(plan.keep_groups, scored=True) * plan.keep_tokens <= 10 * cost
     with pytest.raises(ValueError, match="less than 5 token"):
-        plan_layer(token_scores, group_scores, 4 * cost, storage=FORMAT, candidate_groups=[2], min_tokens=5)
+        plan_layer(token_scores, group_scores, 4 * cost, choices=[StorageChoice(FORMAT)], candidate_groups=[2], min_tokens=5)
 
 
 def test_plan_prefers_groups_when_attention_is_spread_and_tokens_when_peaked():
     group_scores = torch.zeros(1, 1, 200, 8)
     group_scores[..., 0] = 1.0  # all value energy in one group: one group per token is enough
     spread = torch.full((1, 1, 200), 1.0 / 200)
-    plan = plan_layer(spread, group_scores, 200 * 80, storage=FORMAT, candidate_groups=list(range(1, 9)))
+    plan = plan_layer(spread, group_scores, 200 * 80, choices=[StorageChoice(FORMAT)], candidate_groups=list(range(1, 9)))
     assert plan.keep_groups == 1
     flat_groups = torch.ones(1, 1, 200, 8)  # energy spread over all groups
     peaked = torch.zeros(1, 1, 200)
     peaked[..., :10] = 0.1  # ten tokens hold all the attention
-    plan = plan_layer(peaked, flat_groups, 200 * 80, storage=FORMAT, candidate_groups=list(range(1, 9)))
+    plan = plan_layer(peaked, flat_groups, 200 * 80, choices=[StorageChoice(FORMAT)], candidate_groups=list(range(1, 9)))
     assert plan.keep_groups == 8 and plan.keep_tokens >= 10
 
 
