@@ -1,19 +1,29 @@
 """CPU: one decode step of attention over packed storage (PyTorch reference) vs dense SDPA.
 
-At budget b the packed layer keeps `keep_tokens` whole keys and K of G value groups per
-token, sized so the bytes held are b of the dense bytes (`axes=tokens`: K = G; `axes=both`:
-K = G/2 and more tokens). One layer of SmolLM2-135M's shape (3 KV heads, 9 query heads,
-head_dim 64), fp32, a 64-token dense window; the median of `--repeats` timed calls.
+At budget b the packed layer keeps `kept` whole keys and K of G value groups per token, sized
+so the bytes held are b of the dense bytes (K = G: tokens only; K = G/2: fewer groups, more
+tokens), stored plain or quantized to 8/4/2 bits (`--bits`; keys in groups of 32 channels,
+values per kept group, float16 scales and zeros: the cache's defaults). Each quantized row is
+paired with plain storage holding the same number of tokens ("plain, same tokens"), so the
+cost of reading quantized storage shows apart from the budget. One layer of SmolLM2-135M's
+shape (3 KV heads, 9 query heads, head_dim 64), a 64-token dense window.
 
-    python benchmarks/cpu_decode_attention.py --tokens 4096 16384 65536 --budgets 0.5 0.25 0.125
+Timing: all rows of one (tokens, budget) are timed round-robin for `--rounds` rounds of
+`--repeats` calls each (so a busy neighbour slows every row alike); a row's figure is the
+median of all its calls. Dense SDPA is timed in every round-robin and its median taken over all.
+
+    python benchmarks/cpu_decode_attention.py --threads 1 --rounds 5 --repeats 10 \\
+        --tokens 4096 16384 65536 --budgets 0.5 0.25 0.125 --bits 8 4 2
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,70 +32,134 @@ import torch.nn.functional as F
 from hf_subtok.accounting import StorageFormat
 from hf_subtok.kernels import pack_value_groups, packed_attention
 from hf_subtok.packed import PackedKV
+from hf_subtok.quant import quantize
 
-KV_HEADS, Q_HEADS, HEAD_DIM, GROUPS, WINDOW = 3, 9, 64, 8, 64
+KV_HEADS, Q_HEADS, HEAD_DIM, GROUPS, WINDOW, QUANT_GROUP = 3, 9, 64, 8, 64, 32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def median_ms(fn, repeats: int) -> float:
+def time_ms(fn: Callable[[], object], repeats: int) -> list[float]:
+    """`repeats` timed calls of `fn` (after one untimed call), in milliseconds."""
     fn()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return samples
 
 
-def packed_layer(tokens: int, budget: float, keep_groups: int, generator) -> PackedKV:
-    """A layer holding `budget` of the dense bytes of `tokens` tokens."""
-    dense_row = 2 * HEAD_DIM * 4 * tokens
-    window_row = WINDOW * 2 * HEAD_DIM * 4
-    cost = StorageFormat(HEAD_DIM, GROUPS, 4).token_bytes(keep_groups, scored=True)
-    kept = max(1, min(tokens - WINDOW, int((budget * dense_row - window_row) // cost)))
-    keys = torch.randn(1, KV_HEADS, kept, HEAD_DIM, generator=generator)  # [B, Hkv, Ts, D]
-    values = torch.randn(1, KV_HEADS, kept, HEAD_DIM, generator=generator)
+def stored_tokens(tokens: int, budget: float, keep_groups: int, fmt: StorageFormat) -> int:
+    """Packed tokens a layer holding `budget` of the dense bytes of `tokens` tokens can keep."""
+    dense_bytes = fmt.dense_token_bytes * tokens
+    window_bytes = WINDOW * fmt.dense_token_bytes
+    cost = fmt.token_bytes(keep_groups, scored=True)
+    return max(1, min(tokens - WINDOW, int((budget * dense_bytes - window_bytes) // cost)))
+
+
+def packed_layer(kept: int, keep_groups: int, bits: int | None, dtype: torch.dtype, generator) -> PackedKV:
+    """A layer of `kept` packed tokens with K = `keep_groups`, plain (`bits=None`) or quantized."""
+    keys = torch.randn(1, KV_HEADS, kept, HEAD_DIM, generator=generator).to(dtype)  # [B, Hkv, Ts, D]
+    values = torch.randn(1, KV_HEADS, kept, HEAD_DIM, generator=generator).to(dtype)
     scores = torch.rand(1, KV_HEADS, kept, GROUPS, generator=generator)
-    packed, idx = pack_value_groups(values, scores, keep_groups)
-    tail = torch.randn(2, 1, KV_HEADS, WINDOW, HEAD_DIM, generator=generator)
-    valid = torch.ones(1, KV_HEADS, kept, dtype=torch.bool)
+    packed, idx = pack_value_groups(values, scores, keep_groups)  # [B, Hkv, K, Ts, C]
+    if bits is not None:
+        fmt = StorageFormat(HEAD_DIM, GROUPS, dtype.itemsize, bits, QUANT_GROUP)
+        keys = quantize(keys, bits, fmt.key_group_size)
+        packed = quantize(packed, bits, fmt.value_group_size)
+    tail = torch.randn(2, 1, KV_HEADS, WINDOW, HEAD_DIM, generator=generator).to(dtype)
+    valid = torch.ones(1, KV_HEADS, kept, dtype=torch.bool)  # what the cache passes while decoding
     return PackedKV(keys, packed, idx, GROUPS, tail[0], tail[1], "torch", stored_valid=valid)
+
+
+def run_budget(tokens, budget, args, dense_fn, generator) -> tuple[list[dict], list[float]]:
+    """Rows of one (tokens, budget), timed round-robin with dense SDPA; returns them and the
+    dense samples."""
+    dtype = DTYPES[args.dtype]
+    query = torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=generator).to(dtype)  # [B, Hq, 1, D]
+    cases, plain_layers = [], {}
+    for keep in (GROUPS, GROUPS // 2):
+        for bits in [None, *args.bits]:
+            fmt = StorageFormat(HEAD_DIM, GROUPS, dtype.itemsize, bits, QUANT_GROUP)
+            kept = stored_tokens(tokens, budget, keep, fmt)
+            storage = "plain" if bits is None else f"int{bits}"
+            cases.append((storage, keep, kept, packed_layer(kept, keep, bits, dtype, generator)))
+            if bits is not None and (kept, keep) not in plain_layers:
+                plain_layers[kept, keep] = packed_layer(kept, keep, None, dtype, generator)
+    cases += [("plain, same tokens", keep, kept, kv) for (kept, keep), kv in plain_layers.items()]
+    samples = {i: [] for i in range(len(cases))}
+    dense = []
+    for _ in range(args.rounds):
+        dense += time_ms(dense_fn, args.repeats)
+        for i, (_, _, _, kv) in enumerate(cases):
+            samples[i] += time_ms(lambda kv=kv: packed_attention(query, kv), args.repeats)
+    rows = [
+        {"tokens": tokens, "storage": storage, "budget": budget, "keep_groups": keep, "stored_tokens": kept,
+         "ms": statistics.median(samples[i])}
+        for i, (storage, keep, kept, _) in enumerate(cases)
+    ]  # fmt: skip
+    return rows, dense
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--bits", type=int, nargs="*", default=[8, 4, 2], help="quantized rows (none: plain only)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per row and round")
     parser.add_argument("--out", type=Path, default=Path("bench_out/cpu_decode_attention.csv"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
     generator = torch.Generator().manual_seed(0)
     rows = []
     for tokens in args.tokens:
-        query = torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=generator)  # [B, Hq, 1, D]
-        keys = torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=generator)
-        values = torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=generator)
-        dense_ms = median_ms(
-            lambda q=query, k=keys, v=values: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), args.repeats
-        )
-        rows.append({"tokens": tokens, "method": "dense sdpa", "budget": 1.0, "keep_groups": GROUPS, "ms": dense_ms})
+        q, k, v = (torch.randn(1, h, t, HEAD_DIM, generator=generator).to(dtype)
+                   for h, t in ((Q_HEADS, 1), (KV_HEADS, tokens), (KV_HEADS, tokens)))  # fmt: skip
+
+        def dense_fn(q=q, k=k, v=v):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        dense, budget_rows = [], []
         for budget in args.budgets:
-            for keep in (GROUPS, GROUPS // 2):
-                kv = packed_layer(tokens, budget, keep, generator)
-                ms = median_ms(lambda q=query, kv=kv: packed_attention(q, kv), args.repeats)
-                rows.append({"tokens": tokens, "method": "packed (reference)", "budget": budget, "keep_groups": keep, "ms": ms})
+            part, dense_samples = run_budget(tokens, budget, args, dense_fn, generator)
+            budget_rows += part
+            dense += dense_samples
+        dense_ms = statistics.median(dense)
+        rows.append({"tokens": tokens, "storage": "dense sdpa", "budget": 1.0, "keep_groups": GROUPS,
+                     "stored_tokens": tokens, "ms": dense_ms})  # fmt: skip
+        rows += budget_rows
     for row in rows:
-        dense = next(r["ms"] for r in rows if r["tokens"] == row["tokens"] and r["method"] == "dense sdpa")
+        dense = next(r["ms"] for r in rows if r["tokens"] == row["tokens"] and r["storage"] == "dense sdpa")
         row["vs_dense"] = row["ms"] / dense
         row["target_2b"] = 2 * row["budget"]
+        same = [
+            r["ms"] for r in rows
+            if r["storage"] == "plain, same tokens" and row["storage"].startswith("int")
+            and (r["tokens"], r["budget"], r["keep_groups"], r["stored_tokens"])
+            == (row["tokens"], row["budget"], row["keep_groups"], row["stored_tokens"])
+        ]  # fmt: skip
+        row["vs_plain_same_tokens"] = row["ms"] / same[0] if same else ""
+    for row in rows:
+        row.update(dtype=args.dtype, threads=args.threads, machine=platform.processor() or platform.machine())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print("| tokens | method | budget | K of 8 | ms | time vs dense | target (2b) |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print(f"{args.dtype}, {args.threads} thread(s), median of {args.rounds} x {args.repeats} calls per row")
+    print("| tokens | storage | budget | K of 8 | stored tokens | ms | vs dense | target (2b) | vs plain, same tokens |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['method']} | {r['budget']} | {r['keep_groups']} | {r['ms']:.3f} | {r['vs_dense']:.2f}x | {r['target_2b']:.2f}x |")
+        same = f"{r['vs_plain_same_tokens']:.2f}x" if r["vs_plain_same_tokens"] != "" else ""
+        target = f"{r['target_2b']:.2f}x" if r["storage"] != "dense sdpa" else ""
+        print(
+            f"| {r['tokens']} | {r['storage']} | {r['budget']} | {r['keep_groups']} | {r['stored_tokens']} "
+            f"| {r['ms']:.3f} | {r['vs_dense']:.2f}x | {target} | {same} |"
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from hf_subtok.kernels import packed_attention, packed_attention_lse, packed_attention_reference
 from hf_subtok.kernels.merge import packed_attention_lse_reference
 from hf_subtok.packed import PackedKV
-from hf_subtok.quant import QuantizedTensor
+from hf_subtok.quant import QuantizedTensor, unpack_bits
 from tests.kernel_cases import DEVICE, DTYPES, TOLERANCE, Shape, make_packed, quantize_packed
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
@@ -77,6 +77,46 @@ def test_reference_equals_attention_over_dequantized(shape, dtype, fmt):
     torch.testing.assert_close(lse, want_lse, **TOLERANCE[dtype])
 
 
+# (shape, key quantization group): several value quantization groups per kept group
+# (C = 32, groups of 16), one key group over all of D, key groups splitting a byte's codes
+GROUPINGS = {
+    "vq2-K2of4-kq64": (Shape(stored=37, tail=3, head_dim=128, group=3, keep=2, groups=4), 64),
+    "vq2-K4of4-kq16": (Shape(stored=20, tail=2, head_dim=128, group=2, keep=4, groups=4), 16),
+    "K3of8-kq2": (Shape(stored=41, tail=0, head_dim=64, group=4, keep=3, groups=8), 2),
+}
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("bits", [8, 4, 2], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", GROUPINGS, ids=list(GROUPINGS))
+def test_reference_quantization_groupings(case, dtype, bits):
+    """Scales folded per quantization group, however the groups fall on keys and values."""
+    shape, key_group = GROUPINGS[case]
+    query, kv, _, _ = make_packed(shape, dtype, seed=11)
+    quantized, dequantized = quantize_packed(kv, bits, bits, key_group=key_group)
+    out, mass = packed_attention_reference.packed_attention(query, quantized, return_mass=True)
+    want_out, want_mass = packed_attention_reference.packed_attention(query, dequantized, return_mass=True)
+    torch.testing.assert_close(out.float(), want_out.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(mass, want_mass, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_unpack_codes_matches_unpack_bits(dtype, bits):
+    """Channel order, exact codes, strided payloads, and a reused buffer larger than needed."""
+    generator = torch.Generator().manual_seed(bits)
+    payload = torch.randint(0, 256, (2, 3, 40, 20), dtype=torch.uint8, generator=generator).to(DEVICE)
+    strided = payload[:, :, 5:37, 2:18]  # [2, 3, 32, 16], not contiguous
+    want = unpack_bits(strided, bits).to(dtype)
+    torch.testing.assert_close(packed_attention_reference.unpack_codes(strided, bits, dtype), want, rtol=0, atol=0)
+    buffer = torch.full((strided.numel() * 8 // bits + 7,), math.nan, dtype=dtype, device=DEVICE)
+    got = packed_attention_reference.unpack_codes(strided, bits, dtype, buffer)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got = packed_attention_reference.unpack_codes(strided[:, :, :3], bits, dtype, buffer)  # a shorter last block
+    torch.testing.assert_close(got, want[:, :, :3], rtol=0, atol=0)
+
+
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_reference_prefill_chunk_with_tokens_selected_per_head(dtype):
@@ -109,18 +149,22 @@ def test_reference_at_the_real_block_size():
     torch.testing.assert_close(mass, want_mass, **TOLERANCE[torch.float32])
 
 
-def test_reference_never_dequantizes_more_than_a_block(monkeypatch, small_blocks):
+def test_reference_never_unpacks_more_than_a_block(monkeypatch, small_blocks):
+    """Codes are unpacked a block of tokens at a time, each once, and nothing is dequantized."""
     seen = []
-    dequantize = QuantizedTensor.dequantize
+    unpack = packed_attention_reference.unpack_codes
 
-    def spy(self, dtype):
-        seen.append(self.shape[-2])
-        return dequantize(self, dtype)
+    def spy(payload, *args):
+        seen.append(payload.shape[-2])
+        return unpack(payload, *args)
 
-    monkeypatch.setattr(QuantizedTensor, "dequantize", spy)
+    def no_dequantize(self, dtype):
+        raise AssertionError("the reference dequantized a QuantizedTensor")
+
     query, kv, _, _ = make_packed(SHAPES[0], torch.float32)
     quantized, _ = quantize_packed(kv, 4, 4)
-    seen.clear()
+    monkeypatch.setattr(packed_attention_reference, "unpack_codes", spy)
+    monkeypatch.setattr(QuantizedTensor, "dequantize", no_dequantize)
     packed_attention_reference.packed_attention(query, quantized)
     assert seen and max(seen) == 16 and sum(seen) == 2 * SHAPES[0].stored  # keys once, values once
 
