@@ -32,8 +32,8 @@ class LayerPlan:
 @dataclass(frozen=True)
 class StorageChoice:
     """A storage format a layer may use, with the share of its signal it keeps: 1 for the
-    model's dtype, `1 - (relative squared quantization error)` measured on the layer's own
-    keys and values when quantized (see `quantization_fidelity`)."""
+    model's dtype, `1 - relative quantization error` measured on the layer's own keys and
+    values when quantized (see `quantization_fidelity`)."""
 
     storage: StorageFormat
     fidelity: float = 1.0
@@ -42,8 +42,12 @@ class StorageChoice:
 def quantization_fidelity(
     keys: torch.Tensor, values: torch.Tensor, storage: StorageFormat, sample: int = 1024
 ) -> float:
-    """`1 - mean(|x - Q(x)|^2 / |x|^2)` over `[B, Hkv, T, D]` keys and values (at most `sample`
-    tokens), quantized as `storage` would; 1.0 for unquantized storage."""
+    """`1 - mean(|x - Q(x)| / |x|)` over `[B, Hkv, T, D]` keys and values (at most `sample`
+    tokens), quantized as `storage` would; 1.0 for unquantized storage.
+
+    The relative error itself, not its square: an error in a key moves every attention logit
+    it enters, so 2-bit storage (about 0.4 relative error) must keep far more tokens than 4-bit
+    (about 0.08) to be worth it, as measured on SmolLM2 (BENCHMARKS.md)."""
     if storage.bits is None or keys.shape[-2] == 0:
         return 1.0
     errors = []
@@ -51,7 +55,8 @@ def quantization_fidelity(
         x = x[..., -sample:, :].float()
         restored = quantize(x, storage.bits, group_size).dequantize(torch.float32)
         errors.append(
-            (restored - x).square().sum().item() / x.square().sum().clamp_min(1e-12).item()
+            torch.linalg.vector_norm(restored - x).item()
+            / max(torch.linalg.vector_norm(x).item(), 1e-12)
         )
     return max(0.0, 1.0 - sum(errors) / len(errors))
 
@@ -118,17 +123,25 @@ def plan_layer(
     return best[1]
 
 
+# Share of a token's weight that does not come from the observed queries: future queries
+# (a question asked after compression) may look elsewhere, so every candidate token keeps
+# this much of a uniform weight and plans do not bet everything on the observed attention.
+UNCERTAINTY = 0.5
+
+
 def _token_weights(token_scores: torch.Tensor) -> torch.Tensor:
     """Turn scores into per-row weights summing to 1. Priority tokens (`PRIORITY` and above,
     +inf) weigh nothing because they are kept first whatever the plan; -inf (padding) weighs
-    nothing."""
+    nothing. `UNCERTAINTY` of the weight is spread uniformly over the other tokens."""
     mass = token_scores.isfinite() & (token_scores < PRIORITY)
     scores = torch.where(mass, token_scores.float(), 0.0)
+    uniform = mass.float() / mass.sum(-1, keepdim=True).clamp_min(1)
     if (scores[mass] >= 0).all():
-        weights = scores
+        weights = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
+        weights = (1 - UNCERTAINTY) * weights + UNCERTAINTY * uniform
     else:  # scores that are not masses (e.g. negative key norms): rank tokens uniformly
-        weights = mass.float()
-    return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        weights = uniform
+    return weights
 
 
 @dataclass(frozen=True)

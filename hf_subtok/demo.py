@@ -19,7 +19,7 @@ from hf_subtok.bench.memory import PeakRSS
 
 logger = logging.getLogger(__name__)
 
-DEMO_PRESET = "balanced"  # 37.5% of the dense bytes over tokens and value groups
+DEMO_PRESET = "balanced"  # 25% of the dense bytes over tokens, value groups and precision
 DEMO_CONTEXT_TOKENS = 3000
 DEMO_DEPTH = 0.5
 DEMO_SEED = 0

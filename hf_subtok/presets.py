@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from hf_subtok.config import SubTokenConfig
 
+# Every axis under one budget: tokens (SnapKV per head), value groups (G=2) and precision
+# (each layer's plan picks full, 8, 4 or 2 bits), with a 16-token dense window. Chosen on
+# SmolLM2-135M-Instruct (BENCHMARKS.md, "Presets").
+_ALL_AXES = {"bits": "auto", "num_groups": 2, "window": 16, "pack_chunk": 8}
+
 PRESETS: dict[str, dict] = {
-    # 37.5% of the dense bytes, spent jointly on tokens (SnapKV-selected per head) and value groups
-    "balanced": {"budget": 0.375, "window": 64},
-    # 25% of the dense bytes, same allocator
-    "aggressive": {"budget": 0.25, "window": 64},
+    # 25% of the dense bytes: dense needle accuracy in both settings, ppl +0.3%
+    "balanced": {**_ALL_AXES, "budget": 0.25},
+    # 12.5% of the dense bytes: needle in the prompt as dense, ppl +0.8%; a question asked
+    # after compression is answered less often
+    "aggressive": {**_ALL_AXES, "budget": 0.125},
     # every token, 4 of 8 value groups (about 0.76 of the dense bytes): no token is ever dropped
     "groups-only": {"num_groups": 8, "keep_groups": 4, "window": 64},
     # every group kept: same tokens as DynamicCache, for checks

@@ -124,20 +124,30 @@ def test_group_size_that_does_not_divide_the_head_is_refused():
 
 def test_plan_trades_precision_for_tokens():
     """Equal attention over every token: 4 bits keeping all beats full precision keeping a few;
-    attention on a few tokens: full precision of those few wins over 2 bits of all."""
+    attention on a few tokens and a coarse low-bit format: full precision of those few wins."""
     from hf_subtok.allocation import StorageChoice, plan_layer
 
     formats = {bits: StorageFormat(64, 4, 4, bits) for bits in (None, 4, 2)}
-    choices = [StorageChoice(formats[None]), StorageChoice(formats[4], 0.99), StorageChoice(formats[2], 0.6)]
     group_scores = torch.ones(1, 1, 100, 4)
     budget = 100 * formats[4].token_bytes(4, scored=True)
     spread = torch.full((1, 1, 100), 0.01)
+    choices = [StorageChoice(formats[None]), StorageChoice(formats[4], 0.99)]
     plan = plan_layer(spread, group_scores, budget, choices=choices, candidate_groups=[4])
     assert plan.storage.bits == 4 and plan.keep_tokens == 100
     peaked = torch.zeros(1, 1, 100)
     peaked[..., :5] = 0.2
+    choices = [StorageChoice(formats[None]), StorageChoice(formats[2], 0.5)]
     plan = plan_layer(peaked, group_scores, budget, choices=choices, candidate_groups=[4])
     assert plan.storage.bits is None and plan.keep_tokens >= 5
+
+
+def test_fidelity_orders_bit_widths():
+    from hf_subtok.allocation import quantization_fidelity
+
+    keys, values = torch.randn(2, 1, 2, 300, 64)
+    fidelity = {bits: quantization_fidelity(keys, values, StorageFormat(64, 4, 4, bits)) for bits in (None, 8, 4, 2)}
+    assert fidelity[None] == 1.0
+    assert 1.0 > fidelity[8] > 0.98 > fidelity[4] > 0.85 > fidelity[2] > 0.4
 
 
 def test_auto_bits_picks_a_precision_per_layer_within_budget():

@@ -148,3 +148,16 @@ def test_unknown_token_scorer_and_axes_are_refused():
         SubTokenConfig(budget=0.5, token_scorer="oracle")
     with pytest.raises(ValueError, match="axes.*'heads'"):
         SubTokenConfig(budget=0.5, axes="heads")
+
+
+def test_plans_keep_a_share_of_uniform_weight_for_unseen_queries():
+    from hf_subtok import allocation
+
+    scores = torch.zeros(1, 1, 10)
+    scores[..., 3] = 1.0
+    weights = allocation._token_weights(scores)
+    share = allocation.UNCERTAINTY
+    assert 0 < share < 1
+    assert weights[0, 0, 3].item() == pytest.approx(1 - share + share / 10)
+    assert weights[0, 0, 0].item() == pytest.approx(share / 10)
+    assert weights.sum().item() == pytest.approx(1.0)
