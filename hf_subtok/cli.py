@@ -1,4 +1,4 @@
-"""The `hf-subtok` command line: `demo`, `generate` and `bench`.
+"""The `hf-subtok` command line: `demo`, `generate`, `bench` and `train-router`.
 
 Results go to stdout; progress and logs to stderr. A usage error, a bad model path, or a
 bad configuration value prints one line on stderr and exits with status 2.
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=DTYPES,
         help="dtype the model runs in; every stored/dense ratio is against the dense cache in it (default float32)",
     )
+    from hf_subtok.training.command import add_parser as add_train_router
+
+    add_train_router(sub)
     return parser
 
 
@@ -231,6 +234,12 @@ def cmd_bench(args, argv: list[str]) -> int:
     return 0
 
 
+def cmd_train_router(args) -> int:
+    from hf_subtok.training.command import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hf-subtok` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "train-router":
+            return cmd_train_router(args)
         return cmd_bench(args, argv)
     except (CliError, ValueError) as e:
         message = " ".join(str(e).split())
