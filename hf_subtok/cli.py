@@ -237,7 +237,8 @@ def cmd_bench(args, argv: list[str]) -> int:
 def cmd_train_router(args) -> int:
     from hf_subtok.training.command import run
 
-    return run(args)
+    print(run(args))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -268,7 +268,7 @@ class SubTokenLayer(CacheLayerMixin):
         new_scores = self.window_scores.new_zeros(batch, heads, tail_keys.shape[-2] - window)
         tail_scores = torch.cat([self.window_scores, new_scores], dim=-1)  # [B, Hkv, Tw + T]
         if mass is not None:
-            self.token_scores = self.token_scores + mass[..., :stored]
+            self.token_scores.add_(mass[..., :stored])  # in place: no copy of the scores per step
             tail_scores = tail_scores + mass[..., stored:]
         n_pack = self._tokens_to_pack(tail_keys.shape[-2])
         if n_pack:

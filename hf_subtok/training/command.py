@@ -11,6 +11,23 @@ from hf_subtok.training.loop import TrainConfig, train_router
 logger = logging.getLogger("hf_subtok.cli")
 
 
+# Options read straight from `TrainConfig` fields of the same name: (flag, type, help).
+_TRAIN_OPTIONS = (
+    ("--steps", int, "optimizer steps"),
+    ("--max-minutes", float, "stop training after this many minutes, then evaluate"),
+    ("--budget", float, "stored/dense byte ratio the router is trained for; sets K"),
+    ("--num-groups", int, "value groups per head"),
+    ("--seq-len", int, "tokens per training window"),
+    ("--eval-len", int, "scored tail of each window"),
+    ("--dense-window", int, "newest prefix tokens kept whole while training"),
+    ("--lora-r", int, "LoRA rank, 0 for none"),
+    ("--lr", float, "LoRA learning rate"),
+    ("--router-lr", float, "router learning rate"),
+    ("--selector-lr", float, "token selector learning rate"),
+    ("--checkpoint-every", int, "steps between checkpoints"),
+)
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `train-router` to the `hf-subtok` subcommands."""
     d = TrainConfig()
@@ -30,66 +47,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help=f"output folder: checkpoint/, router/, eval.json (default {d.out})",
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument(
-        "--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})"
-    )
-    p.add_argument(
-        "--max-minutes",
-        type=float,
-        default=d.max_minutes,
-        help=f"stop training after this many minutes, then evaluate (default {d.max_minutes:g})",
-    )
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=d.budget,
-        help=f"stored/dense byte ratio the router is trained for; sets K (default {d.budget})",
-    )
-    p.add_argument(
-        "--num-groups",
-        type=int,
-        default=d.num_groups,
-        help=f"value groups per head (default {d.num_groups})",
-    )
+    for flag, kind, help_text in _TRAIN_OPTIONS:
+        default = getattr(d, flag.removeprefix("--").replace("-", "_"))
+        p.add_argument(flag, type=kind, default=default, help=f"{help_text} (default {default})")
     p.add_argument(
         "--keep-groups",
         type=int,
         default=None,
         help="groups kept per token (default: from --budget)",
-    )
-    p.add_argument(
-        "--seq-len",
-        type=int,
-        default=d.seq_len,
-        help=f"tokens per training window (default {d.seq_len})",
-    )
-    p.add_argument(
-        "--eval-len",
-        type=int,
-        default=d.eval_len,
-        help=f"scored tail of each window (default {d.eval_len})",
-    )
-    p.add_argument(
-        "--dense-window",
-        type=int,
-        default=d.dense_window,
-        help=f"newest prefix tokens kept whole while training (default {d.dense_window})",
-    )
-    p.add_argument(
-        "--lora-r", type=int, default=d.lora_r, help=f"LoRA rank, 0 for none (default {d.lora_r})"
-    )
-    p.add_argument("--lr", type=float, default=d.lr, help=f"LoRA learning rate (default {d.lr})")
-    p.add_argument(
-        "--router-lr",
-        type=float,
-        default=d.router_lr,
-        help=f"router learning rate (default {d.router_lr})",
-    )
-    p.add_argument(
-        "--selector-lr",
-        type=float,
-        default=d.selector_lr,
-        help=f"token selector learning rate (default {d.selector_lr})",
     )
     p.add_argument(
         "--grad-through-prefix",
@@ -98,12 +63,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-selector", action="store_true", help="do not train the query-aware token selector"
-    )
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help=f"steps between checkpoints (default {d.checkpoint_every})",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
@@ -181,23 +140,22 @@ def config_from_args(args) -> TrainConfig:
     )
 
 
-def run(args) -> int:
-    """Train, evaluate, save; print the held-out table on stdout."""
+def run(args) -> str:
+    """Train, evaluate, save; return the held-out table and where the router went (for stdout)."""
     summary = train_router(config_from_args(args), resume=args.resume)
     logger.info("wrote the router to %s", summary["router_dir"])
+    lines = []
     metrics = summary.get("metrics")
     if metrics:
-        print("| method | stored/dense | held-out ppl | needle |")
-        print("|---|---|---|---|")
-        for row in metrics["rows"]:
-            print(
-                f"| {row['method']} | {row['ratio']:.3f} | {row['ppl']:.3f} | "
-                f"{row['needle_correct']}/{row['needle_total']} |"
-            )
-    print(
-        f"router: {summary['router_dir']} ({summary['steps']} steps, {summary['train_seconds'] / 60:.1f} min)"
-    )
-    return 0
+        lines += ["| method | stored/dense | held-out ppl | needle |", "|---|---|---|---|"]
+        lines += [
+            f"| {row['method']} | {row['ratio']:.3f} | {row['ppl']:.3f} | "
+            f"{row['needle_correct']}/{row['needle_total']} |"
+            for row in metrics["rows"]
+        ]
+    minutes = summary["train_seconds"] / 60
+    lines.append(f"router: {summary['router_dir']} ({summary['steps']} steps, {minutes:.1f} min)")
+    return "\n".join(lines)
 
 
 def _split(text: str, kind) -> list:
