@@ -11,19 +11,32 @@ from dataclasses import dataclass
 INDEX_BYTES = 1  # uint8 group index per kept value group
 SCORE_BYTES = 4  # float32 token score per stored token (re-allocation while decoding)
 SCALE_BYTES = 2  # float16 / bfloat16 scale and zero point per quantization group
+BLOCK_INDEX_BYTES = 2  # int16 block of a key quantized per channel (`quant.channel`)
+KEY_LAYOUTS = ("channel", "token")
 
 
 @dataclass(frozen=True)
 class StorageFormat:
     """How one KV head stores a packed token: whole key `[D]`, K value groups of `D / G`
-    channels, each with its index; in the model's element size or in `bits` bits with a
-    scale and zero per `group_size` channels (at most a key's `D` or a group's width)."""
+    channels, each with its index; in the model's element size or in `bits` bits. Quantized
+    value groups have a scale and zero per `group_size` channels (at most a group's width);
+    quantized keys either the same per token (`key_layout="token"`) or a scale and zero per
+    channel and block of `key_block` tokens plus an int16 block index per token
+    (`key_layout="channel"`, `quant.channel`), whose tables are counted here as if every
+    block were full (`row_bytes` counts the blocks a row really holds)."""
 
     head_dim: int
     num_groups: int
     elem_bytes: int
     bits: int | None = None
     group_size: int = 32
+    key_layout: str = "channel"
+    key_block: int = 32
+
+    @property
+    def channel_keys(self) -> bool:
+        """Whether keys are quantized per channel over blocks of tokens."""
+        return self.bits is not None and self.key_layout == "channel"
 
     @property
     def width(self) -> int:
@@ -44,7 +57,15 @@ class StorageFormat:
         return channels * self.bits // 8 + 2 * SCALE_BYTES * (channels // group_size)
 
     @property
-    def key_bytes(self) -> int:
+    def key_block_bytes(self) -> int:
+        """Scale and zero tables of one block of per-channel keys (0 for other layouts)."""
+        return 2 * SCALE_BYTES * self.head_dim if self.channel_keys else 0
+
+    @property
+    def key_bytes(self) -> float:
+        """One key with its share of scales (a full block's share for per-channel keys)."""
+        if self.channel_keys:
+            return self.head_dim * self.bits // 8 + BLOCK_INDEX_BYTES + self.key_block_bytes / self.key_block
         return self._vector_bytes(self.head_dim, self.key_group_size)
 
     @property
@@ -52,9 +73,16 @@ class StorageFormat:
         """One kept value group with its index."""
         return self._vector_bytes(self.width, self.value_group_size) + INDEX_BYTES
 
-    def token_bytes(self, keep_groups: int, scored: bool) -> int:
+    def token_bytes(self, keep_groups: int, scored: bool) -> float:
         """Bytes of one packed token with `keep_groups` groups (and its score if `scored`)."""
         return self.key_bytes + keep_groups * self.slot_bytes + (SCORE_BYTES if scored else 0)
+
+    def row_bytes(self, tokens: int, key_blocks: int, keep_groups: int, scored: bool) -> float:
+        """Bytes one (batch, head) row of `tokens` packed tokens holds, with `key_blocks`
+        blocks of per-channel key tables (ignored for other layouts)."""
+        shared = self.key_block_bytes / self.key_block if self.channel_keys else 0.0
+        per_token = self.token_bytes(keep_groups, scored) - shared
+        return tokens * per_token + key_blocks * self.key_block_bytes
 
     @property
     def dense_token_bytes(self) -> int:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.accounting import StorageFormat
-from hf_subtok.quant import quantize
 from hf_subtok.scorers import PRIORITY
+from hf_subtok.stored import store_keys, store_values
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,12 @@ def quantization_fidelity(
     (about 0.08) to be worth it, as measured on SmolLM2 (BENCHMARKS.md)."""
     if storage.bits is None or keys.shape[-2] == 0:
         return 1.0
+    keys, values = keys[..., -sample:, :].float(), values[..., -sample:, :].float()
     errors = []
-    for x, group_size in ((keys, storage.key_group_size), (values, storage.value_group_size)):
-        x = x[..., -sample:, :].float()
-        restored = quantize(x, storage.bits, group_size).dequantize(torch.float32)
+    for x, restored in (
+        (keys, store_keys(keys, storage).dequantize(torch.float32)),
+        (values, store_values(values, storage).dequantize(torch.float32)),
+    ):
         errors.append(
             torch.linalg.vector_norm(restored - x).item()
             / max(torch.linalg.vector_norm(x).item(), 1e-12)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from hf_subtok.accounting import StorageFormat
+from hf_subtok.accounting import KEY_LAYOUTS, StorageFormat
 from hf_subtok.quant import SUPPORTED_BITS
 from hf_subtok.scorers import available_group_scorers, available_token_scorers
 
@@ -79,8 +79,11 @@ class SubTokenConfig:
     or on groups only (`axes="groups"`: the largest K that fits; budgets below about
     `(1 + 1/num_groups) / 2` are then unreachable and raise `ValueError`).
 
-    With `bits`, packed keys and value groups are stored quantized (per token, a scale and
-    zero per `quant_group_size` channels); the dense window stays in the model's dtype.
+    With `bits`, packed keys and value groups are stored quantized; the dense window stays in
+    the model's dtype. Value groups get a scale and zero per token and `quant_group_size`
+    channels; keys (`key_quantization="channel"`, the default) a scale and zero per channel and
+    block of `key_block` tokens, which measures far better (`hf_subtok.quant.channel`), or the
+    values' layout (`"token"`).
 
     `layer_budgets="adaptive"` shares the bytes among layers by the attention the prompt
     showed (see `hf_subtok.prompt_planner`); `"uniform"` gives every layer `budget`.
@@ -138,6 +141,16 @@ class SubTokenConfig:
             "help": "channels sharing a scale and zero (at most a key's or a value group's width)"
         },
     )
+    key_quantization: str = field(
+        default="channel",
+        metadata={
+            "help": "quantized keys: 'channel' (scales per channel and block of key_block tokens) or 'token'"
+        },
+    )
+    key_block: int = field(
+        default=32,
+        metadata={"help": "tokens sharing a key channel's scale and zero (key_quantization='channel')"},
+    )
     layer_budgets: str = field(
         default="uniform",
         metadata={
@@ -185,6 +198,11 @@ class SubTokenConfig:
                 f"bits must be one of {SUPPORTED_BITS}, 'auto' or None, got {self.bits!r}"
             )
         _check_int("quant_group_size", self.quant_group_size, 1, None)
+        if self.key_quantization not in KEY_LAYOUTS:
+            raise ValueError(
+                f"key_quantization must be one of {KEY_LAYOUTS}, got {self.key_quantization!r}"
+            )
+        _check_int("key_block", self.key_block, 1, None)
         if self.layer_budgets not in LAYER_BUDGETS:
             raise ValueError(
                 f"layer_budgets must be one of {LAYER_BUDGETS}, got {self.layer_budgets!r}"
@@ -269,12 +287,20 @@ class SubTokenConfig:
             raise ValueError(f"num_groups must divide head_dim={head_dim}, got {self.num_groups}")
         bits = self.bits if bits == "config" else bits
         bits = None if bits == "auto" else bits
-        storage = StorageFormat(head_dim, self.num_groups, elem_bytes, bits, self.quant_group_size)
+        storage = StorageFormat(
+            head_dim,
+            self.num_groups,
+            elem_bytes,
+            bits,
+            self.quant_group_size,
+            self.key_quantization,
+            self.key_block,
+        )
         if bits is not None:
-            for name, channels, size in (
-                ("head_dim", head_dim, storage.key_group_size),
-                ("value group width", storage.width, storage.value_group_size),
-            ):
+            checks = [("value group width", storage.width, storage.value_group_size)]
+            key_group = 1 if storage.channel_keys else storage.key_group_size  # per channel: whole bytes
+            checks.append(("head_dim", head_dim, key_group))
+            for name, channels, size in checks:
                 if channels % size or channels * bits % 8:
                     raise ValueError(
                         f"quant_group_size={self.quant_group_size} at bits={bits} does not fit "

@@ -24,8 +24,11 @@ from hf_subtok.scorers import GroupScorer, Observation, RopeInfo, TokenScorer
 from hf_subtok.stored import (
     Stored,
     cat_stored,
+    first_tokens,
+    key_blocks,
     map_stored,
-    maybe_quantize,
+    store_keys,
+    store_values,
     stored_parts,
     take_tokens,
 )
@@ -154,12 +157,12 @@ class SubTokenLayer(CacheLayerMixin):
         return view, view
 
     def _store_keys(self, keys: torch.Tensor) -> Stored:
-        """`[B, Hkv, T, D]` keys as stored (quantized with `config.bits`)."""
-        return maybe_quantize(keys, self.storage.bits, self.storage.key_group_size)
+        """`[B, Hkv, T, D]` keys as stored (quantized as the layer's storage format says)."""
+        return store_keys(keys, self.storage)
 
     def _store_values(self, packed: torch.Tensor) -> Stored:
-        """`[B, Hkv, K, T, C]` kept value groups as stored (quantized with `config.bits`)."""
-        return maybe_quantize(packed, self.storage.bits, self.storage.value_group_size)
+        """`[B, Hkv, K, T, C]` kept value groups as stored (quantized per token)."""
+        return store_values(packed, self.storage)
 
     def _reset_packed_values(self, like: torch.Tensor) -> None:
         """Empty `[B, Hkv, K, 0, C]` packed values and `[B, Hkv, K, 0]` indices for the current K."""
@@ -346,27 +349,60 @@ class SubTokenLayer(CacheLayerMixin):
             self._reset_packed_values(values)
         packed, group_idx = pack_value_groups(
             values, group_scores, self.keep_groups, backend=self.config.backend
+        )  # [B, Hkv, K, T, C], [B, Hkv, K, T]
+        new_scores = _finite_top(scores)  # -inf: filler
+        keep = self._tokens_within(budget, self.token_scores.shape[-1] + keys.shape[-2], 0)
+        if self.token_scores.shape[-1] == 0 and keep < keys.shape[-2]:
+            # nothing stored yet: choose first, then quantize the survivors together (per-channel
+            # key blocks are then full blocks of kept tokens)
+            index = select_tokens(new_scores, keep)  # [B, Hkv, keep]
+            keys = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+            slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
+            packed = packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1]))
+            group_idx = group_idx.gather(3, slot_index)
+            new_scores = new_scores.gather(2, index)
+        stored = (
+            cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2),
+            cat_stored([self.packed_values, self._store_values(packed)], dim=-2),
+            torch.cat([self.group_idx, group_idx], dim=-1),
+            torch.cat([self.token_scores, new_scores], dim=-1),
         )
-        all_keys = cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2)
-        all_values = cat_stored([self.packed_values, self._store_values(packed)], dim=-2)
-        all_idx = torch.cat([self.group_idx, group_idx], dim=-1)
-        all_scores = torch.cat([self.token_scores, _finite_top(scores)], dim=-1)  # -inf: filler
-        stored = all_scores.shape[-1]
-        keep = max(
-            0, min(stored, int(budget // self.storage.token_bytes(self.keep_groups, scored=True)))
-        )
-        if keep < stored:
-            index = select_tokens(all_scores, keep)  # [B, Hkv, keep]
-            slot_index = index.unsqueeze(2).expand(
-                -1, -1, self.keep_groups, -1
-            )  # [B, Hkv, K, keep]
-            all_keys = take_tokens(all_keys, index, dim=2)
-            all_values = take_tokens(all_values, slot_index, dim=3)
-            all_idx = all_idx.gather(3, slot_index)
-            all_scores = all_scores.gather(2, index)
+        while True:  # per-channel key tables may hold more blocks than full ones would need
+            count = stored[3].shape[-1]
+            keep = self._tokens_within(budget, count, key_blocks(stored[0]))
+            if keep >= count:
+                break
+            stored = self._keep_best(*stored, keep)
+        all_keys, all_values, all_idx, all_scores = stored
         self.packed_keys, self.packed_values = all_keys, all_values
         self.group_idx, self.token_scores = all_idx, all_scores
         self.packed_positions = behind_window
+
+    def _tokens_within(self, budget: float, tokens: int, blocks: int) -> int:
+        """How many of `tokens` packed tokens fit `budget` bytes per row, with `blocks` blocks of
+        per-channel key tables (0: count each token's share of full blocks)."""
+        keep_groups = self.keep_groups
+        if blocks == 0:
+            per_token = self.storage.token_bytes(keep_groups, scored=True)
+            return max(0, min(tokens, int(budget // per_token)))
+        if self.storage.row_bytes(tokens, blocks, keep_groups, scored=True) <= budget:
+            return tokens
+        base = self.storage.row_bytes(0, blocks, keep_groups, scored=True)
+        per_token = self.storage.row_bytes(1, 0, keep_groups, scored=True)
+        # at least one token fewer, so that the tables shrink or the loop ends at 0
+        return max(0, min(tokens - 1, int((budget - base) // per_token)))
+
+    def _keep_best(self, keys: Stored, values: Stored, group_idx: torch.Tensor, scores: torch.Tensor, keep: int):
+        """The `keep` best-scored tokens of stored `keys` `[B, Hkv, T, D]`, `values`
+        `[B, Hkv, K, T, C]`, `group_idx` `[B, Hkv, K, T]` and `scores` `[B, Hkv, T]`."""
+        index = select_tokens(scores, keep)  # [B, Hkv, keep]
+        slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
+        return (
+            take_tokens(keys, index, dim=2),
+            take_tokens(values, slot_index, dim=3),
+            group_idx.gather(3, slot_index),
+            scores.gather(2, index),
+        )
 
     def _storage_choices(self, keys: torch.Tensor, values: torch.Tensor) -> list[StorageChoice]:
         """The precisions the plan may pick, each with its fidelity on these keys and values."""
@@ -509,8 +545,8 @@ class SubTokenLayer(CacheLayerMixin):
             self.window_keys = self.window_keys[..., : keep - stored, :].clone()
             self.window_values = self.window_values[..., : keep - stored, :].clone()
         else:
-            self.packed_keys = map_stored(self.packed_keys, lambda t: t[..., :keep, :].clone())
-            self.packed_values = map_stored(self.packed_values, lambda t: t[..., :keep, :].clone())
+            self.packed_keys = first_tokens(self.packed_keys, keep)
+            self.packed_values = first_tokens(self.packed_values, keep)
             self.group_idx = self.group_idx[..., :keep].clone()
             self.window_keys = self.window_keys[..., :0, :].clone()
             self.window_values = self.window_values[..., :0, :].clone()

@@ -1,7 +1,9 @@
-"""Token-dim operations on what a layer stores: plain tensors or `QuantizedTensor`s alike.
+"""Token-dim operations on what a layer stores: plain tensors, `QuantizedTensor`s (value
+groups, or keys per token) and `ChannelQuantizedTensor`s (keys per channel) alike.
 
-Every operation here acts on leading dims only (tokens, heads, batch), so a
-`QuantizedTensor` applies it to its payload, scales and zeros.
+A `QuantizedTensor`'s rows are independent, so it applies an operation to its payload, scales
+and zeros alike; a `ChannelQuantizedTensor` moves its tokens and block indices and leaves its
+block tables in place (compacting them after a gather or a cut).
 """
 
 from __future__ import annotations
@@ -10,18 +12,22 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from hf_subtok.quant import QuantizedTensor, quantize
+from hf_subtok.accounting import StorageFormat
+from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor, quantize, quantize_channels
 
-Stored = torch.Tensor | QuantizedTensor
+Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
 
 
 def map_stored(x: Stored, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stored:
-    """`fn(x)`, or `fn` on each component of a `QuantizedTensor`."""
-    return x.apply(fn) if isinstance(x, QuantizedTensor) else fn(x)
+    """`fn(x)`, or `fn` on each component of a quantized tensor; `fn` may only act on the
+    dims before the token dim (batch reorders, device moves)."""
+    return fn(x) if isinstance(x, torch.Tensor) else x.apply(fn)
 
 
 def cat_stored(parts: Sequence[Stored], dim: int) -> Stored:
-    """`torch.cat` along a leading dim."""
+    """`torch.cat` along the token dim `dim` (a leading dim of the logical shape)."""
+    if isinstance(parts[0], ChannelQuantizedTensor):
+        return ChannelQuantizedTensor.cat(parts)
     if isinstance(parts[0], QuantizedTensor):
         return QuantizedTensor.cat(parts, dim)
     return torch.cat(parts, dim=dim)
@@ -29,17 +35,43 @@ def cat_stored(parts: Sequence[Stored], dim: int) -> Stored:
 
 def take_tokens(x: Stored, index: torch.Tensor, dim: int) -> Stored:
     """Gather along `dim` with `index` shaped like `x` up to the last dim (broadcast over it)."""
+    if isinstance(x, ChannelQuantizedTensor):
+        return x.take(index)  # per-channel keys: `[B, Hkv, T, D]`, tokens at dim 2
     index = index.unsqueeze(-1)
     return map_stored(x, lambda t: torch.take_along_dim(t, index, dim=dim))
 
 
-def maybe_quantize(x: torch.Tensor, bits: int | None, group_size: int) -> Stored:
-    """`x` quantized along its last dim, or `x` itself when `bits` is None."""
-    return x if bits is None else quantize(x, bits, group_size)
+def first_tokens(x: Stored, stop: int) -> Stored:
+    """The first `stop` tokens of `[..., T, N]` storage (copies, so the rest is freed)."""
+    if isinstance(x, ChannelQuantizedTensor):
+        return x.slice_tokens(stop)
+    return map_stored(x, lambda t: t[..., :stop, :].clone())
+
+
+def store_keys(keys: torch.Tensor, storage: StorageFormat) -> Stored:
+    """`[B, Hkv, T, D]` keys as `storage` holds them: plain, or quantized per channel over
+    blocks of `storage.key_block` tokens, or per token."""
+    if storage.bits is None:
+        return keys
+    if storage.channel_keys:
+        return quantize_channels(keys, storage.bits, storage.key_block)
+    return quantize(keys, storage.bits, storage.key_group_size)
+
+
+def store_values(values: torch.Tensor, storage: StorageFormat) -> Stored:
+    """`[B, Hkv, K, T, C]` kept value groups as `storage` holds them (quantized per token)."""
+    if storage.bits is None:
+        return values
+    return quantize(values, storage.bits, storage.value_group_size)
+
+
+def key_blocks(keys: Stored) -> int:
+    """Rows of per-channel key tables each (batch, head) row holds (0 for other layouts)."""
+    return keys.scale.shape[-2] if isinstance(keys, ChannelQuantizedTensor) else 0
 
 
 def stored_parts(name: str, x: Stored) -> dict[str, torch.Tensor]:
-    """The tensors behind `x` by name (`name.payload`, ... for a `QuantizedTensor`)."""
-    if isinstance(x, QuantizedTensor):
+    """The tensors behind `x` by name (`name.payload`, ... for a quantized tensor)."""
+    if not isinstance(x, torch.Tensor):
         return {f"{name}.{part}": t for part, t in x.tensors().items()}
     return {name: x}

@@ -13,7 +13,7 @@ import torch
 
 from hf_subtok import kernels
 from hf_subtok.kernels import pack_value_groups, packed_attention
-from hf_subtok.quant import QuantizedTensor, quantize
+from hf_subtok.quant import QuantizedTensor, quantize, quantize_channels
 from tests.kernel_cases import DEVICE, Shape, make_packed
 
 SHAPE = Shape(stored=10, tail=3, head_dim=64, group=2, keep=3, groups=8)
@@ -97,10 +97,13 @@ def test_packed_attention_rejects_quantized(case, no_launch):
 
 def test_packed_attention_rejects_other_storage_types(no_launch):
     query, kv, _, _ = make_packed(SHAPE, torch.float32)
-    with pytest.raises(TypeError, match="kv.keys must be a torch.Tensor or a QuantizedTensor, got list"):
+    with pytest.raises(TypeError, match="kv.keys must be a torch.Tensor, QuantizedTensor or ChannelQuantizedTensor, got list"):
         packed_attention(query, _replace(kv, keys=[kv.keys]))
     with pytest.raises(TypeError, match="kv.group_idx must be a torch.Tensor, got QuantizedTensor"):
         packed_attention(query, _replace(kv, group_idx=quantize(kv.keys, 8, 64)))
+    with pytest.raises(TypeError, match="kv.values must be a torch.Tensor or a QuantizedTensor, got ChannelQuantizedTensor"):
+        channel = quantize_channels(kv.values.flatten(2, 3), 8, 32)  # [B, Hkv, K*Ts, C]
+        packed_attention(query, _replace(kv, values=channel))
 
 
 def test_quantized_strides_rejected_before_launch(no_launch):

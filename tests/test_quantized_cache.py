@@ -7,31 +7,40 @@ import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.accounting import StorageFormat
-from hf_subtok.quant import QuantizedTensor
+from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor
 from tests.tiny_models import make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
 
 
+@pytest.mark.parametrize("keys", ["channel", "token"])
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_measured_bytes_match_the_storage_format(bits, dtype):
-    """Every token kept, no window: held bytes are exactly tokens x the format's token bytes."""
+def test_measured_bytes_match_the_storage_format(bits, dtype, keys):
+    """Every token kept, no window: held bytes are exactly tokens x the format's token bytes
+    (per-channel keys: plus the tables of the blocks held, the last one partly filled)."""
     model = make_tiny_model("llama", dtype=dtype, **_WIDE)
-    config = SubTokenConfig(num_groups=4, keep_groups=2, window=0, bits=bits, quant_group_size=16)
+    config = SubTokenConfig(
+        num_groups=4, keep_groups=2, window=0, bits=bits, quant_group_size=16, key_quantization=keys
+    )
     cache = SubTokenCache(model, config)
     tokens = 100
     with torch.no_grad():
         model(input_ids=random_prompts(2, tokens), past_key_values=cache)
     report = cache.memory_report()
-    storage = StorageFormat(64, 4, dtype.itemsize, bits, 16)
-    assert report["stored_bytes"] == 2 * 2 * tokens * storage.token_bytes(2, scored=False)  # layers x batch
+    storage = StorageFormat(64, 4, dtype.itemsize, bits, 16, keys, 32)
+    blocks = -(-tokens // 32) if keys == "channel" else 0
+    row = storage.row_bytes(tokens, blocks, 2, scored=False)
+    assert report["stored_bytes"] == 2 * 2 * row  # layers x batch
+    if keys == "token":
+        assert row == tokens * storage.token_bytes(2, scored=False)
     assert report["dense_bytes"] == 2 * 2 * tokens * 2 * 64 * dtype.itemsize
     assert {"packed_keys.payload", "packed_keys.scale", "packed_values.zero"} <= set(report["parts"])
 
 
+@pytest.mark.parametrize("keys", ["channel", "token"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_stored_keys_and_values_are_within_half_a_step(bits):
+def test_stored_keys_and_values_are_within_half_a_step(bits, keys):
     model = make_tiny_model("llama", **_WIDE)
     keys_seen = {}
 
@@ -39,16 +48,22 @@ def test_stored_keys_and_values_are_within_half_a_step(bits):
         keys_seen.setdefault("k", output)
 
     hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(keep_keys, with_kwargs=True)
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=4, window=0, bits=bits))
+    config = SubTokenConfig(num_groups=4, keep_groups=4, window=0, bits=bits, key_quantization=keys)
+    cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 50), past_key_values=cache)
     hook.remove()
     layer = cache.layers[0]
-    assert isinstance(layer.packed_keys, QuantizedTensor) and isinstance(layer.packed_values, QuantizedTensor)
-    keys = layer.packed_keys
-    step = keys.scale.float().repeat_interleave(keys.group_size, dim=-1)  # [B, Hkv, T, D]
+    assert isinstance(layer.packed_values, QuantizedTensor)
+    stored = layer.packed_keys
+    if keys == "channel":
+        assert isinstance(stored, ChannelQuantizedTensor)
+        step = stored.token_scales()[0]  # [B, Hkv, T, D]
+    else:
+        assert isinstance(stored, QuantizedTensor)
+        step = stored.scale.float().repeat_interleave(stored.group_size, dim=-1)  # [B, Hkv, T, D]
     exact = _roped_keys(model, keys_seen["k"], 50)
-    error = (keys.dequantize(torch.float32) - exact).abs()
+    error = (stored.dequantize(torch.float32) - exact).abs()
     assert (error <= step / 2 + 1e-5).all()
 
 
@@ -61,11 +76,14 @@ def _roped_keys(model, projected: torch.Tensor, tokens: int) -> torch.Tensor:
     return apply_rotary_pos_emb(keys, keys, cos, sin)[0]
 
 
+@pytest.mark.parametrize("keys", ["channel", "token"])
 @pytest.mark.parametrize("budget", [0.3, 0.15, 0.08, 0.05])
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_budget_holds_with_quantized_storage_through_decoding(bits, budget):
+def test_budget_holds_with_quantized_storage_through_decoding(bits, budget, keys):
     model = make_tiny_model("qwen2", **_WIDE)
-    config = SubTokenConfig(budget=budget, bits=bits, num_groups=4, window=16, pack_chunk=8)
+    config = SubTokenConfig(
+        budget=budget, bits=bits, num_groups=4, window=16, pack_chunk=8, key_quantization=keys
+    )
     try:
         cache = SubTokenCache(model, config)
     except ValueError:
@@ -78,8 +96,26 @@ def test_budget_holds_with_quantized_storage_through_decoding(bits, budget):
             ratios.append(cache.memory_report()["ratio"])
     assert max(ratios) <= budget * 1.01
     # the budget is spent, up to what keeping every token whole would cost
-    everything = StorageFormat(64, 4, 4, bits).token_bytes(4, scored=True) / (2 * 64 * 4)
+    everything = StorageFormat(64, 4, 4, bits, 32, keys).token_bytes(4, scored=True) / (2 * 64 * 4)
     assert min(ratios) >= min(budget, everything) * 0.7, "the budget should be spent"
+
+
+def test_per_channel_key_tables_stay_bounded_while_decoding_evicts():
+    """Decoding packs small blocks and evicts tokens from old ones: the tables never hold
+    blocks no token uses, and the budget holds with them counted."""
+    model = make_tiny_model("llama", **_WIDE)
+    config = SubTokenConfig(budget=0.1, bits=2, num_groups=4, window=16, pack_chunk=8)
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 300), past_key_values=cache)
+        for step in range(120):
+            model(input_ids=random_prompts(1, 1, seed=step), past_key_values=cache)
+            assert cache.memory_report()["ratio"] <= 0.1 * 1.01
+    for layer in cache.layers:
+        keys = layer.packed_keys
+        assert isinstance(keys, ChannelQuantizedTensor)
+        used = {int(b) for b in keys.block.flatten()}
+        assert used == set(range(keys.scale.shape[-2]))  # one head here: every table row is used
 
 
 def test_lower_precision_keeps_more_tokens_at_the_same_budget():
@@ -118,8 +154,17 @@ def test_bad_precision_settings_are_refused(kwargs, match):
 
 def test_group_size_that_does_not_divide_the_head_is_refused():
     model = make_tiny_model("llama", **_WIDE)
+    per_token_keys = SubTokenConfig(
+        num_groups=4, keep_groups=2, bits=4, quant_group_size=24, key_quantization="token"
+    )
     with pytest.raises(ValueError, match="quant_group_size=24 at bits=4 does not fit head_dim=64"):
-        SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=2, bits=4, quant_group_size=24))
+        SubTokenCache(model, per_token_keys)
+    with pytest.raises(ValueError, match="quant_group_size=12 at bits=4 does not fit value group width=16"):
+        SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=2, bits=4, quant_group_size=12))
+    with pytest.raises(ValueError, match="key_quantization must be one of"):
+        SubTokenConfig(bits=4, key_quantization="head")
+    with pytest.raises(ValueError, match="key_block must be >= 1, got 0"):
+        SubTokenConfig(bits=4, key_block=0)
 
 
 def test_plan_trades_precision_for_tokens():

@@ -12,7 +12,7 @@ import os
 import torch
 
 from hf_subtok.packed import PackedKV
-from hf_subtok.quant import QuantizedTensor
+from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor
 
 BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,7 +90,7 @@ def check_packed_attention_inputs(
         raise ValueError(f"query dtype must be one of {_FLOAT_DTYPES}, got {query.dtype}")
     for name in ("keys", "values", "tail_keys", "tail_values"):
         tensor = getattr(kv, name)
-        if isinstance(tensor, QuantizedTensor):  # dequantized to the query's dtype
+        if isinstance(tensor, (QuantizedTensor, ChannelQuantizedTensor)):  # read in float32
             continue
         if tensor.dtype != query.dtype:
             raise ValueError(f"kv.{name} dtype must match query dtype {query.dtype}, got {tensor.dtype}")
@@ -128,26 +128,33 @@ def check_packed_attention_inputs(
 
 
 def _check_kinds(kv: PackedKV) -> None:
-    """Keys and values are tensors or `QuantizedTensor`s (validated again: kernels read their
-    raw bytes), everything else a tensor."""
+    """Keys and values are tensors or `QuantizedTensor`s, keys also `ChannelQuantizedTensor`s
+    (validated again: kernels read their raw bytes), everything else a tensor."""
     for name in ("keys", "values", "group_idx", "tail_keys", "tail_values"):
         tensor = getattr(kv, name)
-        if isinstance(tensor, QuantizedTensor) and name in ("keys", "values"):
+        quantized = (QuantizedTensor, ChannelQuantizedTensor) if name == "keys" else QuantizedTensor
+        if isinstance(tensor, quantized) and name in ("keys", "values"):
             try:
                 tensor.validate()
             except ValueError as error:
                 raise ValueError(f"kv.{name}: {error}") from None
         elif not isinstance(tensor, torch.Tensor):
-            kinds = "a torch.Tensor or a QuantizedTensor" if name in ("keys", "values") else "a torch.Tensor"
+            kinds = {
+                "keys": "a torch.Tensor, QuantizedTensor or ChannelQuantizedTensor",
+                "values": "a torch.Tensor or a QuantizedTensor",
+            }.get(name, "a torch.Tensor")
             raise TypeError(f"kv.{name} must be {kinds}, got {type(tensor).__name__}")
 
 
-def check_strides_for_triton(named: dict[str, torch.Tensor | QuantizedTensor]) -> None:
+def check_strides_for_triton(
+    named: dict[str, torch.Tensor | QuantizedTensor | ChannelQuantizedTensor],
+) -> None:
     """The Triton kernels take any batch/head/token strides but need the last dim contiguous;
-    a `QuantizedTensor`'s scale and zero must share their strides."""
+    a quantized tensor's scale and zero must share their strides. The block index of a
+    `ChannelQuantizedTensor` (`[B, Hkv, T]`, its last dim is tokens) may have any strides."""
     flat = {}
     for name, tensor in named.items():
-        if not isinstance(tensor, QuantizedTensor):
+        if not isinstance(tensor, (QuantizedTensor, ChannelQuantizedTensor)):
             flat[name] = tensor
             continue
         if tensor.scale.stride() != tensor.zero.stride():
@@ -155,7 +162,7 @@ def check_strides_for_triton(named: dict[str, torch.Tensor | QuantizedTensor]) -
                 f"{name}.scale and {name}.zero must have equal strides for the Triton path, "
                 f"got {tensor.scale.stride()} and {tensor.zero.stride()}"
             )
-        flat.update({f"{name}.{part}": t for part, t in tensor.tensors().items()})
+        flat.update({f"{name}.{part}": t for part, t in tensor.tensors().items() if part != "block"})
     for name, tensor in flat.items():
         if tensor.numel() and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
             raise ValueError(

@@ -1,6 +1,7 @@
 """Attention over whole keys and packed value groups (PyTorch reference and CPU path).
 
-Keys and values may be plain tensors or `QuantizedTensor`s. Quantized storage is read
+Keys and values may be plain tensors or `QuantizedTensor`s (keys also `ChannelQuantizedTensor`s,
+scaled a block of tokens at a time by `channel_key_scores`). Quantized storage is read
 `BLOCK_TOKENS` packed tokens at a time and never dequantized: each block's codes are unpacked
 to the compute dtype (no scale applied) and the per-token scales and zeros are folded into the
 small operand of each matmul (`quantized_key_scores`, `packed_value_matmul`), so the only `[t, D]`
@@ -17,8 +18,9 @@ import sys
 import torch
 
 from hf_subtok.packed import PackedKV
-from hf_subtok.quant import QuantizedTensor, unpack_bits
+from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor, unpack_bits
 
+StoredKeys = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
 BLOCK_TOKENS = 1024  # packed tokens unpacked at once (read at call time: tests lower it)
 
 
@@ -154,12 +156,41 @@ def token_slice(x: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
     return x.apply(lambda part: part[..., start:end, :])
 
 
-def key_scores(query: torch.Tensor, keys: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+def key_scores(query: torch.Tensor, keys: StoredKeys) -> torch.Tensor:
     """`query @ keys^T`: `[B, Hkv, M, D]` x `[B, Hkv, T, D]` -> `[B, Hkv, M, T]`, in the query's
-    dtype for plain keys, float32 for quantized ones (`quantized_key_scores`)."""
+    dtype for plain keys, float32 for quantized ones (`quantized_key_scores`,
+    `channel_key_scores`)."""
     if isinstance(keys, QuantizedTensor):
         return quantized_key_scores(query, keys)
+    if isinstance(keys, ChannelQuantizedTensor):
+        return channel_key_scores(query, keys)
     return query @ keys.transpose(-1, -2)
+
+
+def channel_key_scores(query: torch.Tensor, keys: ChannelQuantizedTensor) -> torch.Tensor:
+    """`query @ keys^T` in float32 for keys quantized per channel (`quant.channel`), read
+    `BLOCK_TOKENS` tokens at a time: each token's codes are scaled by its block's per-channel
+    scale and zero (gathered by its block index) into a reused buffer, then one matmul.
+
+    Args:
+        query: `[B, Hkv, M, D]`.
+        keys: `[B, Hkv, T, D]` per-channel quantized.
+
+    Returns:
+        `[B, Hkv, M, T]` float32.
+    """
+    batch, heads, rows, dim = query.shape
+    tokens = keys.shape[-2]
+    q = query.float()
+    scores = torch.empty(batch, heads, rows, tokens, device=query.device)  # [B, Hkv, M, T]
+    buffer = _block_buffer(keys.payload, keys.bits, torch.float32)
+    for start in range(0, tokens, BLOCK_TOKENS):
+        end = min(start + BLOCK_TOKENS, tokens)
+        codes = unpack_codes(keys.payload[..., start:end, :], keys.bits, torch.float32, buffer)  # [B, Hkv, t, D]
+        scale, zero = keys.token_scales(start, end)  # [B, Hkv, t, D] each
+        block_keys = codes.mul_(scale).add_(zero)
+        scores[..., start:end] = q @ block_keys.transpose(-1, -2)
+    return scores
 
 
 def quantized_key_scores(query: torch.Tensor, keys: QuantizedTensor) -> torch.Tensor:

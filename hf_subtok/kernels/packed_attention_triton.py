@@ -15,7 +15,10 @@ Keys and values may be quantized (`hf_subtok.quant.QuantizedTensor`, KEY_BITS / 
 2, 4 or 8; 0 means plain): each block is dequantized in registers (`_dequantize`: the byte
 holding a channel is loaded, its code shifted out and masked, then `code * scale + zero` in
 float32) and rounded to the query's dtype, as the reference does, before the same
-online-softmax step.
+online-softmax step. Keys may instead be a `ChannelQuantizedTensor` (KEY_PER_CHANNEL): a scale
+and zero per channel and block of tokens, each token naming its block (int16); for each tile
+the block indices are loaded and the `[BLOCK_T, D]` scale and zero rows gathered by them, i.e.
+`_dequantize` with one channel per group and the table row of the token's block.
 
 Every load and store is masked; `tl.exp`/`tl.log` run on float32; under the interpreter every
 `tl.dot` runs on float32 inputs (bf16 `tl.dot` is wrong there), on a GPU fp16/bf16 tiles go to
@@ -31,7 +34,7 @@ import triton
 import triton.language as tl
 
 from hf_subtok.packed import PackedKV
-from hf_subtok.quant import QuantizedTensor
+from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor
 
 _LOG2E = 1.4426950408889634
 
@@ -74,12 +77,13 @@ def _dequantize(P, S, Z, p_offset, s_offset, chan, ok, BITS: tl.constexpr, GROUP
 @triton.jit
 def _packed_decode_kernel(
     Q, K, V, IDX, TK, TV, MASK, VALID, OUT, LSE,
-    KS, KZ, VS, VZ,
+    KS, KZ, KB, VS, VZ,
     scale_log2,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vk, stride_vt,
     stride_ksb, stride_ksh, stride_kst,
+    stride_kbb, stride_kbh, stride_kbt,
     stride_vsb, stride_vsh, stride_vsk, stride_vst,
     stride_ib, stride_ih, stride_ik,
     stride_tkb, stride_tkh, stride_tkt,
@@ -97,6 +101,7 @@ def _packed_decode_kernel(
     LOW_PRECISION_DOT: tl.constexpr,
     KEY_BITS: tl.constexpr,
     KEY_GROUP_SIZE: tl.constexpr,
+    KEY_PER_CHANNEL: tl.constexpr,
     VALUE_BITS: tl.constexpr,
     VALUE_GROUP_SIZE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -134,6 +139,7 @@ def _packed_decode_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     i_base = IDX + b * stride_ib + h * stride_ih
     ks_offset = b * stride_ksb + h * stride_ksh
+    kb_base = KB + b * stride_kbb + h * stride_kbh
     vs_offset = b * stride_vsb + h * stride_vsh
     for start in range(lo, tl.minimum(hi, n_stored), BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
@@ -142,8 +148,12 @@ def _packed_decode_kernel(
         if KEY_BITS == 0:
             k = tl.load(k_base + t[:, None] * stride_kt + d[None, :], mask=td_ok, other=0.0)  # [T, D]
         else:
+            if KEY_PER_CHANNEL:  # scale rows of the tokens' blocks (KEY_GROUP_SIZE is 1)
+                key_row = tl.load(kb_base + t * stride_kbt, mask=t_ok, other=0).to(tl.int64)  # [T]
+            else:  # a scale row per token
+                key_row = t
             k = _dequantize(
-                k_base, KS, KZ, t[:, None] * stride_kt, ks_offset + t[:, None] * stride_kst, d[None, :], td_ok,
+                k_base, KS, KZ, t[:, None] * stride_kt, ks_offset + key_row[:, None] * stride_kst, d[None, :], td_ok,
                 KEY_BITS, KEY_GROUP_SIZE,
             ).to(Q.dtype.element_ty)  # [T, D], rounded like the reference's dequantize(query.dtype)
         slot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)  # slot holding channel d of token t
@@ -215,12 +225,20 @@ def _allowed_bytes(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.to(torch.uint8).contiguous()
 
 
-def _storage(x: torch.Tensor | QuantizedTensor):
+def _storage(x: torch.Tensor | QuantizedTensor | ChannelQuantizedTensor):
     """`(data, scale, zero, bits, group_size)`: a plain tensor is its own (never read) scale and
-    zero with bits 0; a quantized one gives its payload, scale and zero (equal strides)."""
+    zero with bits 0; a quantized one gives its payload, scale and zero (equal strides); a
+    per-channel one has one channel per group (its rows are picked by `_block_index`)."""
     if isinstance(x, QuantizedTensor):
         return x.payload, x.scale, x.zero, x.bits, x.group_size
+    if isinstance(x, ChannelQuantizedTensor):
+        return x.payload, x.scale, x.zero, x.bits, 1
     return x, x, x, 0, 1
+
+
+def _block_index(x: torch.Tensor | QuantizedTensor | ChannelQuantizedTensor) -> torch.Tensor | None:
+    """The `[B, Hkv, Ts]` int16 block of each token of per-channel keys, else None."""
+    return x.block if isinstance(x, ChannelQuantizedTensor) else None
 
 
 def _default_split_tokens(batch_heads: int, total: int, block_t: int, device: torch.device) -> int:
@@ -246,7 +264,7 @@ def packed_decode_attention_triton(
     Args:
         query: `[B, Hq, 1, D]`.
         kv: keys `[B, Hkv, Ts, D]`, values `[B, Hkv, K, Ts, C]` (each plain or a
-            `QuantizedTensor`), uint8 group_idx `[B, Hkv, K, Ts]`, tail keys/values
+            `QuantizedTensor`, keys also a `ChannelQuantizedTensor`), uint8 group_idx `[B, Hkv, K, Ts]`, tail keys/values
             `[B, Hkv, Tt, D]` (last dims contiguous), and optionally `stored_valid`
             `[B, Hkv, Ts]` bool (tokens selected per head).
         attention_mask: `[B|1, 1, 1, T']` bool or additive float, or None. Its last Tt
@@ -291,18 +309,23 @@ def packed_decode_attention_triton(
     # empty packed or tail parts: any valid pointer does, the loops never read it
     keys, key_scale, key_zero, key_bits, key_group_size = _storage(kv.keys)
     values, value_scale, value_zero, value_bits, value_group_size = _storage(kv.values)
+    key_block = _block_index(kv.keys)  # [B, Hkv, Ts] int16 or None
+    block_strides = (0, 0, 0) if key_block is None else key_block.stride()
     group_idx = kv.group_idx
     _packed_decode_kernel[(batch * kv_heads, splits)](
         query, keys, values, group_idx, kv.tail_keys, kv.tail_values,
         query if mask is None else mask,  # never read without HAS_MASK
         query if valid is None else valid,  # never read without HAS_STORED_VALID
         out, lse,
-        key_scale, key_zero, value_scale, value_zero,  # never read without KEY_BITS / VALUE_BITS
+        key_scale, key_zero,  # never read without KEY_BITS
+        keys if key_block is None else key_block,  # never read without KEY_PER_CHANNEL
+        value_scale, value_zero,  # never read without VALUE_BITS
         scale * _LOG2E,
         query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
         key_scale.stride(0), key_scale.stride(1), key_scale.stride(2),
+        *block_strides,
         value_scale.stride(0), value_scale.stride(1), value_scale.stride(2), value_scale.stride(3),
         group_idx.stride(0), group_idx.stride(1), group_idx.stride(2),
         kv.tail_keys.stride(0), kv.tail_keys.stride(1), kv.tail_keys.stride(2),
@@ -320,6 +343,7 @@ def packed_decode_attention_triton(
         LOW_PRECISION_DOT=low_precision_dot,
         KEY_BITS=key_bits,
         KEY_GROUP_SIZE=key_group_size,
+        KEY_PER_CHANNEL=key_block is not None,
         VALUE_BITS=value_bits,
         VALUE_GROUP_SIZE=value_group_size,
         BLOCK_R=block_r,

@@ -5,18 +5,25 @@ payload with codes packed along the last dim, a scale and a zero per `group_size
 each row). Rows (tokens) are independent, so the cache moves them with `QuantizedTensor.apply`
 and `QuantizedTensor.cat` exactly as it moves plain tensors. Attention reads the quantized
 storage directly (`hf_subtok.kernels.packed_attention`).
+
+Keys are stored per channel instead (`quantize_channels` -> `ChannelQuantizedTensor`: a scale
+and zero per channel and block of tokens, each token naming its block), which fits them far
+better; see `quant.channel`.
 """
 
 from hf_subtok.quant.bits import SUPPORTED_BITS, pack_bits, unpack_bits
+from hf_subtok.quant.channel import ChannelQuantizedTensor, quantize_channels
 from hf_subtok.quant.reference import check_quantize_args, default_scale_dtype, quantize
 from hf_subtok.quant.tensor import QuantizedTensor
 
 __all__ = [
+    "ChannelQuantizedTensor",
     "SUPPORTED_BITS",
     "QuantizedTensor",
     "check_quantize_args",
     "default_scale_dtype",
     "pack_bits",
     "quantize",
+    "quantize_channels",
     "unpack_bits",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from hf_subtok.quant.bits import check_bits, pack_bits
+from hf_subtok.quant.rounding import round_down, round_up
 from hf_subtok.quant.tensor import SCALE_DTYPES, QuantizedTensor
 
 
@@ -81,25 +82,11 @@ def quantize(
     *lead, channels = x.shape
     levels = (1 << bits) - 1
     grouped = x.float().reshape(*lead, channels // group_size, group_size)  # [..., N/gs, gs]
-    zero = _round_down(grouped.amin(dim=-1), scale_dtype)  # [..., N/gs]
-    scale = _round_up((grouped.amax(dim=-1) - zero.float()) / levels, scale_dtype)  # [..., N/gs]
+    zero = round_down(grouped.amin(dim=-1), scale_dtype)  # [..., N/gs]
+    scale = round_up((grouped.amax(dim=-1) - zero.float()) / levels, scale_dtype)  # [..., N/gs]
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale).float().unsqueeze(-1)
     codes = (
         ((grouped - zero.float().unsqueeze(-1)) / divisor).round_().clamp_(0, levels)
     )  # [..., N/gs, gs]
     codes = codes.to(torch.uint8).reshape(*lead, channels)  # [..., N]
     return QuantizedTensor(pack_bits(codes, bits), scale, zero, bits, group_size)
-
-
-def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 `x` -> the largest `dtype` value <= x."""
-    rounded = x.to(dtype)
-    below = torch.nextafter(rounded, torch.full_like(rounded, float("-inf")))
-    return torch.where(rounded.float() > x, below, rounded)
-
-
-def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 `x` -> the smallest `dtype` value >= x."""
-    rounded = x.to(dtype)
-    above = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
-    return torch.where(rounded.float() < x, above, rounded)

@@ -1,0 +1,152 @@
+"""Keys quantized per channel over blocks of tokens (`quant.channel`): round trips within half a
+step, tokens moved by gather, cat and cut with their blocks, tables compacted, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_subtok.quant import ChannelQuantizedTensor, quantize, quantize_channels
+from hf_subtok.quant.channel import MAX_BLOCKS
+from tests.kernel_cases import DEVICE, DTYPES
+
+BITS = [8, 4, 2]
+
+# (keys shape [B, Hkv, T, D], block_size)
+CASES = {
+    "B2-Hkv3-T37-D64-blk16": ((2, 3, 37, 64), 16),
+    "B1-Hkv2-T64-D128-blk32": ((1, 2, 64, 128), 32),
+    "B1-Hkv1-T5-D64-blk32": ((1, 1, 5, 64), 32),
+    "single-token-D64": ((1, 1, 1, 64), 32),
+    "zero-tokens-D64": ((1, 2, 0, 64), 32),
+    "B1-Hkv1-T9-D8-blk1": ((1, 1, 9, 8), 1),
+}
+
+
+def _keys(shape, dtype, seed=0):
+    """Channels of very different ranges and offsets (as keys have), tokens alike within one."""
+    generator = torch.Generator().manual_seed(seed)
+    channel_scale = torch.rand(shape[-1], generator=generator).mul(5).exp()
+    offset = torch.randn(shape[-1], generator=generator) * 3
+    x = torch.randn(*shape, generator=generator) * channel_scale + offset
+    return x.to(dtype=dtype, device=DEVICE)
+
+
+def _check_bound(x: torch.Tensor, q: ChannelQuantizedTensor, dtype: torch.dtype):
+    """|x - dequantize(x)| <= scale / 2 of the token's block, plus float rounding."""
+    levels = (1 << q.bits) - 1
+    scale, zero = q.token_scales()  # [..., T, N]
+    arithmetic = 4 * torch.finfo(torch.float32).eps * (zero.abs() + levels * scale)
+    got = q.dequantize(dtype)
+    assert got.dtype == dtype and got.shape == x.shape
+    rounding = torch.finfo(dtype).eps / 2 * got.float().abs() if dtype != torch.float32 else 0
+    error = (got.float() - x.float()).abs()
+    assert (error <= scale / 2 + arithmetic + rounding).all(), float((error - scale / 2).max())
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_round_trip_within_half_a_step(case, dtype, bits):
+    shape, block_size = CASES[case]
+    x = _keys(shape, dtype)
+    q = quantize_channels(x, bits, block_size)
+    blocks = -(-shape[-2] // block_size)
+    assert q.scale.shape == (*shape[:-2], blocks, shape[-1])
+    assert q.payload.shape == (*shape[:-1], shape[-1] * bits // 8)
+    assert q.block.dtype == torch.int16 and q.shape == x.shape
+    _check_bound(x, q, dtype)
+
+
+def test_scales_are_per_channel_and_block():
+    """A channel's scale spans only its block's tokens: a huge value in block 1 leaves block 0's
+    scale (and its precision) alone, and other channels' scales too."""
+    x = torch.zeros(1, 1, 64, 8)
+    x[..., :32, :] = torch.linspace(0, 1, 32).view(32, 1)
+    x[..., 32:, :] = torch.linspace(0, 1, 32).view(32, 1)
+    x[0, 0, 40, 3] = 1000.0
+    q = quantize_channels(x, 4, 32)
+    scale = q.scale.float()[0, 0]  # [NB, N]
+    assert scale[1, 3] > 60 and scale[0, 3] < 0.1 and scale[1, 2] < 0.1
+    assert (q.dequantize(torch.float32)[..., :32, :] - x[..., :32, :]).abs().max() < 0.04
+
+
+def test_per_channel_fits_keys_with_outlier_channels_better_than_per_token():
+    """Why keys are stored per channel: at the same bytes of scales (a scale and zero per 32
+    elements), channels of different ranges come back far closer than with scales per token."""
+    generator = torch.Generator().manual_seed(0)
+    channel_scale = torch.rand(64, generator=generator).mul(5).exp()
+    offset = torch.randn(64, generator=generator) * channel_scale * 2  # keys sit off zero per channel
+    x = torch.randn(1, 2, 256, 64, generator=generator) * channel_scale + offset  # [B, Hkv, T, D]
+    per_channel = quantize_channels(x, 2, 32).dequantize(torch.float32)
+    per_token = quantize(x, 2, 32).dequantize(torch.float32)
+    assert (per_channel - x).norm() < 0.5 * (per_token - x).norm()
+
+
+def test_take_moves_tokens_with_their_blocks_and_drops_unused_tables():
+    x = _keys((2, 3, 100, 64), torch.float32)
+    q = quantize_channels(x, 4, 32)  # blocks 0..3 (the last holds 4 tokens)
+    exact = q.dequantize(torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    # row-dependent picks, none from block 1 in any row, out of order
+    index = torch.stack(
+        [torch.cat([torch.randperm(32, generator=generator)[:5], 64 + torch.randperm(36, generator=generator)[:7]])
+         for _ in range(6)]
+    ).view(2, 3, 12)
+    taken = q.take(index)
+    assert taken.scale.shape == (2, 3, 3, 64)  # block 1 dropped from every row
+    expected = exact.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, 64))
+    torch.testing.assert_close(taken.dequantize(torch.float32), expected, rtol=0, atol=0)
+
+
+def test_take_keeps_as_many_table_rows_as_the_fullest_row_needs():
+    q = quantize_channels(_keys((1, 2, 96, 8), torch.float32), 8, 32)  # 3 blocks
+    index = torch.tensor([[[0, 40, 80], [1, 2, 3]]])  # row 0 uses 3 blocks, row 1 one
+    taken = q.take(index)
+    assert taken.scale.shape == (1, 2, 3, 8)
+    assert taken.block[0, 1].tolist() == [0, 0, 0]
+    expected = q.dequantize(torch.float32).gather(2, index.unsqueeze(-1).expand(-1, -1, -1, 8))
+    torch.testing.assert_close(taken.dequantize(torch.float32), expected, rtol=0, atol=0)
+
+
+def test_cat_gives_each_part_its_own_blocks():
+    a = quantize_channels(_keys((1, 2, 40, 16), torch.float32, seed=1), 2, 32)
+    b = quantize_channels(_keys((1, 2, 8, 16), torch.float32, seed=2) * 50, 2, 32)
+    joined = ChannelQuantizedTensor.cat([a, b])
+    assert joined.scale.shape == (1, 2, 3, 16)
+    assert joined.block[0, 0, -8:].tolist() == [2] * 8
+    expected = torch.cat([a.dequantize(torch.float32), b.dequantize(torch.float32)], dim=2)
+    torch.testing.assert_close(joined.dequantize(torch.float32), expected, rtol=0, atol=0)
+
+
+def test_slice_tokens_keeps_the_first_tokens_and_their_tables_only():
+    q = quantize_channels(_keys((1, 1, 70, 16), torch.float32), 4, 32)
+    cut = q.slice_tokens(20)
+    assert cut.scale.shape == (1, 1, 1, 16) and cut.shape == (1, 1, 20, 16)
+    torch.testing.assert_close(cut.dequantize(torch.float32), q.dequantize(torch.float32)[..., :20, :])
+
+
+def test_apply_acts_on_the_batch_of_every_component():
+    q = quantize_channels(_keys((3, 2, 40, 16), torch.float32), 4, 32)
+    picked = q.apply(lambda t: t.index_select(0, torch.tensor([2, 0])))
+    expected = q.dequantize(torch.float32).index_select(0, torch.tensor([2, 0]))
+    torch.testing.assert_close(picked.dequantize(torch.float32), expected, rtol=0, atol=0)
+
+
+def test_bad_arguments_raise_value_errors():
+    x = torch.randn(1, 1, 10, 64)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_channels(x, 3, 32)
+    with pytest.raises(ValueError, match="block_size must be a positive int, got 0"):
+        quantize_channels(x, 4, 0)
+    with pytest.raises(ValueError, match=r"x must be a floating point tensor \[..., T, N\]"):
+        quantize_channels(torch.ones(1, 10, 64, dtype=torch.int32), 4, 32)
+    with pytest.raises(ValueError, match="the last dim \\(3\\) at bits=4"):
+        quantize_channels(torch.randn(1, 1, 10, 3), 4, 32)
+    with pytest.raises(ValueError, match="int16 block index"):
+        quantize_channels(torch.randn(1, 1, MAX_BLOCKS + 1, 8), 8, 1)
+    q = quantize_channels(x, 4, 32)
+    with pytest.raises(ValueError, match="do not fit"):
+        ChannelQuantizedTensor(q.payload, q.block[..., :5], q.scale, q.zero, 4, 32)
+    with pytest.raises(ValueError, match="block torch.int16"):
+        ChannelQuantizedTensor(q.payload, q.block.int(), q.scale, q.zero, 4, 32)
