@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from hf_subtok.accounting import KEY_LAYOUTS, StorageFormat
+from hf_subtok.accounting import KEY_LAYOUTS, StorageFormat, key_layout_for
 from hf_subtok.quant import SUPPORTED_BITS
 from hf_subtok.scorers import available_group_scorers, available_token_scorers
 
@@ -81,9 +81,11 @@ class SubTokenConfig:
 
     With `bits`, packed keys and value groups are stored quantized; the dense window stays in
     the model's dtype. Value groups get a scale and zero per token and `quant_group_size`
-    channels; keys (`key_quantization="channel"`, the default) a scale and zero per channel and
-    block of `key_block` tokens, which measures far better (`hf_subtok.quant.channel`), or the
-    values' layout (`"token"`).
+    channels. Keys get either the same (`key_quantization="token"`) or a scale and zero per
+    channel and block of `key_block` tokens, the first `key_sinks` tokens of the prompt a block
+    each (attention sinks, kept near exact) (`"channel"`, `hf_subtok.quant.channel`); the
+    default `"auto"` takes channel at 2 bits and token at 4 and 8, as measured best
+    (`accounting.CHANNEL_KEYS_AT_BITS`).
 
     `layer_budgets="adaptive"` shares the bytes among layers by the attention the prompt
     showed (see `hf_subtok.prompt_planner`); `"uniform"` gives every layer `budget`.
@@ -142,14 +144,21 @@ class SubTokenConfig:
         },
     )
     key_quantization: str = field(
-        default="channel",
+        default="auto",
         metadata={
-            "help": "quantized keys: 'channel' (scales per channel and block of key_block tokens) or 'token'"
+            "help": "quantized keys: 'channel' (scales per channel and block of key_block tokens), "
+            "'token' (as values) or 'auto' (channel at 2 bits, token at 4 and 8)"
         },
     )
     key_block: int = field(
         default=32,
         metadata={"help": "tokens sharing a key channel's scale and zero (key_quantization='channel')"},
+    )
+    key_sinks: int = field(
+        default=4,
+        metadata={
+            "help": "first stored tokens whose per-channel quantized keys get a block each (attention sinks)"
+        },
     )
     layer_budgets: str = field(
         default="uniform",
@@ -198,11 +207,12 @@ class SubTokenConfig:
                 f"bits must be one of {SUPPORTED_BITS}, 'auto' or None, got {self.bits!r}"
             )
         _check_int("quant_group_size", self.quant_group_size, 1, None)
-        if self.key_quantization not in KEY_LAYOUTS:
+        if self.key_quantization not in ("auto", *KEY_LAYOUTS):
             raise ValueError(
-                f"key_quantization must be one of {KEY_LAYOUTS}, got {self.key_quantization!r}"
+                f"key_quantization must be one of {('auto', *KEY_LAYOUTS)}, got {self.key_quantization!r}"
             )
         _check_int("key_block", self.key_block, 1, None)
+        _check_int("key_sinks", self.key_sinks, 0, None)
         if self.layer_budgets not in LAYER_BUDGETS:
             raise ValueError(
                 f"layer_budgets must be one of {LAYER_BUDGETS}, got {self.layer_budgets!r}"
@@ -293,7 +303,7 @@ class SubTokenConfig:
             elem_bytes,
             bits,
             self.quant_group_size,
-            self.key_quantization,
+            key_layout_for(self.key_quantization, bits),
             self.key_block,
         )
         if bits is not None:

@@ -157,8 +157,11 @@ class SubTokenLayer(CacheLayerMixin):
         return view, view
 
     def _store_keys(self, keys: torch.Tensor) -> Stored:
-        """`[B, Hkv, T, D]` keys as stored (quantized as the layer's storage format says)."""
-        return store_keys(keys, self.storage)
+        """`[B, Hkv, T, D]` keys as stored (quantized as the layer's storage format says); the
+        first keys stored (the prompt's, whose first tokens are the attention sinks) keep
+        `key_sinks` blocks of one token."""
+        first = self.packed_keys is None or self.packed_keys.shape[-2] == 0
+        return store_keys(keys, self.storage, solo=self.config.key_sinks if first else 0)
 
     def _store_values(self, packed: torch.Tensor) -> Stored:
         """`[B, Hkv, K, T, C]` kept value groups as stored (quantized per token)."""

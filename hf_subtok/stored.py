@@ -48,13 +48,13 @@ def first_tokens(x: Stored, stop: int) -> Stored:
     return map_stored(x, lambda t: t[..., :stop, :].clone())
 
 
-def store_keys(keys: torch.Tensor, storage: StorageFormat) -> Stored:
+def store_keys(keys: torch.Tensor, storage: StorageFormat, solo: int = 0) -> Stored:
     """`[B, Hkv, T, D]` keys as `storage` holds them: plain, or quantized per channel over
-    blocks of `storage.key_block` tokens, or per token."""
+    blocks of `storage.key_block` tokens (the first `solo` tokens a block each), or per token."""
     if storage.bits is None:
         return keys
     if storage.channel_keys:
-        return quantize_channels(keys, storage.bits, storage.key_block)
+        return quantize_channels(keys, storage.bits, storage.key_block, solo=solo)
     return quantize(keys, storage.bits, storage.key_group_size)
 
 

@@ -29,7 +29,7 @@ def test_measured_bytes_match_the_storage_format(bits, dtype, keys):
         model(input_ids=random_prompts(2, tokens), past_key_values=cache)
     report = cache.memory_report()
     storage = StorageFormat(64, 4, dtype.itemsize, bits, 16, keys, 32)
-    blocks = -(-tokens // 32) if keys == "channel" else 0
+    blocks = 4 + -(-(tokens - 4) // 32) if keys == "channel" else 0  # 4 sinks a block each
     row = storage.row_bytes(tokens, blocks, 2, scored=False)
     assert report["stored_bytes"] == 2 * 2 * row  # layers x batch
     if keys == "token":
@@ -165,6 +165,8 @@ def test_group_size_that_does_not_divide_the_head_is_refused():
         SubTokenConfig(bits=4, key_quantization="head")
     with pytest.raises(ValueError, match="key_block must be >= 1, got 0"):
         SubTokenConfig(bits=4, key_block=0)
+    with pytest.raises(ValueError, match="key_sinks must be >= 0, got -1"):
+        SubTokenConfig(bits=4, key_sinks=-1)
 
 
 def test_plan_trades_precision_for_tokens():
@@ -209,3 +211,32 @@ def test_auto_bits_picks_a_precision_per_layer_within_budget():
 def test_auto_bits_needs_a_token_budget():
     with pytest.raises(ValueError, match="bits='auto' needs budget="):
         SubTokenConfig(keep_groups=2, bits="auto")
+
+
+def test_auto_key_layout_is_per_channel_at_two_bits_only():
+    config = SubTokenConfig(budget=0.2, bits="auto")
+    layouts = {bits: config.storage_format(64, 4, bits).key_layout for bits in (8, 4, 2)}
+    assert layouts == {8: "token", 4: "token", 2: "channel"}
+    forced = SubTokenConfig(budget=0.2, bits=4, key_quantization="channel")
+    assert forced.storage_format(64, 4).channel_keys
+
+
+def test_attention_sinks_get_a_block_each_and_come_back_near_exact():
+    model = make_tiny_model("llama", **_WIDE)
+    keys_seen = {}
+
+    def keep_keys(module, args, kwargs, output):
+        keys_seen.setdefault("k", output)
+
+    hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(keep_keys, with_kwargs=True)
+    config = SubTokenConfig(num_groups=4, keep_groups=4, window=0, bits=2, key_sinks=3)
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 70), past_key_values=cache)
+    hook.remove()
+    stored = cache.layers[0].packed_keys
+    assert stored.block[0, 0, :4].tolist() == [0, 1, 2, 3]  # three sinks alone, then a block of 32
+    exact = _roped_keys(model, keys_seen["k"], 70)
+    error = (stored.dequantize(torch.float32) - exact).abs()
+    assert error[..., :3, :].max() < 1e-2 * exact[..., :3, :].abs().max()
+    assert error[..., 3:, :].max() > 10 * error[..., :3, :].max()

@@ -179,7 +179,11 @@ class ChannelQuantizedTensor:
 
 
 def quantize_channels(
-    x: torch.Tensor, bits: int, block_size: int, scale_dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    bits: int,
+    block_size: int,
+    scale_dtype: torch.dtype | None = None,
+    solo: int = 0,
 ) -> ChannelQuantizedTensor:
     """Quantize `x` `[..., T, N]` per channel over blocks of `block_size` consecutive tokens
     (the last block may be shorter), asymmetric, with directed rounding of scale and zero as
@@ -190,7 +194,24 @@ def quantize_channels(
         bits: 2, 4 or 8; `N * bits` must be a multiple of 8.
         block_size: tokens sharing one scale and zero per channel.
         scale_dtype: dtype of scale and zero; default float16 (bfloat16 for bfloat16 `x`).
+        solo: the first `solo` tokens get a block each (then kept within half a step of a
+            near-zero scale, i.e. to the rounding of the scale dtype): attention sinks, whose
+            keys are unlike the others' and take most of the attention, would otherwise widen
+            their block's ranges for every neighbour. Measured on SmolLM2-135M-Instruct (last
+            256 queries of a 2k text against its first 1.8k keys): relative error of the
+            attention output 0.033 -> 0.020 at 4 bits, 0.21 -> 0.15 at 2 bits with the first
+            token alone.
     """
+    if solo:
+        if isinstance(solo, bool) or not isinstance(solo, int) or solo < 0:
+            raise ValueError(f"solo must be a non-negative int, got {solo!r}")
+        head = min(solo, x.shape[-2])
+        return ChannelQuantizedTensor.cat(
+            [
+                quantize_channels(x[..., :head, :], bits, 1, scale_dtype),
+                quantize_channels(x[..., head:, :], bits, block_size, scale_dtype),
+            ]
+        )
     check_bits(bits)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise ValueError(
