@@ -86,8 +86,11 @@ class StorageFormat:
         return self._vector_bytes(self.width, self.value_group_size) + INDEX_BYTES
 
     def token_bytes(self, keep_groups: int, scored: bool) -> float:
-        """Bytes of one packed token with `keep_groups` groups (and its score if `scored`)."""
-        return self.key_bytes + keep_groups * self.slot_bytes + (SCORE_BYTES if scored else 0)
+        """Bytes of one packed token with `keep_groups` groups (and its score if `scored`); with
+        every group kept the indices are implied (slot k holds group k) and not stored."""
+        indices = 0 if keep_groups == self.num_groups else keep_groups * INDEX_BYTES
+        values = keep_groups * (self.slot_bytes - INDEX_BYTES) + indices
+        return self.key_bytes + values + (SCORE_BYTES if scored else 0)
 
     def row_bytes(self, tokens: int, key_blocks: int, keep_groups: int, scored: bool) -> float:
         """Bytes one (batch, head) row of `tokens` packed tokens holds, with `key_blocks`

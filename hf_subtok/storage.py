@@ -168,20 +168,33 @@ class SubTokenLayer(CacheLayerMixin):
         return store_values(packed, self.storage)
 
     def _reset_packed_values(self, like: torch.Tensor) -> None:
-        """Empty `[B, Hkv, K, 0, C]` packed values and `[B, Hkv, K, 0]` indices for the current K."""
+        """Empty `[B, Hkv, K, 0, C]` packed values and `[B, Hkv, K, 0]` indices for the current K
+        (no indices when every group is kept: slot k holds group k, see `_group_idx_view`)."""
         batch, heads = like.shape[:2]
         empty = like.new_empty(batch, heads, self.keep_groups, 0, self.storage.width)
         self.packed_values = self._store_values(empty)
-        self.group_idx = torch.empty(
-            batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=like.device
-        )
+        self.group_idx = None
+        if self.keep_groups < self.config.num_groups:
+            self.group_idx = torch.empty(
+                batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=like.device
+            )
+
+    def _group_idx_view(self) -> torch.Tensor:
+        """`[B, Hkv, K, Ts]` uint8 group indices: the stored ones, or with every group kept the
+        implied `0..G-1` per token as a zero-stride view (no memory)."""
+        if self.group_idx is not None:
+            return self.group_idx
+        batch, heads, tokens = self.packed_keys.shape[:3]
+        groups = self.config.num_groups
+        implied = torch.arange(groups, dtype=torch.uint8, device=self.device).view(1, 1, groups, 1)
+        return implied.expand(batch, heads, groups, tokens)
 
     def _view(self, tail_keys: torch.Tensor, tail_values: torch.Tensor, **extra) -> PackedKV:
         """What attention reads this step: the packed tokens, then the `[B, Hkv, Tt, D]` tail."""
         return PackedKV(
             self.packed_keys,
             self.packed_values,
-            self.group_idx,
+            self._group_idx_view(),
             self.config.num_groups,
             tail_keys,
             tail_values,
@@ -362,12 +375,12 @@ class SubTokenLayer(CacheLayerMixin):
             keys = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
             slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
             packed = packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1]))
-            group_idx = group_idx.gather(3, slot_index)
+            group_idx = group_idx.gather(3, slot_index)  # (dropped below when every group is kept)
             new_scores = new_scores.gather(2, index)
         stored = (
             cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2),
             cat_stored([self.packed_values, self._store_values(packed)], dim=-2),
-            torch.cat([self.group_idx, group_idx], dim=-1),
+            _cat_idx(self.group_idx, group_idx),
             torch.cat([self.token_scores, new_scores], dim=-1),
         )
         while True:  # per-channel key tables may hold more blocks than full ones would need
@@ -395,15 +408,17 @@ class SubTokenLayer(CacheLayerMixin):
         # at least one token fewer, so that the tables shrink or the loop ends at 0
         return max(0, min(tokens - 1, int((budget - base) // per_token)))
 
-    def _keep_best(self, keys: Stored, values: Stored, group_idx: torch.Tensor, scores: torch.Tensor, keep: int):
+    def _keep_best(
+        self, keys: Stored, values: Stored, group_idx: torch.Tensor | None, scores: torch.Tensor, keep: int
+    ):
         """The `keep` best-scored tokens of stored `keys` `[B, Hkv, T, D]`, `values`
-        `[B, Hkv, K, T, C]`, `group_idx` `[B, Hkv, K, T]` and `scores` `[B, Hkv, T]`."""
+        `[B, Hkv, K, T, C]`, `group_idx` `[B, Hkv, K, T]` (None: implied) and `scores` `[B, Hkv, T]`."""
         index = select_tokens(scores, keep)  # [B, Hkv, keep]
         slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
         return (
             take_tokens(keys, index, dim=2),
             take_tokens(values, slot_index, dim=3),
-            group_idx.gather(3, slot_index),
+            None if group_idx is None else group_idx.gather(3, slot_index),
             scores.gather(2, index),
         )
 
@@ -439,7 +454,7 @@ class SubTokenLayer(CacheLayerMixin):
         )
         self.packed_keys = cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2)
         self.packed_values = cat_stored([self.packed_values, self._store_values(packed)], dim=-2)
-        self.group_idx = torch.cat([self.group_idx, group_idx], dim=-1)
+        self.group_idx = _cat_idx(self.group_idx, group_idx)
 
     _HELD = (
         "packed_keys",
@@ -550,10 +565,17 @@ class SubTokenLayer(CacheLayerMixin):
         else:
             self.packed_keys = first_tokens(self.packed_keys, keep)
             self.packed_values = first_tokens(self.packed_values, keep)
-            self.group_idx = self.group_idx[..., :keep].clone()
+            if self.group_idx is not None:
+                self.group_idx = self.group_idx[..., :keep].clone()
             self.window_keys = self.window_keys[..., :0, :].clone()
             self.window_values = self.window_values[..., :0, :].clone()
         self.seen_tokens = keep
+
+
+def _cat_idx(stored: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor | None:
+    """Stored `[B, Hkv, K, Ts]` group indices followed by `new` ones; None stays None (every
+    group kept, indices implied)."""
+    return None if stored is None else torch.cat([stored, new], dim=-1)
 
 
 FORCED_SCORE = 4.0  # stands for a scorer's +inf (always kept) once stored; -inf stays a filler mark

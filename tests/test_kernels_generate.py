@@ -19,8 +19,9 @@ pytestmark = pytest.mark.usefixtures("nan_empty")
 NEW_TOKENS = 24
 
 
-def _generate(model, backend, inputs):
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=3, window=8, backend=backend))
+def _generate(model, backend, inputs, keep_groups=3):
+    config = SubTokenConfig(num_groups=8, keep_groups=keep_groups, window=8, backend=backend)
+    cache = SubTokenCache(model, config)
     with torch.no_grad():
         out = model.generate(
             **inputs, past_key_values=cache, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
@@ -29,8 +30,9 @@ def _generate(model, backend, inputs):
     return out
 
 
+@pytest.mark.parametrize("keep_groups", [3, 8], ids=["K3of8", "K8of8-implied-indices"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left_padded"])
-def test_greedy_tokens_match_torch_backend(padded, monkeypatch):
+def test_greedy_tokens_match_torch_backend(padded, keep_groups, monkeypatch):
     model = make_tiny_model("llama").to(DEVICE)
     lengths = [30, 19] if padded else [30, 30]
     ids = torch.zeros(2, 30, dtype=torch.long)
@@ -39,7 +41,7 @@ def test_greedy_tokens_match_torch_backend(padded, monkeypatch):
         ids[row, 30 - n :] = random_prompts(1, n, seed=row)[0]
         mask[row, 30 - n :] = 1
     inputs = {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE)}
-    expected = _generate(model, "torch", inputs)
+    expected = _generate(model, "torch", inputs, keep_groups)
 
     # The storage packs through `pack_value_groups`; route it through the Triton kernel too.
     def pack_with_triton(values, scores, keep_groups, **kwargs):
@@ -54,7 +56,7 @@ def test_greedy_tokens_match_torch_backend(padded, monkeypatch):
         return launcher(query, kv, attention_mask, *args, **kwargs)
 
     monkeypatch.setattr(packed_attention_triton, "packed_decode_attention_triton", counting_launcher)
-    got = _generate(model, "triton", inputs)
+    got = _generate(model, "triton", inputs, keep_groups)
     assert len(launches) >= NEW_TOKENS - 1, "decode steps must run the Triton kernel"
     if padded:
         assert all(launches), "left padding must reach the kernel as a mask"

@@ -34,6 +34,21 @@ def test_ratio_is_held_bytes_over_dense_bytes(dtype, window):
         assert report["ratio"] == pytest.approx(expected, rel=1e-9)
 
 
+def test_every_group_kept_stores_no_indices():
+    """With K = G slot k holds group k: no index is stored, attention sees them implied."""
+    model = make_tiny_model("llama", head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=4, window=0))
+    tokens = 64
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, tokens), past_key_values=cache)
+    layer = cache.layers[0]
+    assert "group_idx" not in layer.stored_tensors()
+    assert cache.memory_report()["ratio"] == pytest.approx(1.0)  # exactly the dense bytes
+    implied = layer._group_idx_view()  # [B, Hkv, K, Ts], zero-stride over tokens
+    assert implied.shape == (1, 1, 4, tokens) and implied.stride(-1) == 0
+    assert implied[0, 0, :, 5].tolist() == [0, 1, 2, 3]
+
+
 def test_report_grows_in_chunks_during_decoding():
     model = make_tiny_model("llama")
     cache = SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=2, window=8, pack_chunk=4))

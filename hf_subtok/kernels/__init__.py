@@ -19,6 +19,8 @@ reference otherwise, "torch" always the reference, "triton" always Triton (CPU t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from hf_subtok.kernels import pack_reference as _pack_reference
@@ -122,6 +124,10 @@ def pack_value_groups(
 
 
 def _decode_triton(query, kv, attention_mask, scaling, out_dtype):
+    if kv.group_idx.numel() and kv.group_idx.stride(-1) == 0:
+        # indices implied by keeping every group (a zero-stride view): the kernel reads a row
+        # of indices per slot, so give it one ([B, Hkv, G, Ts] uint8, G bytes per token)
+        kv = dataclasses.replace(kv, group_idx=kv.group_idx.contiguous())
     check_strides_for_triton(
         {
             "query": query,
