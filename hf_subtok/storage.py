@@ -89,6 +89,7 @@ class SubTokenLayer(CacheLayerMixin):
         self.window_keys: torch.Tensor | None = None
         self.window_values: torch.Tensor | None = None
         self.token_scores: torch.Tensor | None = None
+        self._stored_valid: torch.Tensor | None = None  # isfinite(token_scores), until a pack
         self.window_scores: torch.Tensor | None = None
         self.keep_groups = self.fixed_keep_groups
         self.budget = self.config.budget  # this layer's share of the dense bytes (plans move it)
@@ -151,10 +152,17 @@ class SubTokenLayer(CacheLayerMixin):
         view = self._view(
             tail_keys,
             tail_values,
-            stored_valid=self.token_scores.isfinite(),
+            stored_valid=self._valid_slots(),
             observer=self._finish_step,
         )
         return view, view
+
+    def _valid_slots(self) -> torch.Tensor:
+        """`[B, Hkv, Ts]` bool: which packed slots hold a token (not a filler), computed once
+        per pack rather than every step (attention mass only moves scores between finite values)."""
+        if self._stored_valid is None or self._stored_valid.shape != self.token_scores.shape:
+            self._stored_valid = self.token_scores.isfinite()
+        return self._stored_valid
 
     def _store_keys(self, keys: torch.Tensor) -> Stored:
         """`[B, Hkv, T, D]` keys as stored (quantized as the layer's storage format says); the
@@ -392,6 +400,7 @@ class SubTokenLayer(CacheLayerMixin):
         all_keys, all_values, all_idx, all_scores = stored
         self.packed_keys, self.packed_values = all_keys, all_values
         self.group_idx, self.token_scores = all_idx, all_scores
+        self._stored_valid = None
         self.packed_positions = behind_window
 
     def _tokens_within(self, budget: float, tokens: int, blocks: int) -> int:
@@ -493,6 +502,7 @@ class SubTokenLayer(CacheLayerMixin):
             held = getattr(self, name)
             if held is not None:
                 setattr(self, name, map_stored(held, fn))
+        self._stored_valid = None  # rows moved
 
     def get_seq_length(self) -> int:
         """Tokens seen (position count), not tokens stored."""
