@@ -3,12 +3,13 @@
 Key channels differ in range by orders of magnitude (a few outlier channels, RoPE pairs
 turning at different speeds), while within one channel neighbouring tokens are alike. A
 scale and zero per (channel, block of `block_size` tokens) therefore fits keys far better
-than a scale per (token, group of channels): measured on SmolLM2-135M-Instruct (2k-token
-needle prompt, attention output of the question's queries against quantized context keys),
-the relative error is 0.32 per channel against 0.79 per token at 2 bits, 0.061 against 0.103
-at 4 bits, for the same bytes of scales. With the context's keys in 2 bits this way and its
-values in 2 bits per token, 12 of 12 withheld-question needles are still found; per token,
-5 of 12.
+than a scale per (token, group of channels): measured on SmolLM2-135M-Instruct
+(`benchmarks/key_quantization_error.py`: the last 256 queries of a 2k text attending over its
+first 1792 keys), the relative error of the attention output is 0.200 per channel against
+0.353 per token at 2 bits, 0.034 against 0.042 at 4 bits, for the same bytes of scales; with
+the attention sink (first token) in a block of its own, 0.137 and 0.020. In the cache, with
+every token kept in 2 bits, 11 of 12 withheld-question needles are found with keys per
+channel, 3 of 12 per token (BENCHMARKS.md, "Keys per channel").
 
 A cache evicts and re-selects tokens one at a time, so each token carries the index of its
 block (`int16`); the block tables stay where they are when tokens move. `take` and
@@ -204,10 +205,9 @@ def quantize_channels(
         solo: the first `solo` tokens get a block each (then kept within half a step of a
             near-zero scale, i.e. to the rounding of the scale dtype): attention sinks, whose
             keys are unlike the others' and take most of the attention, would otherwise widen
-            their block's ranges for every neighbour. Measured on SmolLM2-135M-Instruct (last
-            256 queries of a 2k text against its first 1.8k keys): relative error of the
-            attention output 0.033 -> 0.020 at 4 bits, 0.21 -> 0.15 at 2 bits with the first
-            token alone.
+            their block's ranges for every neighbour (measured: relative error of the
+            attention output 0.034 -> 0.020 at 4 bits, 0.200 -> 0.137 at 2 bits with the
+            first token alone, `benchmarks/key_quantization_error.py`).
     """
     if solo:
         if isinstance(solo, bool) or not isinstance(solo, int) or solo < 0:
