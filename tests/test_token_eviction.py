@@ -131,6 +131,22 @@ def test_left_padding_is_never_stored_as_a_valid_token():
     assert valid[1].sum(-1).max() <= 10
 
 
+def test_valid_slots_follow_a_batch_reorder():
+    """The mask of valid packed slots is kept between packs; a reorder must move it too."""
+    model = make_tiny_model("llama")
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=4, pack_chunk=2))
+    ids = random_prompts(2, 60)
+    mask = torch.ones_like(ids)
+    mask[1, :50] = 0  # row 1 holds fillers, row 0 none
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    layer = cache.layers[0]
+    before = layer._valid_slots().clone()
+    assert not torch.equal(before[0], before[1])
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer._valid_slots(), before.flip(0))
+
+
 def test_crop_into_evicted_tokens_is_refused():
     model = make_tiny_model("llama")
     cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=8, pack_chunk=4))
