@@ -35,7 +35,8 @@ class StorageFormat:
     quantized keys either the same per token (`key_layout="token"`) or a scale and zero per
     channel and block of `key_block` tokens plus an int16 block index per token
     (`key_layout="channel"`, `quant.channel`), whose tables are counted here as if every
-    block were full (`row_bytes` counts the blocks a row really holds)."""
+    block were full (`row_bytes` counts the blocks a row really holds). `rotated`: quantized
+    keys and value groups are stored Hadamard-rotated (`quant.rotation`; no bytes of its own)."""
 
     head_dim: int
     num_groups: int
@@ -44,6 +45,12 @@ class StorageFormat:
     group_size: int = 32
     key_layout: str = "channel"
     key_block: int = 32
+    rotated: bool = False
+
+    @property
+    def rotates(self) -> bool:
+        """Whether quantized storage is rotated (never plain storage: nothing to spread)."""
+        return self.bits is not None and self.rotated
 
     @property
     def channel_keys(self) -> bool:

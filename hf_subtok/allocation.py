@@ -17,7 +17,7 @@ import torch
 
 from hf_subtok.accounting import StorageFormat
 from hf_subtok.scorers import PRIORITY
-from hf_subtok.stored import store_keys, store_values
+from hf_subtok.stored import keys_as_stored, store_keys, store_values, values_as_stored
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,9 @@ def quantization_fidelity(
         return 1.0
     keys, values = keys[..., -sample:, :].float(), values[..., -sample:, :].float()
     errors = []
-    for x, restored in (
-        (keys, store_keys(keys, storage).dequantize(torch.float32)),
-        (values, store_values(values, storage).dequantize(torch.float32)),
+    for x, restored in (  # compared where they are stored (a rotation keeps every norm)
+        (keys_as_stored(keys, storage), store_keys(keys, storage).dequantize(torch.float32)),
+        (values_as_stored(values, storage), store_values(values, storage).dequantize(torch.float32)),
     ):
         errors.append(
             torch.linalg.vector_norm(restored - x).item()

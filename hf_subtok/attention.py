@@ -12,6 +12,7 @@ the model used before.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -20,6 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from hf_subtok.kernels import packed_attention, packed_attention_reference
 from hf_subtok.packed import PackedKV, PrefillKV
+from hf_subtok.quant.rotation import rotate_groups
 from hf_subtok.scorers import Observation
 
 logger = logging.getLogger(__name__)
@@ -44,14 +46,19 @@ def check_supported(model) -> None:
 def subtok_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention signature: `query` `[B, Hq, Q, D]` -> (`[B, Q, Hq, D]`, None)."""
     if isinstance(key, PackedKV):
-        if key.observer is None:
-            out = packed_attention(query, key, attention_mask, scaling)  # [B, Hq, Q, D]
+        kv, rotation = key, key.rotation
+        if rotation is not None:  # attend in the space the packed tokens are stored in
+            query, kv = rotated_attention_inputs(query, key)
+        if kv.observer is None:
+            out = packed_attention(query, kv, attention_mask, scaling)  # [B, Hq, Q, D]
         else:
             # the layer re-allocates by attention mass, which only the reference computes
             out, mass = packed_attention_reference.packed_attention(
-                query, key, attention_mask, scaling, return_mass=True
+                query, kv, attention_mask, scaling, return_mass=True
             )
-            key.observer(mass)
+            kv.observer(mass)
+        if rotation is not None:
+            out = rotate_groups(out, rotation[1].T)  # each value group back from its rotation
         return out.transpose(1, 2).contiguous(), None
     name = _previous_implementation.get(id(module.config), _FALLBACK_DEFAULT)
     fallback = ALL_ATTENTION_FUNCTIONS[name]
@@ -62,6 +69,20 @@ def subtok_attention(module, query, key, value, attention_mask, scaling=None, dr
         key.observer(_observe(query, attention_mask, scaling, key.obs_window))
         return result
     return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def rotated_attention_inputs(query: torch.Tensor, kv: PackedKV) -> tuple[torch.Tensor, PackedKV]:
+    """Query `[B, Hq, Q, D]` and a `PackedKV` whose packed part is stored rotated, moved to the
+    rotated space: the query and tail keys times the key rotation (scores unchanged), each tail
+    value group times the value rotation (the output comes out rotated, per group)."""
+    keys_rotation, values_rotation = kv.rotation
+    rotated = dataclasses.replace(
+        kv,
+        tail_keys=rotate_groups(kv.tail_keys, keys_rotation),  # [B, Hkv, Tt, D]
+        tail_values=rotate_groups(kv.tail_values, values_rotation),
+        rotation=None,
+    )
+    return rotate_groups(query, keys_rotation), rotated
 
 
 def _observe(query, attention_mask, scaling, window: int) -> Observation:

@@ -154,6 +154,12 @@ class SubTokenConfig:
         default=32,
         metadata={"help": "tokens sharing a key channel's scale and zero (key_quantization='channel')"},
     )
+    rotate: bool = field(
+        default=False,
+        metadata={
+            "help": "store quantized keys and value groups Hadamard-rotated (head_dim and group width powers of 2)"
+        },
+    )
     key_sinks: int = field(
         default=4,
         metadata={
@@ -213,6 +219,10 @@ class SubTokenConfig:
             )
         _check_int("key_block", self.key_block, 1, None)
         _check_int("key_sinks", self.key_sinks, 0, None)
+        if not isinstance(self.rotate, bool):
+            raise ValueError(f"rotate must be True or False, got {self.rotate!r}")
+        if self.rotate and self.bits is None:
+            raise ValueError("rotate=True needs bits= (only quantized storage is rotated)")
         if self.layer_budgets not in LAYER_BUDGETS:
             raise ValueError(
                 f"layer_budgets must be one of {LAYER_BUDGETS}, got {self.layer_budgets!r}"
@@ -305,11 +315,18 @@ class SubTokenConfig:
             self.quant_group_size,
             key_layout_for(self.key_quantization, bits),
             self.key_block,
+            self.rotate,
         )
         if bits is not None:
             checks = [("value group width", storage.width, storage.value_group_size)]
             key_group = 1 if storage.channel_keys else storage.key_group_size  # per channel: whole bytes
             checks.append(("head_dim", head_dim, key_group))
+            if self.rotate:
+                for name, channels in (("head_dim", head_dim), ("value group width", storage.width)):
+                    if channels & (channels - 1):
+                        raise ValueError(
+                            f"rotate=True needs {name}={channels} to be a power of two (Hadamard rotation)"
+                        )
             for name, channels, size in checks:
                 if channels % size or channels * bits % 8:
                     raise ValueError(

@@ -32,6 +32,9 @@ class PackedKV:
             cover the tail); None when every token is stored in position order.
         observer: called by attention with the `[B, Hkv, T]` attention mass each token got
             (mean over the query heads and queries), when the layer re-allocates by it.
+        rotation: `(keys [D, D], values [C, C])` float32 orthonormal matrices the packed keys and
+            each packed value group were multiplied by before quantizing, or None. Attention
+            then runs in the rotated space (`rotated_attention_inputs`).
     """
 
     keys: torch.Tensor | QuantizedTensor
@@ -43,6 +46,7 @@ class PackedKV:
     backend: str = "auto"
     stored_valid: torch.Tensor | None = None
     observer: Callable[[torch.Tensor], None] | None = None
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:

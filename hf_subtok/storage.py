@@ -26,11 +26,13 @@ from hf_subtok.stored import (
     cat_stored,
     first_tokens,
     key_blocks,
+    key_rotation,
     map_stored,
     store_keys,
     store_values,
     stored_parts,
     take_tokens,
+    value_rotation,
 )
 
 # transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
@@ -98,6 +100,8 @@ class SubTokenLayer(CacheLayerMixin):
         self.packed_positions = 0  # seen tokens behind the window (packed or evicted)
         self._window_cap: int | None = None  # dense tokens allowed until the next pack
         self.seen_tokens = 0
+        self._rotation_for: StorageFormat | None = None  # the format `_rotation_matrices` serve
+        self._rotation_matrices: tuple[torch.Tensor, torch.Tensor] | None = None
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -207,8 +211,22 @@ class SubTokenLayer(CacheLayerMixin):
             tail_keys,
             tail_values,
             self.config.backend,
+            rotation=self._rotation(),
             **extra,
         )
+
+    def _rotation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(keys [D, D], values [C, C])` the packed storage is rotated by, or None; built once
+        per storage format."""
+        if not self.storage.rotates:
+            return None
+        if self._rotation_for != self.storage:
+            self._rotation_matrices = (
+                key_rotation(self.storage, self.device),
+                value_rotation(self.storage, self.device),
+            )
+            self._rotation_for = self.storage
+        return self._rotation_matrices
 
     def _flush(self) -> None:
         """Store a pending tail whose attention never reported back (another attention path)."""

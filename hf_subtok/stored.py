@@ -14,6 +14,7 @@ import torch
 
 from hf_subtok.accounting import StorageFormat
 from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor, quantize, quantize_channels
+from hf_subtok.quant.rotation import hadamard, rotate_groups
 
 Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
 
@@ -48,21 +49,47 @@ def first_tokens(x: Stored, stop: int) -> Stored:
     return map_stored(x, lambda t: t[..., :stop, :].clone())
 
 
+def key_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
+    """`[D, D]` rotation of stored keys (None: not rotated)."""
+    return hadamard(storage.head_dim, device) if storage.rotates else None
+
+
+def value_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
+    """`[C, C]` rotation of each stored value group (None: not rotated)."""
+    return hadamard(storage.width, device) if storage.rotates else None
+
+
+def keys_as_stored(keys: torch.Tensor, storage: StorageFormat) -> torch.Tensor:
+    """`[B, Hkv, T, D]` keys in the space `storage` quantizes them in (rotated or not)."""
+    rotation = key_rotation(storage, keys.device)
+    return keys if rotation is None else rotate_groups(keys, rotation)
+
+
+def values_as_stored(values: torch.Tensor, storage: StorageFormat) -> torch.Tensor:
+    """`[..., C]`-grouped values (e.g. `[B, Hkv, K, T, C]`) in the space `storage` quantizes
+    them in (each group rotated or not)."""
+    rotation = value_rotation(storage, values.device)
+    return values if rotation is None else rotate_groups(values, rotation)
+
+
 def store_keys(keys: torch.Tensor, storage: StorageFormat, solo: int = 0) -> Stored:
-    """`[B, Hkv, T, D]` keys as `storage` holds them: plain, or quantized per channel over
-    blocks of `storage.key_block` tokens (the first `solo` tokens a block each), or per token."""
+    """`[B, Hkv, T, D]` keys as `storage` holds them: plain, or quantized (after rotation, if
+    `storage.rotates`) per channel over blocks of `storage.key_block` tokens (the first `solo`
+    tokens a block each), or per token."""
     if storage.bits is None:
         return keys
+    keys = keys_as_stored(keys, storage)
     if storage.channel_keys:
         return quantize_channels(keys, storage.bits, storage.key_block, solo=solo)
     return quantize(keys, storage.bits, storage.key_group_size)
 
 
 def store_values(values: torch.Tensor, storage: StorageFormat) -> Stored:
-    """`[B, Hkv, K, T, C]` kept value groups as `storage` holds them (quantized per token)."""
+    """`[B, Hkv, K, T, C]` kept value groups as `storage` holds them (quantized per token, each
+    group rotated first if `storage.rotates`)."""
     if storage.bits is None:
         return values
-    return quantize(values, storage.bits, storage.value_group_size)
+    return quantize(values_as_stored(values, storage), storage.bits, storage.value_group_size)
 
 
 def key_blocks(keys: Stored) -> int:
