@@ -16,6 +16,10 @@ PRESETS: dict[str, dict] = {
     # 12.5% of the dense bytes: needle in the prompt as dense (12/12), ppl +0.2%; a question
     # asked after compression is answered less often (9/12)
     "aggressive": {**_ALL_AXES, "budget": 0.125},
+    # 10% of the dense bytes (about 2-bit QuantizedCache's, which collapses there): every
+    # survivor in 2 bits, Hadamard-rotated, keys per channel; 12/12 in the prompt, 11/12
+    # withheld, ppl +5.0% (BENCHMARKS.md, "At 2-bit QuantizedCache's bytes")
+    "compact": {**_ALL_AXES, "bits": 2, "rotate": True, "budget": 0.1},
     # every token, 4 of 8 value groups (about 0.76 of the dense bytes): no token is ever dropped
     "groups-only": {"num_groups": 8, "keep_groups": 4, "window": 64},
     # every group kept: same tokens as DynamicCache, for checks
