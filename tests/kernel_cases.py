@@ -84,3 +84,15 @@ def quantize_packed(kv: PackedKV, key_bits: int | None, value_bits: int | None, 
         values=values.dequantize(dtype) if value_bits is not None else values,
     )
     return quantized, dequantized
+
+
+def assert_within_half_a_step(x: torch.Tensor, q, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
+    """`|x - q.dequantize(dtype)| <= scale / 2` per element (`scale`, `zero` float32 per
+    element, as `x`), plus float32 arithmetic and rounding to `dtype`."""
+    levels = (1 << q.bits) - 1
+    arithmetic = 4 * torch.finfo(torch.float32).eps * (zero.abs() + levels * scale)
+    got = q.dequantize(dtype)
+    assert got.dtype == dtype and got.shape == x.shape
+    rounding = torch.finfo(dtype).eps / 2 * got.float().abs() if dtype != torch.float32 else 0
+    error = (got.float() - x.float()).abs()
+    assert (error <= scale / 2 + arithmetic + rounding).all(), float((error - scale / 2).max())

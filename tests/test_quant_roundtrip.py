@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_subtok.quant import QuantizedTensor, quantize
-from tests.kernel_cases import DEVICE, DTYPES
+from tests.kernel_cases import DEVICE, DTYPES, assert_within_half_a_step
 
 BITS = [8, 4, 2]
 
@@ -40,15 +40,9 @@ def _per_element(part: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _check_bound(x: torch.Tensor, q: QuantizedTensor, dtype: torch.dtype):
-    """|x - dequantize(x)| <= scale / 2, plus float32 arithmetic and rounding to `dtype`."""
-    levels = (1 << q.bits) - 1
+    """|x - dequantize(x)| <= scale / 2 of the element's group."""
     scale, zero = _per_element(q.scale, q.group_size), _per_element(q.zero, q.group_size)
-    arithmetic = 4 * torch.finfo(torch.float32).eps * (zero.abs() + levels * scale)
-    got = q.dequantize(dtype)
-    assert got.dtype == dtype and got.shape == x.shape
-    rounding = torch.finfo(dtype).eps / 2 * got.float().abs() if dtype != torch.float32 else 0
-    error = (got.float() - x.float()).abs()
-    assert (error <= scale / 2 + arithmetic + rounding).all(), float((error - scale / 2).max())
+    assert_within_half_a_step(x, q, scale, zero, dtype)
 
 
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")

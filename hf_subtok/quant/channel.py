@@ -34,14 +34,14 @@ import torch
 from hf_subtok.quant.bits import check_bits, pack_bits, unpack_bits
 from hf_subtok.quant.reference import default_scale_dtype
 from hf_subtok.quant.rounding import round_down, round_up
-from hf_subtok.quant.tensor import SCALE_DTYPES
+from hf_subtok.quant.tensor import SCALE_DTYPES, PackedCodes
 
 BLOCK_INDEX_DTYPE = torch.int16
 MAX_BLOCKS = torch.iinfo(BLOCK_INDEX_DTYPE).max + 1
 
 
 @dataclass(frozen=True)
-class ChannelQuantizedTensor:
+class ChannelQuantizedTensor(PackedCodes):
     """A logical `[..., T, N]` float tensor in `bits` bits with a scale and zero per channel
     and block of tokens: `x[..., t, n] ~= code[..., t, n] * scale[..., block[..., t], n]
     + zero[..., block[..., t], n]`.
@@ -90,22 +90,6 @@ class ChannelQuantizedTensor:
                 f"{tuple(self.payload.shape)}, {tuple(self.block.shape)}, {tuple(self.scale.shape)}, "
                 f"{tuple(self.zero.shape)} at bits={self.bits}"
             )
-
-    @property
-    def shape(self) -> torch.Size:
-        """The logical shape `[..., T, N]`."""
-        return torch.Size((*self.payload.shape[:-1], self.payload.shape[-1] * 8 // self.bits))
-
-    @property
-    def ndim(self) -> int:
-        return self.payload.dim()
-
-    def dim(self) -> int:
-        return self.payload.dim()
-
-    @property
-    def device(self) -> torch.device:
-        return self.payload.device
 
     def token_scales(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 scale and zero `[..., t, N]` of tokens `start:end`."""
@@ -176,14 +160,6 @@ class ChannelQuantizedTensor:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored components by name, for memory accounting."""
         return {"payload": self.payload, "block": self.block, "scale": self.scale, "zero": self.zero}
-
-    @property
-    def nbytes(self) -> int:
-        storages = {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in self.tensors().values()
-        }
-        return sum(storages.values())
 
 
 def quantize_channels(

@@ -12,8 +12,45 @@ from hf_subtok.quant.bits import check_bits, unpack_bits
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class PackedCodes:
+    """What every quantized storage shares: codes bit-packed along the last dim of `payload`
+    (`bits` per code), its logical shape, device and bytes. Subclasses define `payload`,
+    `bits` and `tensors()`."""
+
+    payload: torch.Tensor
+    bits: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape `[..., N]`: the payload's, with the last dim unpacked."""
+        return torch.Size((*self.payload.shape[:-1], self.payload.shape[-1] * 8 // self.bits))
+
+    @property
+    def ndim(self) -> int:
+        return self.payload.dim()
+
+    def dim(self) -> int:
+        return self.payload.dim()
+
+    @property
+    def device(self) -> torch.device:
+        return self.payload.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the storages behind the components (each storage counted once)."""
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in self.tensors().values()
+        }
+        return sum(storages.values())
+
+
 @dataclass(frozen=True)
-class QuantizedTensor:
+class QuantizedTensor(PackedCodes):
     """A logical `[..., N]` float tensor in `bits` bits with a scale and zero per `group_size`
     consecutive channels of the last dim: `x[..., n] ~= code[..., n] * scale[..., n // group_size]
     + zero[..., n // group_size]` (asymmetric; `zero` is in value units, the group's minimum).
@@ -77,22 +114,6 @@ class QuantizedTensor:
                 f"{self.payload.device}, {self.scale.device}, {self.zero.device}"
             )
 
-    @property
-    def shape(self) -> torch.Size:
-        """The logical shape `[..., N]`."""
-        return torch.Size((*self.payload.shape[:-1], self.payload.shape[-1] * 8 // self.bits))
-
-    @property
-    def ndim(self) -> int:
-        return self.payload.dim()
-
-    def dim(self) -> int:
-        return self.payload.dim()
-
-    @property
-    def device(self) -> torch.device:
-        return self.payload.device
-
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The `[..., N]` tensor in `dtype` (computed in float32, then rounded once)."""
         *lead, channels = self.shape
@@ -145,11 +166,3 @@ class QuantizedTensor:
         """The stored components by name, for memory accounting."""
         return {"payload": self.payload, "scale": self.scale, "zero": self.zero}
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the storages behind the components (each storage counted once)."""
-        storages = {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in self.tensors().values()
-        }
-        return sum(storages.values())
