@@ -12,6 +12,7 @@ INDEX_BYTES = 1  # uint8 group index per kept value group
 SCORE_BYTES = 4  # float32 token score per stored token (re-allocation while decoding)
 SCALE_BYTES = 2  # float16 / bfloat16 scale and zero point per quantization group
 BLOCK_INDEX_BYTES = 2  # int16 block of a key quantized per channel (`quant.channel`)
+WIDE_NORM_BYTES = 2  # float16 norm of a wide token's other value groups (`span`)
 KEY_LAYOUTS = ("channel", "token")
 # keys per channel where it measures better: at 2 bits (ppl of 512 tokens after a 4k prefix on
 # SmolLM2-135M-Instruct, every token kept: +16% per channel against +43% per token; withheld
@@ -98,6 +99,11 @@ class StorageFormat:
         indices = 0 if keep_groups == self.num_groups else keep_groups * INDEX_BYTES
         values = keep_groups * (self.slot_bytes - INDEX_BYTES) + indices
         return self.key_bytes + values + (SCORE_BYTES if scored else 0)
+
+    def wide_bytes(self, keep_groups: int) -> int:
+        """What a wide token (adaptive span) adds to a packed token with `keep_groups` groups:
+        its other groups with their indices, and their norm."""
+        return (self.num_groups - keep_groups) * self.slot_bytes + WIDE_NORM_BYTES
 
     def row_bytes(self, tokens: int, key_blocks: int, keep_groups: int, scored: bool) -> float:
         """Bytes one (batch, head) row of `tokens` packed tokens holds, with `key_blocks`

@@ -27,6 +27,7 @@ class LayerPlan:
     keep_tokens: int
     keep_groups: int
     storage: StorageFormat
+    wide_fraction: float = 0.0  # share of the kept tokens that keep every group (`span`)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def quantization_fidelity(
 
 def group_energy_kept(group_scores: torch.Tensor, keep_groups: int) -> torch.Tensor:
     """`[B, Hkv, T, G]` group norms -> `[B, Hkv, T]` share of each token's value energy in its best K groups."""
-    energy = group_scores.float().square()
+    scores = group_scores.float()
+    energy = (scores / scores.amax(-1, keepdim=True).clamp_min(1e-30)).square()  # scale-free per token
     top = energy.topk(keep_groups, dim=-1).values.sum(-1)
     return top / energy.sum(-1).clamp_min(1e-12)
 
@@ -78,8 +80,9 @@ def plan_layer(
     choices: list[StorageChoice],
     candidate_groups: list[int],
     min_tokens: int = 0,
+    wide_fractions: tuple[float, ...] = (),
 ) -> LayerPlan:
-    """Choose `(keep_tokens, keep_groups, storage)` for one layer.
+    """Choose `(keep_tokens, keep_groups, storage, wide_fraction)` for one layer.
 
     Args:
         token_scores: `[B, Hkv, T]` (higher kept; +inf always kept, -inf never).
@@ -88,6 +91,9 @@ def plan_layer(
         choices: the storage formats allowed (precision), each with its fidelity.
         candidate_groups: the K values allowed (one value fixes K).
         min_tokens: floor of tokens per row.
+        wide_fractions: shares of the kept tokens that may also keep their other groups
+            (adaptive span, for K < G); a wide share is worth the attention weight times the
+            value energy those tokens' other groups hold (`_wide_worth`).
 
     Raises:
         ValueError: when even `min_tokens` tokens at the smallest K exceed the budget.
@@ -102,20 +108,22 @@ def plan_layer(
     }
     # on a tie (no evidence) keep more groups, then more precision
     for keep_groups in sorted(candidate_groups, reverse=True):
+        fractions = (0.0,) if keep_groups == group_scores.shape[-1] else (0.0, *wide_fractions)
         for choice in choices:
-            cost = choice.storage.token_bytes(keep_groups, scored=True)
-            keep_tokens = min(tokens, int(row_budget_bytes // cost))
-            if keep_tokens < min(min_tokens, tokens):
-                continue
-            value = 0.0
-            if keep_tokens:
-                value = (
-                    ranked[..., keep_tokens - 1].mean().item()
-                    * energies[keep_groups]
-                    * choice.fidelity
-                )
-            if best is None or value > best[0]:
-                best = (value, LayerPlan(keep_tokens, keep_groups, choice.storage))
+            for fraction in fractions:
+                cost = choice.storage.token_bytes(keep_groups, scored=True)
+                cost += fraction * choice.storage.wide_bytes(keep_groups)
+                keep_tokens = min(tokens, int(row_budget_bytes // cost))
+                if keep_tokens < min(min_tokens, tokens):
+                    continue
+                value = 0.0
+                if keep_tokens:
+                    value = ranked[..., keep_tokens - 1].mean().item() * energies[keep_groups]
+                    if fraction:
+                        value += _wide_worth(weights, group_scores, keep_groups, keep_tokens, fraction)
+                    value *= choice.fidelity
+                if best is None or value > best[0]:
+                    best = (value, LayerPlan(keep_tokens, keep_groups, choice.storage, fraction))
     if best is None:
         cheapest = min(c.storage.token_bytes(min(candidate_groups), scored=True) for c in choices)
         raise ValueError(
@@ -123,6 +131,18 @@ def plan_layer(
             f"of {cheapest} bytes each"
         )
     return best[1]
+
+
+def _wide_worth(
+    weights: torch.Tensor, group_scores: torch.Tensor, keep_groups: int, keep_tokens: int, fraction: float
+) -> float:
+    """Worth of widening `fraction` of the `keep_tokens` heaviest tokens of each row: the
+    largest `weight x (1 - energy share of the K best groups)` among them, summed (mean over
+    rows), i.e. the attention-weighted value energy the wide tokens' other groups add."""
+    order = weights.argsort(dim=-1, descending=True)[..., :keep_tokens]  # [B, Hkv, n]
+    dropped = 1 - group_energy_kept(group_scores, keep_groups)  # [B, Hkv, T]
+    gain = (weights * dropped).gather(2, order)  # [B, Hkv, n]
+    return gain.topk(int(fraction * keep_tokens), dim=-1).values.sum(-1).mean().item()
 
 
 # Share of a token's weight that does not come from the observed queries: future queries

@@ -12,6 +12,7 @@ MAX_GROUPS = 256
 BACKENDS = ("auto", "torch", "triton")
 AXES = ("both", "tokens", "groups")
 LAYER_BUDGETS = ("adaptive", "uniform")
+SPANS = ("fixed", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class SubTokenConfig:
     each (attention sinks, kept near exact) (`"channel"`, `hf_subtok.quant.channel`); the
     default `"auto"` takes channel at 2 bits and token at 4 and 8, as measured best
     (`accounting.CHANNEL_KEYS_AT_BITS`).
+
+    `span="adaptive"` lets the number of groups vary per token: a layer keeping K < G groups
+    also stores the other groups of the tokens most worth it (attention times the norm of the
+    groups dropped), as many as its plan finds worth their bytes (`hf_subtok.span`);
+    `"fixed"` keeps K groups for every token of a layer.
 
     `layer_budgets="adaptive"` shares the bytes among layers by the attention the prompt
     showed (see `hf_subtok.prompt_planner`); `"uniform"` gives every layer `budget`.
@@ -166,6 +172,12 @@ class SubTokenConfig:
             "help": "first stored tokens whose per-channel quantized keys get a block each (attention sinks)"
         },
     )
+    span: str = field(
+        default="fixed",
+        metadata={
+            "help": "'adaptive': the best tokens of a layer keep every value group, the rest K; 'fixed': K for all"
+        },
+    )
     layer_budgets: str = field(
         default="uniform",
         metadata={
@@ -226,6 +238,13 @@ class SubTokenConfig:
         if self.layer_budgets not in LAYER_BUDGETS:
             raise ValueError(
                 f"layer_budgets must be one of {LAYER_BUDGETS}, got {self.layer_budgets!r}"
+            )
+        if self.span not in SPANS:
+            raise ValueError(f"span must be one of {SPANS}, got {self.span!r}")
+        if self.span == "adaptive" and (not self.evicts_tokens or self.axes != "both" or self.num_groups < 2):
+            raise ValueError(
+                "span='adaptive' needs budget=, axes='both' and num_groups >= 2 (tokens and groups "
+                f"under one budget), got budget={self.budget}, axes={self.axes!r}, num_groups={self.num_groups}"
             )
         self.overrides = [LayerOverride.parse(item) for item in self.overrides]
         if any(o.budget is not None for o in self.overrides) and not self.evicts_tokens:

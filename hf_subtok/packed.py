@@ -35,6 +35,9 @@ class PackedKV:
         rotation: `(keys [D, D], values [C, C])` float32 orthonormal matrices the packed keys and
             each packed value group were multiplied by before quantizing, or None. Attention
             then runs in the rotated space (`rotated_attention_inputs`).
+        wide_values: `[B, Hkv, G-K, W, C]` the other value groups of the first W packed tokens
+            (adaptive span, `hf_subtok.span`), plain or quantized like `values`, or None.
+        wide_group_idx: `[B, Hkv, G-K, W]` uint8 their groups, ascending over slots, or None.
     """
 
     keys: torch.Tensor | QuantizedTensor
@@ -47,6 +50,8 @@ class PackedKV:
     stored_valid: torch.Tensor | None = None
     observer: Callable[[torch.Tensor], None] | None = None
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None
+    wide_values: torch.Tensor | QuantizedTensor | None = None
+    wide_group_idx: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -21,6 +21,7 @@ from hf_subtok.kernels import pack_value_groups
 from hf_subtok.packed import PackedKV, PrefillKV
 from hf_subtok.prompt_planner import PromptEvidence, PromptPlanner
 from hf_subtok.scorers import GroupScorer, Observation, RopeInfo, TokenScorer
+from hf_subtok.span import NORM_DTYPE, WIDE_FRACTIONS, WideGroups, other_groups, wide_first
 from hf_subtok.stored import (
     Stored,
     cat_stored,
@@ -91,6 +92,11 @@ class SubTokenLayer(CacheLayerMixin):
         self.window_keys: torch.Tensor | None = None
         self.window_values: torch.Tensor | None = None
         self.token_scores: torch.Tensor | None = None
+        # adaptive span: the other groups of the first W packed tokens (`hf_subtok.span`)
+        self.wide_values: Stored | None = None  # [B, Hkv, G-K, W, C]
+        self.wide_idx: torch.Tensor | None = None  # [B, Hkv, G-K, W] uint8
+        self.wide_norms: torch.Tensor | None = None  # [B, Hkv, W] float16
+        self.wide_fraction = 0.0  # share of the packed tokens the plan widens
         self._stored_valid: torch.Tensor | None = None  # isfinite(token_scores), until a pack
         self.window_scores: torch.Tensor | None = None
         self.keep_groups = self.fixed_keep_groups
@@ -212,6 +218,8 @@ class SubTokenLayer(CacheLayerMixin):
             tail_values,
             self.config.backend,
             rotation=self._rotation(),
+            wide_values=self.wide_values,
+            wide_group_idx=self.wide_idx,
             **extra,
         )
 
@@ -257,8 +265,8 @@ class SubTokenLayer(CacheLayerMixin):
             invalid = ~observation.key_valid.view(keys.shape[0], 1, -1)
             scores = scores.masked_fill(invalid, float("-inf"))
         n_pack = self._tokens_to_pack(keys.shape[-2])
-        group_scores = self.scorer.score_groups(
-            keys[..., :n_pack, :], values[..., :n_pack, :], self.config.num_groups
+        group_scores = self._score_groups(
+            keys[..., :n_pack, :], values[..., :n_pack, :], scores[..., :n_pack]
         )
         self._prompt = PromptEvidence(keys, values, scores, group_scores, n_pack)
         if self.planner is None:
@@ -371,9 +379,7 @@ class SubTokenLayer(CacheLayerMixin):
     ) -> None:
         """Merge `[B, Hkv, T, D]` candidates into the packed tokens, keeping the best that fit."""
         if group_scores is None:
-            group_scores = self.scorer.score_groups(
-                keys, values, self.config.num_groups
-            )  # [B, Hkv, T, G]
+            group_scores = self._score_groups(keys, values, scores)  # [B, Hkv, T, G]
         behind_window = self.packed_positions + keys.shape[-2]
         # room for a full window: it refills up to the cap before the next pack
         budget = self._row_budget(self._window_cap)
@@ -385,62 +391,135 @@ class SubTokenLayer(CacheLayerMixin):
                 budget,
                 choices=choices,
                 candidate_groups=self._plan_candidates(),
+                wide_fractions=WIDE_FRACTIONS if self.config.span == "adaptive" else (),
             )
             self.keep_groups, self.storage = layer_plan.keep_groups, layer_plan.storage
+            self.wide_fraction = layer_plan.wide_fraction
             self.packed_keys = self._store_keys(keys[..., :0, :])
             self._reset_packed_values(values)
+            self._reset_wide(values)
         packed, group_idx = pack_value_groups(
             values, group_scores, self.keep_groups, backend=self.config.backend
         )  # [B, Hkv, K, T, C], [B, Hkv, K, T]
         new_scores = _finite_top(scores)  # -inf: filler
-        keep = self._tokens_within(budget, self.token_scores.shape[-1] + keys.shape[-2], 0)
-        if self.token_scores.shape[-1] == 0 and keep < keys.shape[-2]:
+        new_wide = self._wide_candidates(values, group_idx)
+        if self.token_scores.shape[-1] == 0:
             # nothing stored yet: choose first, then quantize the survivors together (per-channel
             # key blocks are then full blocks of kept tokens)
-            index = select_tokens(new_scores, keep)  # [B, Hkv, keep]
-            keys = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
-            slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
-            packed = packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1]))
-            group_idx = group_idx.gather(3, slot_index)  # (dropped below when every group is kept)
-            new_scores = new_scores.gather(2, index)
+            keep, wide = self._fit(budget, new_scores, 0, new_wide)
+            if keep < keys.shape[-2] or new_wide is not None:
+                index = self._choose(new_scores, new_wide, keep, wide)  # [B, Hkv, keep]
+                keys = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+                slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
+                packed = packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1]))
+                group_idx = group_idx.gather(3, slot_index)  # (dropped below when every group is kept)
+                new_scores = new_scores.gather(2, index)
+                if new_wide is not None:
+                    new_wide = new_wide.take(index[..., :wide], keep)
         stored = (
             cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2),
             cat_stored([self.packed_values, self._store_values(packed)], dim=-2),
             _cat_idx(self.group_idx, group_idx),
             torch.cat([self.token_scores, new_scores], dim=-1),
         )
+        wide_groups = None
+        if new_wide is not None:
+            new_wide = dataclasses.replace(new_wide, values=self._store_values(new_wide.values))
+            held = WideGroups.of_stored(
+                self.wide_values, self.wide_idx, self.wide_norms, self.token_scores.shape[-1]
+            )
+            wide_groups = held.then(new_wide)
+        ordered = wide_groups is None  # wide tokens must come first: select at least once
         while True:  # per-channel key tables may hold more blocks than full ones would need
             count = stored[3].shape[-1]
-            keep = self._tokens_within(budget, count, key_blocks(stored[0]))
-            if keep >= count:
+            keep, wide = self._fit(budget, stored[3], key_blocks(stored[0]), wide_groups)
+            if keep >= count and ordered:
                 break
-            stored = self._keep_best(*stored, keep)
+            index = self._choose(stored[3], wide_groups, keep, wide)
+            stored = self._take(*stored, index)
+            if wide_groups is not None:
+                wide_groups = wide_groups.take(index[..., :wide], keep)
+            ordered = True
         all_keys, all_values, all_idx, all_scores = stored
         self.packed_keys, self.packed_values = all_keys, all_values
         self.group_idx, self.token_scores = all_idx, all_scores
+        if wide_groups is not None:
+            self.wide_values, self.wide_idx = wide_groups.values, wide_groups.group_idx
+            self.wide_norms = wide_groups.norms
         self._stored_valid = None
         self.packed_positions = behind_window
 
-    def _tokens_within(self, budget: float, tokens: int, blocks: int) -> int:
+    def _score_groups(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """`[B, Hkv, T, G]` group scores of `[B, Hkv, T, D]` candidates, their `[B, Hkv, T]`
+        token scores (attention evidence) passed on as weights for query-aware scorers."""
+        weights = _finite_top(scores).clamp_min(0)
+        return self.scorer.score_groups(keys, values, self.config.num_groups, token_weights=weights)
+
+    def _widens(self) -> bool:
+        """Whether this layer keeps the other groups of some tokens (adaptive span, K < G)."""
+        return self.config.span == "adaptive" and self.keep_groups < self.config.num_groups
+
+    def _reset_wide(self, like: torch.Tensor) -> None:
+        """Empty wide storage for the current K (None when the layer does not widen)."""
+        self.wide_values = self.wide_idx = self.wide_norms = None
+        if not self._widens():
+            return
+        batch, heads = like.shape[:2]
+        others = self.config.num_groups - self.keep_groups
+        self.wide_values = self._store_values(like.new_empty(batch, heads, others, 0, self.storage.width))
+        self.wide_idx = torch.empty(batch, heads, others, 0, dtype=torch.uint8, device=like.device)
+        self.wide_norms = torch.empty(batch, heads, 0, dtype=NORM_DTYPE, device=like.device)
+
+    def _wide_candidates(self, values: torch.Tensor, group_idx: torch.Tensor) -> WideGroups | None:
+        """The other groups (dense) of `[B, Hkv, T, D]` candidates packed as `group_idx`, or None."""
+        if not self._widens():
+            return None
+        other, other_idx = other_groups(values, group_idx, self.config.num_groups)  # [B, Hkv, G-K, T, C]
+        norms = torch.linalg.vector_norm(other.float(), dim=(2, 4)).to(NORM_DTYPE)  # [B, Hkv, T]
+        return WideGroups.of_stored(other, other_idx, norms, values.shape[-2])
+
+    def _fit(
+        self, budget: float, scores: torch.Tensor, blocks: int, wide: WideGroups | None
+    ) -> tuple[int, int]:
+        """(tokens kept, of which wide) of the `[B, Hkv, T]`-scored candidates that fit `budget`
+        bytes per row, with `blocks` blocks of per-channel key tables (see `_tokens_within`)."""
+        count = scores.shape[-1]
+        if wide is None:
+            return self._tokens_within(budget, count, blocks), 0
+        extra = self.storage.wide_bytes(self.keep_groups)
+        keep = self._tokens_within(budget, count, blocks, self.wide_fraction * extra)
+        wanted = int(self.wide_fraction * keep)
+        widened = min(wanted, wide.eligible(scores))
+        if widened < wanted:  # too few tokens can be widened: spend the rest on tokens
+            keep = self._tokens_within(budget - widened * extra, count, blocks)
+        return keep, min(widened, keep)
+
+    def _choose(self, scores: torch.Tensor, wide: WideGroups | None, keep: int, widened: int) -> torch.Tensor:
+        """`[B, Hkv, keep]` indices of the tokens to keep (the `widened` wide ones first)."""
+        if wide is None:
+            return select_tokens(scores, keep)
+        return wide_first(scores, wide.worth(scores), keep, widened)
+
+    def _tokens_within(self, budget: float, tokens: int, blocks: int, extra: float = 0.0) -> int:
         """How many of `tokens` packed tokens fit `budget` bytes per row, with `blocks` blocks of
-        per-channel key tables (0: count each token's share of full blocks)."""
+        per-channel key tables (0: count each token's share of full blocks), each token costing
+        `extra` more bytes (its share of wide tokens' other groups)."""
         keep_groups = self.keep_groups
         if blocks == 0:
-            per_token = self.storage.token_bytes(keep_groups, scored=True)
+            per_token = self.storage.token_bytes(keep_groups, scored=True) + extra
             return max(0, min(tokens, int(budget // per_token)))
-        if self.storage.row_bytes(tokens, blocks, keep_groups, scored=True) <= budget:
+        if self.storage.row_bytes(tokens, blocks, keep_groups, scored=True) + tokens * extra <= budget:
             return tokens
         base = self.storage.row_bytes(0, blocks, keep_groups, scored=True)
-        per_token = self.storage.row_bytes(1, 0, keep_groups, scored=True)
+        per_token = self.storage.row_bytes(1, 0, keep_groups, scored=True) + extra
         # at least one token fewer, so that the tables shrink or the loop ends at 0
         return max(0, min(tokens - 1, int((budget - base) // per_token)))
 
-    def _keep_best(
-        self, keys: Stored, values: Stored, group_idx: torch.Tensor | None, scores: torch.Tensor, keep: int
+    def _take(
+        self, keys: Stored, values: Stored, group_idx: torch.Tensor | None, scores: torch.Tensor, index: torch.Tensor
     ):
-        """The `keep` best-scored tokens of stored `keys` `[B, Hkv, T, D]`, `values`
+        """The `[B, Hkv, n]` `index`ed tokens of stored `keys` `[B, Hkv, T, D]`, `values`
         `[B, Hkv, K, T, C]`, `group_idx` `[B, Hkv, K, T]` (None: implied) and `scores` `[B, Hkv, T]`."""
-        index = select_tokens(scores, keep)  # [B, Hkv, keep]
         slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
         return (
             take_tokens(keys, index, dim=2),
@@ -487,6 +566,9 @@ class SubTokenLayer(CacheLayerMixin):
         "packed_keys",
         "packed_values",
         "group_idx",
+        "wide_values",
+        "wide_idx",
+        "wide_norms",
         "window_keys",
         "window_values",
         "token_scores",

@@ -49,6 +49,16 @@ def first_tokens(x: Stored, stop: int) -> Stored:
     return map_stored(x, lambda t: t[..., :stop, :].clone())
 
 
+def token_prefix(x: Stored, stop: int) -> Stored:
+    """A view of the first `stop` tokens of `[..., T, N]` storage (no copy; per-channel key
+    tables are shared, not compacted)."""
+    if isinstance(x, ChannelQuantizedTensor):
+        return ChannelQuantizedTensor(
+            x.payload[..., :stop, :], x.block[..., :stop], x.scale, x.zero, x.bits, x.block_size
+        )
+    return map_stored(x, lambda t: t[..., :stop, :])
+
+
 def key_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
     """`[D, D]` rotation of stored keys (None: not rotated)."""
     return hadamard(storage.head_dim, device) if storage.rotates else None

@@ -35,6 +35,7 @@ from hf_subtok.kernels._dispatch import (
 from hf_subtok.kernels.merge import merge_attention_states, packed_attention_lse_reference
 from hf_subtok.kernels.packed_attention_reference import packed_value_matmul
 from hf_subtok.packed import PackedKV
+from hf_subtok.stored import token_prefix
 
 __all__ = [
     "merge_attention_states",
@@ -124,6 +125,33 @@ def pack_value_groups(
 
 
 def _decode_triton(query, kv, attention_mask, scaling, out_dtype):
+    """One decode kernel launch, or two for wide tokens (adaptive span): every packed token
+    over its K groups (with the tail), then the wide tokens alone over their other groups.
+    The second output is normalised over the wide tokens only, so it is rescaled by
+    `exp(lse_wide - lse)` before it is added."""
+    wide = 0 if kv.wide_values is None else kv.wide_values.shape[-2]
+    if not wide:
+        return _decode_triton_launch(query, kv, attention_mask, scaling, out_dtype)
+    plain = dataclasses.replace(kv, wide_values=None, wide_group_idx=None)
+    out, lse = _decode_triton_launch(query, plain, attention_mask, scaling, torch.float32)  # [B, Hq, 1, D], [B, Hq, 1]
+    widened = dataclasses.replace(
+        plain,
+        keys=token_prefix(kv.keys, wide),  # [B, Hkv, W, D] (a view)
+        values=kv.wide_values,  # [B, Hkv, G-K, W, C]
+        group_idx=kv.wide_group_idx,
+        tail_keys=kv.tail_keys[..., :0, :],
+        tail_values=kv.tail_values[..., :0, :],
+        stored_valid=None if kv.stored_valid is None else kv.stored_valid[..., :wide],
+    )
+    # per-head selection: the mask covers only the (now empty) tail; else its first W columns
+    mask = None if attention_mask is None or kv.stored_valid is not None else attention_mask[..., :wide]
+    wide_out, wide_lse = _decode_triton_launch(query, widened, mask, scaling, torch.float32)
+    share = torch.where(wide_lse.isfinite(), torch.exp(wide_lse - lse), 0.0)  # [B, Hq, 1]
+    out = out + share.unsqueeze(-1) * wide_out.nan_to_num()
+    return out.to(out_dtype), lse
+
+
+def _decode_triton_launch(query, kv, attention_mask, scaling, out_dtype):
     if kv.group_idx.numel() and kv.group_idx.stride(-1) == 0:
         # indices implied by keeping every group (a zero-stride view): the kernel reads a row
         # of indices per slot, so give it one ([B, Hkv, G, Ts] uint8, G bytes per token)

@@ -84,6 +84,7 @@ def check_packed_attention_inputs(
         raise ValueError(
             f"kv.group_idx must be [B={batch}, Hkv={kv_heads}, K={keep}, Ts={stored}], got {tuple(kv.group_idx.shape)}"
         )
+    _check_wide(kv, (batch, kv_heads, groups - keep, stored, width), query.device)
     if stored + tail == 0:
         raise ValueError("kv holds no tokens (Ts = Tt = 0)")
     if query.dtype not in _FLOAT_DTYPES:
@@ -125,6 +126,39 @@ def check_packed_attention_inputs(
             raise ValueError(f"attention_mask must be bool or float, got {attention_mask.dtype}")
         if attention_mask.device != query.device:
             raise ValueError(f"attention_mask is on {attention_mask.device}, query on {query.device}")
+
+
+def _check_wide(kv: PackedKV, most: tuple[int, int, int, int, int], device: torch.device) -> None:
+    """`kv.wide_values` `[B, Hkv, G-K, W, C]` (W <= Ts) and uint8 `kv.wide_group_idx`
+    `[B, Hkv, G-K, W]` come together, on the query's device; `most` is `(B, Hkv, G-K, Ts, C)`."""
+    values, group_idx = kv.wide_values, kv.wide_group_idx
+    if values is None and group_idx is None:
+        return
+    if values is None or group_idx is None:
+        raise ValueError("kv.wide_values and kv.wide_group_idx must be given together")
+    if not isinstance(values, (torch.Tensor, QuantizedTensor)) or not isinstance(group_idx, torch.Tensor):
+        raise TypeError(
+            f"kv.wide_values must be a torch.Tensor or QuantizedTensor and kv.wide_group_idx a torch.Tensor, "
+            f"got {type(values).__name__} and {type(group_idx).__name__}"
+        )
+    batch, heads, others, stored, width = most
+    shape = tuple(values.shape)
+    if len(shape) != 5 or shape[:3] != (batch, heads, others) or shape[3] > stored or shape[4] != width:
+        raise ValueError(
+            f"kv.wide_values must be [B={batch}, Hkv={heads}, G-K={others}, W <= Ts={stored}, C={width}], got {shape}"
+        )
+    if group_idx.dtype != torch.uint8 or tuple(group_idx.shape) != shape[:4]:
+        raise ValueError(
+            f"kv.wide_group_idx must be uint8 {shape[:4]}, got {group_idx.dtype} {tuple(group_idx.shape)}"
+        )
+    if isinstance(values, QuantizedTensor):
+        try:
+            values.validate()
+        except ValueError as error:
+            raise ValueError(f"kv.wide_values: {error}") from None
+    for name, tensor in (("wide_values", values), ("wide_group_idx", group_idx)):
+        if tensor.device != device:
+            raise ValueError(f"kv.{name} is on {tensor.device}, query on {device}")
 
 
 def _check_kinds(kv: PackedKV) -> None:

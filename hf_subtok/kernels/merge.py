@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hf_subtok.kernels.packed_attention_reference import masked_scores, packed_value_matmul
+from hf_subtok.kernels.packed_attention_reference import masked_scores, stored_value_matmul
 from hf_subtok.packed import PackedKV
 
 
@@ -72,6 +72,5 @@ def packed_attention_lse_reference(
     probs = scores.softmax(dim=-1).view(batch, kv_heads, group * q_len, total)  # [B, Hkv, R*Q, T]
     out = probs[..., stored:] @ kv.tail_values.float()  # [B, Hkv, R*Q, D]
     if stored:
-        values = packed_value_matmul(probs[..., :stored], kv.values, kv.group_idx, kv.num_groups, query.dtype)
-        out = out + values.float()
+        out = out + stored_value_matmul(probs[..., :stored], kv, query.dtype).float()
     return out.view(batch, q_heads, q_len, head_dim), lse.reshape(batch, q_heads, q_len)

@@ -151,6 +151,17 @@ def _quantized_value_matmul(
     return spread.view(batch, heads, rows, num_groups * width).to(dtype)
 
 
+def stored_value_matmul(probs: torch.Tensor, kv: PackedKV, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, Hkv, M, Ts]` weights of the packed tokens times their stored value groups: the K
+    groups of every token, plus the other groups of the first W (wide) tokens if any
+    (adaptive span). `[B, Hkv, M, D]`, as `packed_value_matmul` returns it."""
+    out = packed_value_matmul(probs, kv.values, kv.group_idx, kv.num_groups, dtype)
+    wide = 0 if kv.wide_values is None else kv.wide_values.shape[-2]
+    if wide:
+        out = out + packed_value_matmul(probs[..., :wide], kv.wide_values, kv.wide_group_idx, kv.num_groups, dtype)
+    return out
+
+
 def token_slice(x: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
     """Tokens `start:end` of a quantized `[..., T, N]` tensor."""
     return x.apply(lambda part: part[..., start:end, :])
@@ -288,8 +299,7 @@ def packed_attention(
 
     out = probs[..., stored:].to(kv.tail_values.dtype) @ kv.tail_values  # [B, Hkv, R*Q, D]
     if stored:
-        values = packed_value_matmul(probs[..., :stored], kv.values, kv.group_idx, kv.num_groups, query.dtype)
-        out = out + values
+        out = out + stored_value_matmul(probs[..., :stored], kv, query.dtype)
     out = out.view(batch, q_heads, q_len, head_dim).to(query.dtype)  # [B, Hq, Q, D]
     if return_mass:
         return out, probs.mean(dim=2)  # [B, Hkv, T]

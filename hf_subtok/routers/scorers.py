@@ -34,7 +34,7 @@ class LearnedGroupScorer(GroupScorer):
 
     @torch.no_grad()
     def score_groups(
-        self, keys: torch.Tensor, values: torch.Tensor, num_groups: int
+        self, keys: torch.Tensor, values: torch.Tensor, num_groups: int, token_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
         if num_groups != self.router.num_groups:
             raise ValueError(

@@ -4,6 +4,7 @@ Each scorer lives in its own file and registers itself by name; `get_group_score
 returns an instance. Scorers only return scores; packing is the storage's job.
 """
 
+from hf_subtok.scorers.attention_value import AttentionValueScorer
 from hf_subtok.scorers.base import (
     GroupScorer,
     available_group_scorers,
@@ -26,6 +27,7 @@ from hf_subtok.scorers.token_base import (
 from hf_subtok.scorers.value_norm import ValueNormScorer
 
 __all__ = [
+    "AttentionValueScorer",
     "ExpectedAttentionScorer",
     "GroupScorer",
     "RopeInfo",

@@ -18,7 +18,7 @@ class GroupScorer(ABC):
 
     @abstractmethod
     def score_groups(
-        self, keys: torch.Tensor, values: torch.Tensor, num_groups: int
+        self, keys: torch.Tensor, values: torch.Tensor, num_groups: int, token_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Score every value group.
 
@@ -26,6 +26,9 @@ class GroupScorer(ABC):
             keys: `[B, Hkv, T, D]` keys of the tokens (RoPE applied).
             values: `[B, Hkv, T, D]` values of the tokens.
             num_groups: G, the number of groups `D` is split into.
+            token_weights: `[B, Hkv, T]` non-negative attention evidence per token (the
+                token scorer's scores at prefill, the attention received while decoding), or
+                None; query-independent scorers ignore it.
 
         Returns:
             `[B, Hkv, T, G]` scores.

@@ -19,7 +19,7 @@ class ValueNormScorer(GroupScorer):
     name = "value_norm"
 
     def score_groups(
-        self, keys: torch.Tensor, values: torch.Tensor, num_groups: int
+        self, keys: torch.Tensor, values: torch.Tensor, num_groups: int, token_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
         batch, heads, tokens, head_dim = values.shape
         grouped = values.view(
