@@ -21,7 +21,6 @@ from hf_subtok.allocation import StorageChoice, plan_layer
 from hf_subtok.attention import subtok_attention
 from hf_subtok.kernels import packed_attention, packed_attention_lse
 from hf_subtok.kernels.pack_reference import unpack_value_groups
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import quantize
 from hf_subtok.scorers import get_group_scorer
 from hf_subtok.span import WideGroups, other_groups, wide_first

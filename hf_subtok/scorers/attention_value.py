@@ -7,7 +7,6 @@ import torch
 from hf_subtok.scorers.base import GroupScorer, register_group_scorer
 from hf_subtok.scorers.value_norm import ValueNormScorer
 
-
 TIE_BREAK = 1e-12  # added to every weight: below any attention mass, ranks unseen tokens' groups
 
 
