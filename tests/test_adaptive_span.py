@@ -233,6 +233,9 @@ def test_adaptive_cache_stays_within_budget_and_bytes_match(budget, bits):
             t.numel() * t.element_size() for name, t in layer.stored_tensors().items() if name.startswith("wide_")
         )
         assert measured == 2 * 2 * wide * layer.storage.wide_bytes(layer.keep_groups)  # B=2, Hkv=2 rows
+    assert [row["wide_tokens"] for row in report["per_layer"]] == [
+        0 if layer.wide_norms is None else layer.wide_norms.shape[-1] for layer in cache.layers
+    ]
 
 
 def test_wide_tokens_are_the_ones_attention_needs():
