@@ -12,6 +12,7 @@ INDEX_BYTES = 1  # uint8 group index per kept value group
 SCORE_BYTES = 4  # float32 token score per stored token (re-allocation while decoding)
 SCALE_BYTES = 2  # float16 / bfloat16 scale and zero point per quantization group
 BLOCK_INDEX_BYTES = 2  # int16 block of a key quantized per channel (`quant.channel`)
+HEAD_INDEX_BYTES = 1  # uint8 KV head of a token when heads share one row (per-head budgets)
 WIDE_NORM_BYTES = 2  # float16 norm of a wide token's other value groups (`span`)
 KEY_LAYOUTS = ("channel", "token")
 # keys per channel where it measures better: at 2 bits (ppl of 512 tokens after a 4k prefix on
@@ -47,6 +48,7 @@ class StorageFormat:
     key_layout: str = "channel"
     key_block: int = 32
     rotated: bool = False
+    head_index: bool = False  # each packed token names its KV head (per-head budgets)
 
     @property
     def rotates(self) -> bool:
@@ -98,7 +100,8 @@ class StorageFormat:
         every group kept the indices are implied (slot k holds group k) and not stored."""
         indices = 0 if keep_groups == self.num_groups else keep_groups * INDEX_BYTES
         values = keep_groups * (self.slot_bytes - INDEX_BYTES) + indices
-        return self.key_bytes + values + (SCORE_BYTES if scored else 0)
+        head = HEAD_INDEX_BYTES if self.head_index else 0
+        return self.key_bytes + values + head + (SCORE_BYTES if scored else 0)
 
     def wide_bytes(self, keep_groups: int) -> int:
         """What a wide token (adaptive span) adds to a packed token with `keep_groups` groups:

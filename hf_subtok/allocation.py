@@ -259,6 +259,32 @@ def _best_bytes(curves: list[tuple[int, torch.Tensor, float]], lam: float, floor
     return best_bytes
 
 
+# Each KV head keeps at least this share of an equal split of a shared row (per-head budgets)
+HEAD_FLOOR = 0.25
+
+
+def floor_heads(scores: torch.Tensor, heads: torch.Tensor, num_heads: int, keep: int) -> torch.Tensor:
+    """Scores of tokens that share one row per sequence, raised so each head's best
+    `HEAD_FLOOR * keep / num_heads` tokens rank above every other token; then the `keep` best
+    (`select_tokens`) give each head at least its floor and spend the rest by score.
+
+    Args:
+        scores: `[B, 1, N]` token scores (-inf marks fillers).
+        heads: `[B, 1, N]` uint8 the KV head of each token.
+    """
+    floor = int(HEAD_FLOOR * keep / num_heads)
+    if floor == 0:
+        return scores
+    own = heads.long() == torch.arange(num_heads, device=heads.device).view(1, num_heads, 1)  # [B, Hkv, N]
+    per_head = torch.where(own, scores, float("-inf"))  # [B, Hkv, N]
+    top = per_head.topk(min(floor, scores.shape[-1]), dim=-1)
+    first = torch.zeros_like(own).scatter_(2, top.indices, top.values.isfinite())  # [B, Hkv, N]
+    return torch.where(first.any(1, keepdim=True), scores + FLOOR_BOOST, scores)
+
+
+FLOOR_BOOST = 1e6  # above any stored score (masses, PRIORITY, FORCED_SCORE)
+
+
 def select_tokens(token_scores: torch.Tensor, keep_tokens: int) -> torch.Tensor:
     """`[B, Hkv, T]` scores -> `[B, Hkv, keep_tokens]` indices of the best tokens, ascending."""
     return token_scores.topk(keep_tokens, dim=-1).indices.sort(dim=-1).values

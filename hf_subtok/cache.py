@@ -135,6 +135,7 @@ class SubTokenCache(Cache):
                     "keep_groups": layer.keep_groups,
                     "bits": layer.storage.bits if tensors else None,
                     "tokens_stored": layer.packed_keys.shape[-2] if tensors else 0,
+                    "tokens_per_head": layer.tokens_per_head(),
                     # packed tokens per row that keep every group (adaptive span)
                     "wide_tokens": 0 if layer.wide_norms is None else layer.wide_norms.shape[-1],
                 }

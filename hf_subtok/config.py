@@ -13,6 +13,7 @@ BACKENDS = ("auto", "torch", "triton")
 AXES = ("both", "tokens", "groups")
 LAYER_BUDGETS = ("adaptive", "uniform")
 SPANS = ("fixed", "adaptive")
+HEAD_BUDGETS = ("uniform", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,11 @@ class SubTokenConfig:
     also stores the other groups of the tokens most worth it (attention times the norm of the
     groups dropped), as many as its plan finds worth their bytes (`hf_subtok.span`);
     `"fixed"` keeps K groups for every token of a layer.
+
+    `head_budgets="adaptive"` lets the KV heads of a layer keep different numbers of tokens:
+    their packed tokens share one row per sequence, chosen by score across heads (each head
+    keeps at least `allocation.HEAD_FLOOR` of an equal share), each naming its head in one
+    byte; `"uniform"` keeps as many tokens in every head (each head its own best).
 
     `layer_budgets="adaptive"` shares the bytes among layers by the attention the prompt
     showed (see `hf_subtok.prompt_planner`); `"uniform"` gives every layer `budget`.
@@ -178,6 +184,12 @@ class SubTokenConfig:
             "help": "'adaptive': the best tokens of a layer keep every value group, the rest K; 'fixed': K for all"
         },
     )
+    head_budgets: str = field(
+        default="uniform",
+        metadata={
+            "help": "'adaptive': KV heads keep different numbers of tokens (by score across heads); 'uniform': equal"
+        },
+    )
     layer_budgets: str = field(
         default="uniform",
         metadata={
@@ -245,6 +257,13 @@ class SubTokenConfig:
             raise ValueError(
                 "span='adaptive' needs budget=, axes='both' and num_groups >= 2 (tokens and groups "
                 f"under one budget), got budget={self.budget}, axes={self.axes!r}, num_groups={self.num_groups}"
+            )
+        if self.head_budgets not in HEAD_BUDGETS:
+            raise ValueError(f"head_budgets must be one of {HEAD_BUDGETS}, got {self.head_budgets!r}")
+        if self.head_budgets == "adaptive" and not self.evicts_tokens:
+            raise ValueError(
+                "head_budgets='adaptive' needs budget= and axes 'both' or 'tokens' (token eviction), "
+                f"got budget={self.budget}, axes={self.axes!r}"
             )
         self.overrides = [LayerOverride.parse(item) for item in self.overrides]
         if any(o.budget is not None for o in self.overrides) and not self.evicts_tokens:
@@ -335,6 +354,7 @@ class SubTokenConfig:
             key_layout_for(self.key_quantization, bits),
             self.key_block,
             self.rotate,
+            self.head_budgets == "adaptive",
         )
         if bits is not None:
             checks = [("value group width", storage.width, storage.value_group_size)]

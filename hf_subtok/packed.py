@@ -38,6 +38,10 @@ class PackedKV:
         wide_values: `[B, Hkv, G-K, W, C]` the other value groups of the first W packed tokens
             (adaptive span, `hf_subtok.span`), plain or quantized like `values`, or None.
         wide_group_idx: `[B, Hkv, G-K, W]` uint8 their groups, ascending over slots, or None.
+
+    With per-head budgets the packed tokens of all KV heads share one row: `keys` is
+    `[B, 1, Ts, D]` (values, indices, wide parts likewise with 1 for Hkv) while the tail keeps
+    its `Hkv` heads, and `stored_valid` `[B, Hkv, Ts]` says which tokens each head owns.
     """
 
     keys: torch.Tensor | QuantizedTensor
@@ -52,6 +56,16 @@ class PackedKV:
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None
     wide_values: torch.Tensor | QuantizedTensor | None = None
     wide_group_idx: torch.Tensor | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        """Hkv, the KV heads (of the tail; packed tokens may share one row, `shares_rows`)."""
+        return self.tail_keys.shape[1]
+
+    @property
+    def shares_rows(self) -> bool:
+        """Whether the packed tokens of several KV heads share one row (`[B, 1, Ts, ...]`)."""
+        return self.keys.shape[1] == 1 and self.kv_heads > 1
 
     @property
     def num_tokens(self) -> int:

@@ -12,6 +12,7 @@ from hf_subtok.accounting import SCORE_BYTES, StorageFormat
 from hf_subtok.allocation import (
     LayerEvidence,
     StorageChoice,
+    floor_heads,
     plan_layer,
     quantization_fidelity,
     select_tokens,
@@ -26,6 +27,7 @@ from hf_subtok.stored import (
     Stored,
     cat_stored,
     first_tokens,
+    flatten_heads,
     key_blocks,
     key_rotation,
     map_stored,
@@ -97,6 +99,8 @@ class SubTokenLayer(CacheLayerMixin):
         self.wide_idx: torch.Tensor | None = None  # [B, Hkv, G-K, W] uint8
         self.wide_norms: torch.Tensor | None = None  # [B, Hkv, W] float16
         self.wide_fraction = 0.0  # share of the packed tokens the plan widens
+        # per-head budgets: packed tokens of all heads share one row, each naming its head
+        self.stored_heads: torch.Tensor | None = None  # [B, 1, Ts] uint8
         self._stored_valid: torch.Tensor | None = None  # isfinite(token_scores), until a pack
         self.window_scores: torch.Tensor | None = None
         self.keep_groups = self.fixed_keep_groups
@@ -109,6 +113,12 @@ class SubTokenLayer(CacheLayerMixin):
         self._rotation_for: StorageFormat | None = None  # the format `_rotation_matrices` serve
         self._rotation_matrices: tuple[torch.Tensor, torch.Tensor] | None = None
         self.is_initialized = False
+
+    @property
+    def shares_rows(self) -> bool:
+        """Whether the KV heads' packed tokens share one row per sequence (`head_budgets=
+        'adaptive'`): packed tensors are then `[B, 1, Ts, ...]` and heads keep different counts."""
+        return self.config.head_budgets == "adaptive" and self.token_scorer is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
@@ -123,10 +133,14 @@ class SubTokenLayer(CacheLayerMixin):
         self._reset_packed_values(value_states)
         self.window_keys = key_states.new_empty(batch, heads, 0, head_dim)
         self.window_values = value_states.new_empty(batch, heads, 0, head_dim)
+        self.num_heads = heads
         if self.token_scorer is not None:
+            rows = 1 if self.shares_rows else heads
             self.token_scores = torch.empty(
-                batch, heads, 0, dtype=torch.float32, device=self.device
+                batch, rows, 0, dtype=torch.float32, device=self.device
             )
+            if self.shares_rows:
+                self.stored_heads = torch.empty(batch, 1, 0, dtype=torch.uint8, device=self.device)
             self.window_scores = torch.empty(
                 batch, heads, 0, dtype=torch.float32, device=self.device
             )
@@ -168,22 +182,37 @@ class SubTokenLayer(CacheLayerMixin):
         return view, view
 
     def _valid_slots(self) -> torch.Tensor:
-        """`[B, Hkv, Ts]` bool: which packed slots hold a token (not a filler), computed once
-        per pack rather than every step (attention mass only moves scores between finite values)."""
-        if self._stored_valid is None or self._stored_valid.shape != self.token_scores.shape:
-            self._stored_valid = self.token_scores.isfinite()
+        """`[B, Hkv, Ts]` bool: which packed slots hold a token (not a filler) of each head,
+        computed once per pack rather than every step (attention mass only moves scores between
+        finite values). With shared rows, a head's slots are the tokens naming it."""
+        if self._stored_valid is None or self._stored_valid.shape[-1] != self.token_scores.shape[-1]:
+            valid = self.token_scores.isfinite()  # [B, 1 or Hkv, Ts]
+            if self.shares_rows:
+                heads = torch.arange(self.num_heads, device=self.device).view(1, -1, 1)
+                valid = valid & (self.stored_heads.long() == heads)  # [B, Hkv, Ts]
+            self._stored_valid = valid
         return self._stored_valid
+
+    def tokens_per_head(self) -> list[int]:
+        """Packed tokens each KV head holds in the first sequence of the batch (fillers aside)."""
+        if not self.is_initialized:
+            return []
+        if self.token_scorer is None:
+            return [self.packed_keys.shape[-2]] * self.num_heads
+        return [int(n) for n in self._valid_slots()[0].sum(-1)]
 
     def _store_keys(self, keys: torch.Tensor) -> Stored:
         """`[B, Hkv, T, D]` keys as stored (quantized as the layer's storage format says); the
         first keys stored (the prompt's, whose first tokens are the attention sinks) keep
         `key_sinks` blocks of one token."""
         first = self.packed_keys is None or self.packed_keys.shape[-2] == 0
-        return store_keys(keys, self.storage, solo=self.config.key_sinks if first else 0)
+        stored = store_keys(keys, self.storage, solo=self.config.key_sinks if first else 0)
+        return flatten_heads(stored, 2) if self.shares_rows else stored  # quantized per head first
 
     def _store_values(self, packed: torch.Tensor) -> Stored:
         """`[B, Hkv, K, T, C]` kept value groups as stored (quantized per token)."""
-        return store_values(packed, self.storage)
+        stored = store_values(packed, self.storage)
+        return flatten_heads(stored, 3) if self.shares_rows else stored
 
     def _reset_packed_values(self, like: torch.Tensor) -> None:
         """Empty `[B, Hkv, K, 0, C]` packed values and `[B, Hkv, K, 0]` indices for the current K
@@ -193,8 +222,9 @@ class SubTokenLayer(CacheLayerMixin):
         self.packed_values = self._store_values(empty)
         self.group_idx = None
         if self.keep_groups < self.config.num_groups:
+            rows = 1 if self.shares_rows else heads
             self.group_idx = torch.empty(
-                batch, heads, self.keep_groups, 0, dtype=torch.uint8, device=like.device
+                batch, rows, self.keep_groups, 0, dtype=torch.uint8, device=like.device
             )
 
     def _group_idx_view(self) -> torch.Tensor:
@@ -321,7 +351,10 @@ class SubTokenLayer(CacheLayerMixin):
         new_scores = self.window_scores.new_zeros(batch, heads, tail_keys.shape[-2] - window)
         tail_scores = torch.cat([self.window_scores, new_scores], dim=-1)  # [B, Hkv, Tw + T]
         if mass is not None:
-            self.token_scores.add_(mass[..., :stored])  # in place: no copy of the scores per step
+            stored_mass = mass[..., :stored]  # [B, Hkv, Ts]
+            if self.shares_rows:  # each token's own head
+                stored_mass = stored_mass.gather(1, self.stored_heads.long())  # [B, 1, Ts]
+            self.token_scores.add_(stored_mass)  # in place: no copy of the scores per step
             tail_scores = tail_scores + mass[..., stored:]
         n_pack = self._tokens_to_pack(tail_keys.shape[-2])
         if n_pack:
@@ -403,12 +436,12 @@ class SubTokenLayer(CacheLayerMixin):
         )  # [B, Hkv, K, T, C], [B, Hkv, K, T]
         new_scores = _finite_top(scores)  # -inf: filler
         new_wide = self._wide_candidates(values, group_idx)
-        if self.token_scores.shape[-1] == 0:
+        if self.token_scores.shape[-1] == 0 and not self.shares_rows:
             # nothing stored yet: choose first, then quantize the survivors together (per-channel
             # key blocks are then full blocks of kept tokens)
             keep, wide = self._fit(budget, new_scores, 0, new_wide)
             if keep < keys.shape[-2] or new_wide is not None:
-                index = self._choose(new_scores, new_wide, keep, wide)  # [B, Hkv, keep]
+                index = self._choose(new_scores, None, new_wide, keep, wide)  # [B, Hkv, keep]
                 keys = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
                 slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
                 packed = packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1]))
@@ -416,11 +449,24 @@ class SubTokenLayer(CacheLayerMixin):
                 new_scores = new_scores.gather(2, index)
                 if new_wide is not None:
                     new_wide = new_wide.take(index[..., :wide], keep)
+        heads = None
+        if self.shares_rows:  # candidates of every head in one row, head-major
+            batch, num_heads, count = new_scores.shape
+            heads = torch.arange(num_heads, dtype=torch.uint8, device=self.device)
+            heads = torch.cat([self.stored_heads, heads.repeat_interleave(count).expand(batch, 1, -1)], dim=-1)
+            group_idx, new_scores = flatten_heads(group_idx, 3), flatten_heads(new_scores, 2)
+            budget *= num_heads  # the row holds every head's tokens
+            if new_wide is not None:
+                new_wide = WideGroups.of_stored(
+                    new_wide.values, flatten_heads(new_wide.group_idx, 3),
+                    flatten_heads(new_wide.norms, 2), num_heads * count,
+                )
         stored = (
             cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2),
             cat_stored([self.packed_values, self._store_values(packed)], dim=-2),
             _cat_idx(self.group_idx, group_idx),
             torch.cat([self.token_scores, new_scores], dim=-1),
+            heads,
         )
         wide_groups = None
         if new_wide is not None:
@@ -435,14 +481,14 @@ class SubTokenLayer(CacheLayerMixin):
             keep, wide = self._fit(budget, stored[3], key_blocks(stored[0]), wide_groups)
             if keep >= count and ordered:
                 break
-            index = self._choose(stored[3], wide_groups, keep, wide)
+            index = self._choose(stored[3], stored[4], wide_groups, keep, wide)
             stored = self._take(*stored, index)
             if wide_groups is not None:
                 wide_groups = wide_groups.take(index[..., :wide], keep)
             ordered = True
-        all_keys, all_values, all_idx, all_scores = stored
+        all_keys, all_values, all_idx, all_scores, all_heads = stored
         self.packed_keys, self.packed_values = all_keys, all_values
-        self.group_idx, self.token_scores = all_idx, all_scores
+        self.group_idx, self.token_scores, self.stored_heads = all_idx, all_scores, all_heads
         if wide_groups is not None:
             self.wide_values, self.wide_idx = wide_groups.values, wide_groups.group_idx
             self.wide_norms = wide_groups.norms
@@ -465,10 +511,11 @@ class SubTokenLayer(CacheLayerMixin):
         if not self._widens():
             return
         batch, heads = like.shape[:2]
+        rows = 1 if self.shares_rows else heads
         others = self.config.num_groups - self.keep_groups
         self.wide_values = self._store_values(like.new_empty(batch, heads, others, 0, self.storage.width))
-        self.wide_idx = torch.empty(batch, heads, others, 0, dtype=torch.uint8, device=like.device)
-        self.wide_norms = torch.empty(batch, heads, 0, dtype=NORM_DTYPE, device=like.device)
+        self.wide_idx = torch.empty(batch, rows, others, 0, dtype=torch.uint8, device=like.device)
+        self.wide_norms = torch.empty(batch, rows, 0, dtype=NORM_DTYPE, device=like.device)
 
     def _wide_candidates(self, values: torch.Tensor, group_idx: torch.Tensor) -> WideGroups | None:
         """The other groups (dense) of `[B, Hkv, T, D]` candidates packed as `group_idx`, or None."""
@@ -494,11 +541,15 @@ class SubTokenLayer(CacheLayerMixin):
             keep = self._tokens_within(budget - widened * extra, count, blocks)
         return keep, min(widened, keep)
 
-    def _choose(self, scores: torch.Tensor, wide: WideGroups | None, keep: int, widened: int) -> torch.Tensor:
-        """`[B, Hkv, keep]` indices of the tokens to keep (the `widened` wide ones first)."""
+    def _choose(
+        self, scores: torch.Tensor, heads: torch.Tensor | None, wide: WideGroups | None, keep: int, widened: int
+    ) -> torch.Tensor:
+        """`[B, Hkv or 1, keep]` indices of the tokens to keep (the `widened` wide ones first);
+        with shared rows (`heads`: the head of each token) every head keeps its floor."""
+        ranked = scores if heads is None else floor_heads(scores, heads, self.num_heads, keep)
         if wide is None:
-            return select_tokens(scores, keep)
-        return wide_first(scores, wide.worth(scores), keep, widened)
+            return select_tokens(ranked, keep)
+        return wide_first(ranked, wide.worth(scores), keep, widened)
 
     def _tokens_within(self, budget: float, tokens: int, blocks: int, extra: float = 0.0) -> int:
         """How many of `tokens` packed tokens fit `budget` bytes per row, with `blocks` blocks of
@@ -516,16 +567,24 @@ class SubTokenLayer(CacheLayerMixin):
         return max(0, min(tokens - 1, int((budget - base) // per_token)))
 
     def _take(
-        self, keys: Stored, values: Stored, group_idx: torch.Tensor | None, scores: torch.Tensor, index: torch.Tensor
+        self,
+        keys: Stored,
+        values: Stored,
+        group_idx: torch.Tensor | None,
+        scores: torch.Tensor,
+        heads: torch.Tensor | None,
+        index: torch.Tensor,
     ):
         """The `[B, Hkv, n]` `index`ed tokens of stored `keys` `[B, Hkv, T, D]`, `values`
-        `[B, Hkv, K, T, C]`, `group_idx` `[B, Hkv, K, T]` (None: implied) and `scores` `[B, Hkv, T]`."""
+        `[B, Hkv, K, T, C]`, `group_idx` `[B, Hkv, K, T]` (None: implied), `scores` `[B, Hkv, T]`
+        and `heads` `[B, 1, T]` (None: a row per head)."""
         slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
         return (
             take_tokens(keys, index, dim=2),
             take_tokens(values, slot_index, dim=3),
             None if group_idx is None else group_idx.gather(3, slot_index),
             scores.gather(2, index),
+            None if heads is None else heads.gather(2, index),
         )
 
     def _storage_choices(self, keys: torch.Tensor, values: torch.Tensor) -> list[StorageChoice]:
@@ -569,6 +628,7 @@ class SubTokenLayer(CacheLayerMixin):
         "wide_values",
         "wide_idx",
         "wide_norms",
+        "stored_heads",
         "window_keys",
         "window_values",
         "token_scores",

@@ -49,6 +49,32 @@ def first_tokens(x: Stored, stop: int) -> Stored:
     return map_stored(x, lambda t: t[..., :stop, :].clone())
 
 
+def flatten_heads(x: Stored, token_dim: int) -> Stored:
+    """`[B, Hkv, ..., n, ...]` storage with its tokens at `token_dim` as one row of all heads'
+    tokens, head-major: `[B, 1, ..., Hkv * n, ...]` (per-head token budgets, see
+    `SubTokenLayer`). Per-channel quantized keys keep each head's block tables (renumbered)."""
+    if isinstance(x, ChannelQuantizedTensor):  # [B, Hkv, n, bytes], tables [B, Hkv, NB, N]
+        batch, heads, tokens = x.block.shape
+        blocks = x.scale.shape[-2]
+        offset = (torch.arange(heads, device=x.block.device) * blocks).view(1, heads, 1)
+        return ChannelQuantizedTensor(
+            x.payload.reshape(batch, 1, heads * tokens, x.payload.shape[-1]),
+            (x.block + offset).to(x.block.dtype).reshape(batch, 1, heads * tokens),
+            x.scale.reshape(batch, 1, heads * blocks, x.scale.shape[-1]),
+            x.zero.reshape(batch, 1, heads * blocks, x.zero.shape[-1]),
+            x.bits,
+            x.block_size,
+        )
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        moved = t.movedim(1, token_dim - 1)  # heads just before the tokens
+        shape = moved.shape
+        merged = moved.reshape(*shape[: token_dim - 1], shape[token_dim - 1] * shape[token_dim], *shape[token_dim + 1 :])
+        return merged.unsqueeze(1)
+
+    return map_stored(x, flat)
+
+
 def token_prefix(x: Stored, stop: int) -> Stored:
     """A view of the first `stop` tokens of `[..., T, N]` storage (no copy; per-channel key
     tables are shared, not compacted)."""

@@ -46,7 +46,7 @@ def _bad_attention_inputs():
         "values-tokens": ((query, _replace(kv, values=kv.values[..., :5, :]), mask), r"Ts=10, C=8\], got \(2, 2, 3, 5, 8\)"),
         "keep-above-groups": ((query, _replace(kv, num_groups=2, values=torch.zeros(2, 2, 3, 10, 32, device=DEVICE)), mask), r"K in 1..2"),
         "num_groups": ((query, _replace(kv, num_groups=7), mask), "kv.num_groups must be an int in 1..256 dividing D=64, got 7"),
-        "query-heads": ((query[:, :3], kv, mask), r"query heads \(3\) must be a multiple of kv.keys heads \(2\)"),
+        "query-heads": ((query[:, :3], kv, mask), r"query heads \(3\) must be a multiple of kv.tail_keys heads \(2\)"),
         "query-dim": ((query[..., :32], kv, mask), r"kv.keys must be \[B=2, Hkv, T, D=32\], got \(2, 2, 10, 64\)"),
         "tail-dtype": ((query, _replace(kv, tail_values=kv.tail_values.half()), mask), "kv.tail_values dtype must match query dtype torch.float32, got torch.float16"),
         "mask-length": ((query, kv, mask[..., :12]), r"attention_mask must be \[B or 1, 1, Q=1, T=13\], got \(2, 1, 1, 12\)"),

@@ -72,7 +72,7 @@ def packed_attention(
         `[B, Hq, Q, D]` in the query's dtype.
     """
     check_packed_attention_inputs(query, kv, attention_mask)
-    if use_triton(kv.backend if backend is None else backend, query.device) and query.shape[2] == 1:
+    if _triton_decodes(query, kv, backend):
         out, _ = _decode_triton(query, kv, attention_mask, scaling, query.dtype)
         return out
     return _attention_reference.packed_attention(query, kv, attention_mask, scaling)
@@ -95,7 +95,7 @@ def packed_attention_lse(
         log-sum-exp of the scaled, masked scores.
     """
     check_packed_attention_inputs(query, kv, attention_mask)
-    if use_triton(kv.backend if backend is None else backend, query.device) and query.shape[2] == 1:
+    if _triton_decodes(query, kv, backend):
         return _decode_triton(query, kv, attention_mask, scaling, torch.float32)
     return packed_attention_lse_reference(query, kv, attention_mask, scaling)
 
@@ -122,6 +122,24 @@ def pack_value_groups(
 
         return pack_value_groups_triton(values, scores, keep_groups)
     return _pack_reference.pack_value_groups(values, scores, keep_groups)
+
+
+def _triton_decodes(query: torch.Tensor, kv: PackedKV, backend: str | None) -> bool:
+    """Whether the Triton kernel computes this call: a decode step (Q = 1) on the Triton path,
+    over packed tokens kept a row per KV head. Rows shared by the heads (per-head budgets) are
+    read by the reference ("auto"), or refused ("triton"): the kernel maps each query head to
+    one row of its own."""
+    chosen = kv.backend if backend is None else backend
+    if not use_triton(chosen, query.device) or query.shape[2] != 1:
+        return False
+    if kv.shares_rows:
+        if chosen == "triton":
+            raise ValueError(
+                "backend='triton' reads a row of packed tokens per KV head; these share one row "
+                "(head_budgets='adaptive'): use backend 'auto' or 'torch'"
+            )
+        return False
+    return True
 
 
 def _decode_triton(query, kv, attention_mask, scaling, out_dtype):

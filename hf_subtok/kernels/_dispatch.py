@@ -57,14 +57,20 @@ def check_packed_attention_inputs(
         tensor = getattr(kv, name)
         if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[-1] != head_dim:
             raise ValueError(f"kv.{name} must be [B={batch}, Hkv, T, D={head_dim}], got {tuple(tensor.shape)}")
-    kv_heads, stored = kv.keys.shape[1], kv.keys.shape[2]
+    kv_heads, rows, stored = kv.tail_keys.shape[1], kv.keys.shape[1], kv.keys.shape[2]
     tail = kv.tail_keys.shape[2]
     if kv_heads == 0 or q_heads % kv_heads:
-        raise ValueError(f"query heads ({q_heads}) must be a multiple of kv.keys heads ({kv_heads})")
-    if kv.tail_keys.shape[1] != kv_heads or kv.tail_values.shape[:3] != kv.tail_keys.shape[:3]:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of kv.tail_keys heads ({kv_heads})")
+    if rows not in (kv_heads, 1) or kv.tail_values.shape[:3] != kv.tail_keys.shape[:3]:
         raise ValueError(
-            f"kv.tail_keys {tuple(kv.tail_keys.shape)} and kv.tail_values {tuple(kv.tail_values.shape)} "
-            f"must both be [B, Hkv={kv_heads}, Tt, D]"
+            f"kv.keys {tuple(kv.keys.shape)}, kv.tail_keys {tuple(kv.tail_keys.shape)} and kv.tail_values "
+            f"{tuple(kv.tail_values.shape)} must be [B, Hkv={kv_heads} (or 1: shared rows), Ts, D], "
+            f"[B, Hkv, Tt, D] and [B, Hkv, Tt, D]"
+        )
+    if kv.shares_rows and kv.stored_valid is None:
+        raise ValueError(
+            "kv.keys share one row across KV heads ([B, 1, Ts, D]); kv.stored_valid [B, Hkv, Ts] must say "
+            "which tokens each head owns"
         )
     groups = kv.num_groups
     if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= 256 or head_dim % groups:
@@ -73,18 +79,18 @@ def check_packed_attention_inputs(
     if kv.values.dim() != 5:
         raise ValueError(f"kv.values must be [B, Hkv, K, Ts, C], got shape {tuple(kv.values.shape)}")
     keep = kv.values.shape[2]
-    if kv.values.shape != (batch, kv_heads, keep, stored, width) or not 1 <= keep <= groups:
+    if kv.values.shape != (batch, rows, keep, stored, width) or not 1 <= keep <= groups:
         raise ValueError(
-            f"kv.values must be [B={batch}, Hkv={kv_heads}, K in 1..{groups}, Ts={stored}, C={width}], "
+            f"kv.values must be [B={batch}, Hkv={rows}, K in 1..{groups}, Ts={stored}, C={width}], "
             f"got {tuple(kv.values.shape)}"
         )
     if kv.group_idx.dtype != torch.uint8:
         raise ValueError(f"kv.group_idx must be torch.uint8, got {kv.group_idx.dtype}")
-    if tuple(kv.group_idx.shape) != (batch, kv_heads, keep, stored):
+    if tuple(kv.group_idx.shape) != (batch, rows, keep, stored):
         raise ValueError(
-            f"kv.group_idx must be [B={batch}, Hkv={kv_heads}, K={keep}, Ts={stored}], got {tuple(kv.group_idx.shape)}"
+            f"kv.group_idx must be [B={batch}, Hkv={rows}, K={keep}, Ts={stored}], got {tuple(kv.group_idx.shape)}"
         )
-    _check_wide(kv, (batch, kv_heads, groups - keep, stored, width), query.device)
+    _check_wide(kv, (batch, rows, groups - keep, stored, width), query.device)
     if stored + tail == 0:
         raise ValueError("kv holds no tokens (Ts = Tt = 0)")
     if query.dtype not in _FLOAT_DTYPES:

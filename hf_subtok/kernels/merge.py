@@ -64,7 +64,7 @@ def packed_attention_lse_reference(
         log-sum-exp of the scaled, masked scores (`-inf` for a row with no tokens).
     """
     batch, q_heads, q_len, head_dim = query.shape
-    kv_heads = kv.keys.shape[1]
+    kv_heads = kv.kv_heads
     group = q_heads // kv_heads
     stored, total = kv.keys.shape[-2], kv.num_tokens
     scores = masked_scores(query, kv, attention_mask, scaling)  # [B, Hkv, R, Q, T]

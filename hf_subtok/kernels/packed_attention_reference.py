@@ -155,11 +155,24 @@ def stored_value_matmul(probs: torch.Tensor, kv: PackedKV, dtype: torch.dtype) -
     """`[B, Hkv, M, Ts]` weights of the packed tokens times their stored value groups: the K
     groups of every token, plus the other groups of the first W (wide) tokens if any
     (adaptive span). `[B, Hkv, M, D]`, as `packed_value_matmul` returns it."""
+    batch, heads, rows, tokens = probs.shape
+    if kv.shares_rows:  # every head's rows against the one shared row of tokens
+        probs = probs.reshape(batch, 1, heads * rows, tokens)  # [B, 1, Hkv*M, Ts]
     out = packed_value_matmul(probs, kv.values, kv.group_idx, kv.num_groups, dtype)
     wide = 0 if kv.wide_values is None else kv.wide_values.shape[-2]
     if wide:
         out = out + packed_value_matmul(probs[..., :wide], kv.wide_values, kv.wide_group_idx, kv.num_groups, dtype)
-    return out
+    return out.view(batch, heads, rows, out.shape[-1])  # [B, Hkv, M, D]
+
+
+def stored_key_scores(q: torch.Tensor, kv: PackedKV) -> torch.Tensor:
+    """`[B, Hkv, M, D]` queries against the packed keys: `[B, Hkv, M, Ts]` (with shared rows,
+    every head's queries against the one row of keys, each key read once)."""
+    if not kv.shares_rows:
+        return key_scores(q, kv.keys)
+    batch, heads, rows, dim = q.shape
+    scores = key_scores(q.reshape(batch, 1, heads * rows, dim), kv.keys)  # [B, 1, Hkv*M, Ts]
+    return scores.view(batch, heads, rows, scores.shape[-1])
 
 
 def token_slice(x: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
@@ -291,7 +304,7 @@ def packed_attention(
         `[B, Hq, Q, D]` in the query's dtype (and the mass, if asked).
     """
     batch, q_heads, q_len, head_dim = query.shape
-    kv_heads = kv.keys.shape[1]
+    kv_heads = kv.kv_heads
     group = q_heads // kv_heads
     stored, total = kv.keys.shape[-2], kv.num_tokens
     scores = masked_scores(query, kv, attention_mask, scaling)  # [B, Hkv, R, Q, T]
@@ -312,13 +325,13 @@ def masked_scores(
     """Scaled float32 scores `[B, Hkv, R, Q, T]` of `query` `[B, Hq, Q, D]` against the packed
     keys then the tail keys, masked positions set to the float32 minimum."""
     batch, q_heads, q_len, head_dim = query.shape
-    kv_heads = kv.keys.shape[1]
+    kv_heads = kv.kv_heads
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
     group = q_heads // kv_heads
     scale = head_dim**-0.5 if scaling is None else scaling
     q = query.reshape(batch, kv_heads, group * q_len, head_dim)  # [B, Hkv, R*Q, D]
-    scores = torch.cat([key_scores(q, kv.keys), q @ kv.tail_keys.transpose(-1, -2)], dim=-1)  # [B, Hkv, R*Q, T]
+    scores = torch.cat([stored_key_scores(q, kv), q @ kv.tail_keys.transpose(-1, -2)], dim=-1)  # [B, Hkv, R*Q, T]
     scores = scores.float() * scale
     scores = scores.view(batch, kv_heads, group, q_len, kv.num_tokens)  # [B, Hkv, R, Q, T]
     mask = _combined_mask(kv, attention_mask, q_len, query.device)  # [B|1, Hkv|1, 1, Q, T] bool

@@ -1,0 +1,237 @@
+"""Per-head budgets: the KV heads of a layer keep different numbers of tokens, in real bytes.
+
+With `head_budgets="adaptive"` the packed tokens of all heads share one row per sequence
+(`[B, 1, Ts, ...]`), each naming its head. Checked: flattening keeps every head's tokens
+(plain and quantized); attention over a shared row equals attention of each head over its own
+tokens; heads whose attention is spread keep more tokens than heads that attend to a few,
+each above its floor; the budget holds through decoding with bytes matching the accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.allocation import HEAD_FLOOR, floor_heads, select_tokens
+from hf_subtok.attention import subtok_attention
+from hf_subtok.kernels import packed_attention, packed_attention_reference
+from hf_subtok.kernels.pack_reference import pack_value_groups
+from hf_subtok.packed import PackedKV
+from hf_subtok.quant import quantize, quantize_channels
+from hf_subtok.span import other_groups
+from hf_subtok.stored import flatten_heads
+from tests.tiny_models import make_tiny_model, random_prompts
+
+triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+def test_flatten_heads_keeps_every_heads_tokens_in_order():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 3, 5, 16, generator=generator)
+    values = torch.randn(2, 3, 4, 5, 8, generator=generator)  # [B, Hkv, K, T, C]
+    flat_keys, flat_values = flatten_heads(keys, 2), flatten_heads(values, 3)
+    assert flat_keys.shape == (2, 1, 15, 16) and flat_values.shape == (2, 1, 4, 15, 8)
+    for head in range(3):
+        rows = slice(5 * head, 5 * head + 5)
+        assert torch.equal(flat_keys[:, 0, rows], keys[:, head])
+        assert torch.equal(flat_values[:, 0, :, rows], values[:, head])
+    quantized = quantize(values, 4, 8)
+    torch.testing.assert_close(
+        flatten_heads(quantized, 3).dequantize(torch.float32)[:, 0, :, 10:15],
+        quantized.dequantize(torch.float32)[:, 2],
+    )
+    per_channel = quantize_channels(keys, 2, 2)  # tables per head, renumbered when flattened
+    flat = flatten_heads(per_channel, 2)
+    assert flat.scale.shape == (2, 1, 3 * per_channel.scale.shape[-2], 16)
+    torch.testing.assert_close(flat.dequantize(torch.float32)[:, 0, 5:10], per_channel.dequantize(torch.float32)[:, 1])
+
+
+def _shared_row(counts: list[int], bits: int | None = None, wide: int = 0, seed: int = 0):
+    """A shared-row `PackedKV` holding `counts[h]` tokens of head h (K = 2 of 4 groups, the
+    first `wide` tokens of the row widened), the query `[1, Hq=2*Hkv, 1, D]`, and each head's
+    `(keys [T_h, D], values [T_h, D] as attention sees them)`."""
+    generator = torch.Generator().manual_seed(seed)
+    heads, total, dim, groups = len(counts), sum(counts), 32, 4
+    keys = torch.randn(1, 1, total, dim, generator=generator)
+    values = torch.randn(1, 1, total, dim, generator=generator)
+    owner = torch.repeat_interleave(torch.arange(heads), torch.tensor(counts)).view(1, 1, total)
+    scores = torch.rand(1, 1, total, groups, generator=generator)
+    packed, idx = pack_value_groups(values, scores, 2)  # [1, 1, 2, Ts, 8]
+    seen = values.view(1, 1, total, groups, 8).clone()
+    kept = torch.zeros(1, 1, total, groups, dtype=torch.bool).scatter_(3, idx.long().permute(0, 1, 3, 2), True)
+    if wide:
+        kept[:, :, :wide] = True
+    seen = (seen * kept.unsqueeze(-1)).view(1, 1, total, dim)
+    stored_keys = keys
+    if bits is not None:
+        stored_keys, packed = quantize(keys, bits, 16), quantize(packed, bits, 8)
+        keys = stored_keys.dequantize(torch.float32)
+        base = torch.zeros(1, 1, total, groups, 8)
+        base.scatter_(3, idx.long().permute(0, 1, 3, 2).unsqueeze(-1).expand(-1, -1, -1, -1, 8),
+                      packed.dequantize(torch.float32).permute(0, 1, 3, 2, 4))
+        values_seen = base
+    extra = {}
+    if wide:
+        other, other_idx = other_groups(values[:, :, :wide], idx[..., :wide], groups)
+        other_stored = other if bits is None else quantize(other, bits, 8)
+        extra = {"wide_values": other_stored, "wide_group_idx": other_idx}
+        if bits is not None:
+            values_seen[:, :, :wide].scatter_(
+                3, other_idx.long().permute(0, 1, 3, 2).unsqueeze(-1).expand(-1, -1, -1, -1, 8),
+                other_stored.dequantize(torch.float32).permute(0, 1, 3, 2, 4),
+            )
+    if bits is not None:
+        seen = values_seen.view(1, 1, total, dim)
+    valid = owner == torch.arange(heads).view(1, heads, 1)  # [1, Hkv, Ts]
+    kv = PackedKV(
+        stored_keys, packed, idx, groups, torch.zeros(1, heads, 0, dim), torch.zeros(1, heads, 0, dim),
+        "torch", stored_valid=valid, **extra,
+    )
+    query = torch.randn(1, 2 * heads, 1, dim, generator=generator)
+    per_head = [(keys[0, 0, valid[0, h]], seen[0, 0, valid[0, h]]) for h in range(heads)]
+    return query, kv, per_head
+
+
+@pytest.mark.parametrize("wide", [0, 7], ids=["narrow", "wide"])
+@pytest.mark.parametrize("bits", [None, 4], ids=["plain", "4bit"])
+def test_attention_over_a_shared_row_is_each_heads_attention_over_its_tokens(bits, wide):
+    query, kv, per_head = _shared_row([9, 2, 20], bits, wide)
+    out, mass = packed_attention_reference.packed_attention(query, kv, return_mass=True)
+    assert mass.shape == (1, 3, 31)
+    for head, (keys, values) in enumerate(per_head):
+        q = query[0, 2 * head : 2 * head + 2, 0]  # [R, D]
+        probs = (q @ keys.T * keys.shape[-1] ** -0.5).softmax(-1)  # [R, T_h]
+        torch.testing.assert_close(out[0, 2 * head : 2 * head + 2, 0], probs @ values, atol=2e-5, rtol=1e-4)
+        own = kv.stored_valid[0, head]
+        torch.testing.assert_close(mass[0, head, own], probs.mean(0), atol=1e-6, rtol=1e-5)
+        assert (mass[0, head, ~own] == 0).all(), "a head attends only its own tokens"
+
+
+def test_shared_rows_need_ownership_and_the_reference():
+    query, kv, _ = _shared_row([3, 4])
+    with pytest.raises(ValueError, match="must say which tokens each head owns"):
+        packed_attention(query, dataclasses.replace(kv, stored_valid=None), backend="torch")
+
+
+@triton_only
+def test_triton_refuses_shared_rows():
+    query, kv, _ = _shared_row([3, 4])
+    with pytest.raises(ValueError, match="share one row"):
+        packed_attention(query, kv, backend="triton")
+
+
+def test_floor_heads_gives_each_head_its_floor():
+    heads = torch.tensor([[[0] * 20 + [1] * 10]], dtype=torch.uint8)
+    scores = torch.cat([torch.linspace(1.0, 0.5, 20), torch.linspace(0.01, 0.001, 10)]).view(1, 1, 30)
+    keep = 16
+    assert (heads.gather(2, select_tokens(scores, keep)) == 1).sum() == 0, "by score alone head 1 starves"
+    chosen = heads.gather(2, select_tokens(floor_heads(scores, heads, 2, keep), keep))
+    floor = int(HEAD_FLOOR * keep / 2)
+    assert floor == 2 and (chosen == 1).sum() == floor and (chosen == 0).sum() == keep - floor
+    assert torch.equal(floor_heads(scores, heads, 2, 4), scores), "no floor below one token"
+
+
+def test_spread_heads_keep_more_tokens_than_focused_ones():
+    """Head 0's queries all aim at one token, head 1's see no key (uniform attention): head 1
+    keeps more tokens, head 0 at least its floor."""
+    model = make_tiny_model("llama", num_hidden_layers=1)
+    config = SubTokenConfig(budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive")
+    cache = SubTokenCache(model, config)
+    layer, attention = cache.layers[0], model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 1, 2, 300, 16, generator=generator)
+    queries = torch.zeros(1, 4, 32, 16)  # [B, Hq, W, D]: query heads 0-1 read KV head 0
+    queries[:, :2] = 40 * keys[:, 0, 100] / keys[:, 0, 100].norm()
+    with torch.no_grad():
+        view, _ = layer.update(keys, values)
+        subtok_attention(attention, queries, view, view, None, scaling=0.25)
+        for _ in range(20):
+            k, v = torch.randn(2, 1, 2, 1, 16, generator=generator)
+            view, _ = layer.update(k, v)
+            subtok_attention(attention, queries[:, :, :1], view, view, None, scaling=0.25)
+    counts = [int((layer.stored_heads[0, 0] == h).sum()) for h in range(2)]
+    total = layer.packed_keys.shape[-2]
+    assert counts[1] > counts[0] >= int(HEAD_FLOOR * total / 2), counts
+    stored_keys = layer.packed_keys[0, 0][layer.stored_heads[0, 0] == 0]
+    assert (stored_keys == keys[0, 0, 100]).all(-1).any(), "the token head 0 attends to survives"
+
+
+def test_decode_attention_adds_to_each_tokens_own_head():
+    """While decoding, a stored token's score grows by the attention its own head gave it."""
+    model = make_tiny_model("llama", num_hidden_layers=1)
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive"))
+    layer, attention = cache.layers[0], model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 1, 2, 120, 16, generator=generator)
+    checked = 0
+    with torch.no_grad():
+        view, _ = layer.update(keys, values)
+        subtok_attention(attention, torch.randn(1, 4, 32, 16, generator=generator), view, view, None, scaling=0.25)
+        for _ in range(12):
+            before, heads = layer.token_scores.clone(), layer.stored_heads.clone()
+            k, v = torch.randn(2, 1, 2, 1, 16, generator=generator)
+            query = torch.randn(1, 4, 1, 16, generator=generator)
+            view, _ = layer.update(k, v)
+            _, mass = packed_attention_reference.packed_attention(query, view, None, 0.25, return_mass=True)
+            subtok_attention(attention, query, view, view, None, scaling=0.25)
+            if layer.token_scores.shape == before.shape and torch.equal(layer.stored_heads, heads):  # no pack
+                stored = before.shape[-1]
+                own = mass[..., :stored].gather(1, heads.long())  # [B, 1, Ts]
+                torch.testing.assert_close(layer.token_scores - before, own)
+                assert not torch.allclose(own, mass[:, :1, :stored]), "heads' masses should differ"
+                checked += 1
+    assert checked, "no decode step without a pack was observed"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"bits": None}, {"bits": 4}, {"bits": 2, "rotate": True}, {"span": "adaptive", "router": "attention_value"}],
+    ids=["plain", "4bit", "2bit-rotated", "adaptive-span"],
+)
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.1])
+def test_cache_with_head_budgets_stays_within_budget(budget, extra):
+    model = make_tiny_model("qwen2")
+    config = SubTokenConfig(budget=budget, num_groups=4, window=16, pack_chunk=8, head_budgets="adaptive", **extra)
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, 400), past_key_values=cache)
+        ratios = [cache.memory_report()["ratio"]]
+        for step in range(40):
+            model(input_ids=random_prompts(2, 1, seed=step), past_key_values=cache)
+            ratios.append(cache.memory_report()["ratio"])
+    assert max(ratios) <= budget * 1.01
+    report = cache.memory_report()
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.stored_tensors().values())
+    assert report["stored_bytes"] == held
+    for layer, row in zip(cache.layers, report["per_layer"], strict=True):
+        assert layer.packed_keys.shape[1] == 1 and layer.stored_heads.shape == layer.token_scores.shape
+        counts = [int((layer.stored_heads[0, 0] == h).sum()) for h in range(layer.num_heads)]
+        assert row["tokens_per_head"] == counts
+        assert min(counts) >= int(HEAD_FLOOR * sum(counts) / layer.num_heads)
+
+
+def test_generation_with_head_budgets_runs_and_stays_within_budget():
+    model = make_tiny_model("qwen2")
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.3, num_groups=2, window=16, head_budgets="adaptive"))
+    ids = random_prompts(2, 200)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False)
+    assert out.shape == (2, 240)
+    assert cache.memory_report()["ratio"] <= 0.3 * 1.01
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"head_budgets": "per-head", "budget": 0.25}, "head_budgets must be one of"),
+        ({"head_budgets": "adaptive"}, "head_budgets='adaptive' needs budget="),
+        ({"head_budgets": "adaptive", "budget": 0.8, "axes": "groups"}, "head_budgets='adaptive' needs"),
+    ],
+    ids=["unknown", "no-budget", "groups-only"],
+)
+def test_bad_head_budget_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SubTokenConfig(**kwargs)
