@@ -118,10 +118,14 @@ def test_shared_rows_need_ownership_and_the_reference():
 
 
 @triton_only
-def test_triton_refuses_shared_rows():
-    query, kv, _ = _shared_row([3, 4])
-    with pytest.raises(ValueError, match="share one row"):
-        packed_attention(query, kv, backend="triton")
+@pytest.mark.parametrize("wide", [0, 7], ids=["narrow", "wide"])
+@pytest.mark.parametrize("bits", [None, 4], ids=["plain", "4bit"])
+def test_triton_reads_shared_rows_as_the_reference_does(bits, wide):
+    query, kv, _ = _shared_row([9, 2, 20], bits, wide, seed=3)
+    tail_keys, tail_values = torch.randn(2, 1, 3, 5, 32, generator=torch.Generator().manual_seed(4))
+    kv = dataclasses.replace(kv, tail_keys=tail_keys, tail_values=tail_values)
+    want = packed_attention_reference.packed_attention(query, kv)
+    torch.testing.assert_close(packed_attention(query, kv, backend="triton"), want, atol=2e-5, rtol=1e-4)
 
 
 def test_floor_heads_gives_each_head_its_floor():

@@ -35,7 +35,7 @@ from hf_subtok.kernels._dispatch import (
 from hf_subtok.kernels.merge import merge_attention_states, packed_attention_lse_reference
 from hf_subtok.kernels.packed_attention_reference import packed_value_matmul
 from hf_subtok.packed import PackedKV
-from hf_subtok.stored import token_prefix
+from hf_subtok.stored import map_stored, token_prefix
 
 __all__ = [
     "merge_attention_states",
@@ -125,21 +125,27 @@ def pack_value_groups(
 
 
 def _triton_decodes(query: torch.Tensor, kv: PackedKV, backend: str | None) -> bool:
-    """Whether the Triton kernel computes this call: a decode step (Q = 1) on the Triton path,
-    over packed tokens kept a row per KV head. Rows shared by the heads (per-head budgets) are
-    read by the reference ("auto"), or refused ("triton"): the kernel maps each query head to
-    one row of its own."""
-    chosen = kv.backend if backend is None else backend
-    if not use_triton(chosen, query.device) or query.shape[2] != 1:
-        return False
-    if kv.shares_rows:
-        if chosen == "triton":
-            raise ValueError(
-                "backend='triton' reads a row of packed tokens per KV head; these share one row "
-                "(head_budgets='adaptive'): use backend 'auto' or 'torch'"
-            )
-        return False
-    return True
+    """Whether the Triton kernel computes this call: a decode step (Q = 1) on the Triton path."""
+    return use_triton(kv.backend if backend is None else backend, query.device) and query.shape[2] == 1
+
+
+def _per_head_view(kv: PackedKV) -> PackedKV:
+    """A shared row of packed tokens (`[B, 1, Ts, ...]`, per-head budgets) seen by every KV head
+    (a stride-0 head dim, no copy): each head's program reads the whole row and masks the
+    tokens of other heads with `stored_valid`, so the row is read once per KV head."""
+    heads = kv.kv_heads
+
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(t.shape[0], heads, *t.shape[2:])
+
+    return dataclasses.replace(
+        kv,
+        keys=map_stored(kv.keys, expand),
+        values=map_stored(kv.values, expand),
+        group_idx=expand(kv.group_idx),
+        wide_values=None if kv.wide_values is None else map_stored(kv.wide_values, expand),
+        wide_group_idx=None if kv.wide_group_idx is None else expand(kv.wide_group_idx),
+    )
 
 
 def _decode_triton(query, kv, attention_mask, scaling, out_dtype):
@@ -147,6 +153,8 @@ def _decode_triton(query, kv, attention_mask, scaling, out_dtype):
     over its K groups (with the tail), then the wide tokens alone over their other groups.
     The second output is normalised over the wide tokens only, so it is rescaled by
     `exp(lse_wide - lse)` before it is added."""
+    if kv.shares_rows:
+        kv = _per_head_view(kv)
     wide = 0 if kv.wide_values is None else kv.wide_values.shape[-2]
     if not wide:
         return _decode_triton_launch(query, kv, attention_mask, scaling, out_dtype)
