@@ -449,6 +449,19 @@ class SubTokenLayer(CacheLayerMixin):
                 new_scores = new_scores.gather(2, index)
                 if new_wide is not None:
                     new_wide = new_wide.take(index[..., :wide], keep)
+        limit = None  # most tokens the selection below may keep (None: every candidate)
+        if self.token_scores.shape[-1] == 0 and self.shares_rows:
+            # nothing stored yet: choose across heads first, then quantize each head's survivors
+            # together (`_per_head_survivors`); the selection below keeps exactly those
+            limit, _ = self._fit(budget * new_scores.shape[1], flatten_heads(new_scores, 2), 0, None)
+            index, real = self._per_head_survivors(new_scores, limit)  # [B, Hkv, Cmax]
+            keys = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+            slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, Cmax]
+            packed = packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1]))
+            group_idx = group_idx.gather(3, slot_index)
+            new_scores = new_scores.gather(2, index).masked_fill(~real, float("-inf"))  # padding: fillers
+            if new_wide is not None:
+                new_wide = new_wide.take(index, index.shape[-1])
         heads = None
         if self.shares_rows:  # candidates of every head in one row, head-major
             batch, num_heads, count = new_scores.shape
@@ -479,6 +492,8 @@ class SubTokenLayer(CacheLayerMixin):
         while True:  # per-channel key tables may hold more blocks than full ones would need
             count = stored[3].shape[-1]
             keep, wide = self._fit(budget, stored[3], key_blocks(stored[0]), wide_groups)
+            if limit is not None and keep > limit:
+                keep, wide = limit, min(wide, limit)
             if keep >= count and ordered:
                 break
             index = self._choose(stored[3], stored[4], wide_groups, keep, wide)
@@ -494,6 +509,27 @@ class SubTokenLayer(CacheLayerMixin):
             self.wide_norms = wide_groups.norms
         self._stored_valid = None
         self.packed_positions = behind_window
+
+    def _per_head_survivors(self, scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens a shared row of `keep` would take from `[B, Hkv, T]` candidates, per head:
+        `[B, Hkv, Cmax]` indices (each head's survivors ascending, then its last survivor
+        repeated up to the longest head's count, so quantizing them per head sees no other
+        values) and which entries are survivors rather than repeats."""
+        batch, heads, tokens = scores.shape
+        flat = flatten_heads(scores, 2)  # [B, 1, Hkv*T]
+        owner = torch.arange(heads, dtype=torch.uint8, device=scores.device).repeat_interleave(tokens)
+        chosen = self._choose(flat, owner.expand(batch, 1, -1), None, keep, 0)  # [B, 1, keep]
+        kept = torch.zeros(batch, heads * tokens, dtype=torch.bool, device=scores.device)
+        kept.scatter_(1, chosen[:, 0], True)
+        kept = kept.view(batch, heads, tokens)  # [B, Hkv, T]
+        counts = kept.sum(-1, keepdim=True)  # [B, Hkv, 1]
+        position = torch.arange(tokens, device=scores.device)
+        order = torch.where(kept, position, tokens + position).argsort(dim=-1)  # survivors first, ascending
+        longest = max(int(counts.max()), 1)
+        slots = torch.arange(longest, device=scores.device).view(1, 1, longest)
+        last = (counts - 1).clamp_min(0)
+        index = order.gather(2, torch.minimum(slots, last).expand(batch, heads, longest))  # [B, Hkv, Cmax]
+        return index, slots < counts
 
     def _score_groups(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """`[B, Hkv, T, G]` group scores of `[B, Hkv, T, D]` candidates, their `[B, Hkv, T]`

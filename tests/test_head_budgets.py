@@ -218,6 +218,21 @@ def test_cache_with_head_budgets_stays_within_budget(budget, extra):
         assert min(counts) >= int(HEAD_FLOOR * sum(counts) / layer.num_heads)
 
 
+def test_shared_row_prompt_is_quantized_per_head_in_full_blocks():
+    """Per-channel keys of a shared row: each head's survivors are quantized together (full
+    blocks), so a shared row keeps about as many tokens as a row per head at the same bytes."""
+    kept = {}
+    for head_budgets in ("uniform", "adaptive"):
+        model = make_tiny_model("qwen2")
+        config = SubTokenConfig(budget=0.1, num_groups=2, window=16, bits=2, head_budgets=head_budgets)
+        cache = SubTokenCache(model, config)
+        with torch.no_grad():
+            model(input_ids=random_prompts(1, 600), past_key_values=cache)
+        kept[head_budgets] = sum(sum(layer.tokens_per_head()) for layer in cache.layers)
+        assert cache.memory_report()["ratio"] <= 0.1 * 1.01
+    assert kept["adaptive"] >= 0.9 * kept["uniform"], kept  # (one head byte per token; 0.82 when quantized before selection)
+
+
 def test_generation_with_head_budgets_runs_and_stays_within_budget():
     model = make_tiny_model("qwen2")
     cache = SubTokenCache(model, SubTokenConfig(budget=0.3, num_groups=2, window=16, head_budgets="adaptive"))
