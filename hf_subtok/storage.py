@@ -436,32 +436,23 @@ class SubTokenLayer(CacheLayerMixin):
         )  # [B, Hkv, K, T, C], [B, Hkv, K, T]
         new_scores = _finite_top(scores)  # -inf: filler
         new_wide = self._wide_candidates(values, group_idx)
-        if self.token_scores.shape[-1] == 0 and not self.shares_rows:
+        limit = None  # most tokens the selection below may keep (None: every candidate)
+        if self.token_scores.shape[-1] == 0:
             # nothing stored yet: choose first, then quantize the survivors together (per-channel
             # key blocks are then full blocks of kept tokens)
-            keep, wide = self._fit(budget, new_scores, 0, new_wide)
-            if keep < keys.shape[-2] or new_wide is not None:
+            if self.shares_rows:  # chosen across heads, each head's survivors quantized together
+                limit, _ = self._fit(budget * new_scores.shape[1], flatten_heads(new_scores, 2), 0, None)
+                index, real = self._per_head_survivors(new_scores, limit)  # [B, Hkv, Cmax]
+                wide = index.shape[-1]  # every survivor stays a candidate for widening
+            else:
+                keep, wide = self._fit(budget, new_scores, 0, new_wide)
                 index = self._choose(new_scores, None, new_wide, keep, wide)  # [B, Hkv, keep]
-                keys = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
-                slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
-                packed = packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1]))
-                group_idx = group_idx.gather(3, slot_index)  # (dropped below when every group is kept)
-                new_scores = new_scores.gather(2, index)
-                if new_wide is not None:
-                    new_wide = new_wide.take(index[..., :wide], keep)
-        limit = None  # most tokens the selection below may keep (None: every candidate)
-        if self.token_scores.shape[-1] == 0 and self.shares_rows:
-            # nothing stored yet: choose across heads first, then quantize each head's survivors
-            # together (`_per_head_survivors`); the selection below keeps exactly those
-            limit, _ = self._fit(budget * new_scores.shape[1], flatten_heads(new_scores, 2), 0, None)
-            index, real = self._per_head_survivors(new_scores, limit)  # [B, Hkv, Cmax]
-            keys = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
-            slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, Cmax]
-            packed = packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1]))
-            group_idx = group_idx.gather(3, slot_index)
-            new_scores = new_scores.gather(2, index).masked_fill(~real, float("-inf"))  # padding: fillers
+                real = None
+            keys, packed, group_idx, new_scores = _take_candidates(keys, packed, group_idx, new_scores, index)
+            if real is not None:
+                new_scores = new_scores.masked_fill(~real, float("-inf"))  # repeats: fillers
             if new_wide is not None:
-                new_wide = new_wide.take(index, index.shape[-1])
+                new_wide = new_wide.take(index[..., :wide], index.shape[-1])
         heads = None
         if self.shares_rows:  # candidates of every head in one row, head-major
             batch, num_heads, count = new_scores.shape
@@ -776,6 +767,20 @@ class SubTokenLayer(CacheLayerMixin):
             self.window_keys = self.window_keys[..., :0, :].clone()
             self.window_values = self.window_values[..., :0, :].clone()
         self.seen_tokens = keep
+
+
+def _take_candidates(
+    keys: torch.Tensor, packed: torch.Tensor, group_idx: torch.Tensor, scores: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `[B, Hkv, n]` `index`ed tokens of dense candidates: keys `[B, Hkv, T, D]`, packed
+    groups `[B, Hkv, K, T, C]`, their indices `[B, Hkv, K, T]` and scores `[B, Hkv, T]`."""
+    slot_index = index.unsqueeze(2).expand(-1, -1, packed.shape[2], -1)  # [B, Hkv, K, n]
+    return (
+        keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])),
+        packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1])),
+        group_idx.gather(3, slot_index),
+        scores.gather(2, index),
+    )
 
 
 def _cat_idx(stored: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor | None:
