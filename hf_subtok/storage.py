@@ -63,6 +63,11 @@ class SubTokenLayer(CacheLayerMixin):
     attention ran (the attention function hands over the last queries), and every later
     window chunk is packed after the step's attention, re-selecting tokens so the layer
     never holds more than `budget` of the dense bytes of the tokens seen.
+
+    With `head_budgets="adaptive"` the heads' packed tokens share one row, `[B, 1, Ts, ...]`,
+    each naming its head in `stored_heads` `[B, 1, Ts]`, so heads keep different numbers of
+    tokens. With `span="adaptive"` the first W packed tokens of a row also hold their other
+    G-K groups (`wide_values`, `hf_subtok.span`).
     """
 
     is_sliding = False
