@@ -19,7 +19,7 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from hf_subtok.kernels import packed_attention, packed_attention_reference
+from hf_subtok.kernels import packed_attention
 from hf_subtok.packed import PackedKV, PrefillKV
 from hf_subtok.quant.rotation import rotate_groups
 from hf_subtok.scorers import Observation
@@ -51,11 +51,8 @@ def subtok_attention(module, query, key, value, attention_mask, scaling=None, dr
             query, kv = rotated_attention_inputs(query, key)
         if kv.observer is None:
             out = packed_attention(query, kv, attention_mask, scaling)  # [B, Hq, Q, D]
-        else:
-            # the layer re-allocates by attention mass, which only the reference computes
-            out, mass = packed_attention_reference.packed_attention(
-                query, kv, attention_mask, scaling, return_mass=True
-            )
+        else:  # the layer re-allocates by the attention mass each token got
+            out, mass = packed_attention(query, kv, attention_mask, scaling, return_mass=True)
             kv.observer(mass)
         if rotation is not None:
             out = rotate_groups(out, rotation[1].T)  # each value group back from its rotation

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_subtok.kernels.pack_reference import pack_value_groups
+from hf_subtok.kernels.pack_reference import pack_value_groups, unpack_value_groups
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import quantize
+from hf_subtok.span import other_groups
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,3 +97,72 @@ def assert_within_half_a_step(x: torch.Tensor, q, scale: torch.Tensor, zero: tor
     rounding = torch.finfo(dtype).eps / 2 * got.float().abs() if dtype != torch.float32 else 0
     error = (got.float() - x.float()).abs()
     assert (error <= scale / 2 + arithmetic + rounding).all(), float((error - scale / 2).max())
+
+
+def with_wide_tokens(shape: Shape, dtype: torch.dtype, wide: int, bits: int | None = None, seed: int = 0):
+    """`(query, kv with its first `wide` packed tokens widened, dense [B, Hkv, T, D] keys and
+    the values attention should see: every kept group, zeros for the groups not stored)`."""
+    query, kv, keys, values = make_packed(shape, dtype, seed=seed)
+    stored = shape.stored
+    other, other_idx = other_groups(values[:, :, :wide], kv.group_idx[..., :wide], shape.groups)
+    base, extra = kv.values, other
+    if bits is not None:
+        size = min(base.shape[-1], 16)
+        base, extra = quantize(base, bits, size), quantize(other, bits, size)
+        kv = dataclasses.replace(kv, values=base)
+    kv = dataclasses.replace(kv, wide_values=extra, wide_group_idx=other_idx)
+    as_stored = unpack_value_groups(
+        base if bits is None else base.dequantize(dtype), kv.group_idx, shape.groups
+    )  # [B, Hkv, Ts, D]
+    extra_dense = unpack_value_groups(
+        extra if bits is None else extra.dequantize(dtype), other_idx, shape.groups
+    )
+    as_stored[:, :, :wide] += extra_dense
+    seen = torch.cat([as_stored, values[:, :, stored:]], dim=2)
+    return query, kv, keys, seen
+
+
+def shared_row(counts: list[int], bits: int | None = None, wide: int = 0, seed: int = 0):
+    """A shared-row `PackedKV` holding `counts[h]` tokens of head h (K = 2 of 4 groups, the
+    first `wide` tokens of the row widened), the query `[1, Hq=2*Hkv, 1, D]`, and each head's
+    `(keys [T_h, D], values [T_h, D] as attention sees them)`."""
+    generator = torch.Generator().manual_seed(seed)
+    heads, total, dim, groups = len(counts), sum(counts), 32, 4
+    keys = torch.randn(1, 1, total, dim, generator=generator)
+    values = torch.randn(1, 1, total, dim, generator=generator)
+    owner = torch.repeat_interleave(torch.arange(heads), torch.tensor(counts)).view(1, 1, total)
+    scores = torch.rand(1, 1, total, groups, generator=generator)
+    packed, idx = pack_value_groups(values, scores, 2)  # [1, 1, 2, Ts, 8]
+    seen = values.view(1, 1, total, groups, 8).clone()
+    kept = torch.zeros(1, 1, total, groups, dtype=torch.bool).scatter_(3, idx.long().permute(0, 1, 3, 2), True)
+    if wide:
+        kept[:, :, :wide] = True
+    seen = (seen * kept.unsqueeze(-1)).view(1, 1, total, dim)
+    stored_keys = keys
+    if bits is not None:
+        stored_keys, packed = quantize(keys, bits, 16), quantize(packed, bits, 8)
+        keys = stored_keys.dequantize(torch.float32)
+        base = torch.zeros(1, 1, total, groups, 8)
+        base.scatter_(3, idx.long().permute(0, 1, 3, 2).unsqueeze(-1).expand(-1, -1, -1, -1, 8),
+                      packed.dequantize(torch.float32).permute(0, 1, 3, 2, 4))
+        values_seen = base
+    extra = {}
+    if wide:
+        other, other_idx = other_groups(values[:, :, :wide], idx[..., :wide], groups)
+        other_stored = other if bits is None else quantize(other, bits, 8)
+        extra = {"wide_values": other_stored, "wide_group_idx": other_idx}
+        if bits is not None:
+            values_seen[:, :, :wide].scatter_(
+                3, other_idx.long().permute(0, 1, 3, 2).unsqueeze(-1).expand(-1, -1, -1, -1, 8),
+                other_stored.dequantize(torch.float32).permute(0, 1, 3, 2, 4),
+            )
+    if bits is not None:
+        seen = values_seen.view(1, 1, total, dim)
+    valid = owner == torch.arange(heads).view(1, heads, 1)  # [1, Hkv, Ts]
+    kv = PackedKV(
+        stored_keys, packed, idx, groups, torch.zeros(1, heads, 0, dim), torch.zeros(1, heads, 0, dim),
+        "torch", stored_valid=valid, **extra,
+    )
+    query = torch.randn(1, 2 * heads, 1, dim, generator=generator)
+    per_head = [(keys[0, 0, valid[0, h]], seen[0, 0, valid[0, h]]) for h in range(heads)]
+    return query, kv, per_head

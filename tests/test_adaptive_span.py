@@ -21,10 +21,9 @@ from hf_subtok.allocation import StorageChoice, plan_layer
 from hf_subtok.attention import subtok_attention
 from hf_subtok.kernels import packed_attention, packed_attention_lse
 from hf_subtok.kernels.pack_reference import unpack_value_groups
-from hf_subtok.quant import quantize
 from hf_subtok.scorers import get_group_scorer
 from hf_subtok.span import WideGroups, other_groups, wide_first
-from tests.kernel_cases import DEVICE, DTYPES, TOLERANCE, Shape, make_packed
+from tests.kernel_cases import DEVICE, DTYPES, TOLERANCE, Shape, with_wide_tokens
 from tests.tiny_models import make_tiny_model, random_prompts
 
 triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -44,29 +43,6 @@ def test_other_groups_are_the_complement_in_ascending_order():
     for slot in range(5):
         want = grouped.gather(3, other_idx[:, :, slot].long().view(2, 3, 7, 1, 1).expand(-1, -1, -1, 1, 4))
         torch.testing.assert_close(other[:, :, slot], want.squeeze(3), rtol=0, atol=0)
-
-
-def _with_wide(shape: Shape, dtype: torch.dtype, wide: int, bits: int | None = None, seed: int = 0):
-    """`(query, kv with its first `wide` packed tokens widened, dense [B, Hkv, T, D] keys and
-    the values attention should see: every kept group, zeros for the groups not stored)`."""
-    query, kv, keys, values = make_packed(shape, dtype, seed=seed)
-    stored = shape.stored
-    other, other_idx = other_groups(values[:, :, :wide], kv.group_idx[..., :wide], shape.groups)
-    base, extra = kv.values, other
-    if bits is not None:
-        size = min(base.shape[-1], 16)
-        base, extra = quantize(base, bits, size), quantize(other, bits, size)
-        kv = dataclasses.replace(kv, values=base)
-    kv = dataclasses.replace(kv, wide_values=extra, wide_group_idx=other_idx)
-    as_stored = unpack_value_groups(
-        base if bits is None else base.dequantize(dtype), kv.group_idx, shape.groups
-    )  # [B, Hkv, Ts, D]
-    extra_dense = unpack_value_groups(
-        extra if bits is None else extra.dequantize(dtype), other_idx, shape.groups
-    )
-    as_stored[:, :, :wide] += extra_dense
-    seen = torch.cat([as_stored, values[:, :, stored:]], dim=2)
-    return query, kv, keys, seen
 
 
 def _attention(query, keys, values, valid=None, scale=None):
@@ -94,7 +70,7 @@ WIDE = {"none": 0, "one": 1, "some": 5, "all": None}
 @pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
 def test_attention_reads_the_other_groups_of_wide_tokens(shape, wide, bits, backend):
     wide = shape.stored if wide is None else wide
-    query, kv, keys, seen = _with_wide(shape, torch.float32, wide, bits, seed=wide)
+    query, kv, keys, seen = with_wide_tokens(shape, torch.float32, wide, bits, seed=wide)
     got = packed_attention(query, kv, backend=backend)
     want = _attention(query, keys, seen)
     torch.testing.assert_close(got.float(), want, atol=3e-5, rtol=1e-4)
@@ -105,7 +81,7 @@ def test_attention_reads_the_other_groups_of_wide_tokens(shape, wide, bits, back
 def test_wide_tokens_with_tokens_selected_per_head(dtype, backend):
     """Fillers among the packed tokens (`stored_valid`), a mask over the tail, the lse output."""
     shape = Shape(stored=40, tail=6, head_dim=64, group=2, keep=2, groups=4)
-    query, kv, keys, seen = _with_wide(shape, dtype, 12, bits=4, seed=3)
+    query, kv, keys, seen = with_wide_tokens(shape, dtype, 12, bits=4, seed=3)
     valid = torch.rand(2, 2, 40, generator=torch.Generator().manual_seed(1)).to(DEVICE) > 0.3
     kv = dataclasses.replace(kv, stored_valid=valid)
     mask = torch.ones(2, 1, 1, 6, dtype=torch.bool, device=DEVICE)
@@ -117,7 +93,7 @@ def test_wide_tokens_with_tokens_selected_per_head(dtype, backend):
 
 def test_wide_inputs_are_checked():
     shape = SHAPES[0]
-    query, kv, _, _ = _with_wide(shape, torch.float32, 5)
+    query, kv, _, _ = with_wide_tokens(shape, torch.float32, 5)
     with pytest.raises(ValueError, match="given together"):
         packed_attention(query, dataclasses.replace(kv, wide_group_idx=None), backend="torch")
     with pytest.raises(ValueError, match="wide_group_idx must be uint8"):

@@ -19,11 +19,9 @@ from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.allocation import HEAD_FLOOR, floor_heads, select_tokens
 from hf_subtok.attention import subtok_attention
 from hf_subtok.kernels import packed_attention, packed_attention_reference
-from hf_subtok.kernels.pack_reference import pack_value_groups
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import quantize, quantize_channels
-from hf_subtok.span import other_groups
 from hf_subtok.stored import flatten_heads
+from tests.kernel_cases import shared_row
 from tests.tiny_models import make_tiny_model, random_prompts
 
 triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -50,56 +48,10 @@ def test_flatten_heads_keeps_every_heads_tokens_in_order():
     torch.testing.assert_close(flat.dequantize(torch.float32)[:, 0, 5:10], per_channel.dequantize(torch.float32)[:, 1])
 
 
-def _shared_row(counts: list[int], bits: int | None = None, wide: int = 0, seed: int = 0):
-    """A shared-row `PackedKV` holding `counts[h]` tokens of head h (K = 2 of 4 groups, the
-    first `wide` tokens of the row widened), the query `[1, Hq=2*Hkv, 1, D]`, and each head's
-    `(keys [T_h, D], values [T_h, D] as attention sees them)`."""
-    generator = torch.Generator().manual_seed(seed)
-    heads, total, dim, groups = len(counts), sum(counts), 32, 4
-    keys = torch.randn(1, 1, total, dim, generator=generator)
-    values = torch.randn(1, 1, total, dim, generator=generator)
-    owner = torch.repeat_interleave(torch.arange(heads), torch.tensor(counts)).view(1, 1, total)
-    scores = torch.rand(1, 1, total, groups, generator=generator)
-    packed, idx = pack_value_groups(values, scores, 2)  # [1, 1, 2, Ts, 8]
-    seen = values.view(1, 1, total, groups, 8).clone()
-    kept = torch.zeros(1, 1, total, groups, dtype=torch.bool).scatter_(3, idx.long().permute(0, 1, 3, 2), True)
-    if wide:
-        kept[:, :, :wide] = True
-    seen = (seen * kept.unsqueeze(-1)).view(1, 1, total, dim)
-    stored_keys = keys
-    if bits is not None:
-        stored_keys, packed = quantize(keys, bits, 16), quantize(packed, bits, 8)
-        keys = stored_keys.dequantize(torch.float32)
-        base = torch.zeros(1, 1, total, groups, 8)
-        base.scatter_(3, idx.long().permute(0, 1, 3, 2).unsqueeze(-1).expand(-1, -1, -1, -1, 8),
-                      packed.dequantize(torch.float32).permute(0, 1, 3, 2, 4))
-        values_seen = base
-    extra = {}
-    if wide:
-        other, other_idx = other_groups(values[:, :, :wide], idx[..., :wide], groups)
-        other_stored = other if bits is None else quantize(other, bits, 8)
-        extra = {"wide_values": other_stored, "wide_group_idx": other_idx}
-        if bits is not None:
-            values_seen[:, :, :wide].scatter_(
-                3, other_idx.long().permute(0, 1, 3, 2).unsqueeze(-1).expand(-1, -1, -1, -1, 8),
-                other_stored.dequantize(torch.float32).permute(0, 1, 3, 2, 4),
-            )
-    if bits is not None:
-        seen = values_seen.view(1, 1, total, dim)
-    valid = owner == torch.arange(heads).view(1, heads, 1)  # [1, Hkv, Ts]
-    kv = PackedKV(
-        stored_keys, packed, idx, groups, torch.zeros(1, heads, 0, dim), torch.zeros(1, heads, 0, dim),
-        "torch", stored_valid=valid, **extra,
-    )
-    query = torch.randn(1, 2 * heads, 1, dim, generator=generator)
-    per_head = [(keys[0, 0, valid[0, h]], seen[0, 0, valid[0, h]]) for h in range(heads)]
-    return query, kv, per_head
-
-
 @pytest.mark.parametrize("wide", [0, 7], ids=["narrow", "wide"])
 @pytest.mark.parametrize("bits", [None, 4], ids=["plain", "4bit"])
 def test_attention_over_a_shared_row_is_each_heads_attention_over_its_tokens(bits, wide):
-    query, kv, per_head = _shared_row([9, 2, 20], bits, wide)
+    query, kv, per_head = shared_row([9, 2, 20], bits, wide)
     out, mass = packed_attention_reference.packed_attention(query, kv, return_mass=True)
     assert mass.shape == (1, 3, 31)
     for head, (keys, values) in enumerate(per_head):
@@ -112,7 +64,7 @@ def test_attention_over_a_shared_row_is_each_heads_attention_over_its_tokens(bit
 
 
 def test_shared_rows_need_ownership_and_the_reference():
-    query, kv, _ = _shared_row([3, 4])
+    query, kv, _ = shared_row([3, 4])
     with pytest.raises(ValueError, match="must say which tokens each head owns"):
         packed_attention(query, dataclasses.replace(kv, stored_valid=None), backend="torch")
 
@@ -121,7 +73,7 @@ def test_shared_rows_need_ownership_and_the_reference():
 @pytest.mark.parametrize("wide", [0, 7], ids=["narrow", "wide"])
 @pytest.mark.parametrize("bits", [None, 4], ids=["plain", "4bit"])
 def test_triton_reads_shared_rows_as_the_reference_does(bits, wide):
-    query, kv, _ = _shared_row([9, 2, 20], bits, wide, seed=3)
+    query, kv, _ = shared_row([9, 2, 20], bits, wide, seed=3)
     tail_keys, tail_values = torch.randn(2, 1, 3, 5, 32, generator=torch.Generator().manual_seed(4))
     kv = dataclasses.replace(kv, tail_keys=tail_keys, tail_values=tail_values)
     want = packed_attention_reference.packed_attention(query, kv)

@@ -156,7 +156,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_auto_on_cpu_uses_the_reference(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels._attention_reference, "packed_attention", lambda *a: calls.append(a) or "ref")
+    monkeypatch.setattr(kernels._attention_reference, "packed_attention", lambda *a, **k: calls.append(a) or "ref")
     query, kv, _, _ = make_packed(SHAPE, torch.float32, device="cpu")
     assert packed_attention(query, _replace(kv, backend="auto")) == "ref"
     assert packed_attention(query, _replace(kv, backend="torch")) == "ref"

@@ -53,7 +53,8 @@ def packed_attention(
     attention_mask: torch.Tensor | None = None,
     scaling: float | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+    return_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of `query` over whole keys, packed value groups and the dense tail.
 
     Args:
@@ -67,15 +68,22 @@ def packed_attention(
         scaling: softmax scale, default `D ** -0.5`.
         backend: "auto", "torch" or "triton"; default `kv.backend`. Triton computes decode
             steps (Q = 1); longer queries (prefill chunks) use the reference.
+        return_mass: also return the `[B, Hkv, T]` attention each key got, averaged over the
+            query heads and queries sharing its KV head (what an evicting cache re-selects by);
+            the Triton kernel then also writes its scores, and the mass is `exp(scores - lse)`.
 
     Returns:
-        `[B, Hq, Q, D]` in the query's dtype.
+        `[B, Hq, Q, D]` in the query's dtype (and the mass, if asked).
     """
     check_packed_attention_inputs(query, kv, attention_mask)
     if _triton_decodes(query, kv, backend):
-        out, _ = _decode_triton(query, kv, attention_mask, scaling, query.dtype)
-        return out
-    return _attention_reference.packed_attention(query, kv, attention_mask, scaling)
+        if not return_mass:
+            return _decode_triton(query, kv, attention_mask, scaling, query.dtype)[0]
+        out, lse, scores = _decode_triton(query, kv, attention_mask, scaling, query.dtype, with_scores=True)
+        batch, q_heads, total = scores.shape
+        probs = torch.exp(scores - lse).nan_to_num(0.0)  # [B, Hq, T]; rows without tokens: 0
+        return out, probs.view(batch, kv.kv_heads, q_heads // kv.kv_heads, total).mean(2)
+    return _attention_reference.packed_attention(query, kv, attention_mask, scaling, return_mass=return_mass)
 
 
 def packed_attention_lse(
@@ -148,18 +156,21 @@ def _per_head_view(kv: PackedKV) -> PackedKV:
     )
 
 
-def _decode_triton(query, kv, attention_mask, scaling, out_dtype):
+def _decode_triton(query, kv, attention_mask, scaling, out_dtype, with_scores=False):
     """One decode kernel launch, or two for wide tokens (adaptive span): every packed token
     over its K groups (with the tail), then the wide tokens alone over their other groups.
     The second output is normalised over the wide tokens only, so it is rescaled by
-    `exp(lse_wide - lse)` before it is added."""
+    `exp(lse_wide - lse)` before it is added. `with_scores`: the first launch also returns its
+    `[B, Hq, T]` scores."""
     if kv.shares_rows:
         kv = _per_head_view(kv)
     wide = 0 if kv.wide_values is None else kv.wide_values.shape[-2]
     if not wide:
-        return _decode_triton_launch(query, kv, attention_mask, scaling, out_dtype)
+        return _decode_triton_launch(query, kv, attention_mask, scaling, out_dtype, with_scores)
     plain = dataclasses.replace(kv, wide_values=None, wide_group_idx=None)
-    out, lse = _decode_triton_launch(query, plain, attention_mask, scaling, torch.float32)  # [B, Hq, 1, D], [B, Hq, 1]
+    out, lse, *scores = _decode_triton_launch(
+        query, plain, attention_mask, scaling, torch.float32, with_scores
+    )  # [B, Hq, 1, D], [B, Hq, 1] (, [B, Hq, T])
     widened = dataclasses.replace(
         plain,
         keys=token_prefix(kv.keys, wide),  # [B, Hkv, W, D] (a view)
@@ -174,24 +185,23 @@ def _decode_triton(query, kv, attention_mask, scaling, out_dtype):
     wide_out, wide_lse = _decode_triton_launch(query, widened, mask, scaling, torch.float32)
     share = torch.where(wide_lse.isfinite(), torch.exp(wide_lse - lse), 0.0)  # [B, Hq, 1]
     out = out + share.unsqueeze(-1) * wide_out.nan_to_num()
-    return out.to(out_dtype), lse
+    return (out.to(out_dtype), lse, *scores)
 
 
-def _decode_triton_launch(query, kv, attention_mask, scaling, out_dtype):
-    if kv.group_idx.numel() and kv.group_idx.stride(-1) == 0:
-        # indices implied by keeping every group (a zero-stride view): the kernel reads a row
-        # of indices per slot, so give it one ([B, Hkv, G, Ts] uint8, G bytes per token)
-        kv = dataclasses.replace(kv, group_idx=kv.group_idx.contiguous())
+def _decode_triton_launch(query, kv, attention_mask, scaling, out_dtype, with_scores=False):
+    implied = kv.values.shape[2] == kv.num_groups and kv.group_idx.stride(-1) == 0  # never read then
     check_strides_for_triton(
         {
             "query": query,
             "kv.keys": kv.keys,
             "kv.values": kv.values,
-            "kv.group_idx": kv.group_idx,
+            **({} if implied else {"kv.group_idx": kv.group_idx}),
             "kv.tail_keys": kv.tail_keys,
             "kv.tail_values": kv.tail_values,
         }
     )
     from hf_subtok.kernels.packed_attention_triton import packed_decode_attention_triton
 
-    return packed_decode_attention_triton(query, kv, attention_mask, scaling, out_dtype=out_dtype)
+    return packed_decode_attention_triton(
+        query, kv, attention_mask, scaling, out_dtype=out_dtype, return_scores=with_scores
+    )

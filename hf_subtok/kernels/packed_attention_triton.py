@@ -43,7 +43,8 @@ _LOG2E = 1.4426950408889634
 def _attend_block(q, k, v, valid, allowed, m_i, l_i, acc, LOW_PRECISION_DOT: tl.constexpr):
     """One online-softmax step: q `[R, D]` (scaled, log2 units), k/v `[T, D]`; `valid` `[T]`
     marks real tokens, `allowed` `[T]` the ones the mask lets attend (others get finfo.min,
-    like the reference's `masked_fill`, so a fully masked row stays uniform)."""
+    like the reference's `masked_fill`, so a fully masked row stays uniform). Also returns the
+    block's scores `s` `[R, T]` (log2 units) for callers that write them out."""
     if LOW_PRECISION_DOT:
         s = tl.dot(q.to(k.dtype), tl.trans(k))  # [R, T] float32 accumulation
     else:
@@ -59,7 +60,7 @@ def _attend_block(q, k, v, valid, allowed, m_i, l_i, acc, LOW_PRECISION_DOT: tl.
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     else:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    return m_new, l_i, acc
+    return m_new, l_i, acc, s
 
 
 @triton.jit
@@ -76,7 +77,7 @@ def _dequantize(P, S, Z, p_offset, s_offset, chan, ok, BITS: tl.constexpr, GROUP
 
 @triton.jit
 def _packed_decode_kernel(
-    Q, K, V, IDX, TK, TV, MASK, VALID, OUT, LSE,
+    Q, K, V, IDX, TK, TV, MASK, VALID, OUT, LSE, SC,
     KS, KZ, KB, VS, VZ,
     scale_log2,
     stride_qb, stride_qh,
@@ -92,12 +93,15 @@ def _packed_decode_kernel(
     stride_sb, stride_sh,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
+    stride_scb, stride_sch,
     n_kv_heads, n_stored, n_tail, n_keep, split_tokens,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     WIDTH: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_STORED_VALID: tl.constexpr,
+    WRITE_SCORES: tl.constexpr,
+    IMPLIED_GROUPS: tl.constexpr,
     LOW_PRECISION_DOT: tl.constexpr,
     KEY_BITS: tl.constexpr,
     KEY_GROUP_SIZE: tl.constexpr,
@@ -130,6 +134,7 @@ def _packed_decode_kernel(
     ).to(tl.float32)
     q = q * scale_log2  # [R, D], scores come out in log2 units
 
+    sc_base = SC + b * stride_scb + heads[:, None] * stride_sch  # [R, 1] score rows (WRITE_SCORES)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -156,12 +161,16 @@ def _packed_decode_kernel(
                 k_base, KS, KZ, t[:, None] * stride_kt, ks_offset + key_row[:, None] * stride_kst, d[None, :], td_ok,
                 KEY_BITS, KEY_GROUP_SIZE,
             ).to(Q.dtype.element_ty)  # [T, D], rounded like the reference's dequantize(query.dtype)
-        slot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)  # slot holding channel d of token t
-        hit = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)  # 1 where that group is kept
-        for kk in range(0, n_keep):
-            g = tl.load(i_base + kk * stride_ik + t, mask=t_ok, other=255).to(tl.int32)  # [T]
-            hit += (g[:, None] == d_group[None, :]).to(tl.int32)
-            slot += (g[:, None] < d_group[None, :]).to(tl.int32)
+        if IMPLIED_GROUPS:  # every group kept, none indexed: slot k holds group k
+            slot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32) + d_group[None, :]
+            hit = tl.full([BLOCK_T, BLOCK_D], 1, dtype=tl.int32)
+        else:
+            slot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)  # slot holding channel d of token t
+            hit = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)  # 1 where that group is kept
+            for kk in range(0, n_keep):
+                g = tl.load(i_base + kk * stride_ik + t, mask=t_ok, other=255).to(tl.int32)  # [T]
+                hit += (g[:, None] == d_group[None, :]).to(tl.int32)
+                slot += (g[:, None] < d_group[None, :]).to(tl.int32)
         if VALUE_BITS == 0:
             v = tl.load(
                 v_base + slot * stride_vk + t[:, None] * stride_vt + d_chan[None, :],
@@ -181,7 +190,9 @@ def _packed_decode_kernel(
             allowed = allowed & (tl.load(VALID + b * stride_sb + h * stride_sh + t, mask=t_ok, other=0) != 0)
         elif HAS_MASK:
             allowed = allowed & (tl.load(MASK + b * stride_mb + t, mask=t_ok, other=0) != 0)
-        m_i, l_i, acc = _attend_block(q, k, v, t_ok, allowed, m_i, l_i, acc, LOW_PRECISION_DOT)
+        m_i, l_i, acc, s = _attend_block(q, k, v, t_ok, allowed, m_i, l_i, acc, LOW_PRECISION_DOT)
+        if WRITE_SCORES:  # natural-log scores of position t, for the attention mass
+            tl.store(sc_base + t[None, :], s * 0.6931471805599453, mask=row_ok[:, None] & t_ok[None, :])
 
     # dense tail
     tk_base = TK + b * stride_tkb + h * stride_tkh
@@ -196,7 +207,9 @@ def _packed_decode_kernel(
         allowed = pos_ok
         if HAS_MASK:
             allowed = allowed & (tl.load(MASK + b * stride_mb + mask_tail_offset + t, mask=pos_ok, other=0) != 0)
-        m_i, l_i, acc = _attend_block(q, k, v, pos_ok, allowed, m_i, l_i, acc, LOW_PRECISION_DOT)
+        m_i, l_i, acc, s = _attend_block(q, k, v, pos_ok, allowed, m_i, l_i, acc, LOW_PRECISION_DOT)
+        if WRITE_SCORES:
+            tl.store(sc_base + pos[None, :], s * 0.6931471805599453, mask=row_ok[:, None] & pos_ok[None, :])
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -258,7 +271,8 @@ def packed_decode_attention_triton(
     out_dtype: torch.dtype | None = None,
     split_tokens: int | None = None,
     low_precision_dot: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_scores: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Launch the decode kernel; inputs are assumed checked (see `hf_subtok.kernels`).
 
     Args:
@@ -276,9 +290,13 @@ def packed_decode_attention_triton(
             are merged with `merge_attention_states`. Default: one split on CPU, enough splits
             to fill the GPU otherwise.
         low_precision_dot: feed fp16/bf16 tiles to `tl.dot` as they are (default: on a GPU).
+        return_scores: also return the scaled, masked scores `[B, Hq, T]` float32 (packed
+            tokens then tail; masked positions at float32's minimum), from which the caller
+            computes the attention mass each token got (`exp(scores - lse)`).
 
     Returns:
-        `(out, lse)`: `[B, Hq, 1, D]` normalised output and `[B, Hq, 1]` float32 log-sum-exp.
+        `(out, lse)`: `[B, Hq, 1, D]` normalised output and `[B, Hq, 1]` float32 log-sum-exp;
+        with `return_scores`, `(out, lse, scores)`.
     """
     batch, q_heads, _, head_dim = query.shape
     kv_heads, stored = kv.keys.shape[1], kv.keys.shape[2]
@@ -306,17 +324,20 @@ def packed_decode_attention_triton(
     part_dtype = out_dtype if splits == 1 else torch.float32
     out = torch.empty(batch, q_heads, splits, head_dim, dtype=part_dtype, device=query.device)
     lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=query.device)
+    scores = torch.empty(batch, q_heads, total, dtype=torch.float32, device=query.device) if return_scores else lse
     # empty packed or tail parts: any valid pointer does, the loops never read it
     keys, key_scale, key_zero, key_bits, key_group_size = _storage(kv.keys)
     values, value_scale, value_zero, value_bits, value_group_size = _storage(kv.values)
     key_block = _block_index(kv.keys)  # [B, Hkv, Ts] int16 or None
     block_strides = (0, 0, 0) if key_block is None else key_block.stride()
     group_idx = kv.group_idx
+    # every group kept: indices implied (a zero-stride view of 0..G-1), never read
+    implied = keep == kv.num_groups and group_idx.stride(-1) == 0
     _packed_decode_kernel[(batch * kv_heads, splits)](
         query, keys, values, group_idx, kv.tail_keys, kv.tail_values,
         query if mask is None else mask,  # never read without HAS_MASK
         query if valid is None else valid,  # never read without HAS_STORED_VALID
-        out, lse,
+        out, lse, scores,  # scores: never written without WRITE_SCORES
         key_scale, key_zero,  # never read without KEY_BITS
         keys if key_block is None else key_block,  # never read without KEY_PER_CHANNEL
         value_scale, value_zero,  # never read without VALUE_BITS
@@ -334,12 +355,15 @@ def packed_decode_attention_triton(
         0 if valid is None else valid.stride(0), 0 if valid is None else valid.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
+        scores.stride(0), scores.stride(1),
         kv_heads, stored, tail, keep, split_tokens,
         GROUP=group,
         HEAD_DIM=head_dim,
         WIDTH=head_dim // kv.num_groups,
         HAS_MASK=mask is not None,
         HAS_STORED_VALID=valid is not None,
+        WRITE_SCORES=return_scores,
+        IMPLIED_GROUPS=implied,
         LOW_PRECISION_DOT=low_precision_dot,
         KEY_BITS=key_bits,
         KEY_GROUP_SIZE=key_group_size,
@@ -351,9 +375,10 @@ def packed_decode_attention_triton(
         BLOCK_D=block_d,
         num_warps=4,
     )
+    extra = (scores,) if return_scores else ()
     if splits == 1:
-        return out, lse  # [B, Hq, 1, D], [B, Hq, 1]
+        return (out, lse, *extra)  # [B, Hq, 1, D], [B, Hq, 1], [B, Hq, T]
     from hf_subtok.kernels.merge import merge_attention_states
 
     merged, merged_lse = merge_attention_states(out.unbind(2), lse.unbind(2))  # [B, Hq, D], [B, Hq]
-    return merged.unsqueeze(2).to(out_dtype), merged_lse.unsqueeze(2)
+    return (merged.unsqueeze(2).to(out_dtype), merged_lse.unsqueeze(2), *extra)
