@@ -261,6 +261,7 @@ def _best_bytes(curves: list[tuple[int, torch.Tensor, float]], lam: float, floor
 
 # Each KV head keeps at least this share of an equal split of a shared row (per-head budgets)
 HEAD_FLOOR = 0.25
+FLOOR_BOOST = 1e6  # added to the scores of floor tokens: above any stored score (masses, PRIORITY)
 
 
 def floor_heads(scores: torch.Tensor, heads: torch.Tensor, num_heads: int, keep: int) -> torch.Tensor:
@@ -280,9 +281,6 @@ def floor_heads(scores: torch.Tensor, heads: torch.Tensor, num_heads: int, keep:
     top = per_head.topk(min(floor, scores.shape[-1]), dim=-1)
     first = torch.zeros_like(own).scatter_(2, top.indices, top.values.isfinite())  # [B, Hkv, N]
     return torch.where(first.any(1, keepdim=True), scores + FLOOR_BOOST, scores)
-
-
-FLOOR_BOOST = 1e6  # above any stored score (masses, PRIORITY, FORCED_SCORE)
 
 
 def select_tokens(token_scores: torch.Tensor, keep_tokens: int) -> torch.Tensor:
