@@ -42,10 +42,21 @@ def test_ratio_never_exceeds_budget(budget, axes, dtype, layer_budgets):
     assert max(ratios) >= budget * 0.8, "the budget should be spent, not wasted"
 
 
-def test_ten_thousand_decode_steps_stay_within_budget():
+LAYOUTS = {
+    "rows-per-head": {},
+    "adaptive-span": {"span": "adaptive", "router": "attention_value", "num_groups": 4},
+    "shared-rows": {"head_budgets": "adaptive"},
+    "shared-rows-span": {"head_budgets": "adaptive", "span": "adaptive", "router": "attention_value", "num_groups": 4},
+    "shared-rows-2bit": {"head_budgets": "adaptive", "num_groups": 4, "bits": 2},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_ten_thousand_decode_steps_stay_within_budget(layout):
     """10,000 decode steps through the layer and the registered attention function."""
     model = make_tiny_model("llama", num_hidden_layers=1)
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.25, window=32, pack_chunk=16, token_scorer="key_norm"))
+    config = SubTokenConfig(budget=0.25, window=32, pack_chunk=16, token_scorer="key_norm", **layout)
+    cache = SubTokenCache(model, config)
     layer = cache.layers[0]
     attention = model.model.layers[0].self_attn
     generator = torch.Generator().manual_seed(0)
