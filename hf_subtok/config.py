@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from hf_subtok.accounting import KEY_LAYOUTS, StorageFormat, key_layout_for
+from hf_subtok.accounting import (
+    KEY_LAYOUTS,
+    VALUE_CLIPS,
+    StorageFormat,
+    clips_values,
+    key_layout_for,
+)
 from hf_subtok.quant import SUPPORTED_BITS
 from hf_subtok.scorers import available_group_scorers, available_token_scorers
 
@@ -166,6 +172,13 @@ class SubTokenConfig:
         default=32,
         metadata={"help": "tokens sharing a key channel's scale and zero (key_quantization='channel')"},
     )
+    value_clip: str = field(
+        default="auto",
+        metadata={
+            "help": "quantized value groups over the range of least squared error ('on'), their min/max range "
+            "('off'), or 'auto' (on at 2 bits, where it measured better)"
+        },
+    )
     rotate: bool = field(
         default=False,
         metadata={
@@ -242,6 +255,8 @@ class SubTokenConfig:
                 f"key_quantization must be one of {('auto', *KEY_LAYOUTS)}, got {self.key_quantization!r}"
             )
         _check_int("key_block", self.key_block, 1, None)
+        if self.value_clip not in VALUE_CLIPS:
+            raise ValueError(f"value_clip must be one of {VALUE_CLIPS}, got {self.value_clip!r}")
         _check_int("key_sinks", self.key_sinks, 0, None)
         if not isinstance(self.rotate, bool):
             raise ValueError(f"rotate must be True or False, got {self.rotate!r}")
@@ -355,6 +370,7 @@ class SubTokenConfig:
             self.key_block,
             self.rotate,
             self.head_budgets == "adaptive",
+            clips_values(self.value_clip, bits),
         )
         if bits is not None:
             checks = [("value group width", storage.width, storage.value_group_size)]

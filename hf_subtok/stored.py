@@ -125,7 +125,9 @@ def store_values(values: torch.Tensor, storage: StorageFormat) -> Stored:
     group rotated first if `storage.rotates`)."""
     if storage.bits is None:
         return values
-    return quantize(values_as_stored(values, storage), storage.bits, storage.value_group_size)
+    return quantize(
+        values_as_stored(values, storage), storage.bits, storage.value_group_size, clip=storage.clip_values
+    )
 
 
 def key_blocks(keys: Stored) -> int:

@@ -1,0 +1,89 @@
+"""Value quantization over the range of least squared error (`quantize(clip=True)`).
+
+The clipped round trip never has more squared error per group than the min/max one, keeps
+every element inside its chosen range within half a step, clamps the others to the range's
+ends, and at 2 bits clearly beats min/max on values with outliers. The cache clips value
+groups where `value_clip` says (auto: at 2 bits), never keys, and costs no byte more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.quant import quantize
+from hf_subtok.quant.reference import CLIP_SHRINKS
+from tests.kernel_cases import DTYPES
+from tests.tiny_models import make_tiny_model, random_prompts
+
+
+def _heavy_tailed(*shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=generator)
+    return x * torch.rand(*shape, generator=generator).pow(4).mul(8).add(1)  # a few large entries
+
+
+def _group_error(x, q, group_size):
+    restored = q.dequantize(torch.float32)
+    return (restored - x.float()).square().reshape(*x.shape[:-1], -1, group_size).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_clipped_error_never_exceeds_min_max(bits, dtype):
+    x = _heavy_tailed(3, 5, 7, 64).to(dtype)
+    plain, clipped = quantize(x, bits, 32), quantize(x, bits, 32, clip=True)
+    assert clipped.shape == x.shape and clipped.nbytes == plain.nbytes
+    assert (_group_error(x, clipped, 32) <= _group_error(x, plain, 32) * (1 + 1e-6) + 1e-9).all()
+
+
+def test_clipping_helps_at_two_bits_and_clamps_only_outside_the_range():
+    x = _heavy_tailed(4, 6, 200, 32, seed=1)
+    plain, clipped = quantize(x, 2, 32), quantize(x, 2, 32, clip=True)
+    assert _group_error(x, clipped, 32).sum() < 0.8 * _group_error(x, plain, 32).sum()
+    scale, zero = clipped.scale.float(), clipped.zero.float()  # [..., 1]
+    top = zero + 3 * scale
+    restored = clipped.dequantize(torch.float32)
+    inside = (x >= zero) & (x <= top)
+    error = (restored - x).abs()
+    assert (error[inside] <= (scale / 2).expand_as(x)[inside] * (1 + 1e-5) + 1e-6).all()
+    assert torch.allclose(restored[x > top], top.expand_as(x)[x > top], atol=1e-5)
+    assert torch.allclose(restored[x < zero], zero.expand_as(x)[x < zero], atol=1e-5)
+    assert (~inside).any(), "some outliers should have been clamped"
+
+
+def test_a_group_on_the_min_max_grid_keeps_its_range():
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.5]).repeat(8).view(1, 32)  # exact on the min/max grid
+    plain, clipped = quantize(x, 2, 32), quantize(x, 2, 32, clip=True)
+    assert torch.equal(clipped.scale, plain.scale) and torch.equal(clipped.zero, plain.zero)
+    assert torch.equal(clipped.dequantize(torch.float32), x)
+    assert CLIP_SHRINKS[0] == 1.0
+
+
+@pytest.mark.parametrize(
+    "value_clip, bits, clips",
+    [("auto", 2, True), ("auto", 4, False), ("on", 4, True), ("off", 2, False), ("on", None, False)],
+)
+def test_value_clip_setting(value_clip, bits, clips):
+    config = SubTokenConfig(budget=0.2, num_groups=2, bits=bits, value_clip=value_clip)
+    assert config.storage_format(64, 4).clip_values is clips
+
+
+def test_cache_clips_values_not_keys_at_two_bits():
+    model = make_tiny_model("qwen2")
+    ids = random_prompts(1, 300)
+    caches = {}
+    for value_clip in ("off", "auto"):
+        caches[value_clip] = SubTokenCache(model, SubTokenConfig(budget=0.2, num_groups=2, window=16, bits=2, value_clip=value_clip))
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=caches[value_clip])
+    plain, clipped = caches["off"].layers[0], caches["auto"].layers[0]
+    assert torch.equal(clipped.packed_keys.payload, plain.packed_keys.payload), "keys are never clipped"
+    assert not torch.equal(clipped.packed_values.scale, plain.packed_values.scale)
+    assert caches["auto"].memory_report()["stored_bytes"] == caches["off"].memory_report()["stored_bytes"]
+
+
+def test_bad_value_clip_is_refused():
+    with pytest.raises(ValueError, match="value_clip must be one of"):
+        SubTokenConfig(value_clip="mse")
