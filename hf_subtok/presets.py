@@ -17,8 +17,9 @@ PRESETS: dict[str, dict] = {
     # asked after compression is answered less often (9/12)
     "aggressive": {**_ALL_AXES, "budget": 0.125},
     # 10% of the dense bytes (about 2-bit QuantizedCache's, which collapses there): every
-    # survivor in 2 bits, Hadamard-rotated, keys per channel; 12/12 in the prompt, 11/12
-    # withheld, ppl +4.3% over four continuations (BENCHMARKS.md, "At 2-bit QuantizedCache's bytes")
+    # survivor in 2 bits, Hadamard-rotated, keys per channel, value groups over their
+    # least-error range (value_clip="auto" at 2 bits); 12/12 in the prompt, 11/12 withheld, ppl
+    # +1.9% over four continuations, +4.1% at worst (BENCHMARKS.md, "At 2-bit QuantizedCache's bytes")
     "compact": {**_ALL_AXES, "bits": 2, "rotate": True, "budget": 0.1},
     # every token, 4 of 8 value groups (about 0.76 of the dense bytes): no token is ever dropped
     "groups-only": {"num_groups": 8, "keep_groups": 4, "window": 64},
