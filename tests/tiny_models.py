@@ -50,6 +50,25 @@ def make_tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, see
     return model
 
 
+def decode_within_budget(model, config, prompt_tokens: int, steps: int = 40):
+    """Prefill a batch of 2 random prompts through a `SubTokenCache(model, config)`, decode
+    `steps` random tokens, and check that `memory_report()` never exceeds `config.budget` (1%)
+    and counts exactly the bytes the layers hold. Returns the cache."""
+    from hf_subtok import SubTokenCache
+
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, prompt_tokens), past_key_values=cache)
+        ratios = [cache.memory_report()["ratio"]]
+        for step in range(steps):
+            model(input_ids=random_prompts(2, 1, seed=step), past_key_values=cache)
+            ratios.append(cache.memory_report()["ratio"])
+    assert max(ratios) <= config.budget * 1.01, ratios
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.stored_tensors().values())
+    assert cache.memory_report()["stored_bytes"] == held
+    return cache
+
+
 def random_prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, 256, (batch, length), generator=generator)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from hf_subtok.quant.bits import check_bits, unpack_bits
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class PackedCodes:
+class PackedCodes(ABC):
     """What every quantized storage shares: codes bit-packed along the last dim of `payload`
     (`bits` per code), its logical shape, device and bytes. Subclasses define `payload`,
     `bits` and `tensors()`."""
@@ -36,8 +37,9 @@ class PackedCodes:
     def device(self) -> torch.device:
         return self.payload.device
 
+    @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The stored components by name, for memory accounting."""
 
     @property
     def nbytes(self) -> int:
