@@ -2,7 +2,7 @@
 
 At budget b the packed layer keeps `kept` whole keys and K of G value groups per token, sized
 so the bytes held are b of the dense bytes (K = G: tokens only; K = G/2: fewer groups, more
-tokens), stored plain or quantized to 8/4/2 bits (`--bits`; keys in groups of 32 channels,
+tokens; `--groups`: G = 2 is the presets' layout, G = 8 spreads each slot over G-K+1 = 5 groups), stored plain or quantized to 8/4/2 bits (`--bits`; keys in groups of 32 channels,
 values per kept group, float16 scales and zeros: the cache's defaults). Each quantized row is
 paired with plain storage holding the same number of tokens ("plain, same tokens"), so the
 cost of reading quantized storage shows apart from the budget. One layer of SmolLM2-135M's
@@ -34,7 +34,7 @@ from hf_subtok.kernels import pack_value_groups, packed_attention
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import quantize
 
-KV_HEADS, Q_HEADS, HEAD_DIM, GROUPS, WINDOW, QUANT_GROUP = 3, 9, 64, 8, 64, 32
+KV_HEADS, Q_HEADS, HEAD_DIM, WINDOW, QUANT_GROUP = 3, 9, 64, 64, 32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,19 +57,22 @@ def stored_tokens(tokens: int, budget: float, keep_groups: int, fmt: StorageForm
     return max(1, min(tokens - WINDOW, int((budget * dense_bytes - window_bytes) // cost)))
 
 
-def packed_layer(kept: int, keep_groups: int, bits: int | None, dtype: torch.dtype, generator) -> PackedKV:
-    """A layer of `kept` packed tokens with K = `keep_groups`, plain (`bits=None`) or quantized."""
+def packed_layer(
+    kept: int, groups: int, keep_groups: int, bits: int | None, dtype: torch.dtype, generator
+) -> PackedKV:
+    """A layer of `kept` packed tokens with K = `keep_groups` of G = `groups`, plain (`bits=None`)
+    or quantized."""
     keys = torch.randn(1, KV_HEADS, kept, HEAD_DIM, generator=generator).to(dtype)  # [B, Hkv, Ts, D]
     values = torch.randn(1, KV_HEADS, kept, HEAD_DIM, generator=generator).to(dtype)
-    scores = torch.rand(1, KV_HEADS, kept, GROUPS, generator=generator)
+    scores = torch.rand(1, KV_HEADS, kept, groups, generator=generator)
     packed, idx = pack_value_groups(values, scores, keep_groups)  # [B, Hkv, K, Ts, C]
     if bits is not None:
-        fmt = StorageFormat(HEAD_DIM, GROUPS, dtype.itemsize, bits, QUANT_GROUP)
+        fmt = StorageFormat(HEAD_DIM, groups, dtype.itemsize, bits, QUANT_GROUP)
         keys = quantize(keys, bits, fmt.key_group_size)
         packed = quantize(packed, bits, fmt.value_group_size)
     tail = torch.randn(2, 1, KV_HEADS, WINDOW, HEAD_DIM, generator=generator).to(dtype)
     valid = torch.ones(1, KV_HEADS, kept, dtype=torch.bool)  # what the cache passes while decoding
-    return PackedKV(keys, packed, idx, GROUPS, tail[0], tail[1], "torch", stored_valid=valid)
+    return PackedKV(keys, packed, idx, groups, tail[0], tail[1], "torch", stored_valid=valid)
 
 
 def run_budget(tokens, budget, args, dense_fn, generator) -> tuple[list[dict], list[float]]:
@@ -78,25 +81,26 @@ def run_budget(tokens, budget, args, dense_fn, generator) -> tuple[list[dict], l
     dtype = DTYPES[args.dtype]
     query = torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=generator).to(dtype)  # [B, Hq, 1, D]
     cases, plain_layers = [], {}
-    for keep in (GROUPS, GROUPS // 2):
+    layouts = [(args.groups[0], args.groups[0])] + [(groups, groups // 2) for groups in args.groups]  # (G, K)
+    for groups, keep in layouts:
         for bits in [None, *args.bits]:
-            fmt = StorageFormat(HEAD_DIM, GROUPS, dtype.itemsize, bits, QUANT_GROUP)
+            fmt = StorageFormat(HEAD_DIM, groups, dtype.itemsize, bits, QUANT_GROUP)
             kept = stored_tokens(tokens, budget, keep, fmt)
             storage = "plain" if bits is None else f"int{bits}"
-            cases.append((storage, keep, kept, packed_layer(kept, keep, bits, dtype, generator)))
-            if bits is not None and (kept, keep) not in plain_layers:
-                plain_layers[kept, keep] = packed_layer(kept, keep, None, dtype, generator)
-    cases += [("plain, same tokens", keep, kept, kv) for (kept, keep), kv in plain_layers.items()]
+            cases.append((storage, groups, keep, kept, packed_layer(kept, groups, keep, bits, dtype, generator)))
+            if bits is not None and (kept, groups, keep) not in plain_layers:
+                plain_layers[kept, groups, keep] = packed_layer(kept, groups, keep, None, dtype, generator)
+    cases += [("plain, same tokens", g, k, kept, kv) for (kept, g, k), kv in plain_layers.items()]
     samples = {i: [] for i in range(len(cases))}
     dense = []
     for _ in range(args.rounds):
         dense += time_ms(dense_fn, args.repeats)
-        for i, (_, _, _, kv) in enumerate(cases):
+        for i, (*_, kv) in enumerate(cases):
             samples[i] += time_ms(lambda kv=kv: packed_attention(query, kv), args.repeats)
     rows = [
-        {"tokens": tokens, "storage": storage, "budget": budget, "keep_groups": keep, "stored_tokens": kept,
-         "ms": statistics.median(samples[i])}
-        for i, (storage, keep, kept, _) in enumerate(cases)
+        {"tokens": tokens, "storage": storage, "budget": budget, "groups": groups, "keep_groups": keep,
+         "stored_tokens": kept, "ms": statistics.median(samples[i])}
+        for i, (storage, groups, keep, kept, _) in enumerate(cases)
     ]  # fmt: skip
     return rows, dense
 
@@ -106,6 +110,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--bits", type=int, nargs="*", default=[8, 4, 2], help="quantized rows (none: plain only)")
+    parser.add_argument(
+        "--groups", type=int, nargs="+", default=[8, 2],
+        help="value groups G per token: rows keep K = G (tokens only, once) and K = G/2 of each",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--rounds", type=int, default=5)
@@ -129,7 +137,7 @@ def main() -> None:
             budget_rows += part
             dense += dense_samples
         dense_ms = statistics.median(dense)
-        rows.append({"tokens": tokens, "storage": "dense sdpa", "budget": 1.0, "keep_groups": GROUPS,
+        rows.append({"tokens": tokens, "storage": "dense sdpa", "budget": 1.0, "groups": 1, "keep_groups": 1,
                      "stored_tokens": tokens, "ms": dense_ms})  # fmt: skip
         rows += budget_rows
     for row in rows:
@@ -139,8 +147,8 @@ def main() -> None:
         same = [
             r["ms"] for r in rows
             if r["storage"] == "plain, same tokens" and row["storage"].startswith("int")
-            and (r["tokens"], r["budget"], r["keep_groups"], r["stored_tokens"])
-            == (row["tokens"], row["budget"], row["keep_groups"], row["stored_tokens"])
+            and (r["tokens"], r["budget"], r["groups"], r["keep_groups"], r["stored_tokens"])
+            == (row["tokens"], row["budget"], row["groups"], row["keep_groups"], row["stored_tokens"])
         ]  # fmt: skip
         row["vs_plain_same_tokens"] = row["ms"] / same[0] if same else ""
     for row in rows:
@@ -151,13 +159,15 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"{args.dtype}, {args.threads} thread(s), median of {args.rounds} x {args.repeats} calls per row")
-    print("| tokens | storage | budget | K of 8 | stored tokens | ms | vs dense | target (2b) | vs plain, same tokens |")
+    print("| tokens | storage | budget | K of G | stored tokens | ms | vs dense | target (2b) | vs plain, same tokens |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         same = f"{r['vs_plain_same_tokens']:.2f}x" if r["vs_plain_same_tokens"] != "" else ""
-        target = f"{r['target_2b']:.2f}x" if r["storage"] != "dense sdpa" else ""
+        dense = r["storage"] == "dense sdpa"
+        target = "" if dense else f"{r['target_2b']:.2f}x"
+        layout = "all" if dense else f"{r['keep_groups']} of {r['groups']}"
         print(
-            f"| {r['tokens']} | {r['storage']} | {r['budget']} | {r['keep_groups']} | {r['stored_tokens']} "
+            f"| {r['tokens']} | {r['storage']} | {r['budget']} | {layout} | {r['stored_tokens']} "
             f"| {r['ms']:.3f} | {r['vs_dense']:.2f}x | {target} | {same} |"
         )
 

@@ -3,6 +3,9 @@
 The caches are filled with random keys/values of the requested context length (a decode
 step's cost does not depend on the values), then `--steps` single-token forwards are
 timed, alternating the methods over `--rounds` rounds; the median round is reported.
+Methods: groups only (`--keep`, K of 8, every token) and named presets (`--presets`: every
+axis at the preset's budget, so tokens are evicted, stored in fewer bits and re-selected by
+the attention of each step, as in `generate()`).
 
     python benchmarks/decode_speed.py --contexts 1024 4096 16384 --out bench_out/decode_speed.json
 """
@@ -10,6 +13,7 @@ timed, alternating the methods over `--rounds` rounds; the median round is repor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -21,6 +25,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.presets import resolve_config
 
 logger = logging.getLogger("decode_speed")
 
@@ -47,6 +52,12 @@ def filled_dense_cache(layers: int, heads: int, tokens: int, dim: int, dtype: to
     return cache
 
 
+def filled_preset(preset: str) -> SubTokenConfig:
+    """The preset, scoring the filled prompt by key norm: `from_dense` has no prompt queries for
+    SnapKV (the layout, and so a decode step's cost, is the same whichever tokens are kept)."""
+    return dataclasses.replace(resolve_config(preset), token_scorer="key_norm")
+
+
 def time_decode(model, cache, start: int, steps: int) -> float:
     token = torch.tensor([[7]])
     with torch.no_grad():
@@ -61,7 +72,10 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--keep", type=int, nargs="+", default=[3, 4], help="keep_groups of 8 to measure")
+    parser.add_argument("--keep", type=int, nargs="*", default=[3, 4], help="keep_groups of 8 to measure")
+    parser.add_argument(
+        "--presets", nargs="*", default=[], help="presets to measure too (e.g. balanced compact), at their budgets"
+    )
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench_out/decode_speed.json"))
     args = parser.parse_args()
@@ -72,6 +86,7 @@ def main() -> None:
     rows = []
     for tokens in args.contexts:
         methods = {"dense": None, **{f"subtok k={k}/8": SubTokenConfig(num_groups=8, keep_groups=k, window=args.window) for k in args.keep}}
+        methods.update({f"subtok {preset}": filled_preset(preset) for preset in args.presets})
         seconds: dict[str, list[float]] = {name: [] for name in methods}
         ratios: dict[str, float] = {}
         for round_idx in range(args.rounds):

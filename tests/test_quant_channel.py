@@ -144,3 +144,17 @@ def test_bad_arguments_raise_value_errors():
         ChannelQuantizedTensor(q.payload, q.block[..., :5], q.scale, q.zero, 4, 32)
     with pytest.raises(ValueError, match="block torch.int16"):
         ChannelQuantizedTensor(q.payload, q.block.int(), q.scale, q.zero, 4, 32)
+
+
+def test_rows_by_block_is_each_tokens_own_table_row():
+    """`rows_by_block` equals an elementwise gather by block index, for every (batch, head) row,
+    with tokens out of block order (as after eviction) and a token range."""
+    generator = torch.Generator().manual_seed(3)
+    q = quantize_channels(_keys((2, 3, 40, 16), torch.float32), 4, 8)  # 5 blocks per row
+    order = torch.rand(2, 3, 40, generator=generator).argsort(-1)
+    moved = q.take(order.to(DEVICE))
+    table = torch.randn(*moved.scale.shape[:-1], 3, generator=generator).to(DEVICE)  # [B, Hkv, NB, 3]
+    index = moved.block.long().unsqueeze(-1).expand(-1, -1, -1, 3)
+    want = table.gather(-2, index)  # [B, Hkv, T, 3]
+    torch.testing.assert_close(moved.rows_by_block(table), want, rtol=0, atol=0)
+    torch.testing.assert_close(moved.rows_by_block(table, 7, 29), want[..., 7:29, :], rtol=0, atol=0)

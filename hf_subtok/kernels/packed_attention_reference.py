@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor, unpack_bits
@@ -188,8 +189,12 @@ def key_scores(query: torch.Tensor, keys: StoredKeys) -> torch.Tensor:
 
 def channel_key_scores(query: torch.Tensor, keys: ChannelQuantizedTensor) -> torch.Tensor:
     """`query @ keys^T` in float32 for keys quantized per channel (`quant.channel`), read
-    `BLOCK_TOKENS` tokens at a time: each token's codes are scaled by its block's per-channel
-    scale and zero (gathered by its block index) into a reused buffer, then one matmul.
+    `BLOCK_TOKENS` tokens at a time.
+
+    With `k[t, d] = code[t, d] * scale[b(t), d] + zero[b(t), d]`, `q . k_t = q . (code_t *
+    scale_b) + q . zero_b`: each block of tokens' codes are scaled in place by their table
+    rows (`rows_by_block`) and met by one matmul; the zero term is one `[M, NB]` matmul over
+    the tables, looked up per token (M numbers, not D).
 
     Args:
         query: `[B, Hkv, M, D]`.
@@ -201,14 +206,15 @@ def channel_key_scores(query: torch.Tensor, keys: ChannelQuantizedTensor) -> tor
     batch, heads, rows, dim = query.shape
     tokens = keys.shape[-2]
     q = query.float()
-    scores = torch.empty(batch, heads, rows, tokens, device=query.device)  # [B, Hkv, M, T]
+    scales = keys.scale.float()  # [B, Hkv, NB, D]
+    zero_dots = (keys.zero.float() @ q.transpose(-1, -2)).contiguous()  # [B, Hkv, NB, M]
+    scores = keys.rows_by_block(zero_dots).transpose(-1, -2).contiguous()  # [B, Hkv, M, T]: the zero terms
     buffer = _block_buffer(keys.payload, keys.bits, torch.float32)
     for start in range(0, tokens, BLOCK_TOKENS):
         end = min(start + BLOCK_TOKENS, tokens)
         codes = unpack_codes(keys.payload[..., start:end, :], keys.bits, torch.float32, buffer)  # [B, Hkv, t, D]
-        scale, zero = keys.token_scales(start, end)  # [B, Hkv, t, D] each
-        block_keys = codes.mul_(scale).add_(zero)
-        scores[..., start:end] = q @ block_keys.transpose(-1, -2)
+        codes.mul_(keys.rows_by_block(scales, start, end))
+        scores[..., start:end] += q @ codes.transpose(-1, -2)
     return scores
 
 
@@ -294,12 +300,14 @@ def _slot_groups(keep: int, span: int, group_idx: torch.Tensor) -> torch.Tensor:
 
 def _spread_slots(out: torch.Tensor, num_groups: int) -> torch.Tensor:
     """`[B, Hkv, K, M, span, C]` per-slot results (slot k over groups k..k+span-1) summed into
-    `[B, Hkv, M, G*C]` (K small iterations over the output, never over tokens)."""
+    `[B, Hkv, M, G*C]`: each slot's row of span groups is padded by K zeros and the `[K,
+    span+K]` block re-read as `[K, G]` (row k then starts k places later), so one sum over the
+    slots places every group (a few small ops on the output, never on the tokens)."""
     batch, heads, keep, rows, span, width = out.shape
-    spread = out.new_zeros(batch, heads, rows, num_groups, width)  # [B, Hkv, M, G, C]
-    for slot in range(keep):
-        spread[:, :, :, slot : slot + span] += out[:, :, slot]
-    return spread.view(batch, heads, rows, num_groups * width)
+    rows_by_slot = F.pad(out.permute(0, 1, 3, 5, 2, 4), (0, keep))  # [B, Hkv, M, C, K, span+K]
+    flat = rows_by_slot.reshape(batch, heads, rows, width, keep * (num_groups + 1))[..., : keep * num_groups]
+    spread = flat.view(batch, heads, rows, width, keep, num_groups).sum(4)  # [B, Hkv, M, C, G]
+    return spread.transpose(-1, -2).reshape(batch, heads, rows, num_groups * width)
 
 
 def packed_attention(
