@@ -97,3 +97,13 @@ def test_every_layer_matches_zero_filled_dense_cache(dtype):
     run(dense, "dense")
     for got, want in zip(captured["ours"], captured["dense"], strict=True):
         torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("keep", [8, 3])
+def test_value_matmul_over_no_tokens_is_zero(keep):
+    """A row without packed tokens contributes zeros (every group kept, or some)."""
+    values = torch.randn(1, 2, keep, 0, 8)  # [B, Hkv, K, T=0, C]
+    group_idx = torch.zeros(1, 2, keep, 0, dtype=torch.uint8)
+    out = packed_attention_reference.packed_value_matmul(torch.rand(1, 2, 3, 0), values, group_idx, 8)
+    assert out.shape == (1, 2, 3, 64)
+    assert torch.equal(out, torch.zeros_like(out))

@@ -276,7 +276,7 @@ def _dense_value_matmul(
         return out.transpose(2, 3).reshape(batch, heads, rows, keep * width)
     span = num_groups - keep + 1
     slot_groups = _slot_groups(keep, span, group_idx)  # [K, span, 1]
-    block = min(tokens, BLOCK_TOKENS)
+    block = max(1, min(tokens, BLOCK_TOKENS))  # no tokens: no block, the sum stays zero
     hit_buffer = values.new_empty(batch * heads * keep * span * block)
     weight_buffer = values.new_empty(batch * heads * keep * rows * span * block)
     acc = values.new_zeros(batch, heads, keep, rows * span, width)  # [B, Hkv, K, M*span, C]
