@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per row and round")
     parser.add_argument("--out", type=Path, default=Path("bench_out/cpu_decode_attention.csv"))
     args = parser.parse_args()
+    bad = [g for g in args.groups if g < 2 or HEAD_DIM % g]
+    if bad:
+        parser.error(f"--groups must be at least 2 and divide head_dim {HEAD_DIM}, got {bad}")
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     generator = torch.Generator().manual_seed(0)
