@@ -4,8 +4,9 @@ For every context length, kept-group count and storage precision, one decode ste
 one layer is timed for each provider; achieved bandwidth is the bytes the provider must read
 (keys, kept values, indices, scales and zeros, tail; dense: keys and values) over its time,
 and is also given as a fraction of the device's peak. Storage (`--bits`): plain, or packed
-keys and value groups in 8/4/2 bits as the cache stores them (keys per token at 8 and 4 bits,
-per channel over blocks of `--key-block` tokens at 2, `accounting.key_layout_for`).
+keys and value groups in 8/4/2 bits as the cache stores them (`stored.store_keys` /
+`store_values` with the default config's layout: keys per token at 8 and 4 bits, per channel
+over blocks of `--key-block` tokens at 2; value groups over their least-error range at 2).
 `--mass` also asks for the attention each token got, as every evicting layer does while
 decoding. Rows go to a CSV; the device name is printed. Needs a CUDA device: on a machine
 without one it says so and exits 0.
@@ -23,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from hf_subtok.accounting import StorageFormat, key_layout_for
+from hf_subtok import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups, packed_attention
 from hf_subtok.packed import PackedKV
-from hf_subtok.quant import quantize, quantize_channels
-from hf_subtok.stored import Stored, stored_parts
+from hf_subtok.stored import Stored, store_keys, store_values, stored_parts
 
 logger = logging.getLogger("kernels_bench")
 PROVIDERS = ("sdpa", "torch", "triton")
@@ -36,7 +36,6 @@ FIELDS = [
     "device", "provider", "dtype", "batch", "kv_heads", "q_per_kv", "head_dim", "tokens", "window",
     "groups", "keep", "bits", "mass", "budget", "ms", "bytes_read", "gbps", "peak_fraction", "speedup_vs_sdpa",
 ]  # fmt: skip
-QUANT_GROUP = 32  # channels per scale of keys per token and of value groups (the cache's default)
 
 
 def peak_bandwidth_gbps(device: torch.device) -> float | None:
@@ -86,14 +85,9 @@ def stored_case(args, tokens: int, keep: int, bits: int | None, device: torch.de
     query = torch.randn(b, h * r, 1, d, dtype=dtype, device=device)  # [B, Hq, 1, D]
     scores = torch.rand(b, h, stored, g, device=device)  # [B, Hkv, Ts, G]
     packed, idx = pack_value_groups(values[:, :, :stored], scores, keep)  # [B, Hkv, K, Ts, C]
-    packed_keys = keys[:, :, :stored].contiguous()
-    if bits is not None:
-        fmt = StorageFormat(d, g, dtype.itemsize, bits, QUANT_GROUP)
-        if key_layout_for("auto", bits) == "channel":
-            packed_keys = quantize_channels(packed_keys, bits, args.key_block)
-        else:
-            packed_keys = quantize(packed_keys, bits, fmt.key_group_size)
-        packed = quantize(packed, bits, fmt.value_group_size)
+    storage = SubTokenConfig(num_groups=g, bits=bits, key_block=args.key_block).storage_format(d, dtype.itemsize)
+    packed_keys = store_keys(keys[:, :, :stored].contiguous(), storage)  # as the cache stores them
+    packed = store_values(packed, storage)
     tail_keys, tail_values = keys[:, :, stored:].contiguous(), values[:, :, stored:].contiguous()
     kv = {backend: PackedKV(packed_keys, packed, idx, g, tail_keys, tail_values, backend) for backend in ("torch", "triton")}
     return query, keys, values, kv

@@ -71,6 +71,12 @@ class PackedKV:
     def num_tokens(self) -> int:
         return self.keys.shape[-2] + self.tail_keys.shape[-2]
 
+    @property
+    def implied_groups(self) -> bool:
+        """Whether every group is kept and `group_idx` is the zero-stride view of 0..G-1 the
+        cache passes then (slot k holds group k; the indices are never read)."""
+        return self.values.shape[2] == self.num_groups and self.group_idx.stride(-1) == 0
+
 
 @dataclass(frozen=True)
 class PrefillKV:

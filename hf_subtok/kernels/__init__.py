@@ -189,13 +189,12 @@ def _decode_triton(query, kv, attention_mask, scaling, out_dtype, with_scores=Fa
 
 
 def _decode_triton_launch(query, kv, attention_mask, scaling, out_dtype, with_scores=False):
-    implied = kv.values.shape[2] == kv.num_groups and kv.group_idx.stride(-1) == 0  # never read then
     check_strides_for_triton(
         {
             "query": query,
             "kv.keys": kv.keys,
             "kv.values": kv.values,
-            **({} if implied else {"kv.group_idx": kv.group_idx}),
+            **({} if kv.implied_groups else {"kv.group_idx": kv.group_idx}),  # implied: never read
             "kv.tail_keys": kv.tail_keys,
             "kv.tail_values": kv.tail_values,
         }

@@ -331,8 +331,6 @@ def packed_decode_attention_triton(
     key_block = _block_index(kv.keys)  # [B, Hkv, Ts] int16 or None
     block_strides = (0, 0, 0) if key_block is None else key_block.stride()
     group_idx = kv.group_idx
-    # every group kept: indices implied (a zero-stride view of 0..G-1), never read
-    implied = keep == kv.num_groups and group_idx.stride(-1) == 0
     _packed_decode_kernel[(batch * kv_heads, splits)](
         query, keys, values, group_idx, kv.tail_keys, kv.tail_values,
         query if mask is None else mask,  # never read without HAS_MASK
@@ -363,7 +361,7 @@ def packed_decode_attention_triton(
         HAS_MASK=mask is not None,
         HAS_STORED_VALID=valid is not None,
         WRITE_SCORES=return_scores,
-        IMPLIED_GROUPS=implied,
+        IMPLIED_GROUPS=kv.implied_groups,
         LOW_PRECISION_DOT=low_precision_dot,
         KEY_BITS=key_bits,
         KEY_GROUP_SIZE=key_group_size,
