@@ -284,5 +284,22 @@ def floor_heads(scores: torch.Tensor, heads: torch.Tensor, num_heads: int, keep:
 
 
 def select_tokens(token_scores: torch.Tensor, keep_tokens: int) -> torch.Tensor:
-    """`[B, Hkv, T]` scores -> `[B, Hkv, keep_tokens]` indices of the best tokens, ascending."""
-    return token_scores.topk(keep_tokens, dim=-1).indices.sort(dim=-1).values
+    """`[B, Hkv, T]` scores -> `[B, Hkv, keep_tokens]` indices of the best tokens, ascending
+    (ties broken arbitrarily).
+
+    A pack usually keeps all but a few tokens: then the `T - keep` worst are found (a small
+    `topk`), and the survivors' ascending indices are written to their ranks among the
+    survivors (a cumulative sum and one scatter, no sort and no sync). Measured on a CPU (2
+    threads, 3 rows of 16k tokens, 8 dropped): 0.33 ms against 9.4 ms for `topk` of the kept
+    then `sort`, which remains the path when most tokens go.
+    """
+    tokens = token_scores.shape[-1]
+    drop = tokens - keep_tokens
+    if drop > keep_tokens:
+        return token_scores.topk(keep_tokens, dim=-1).indices.sort(dim=-1).values
+    kept = torch.ones_like(token_scores, dtype=torch.bool)  # [B, Hkv, T]
+    kept.scatter_(-1, token_scores.topk(drop, dim=-1, largest=False).indices, False)
+    rank = torch.where(kept, kept.cumsum(-1) - 1, keep_tokens)  # [B, Hkv, T]: dropped ones to a spare column
+    positions = torch.arange(tokens, device=token_scores.device).expand_as(token_scores)
+    out = torch.empty(*token_scores.shape[:-1], keep_tokens + 1, dtype=torch.long, device=token_scores.device)
+    return out.scatter_(-1, rank, positions)[..., :keep_tokens]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_subtok.allocation import select_tokens
 from hf_subtok.stored import Stored, cat_stored, take_tokens
 
 NORM_DTYPE = torch.float16  # the stored norm of a wide token's other groups
@@ -148,4 +149,4 @@ def _top_unpicked(scores: torch.Tensor, picked: torch.Tensor, count: int) -> tor
     # -inf fillers still rank above the picked tokens (pushed to the float minimum below it)
     ranked = scores.masked_fill(taken, float("-inf")).nan_to_num(neginf=torch.finfo(torch.float32).min)
     ranked = ranked.masked_fill(taken, float("-inf"))
-    return ranked.topk(count, dim=-1).indices.sort(dim=-1).values
+    return select_tokens(ranked, count)
