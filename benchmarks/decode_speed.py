@@ -74,6 +74,15 @@ def time_decode(model, cache, start: int, steps: int) -> tuple[float, float]:
     return times[0], sum(times[1:])
 
 
+def time_prefill(model, tokens: int) -> float:
+    """Seconds of one dense forward over `tokens` random tokens, filling a DynamicCache."""
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+    with torch.no_grad():
+        begin = time.perf_counter()
+        model(input_ids=ids, past_key_values=DynamicCache())
+        return time.perf_counter() - begin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -85,6 +94,9 @@ def main() -> None:
     )
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--prefill", action="store_true", help="also time one dense prefill of each context (what the first step adds to)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_out/decode_speed.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -95,7 +107,11 @@ def main() -> None:
     dtype = torch.float32
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_SHAPE)).eval().to(dtype)
     rows = []
+    prefill_ms = {}
     for tokens in args.contexts:
+        if args.prefill:
+            prefill_ms[tokens] = round(1000 * time_prefill(model, tokens), 1)
+            logger.info("T=%d dense prefill: %.0f ms", tokens, prefill_ms[tokens])
         methods = {"dense": None, **{f"subtok k={k}/8": SubTokenConfig(num_groups=8, keep_groups=k, window=args.window) for k in args.keep}}
         methods.update({f"subtok {preset}": filled_preset(preset) for preset in args.presets})
         seconds: dict[str, list[float]] = {name: [] for name in methods}
@@ -127,7 +143,12 @@ def main() -> None:
                 }
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dense_prefill_ms": prefill_ms,
+    }
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("| context | method | first step ms | decode tok/s | vs dense | stored/dense bytes |")
     print("|---:|---|---:|---:|---:|---:|")
@@ -136,6 +157,8 @@ def main() -> None:
             f"| {row['context']} | {row['method']} | {row['first_step_ms']} | {row['decode_tok_s']} "
             f"| {row['speed_vs_dense']}x | {row['stored_ratio']} |"
         )
+    for tokens, ms in prefill_ms.items():
+        print(f"dense prefill of {tokens} tokens: {ms} ms")
 
 
 if __name__ == "__main__":
