@@ -367,16 +367,23 @@ def masked_scores(
     scores = torch.cat([stored_key_scores(q, kv), q @ kv.tail_keys.transpose(-1, -2)], dim=-1)  # [B, Hkv, R*Q, T]
     scores = scores.float().mul_(scale)  # the concatenation is a fresh tensor: scaled in place
     scores = scores.view(batch, kv_heads, group, q_len, kv.num_tokens)  # [B, Hkv, R, Q, T]
-    mask = _combined_mask(kv, attention_mask, q_len, query.device)  # [B|1, Hkv|1, 1, Q, T] bool
-    if mask is not None:
-        scores.masked_fill_(mask.logical_not(), torch.finfo(scores.dtype).min)
+    lowest = torch.finfo(scores.dtype).min
+    for columns, blocked in _blocked_columns(kv, attention_mask, q_len, query.device):
+        scores[..., columns].masked_fill_(blocked, lowest)
     return scores
 
 
-def _combined_mask(kv: PackedKV, attention_mask: torch.Tensor | None, q_len: int, device) -> torch.Tensor | None:
-    """Boolean `[B|1, Hkv|1, 1, Q, T]` mask over packed tokens then tail, or None (attend all)."""
+def _blocked_columns(
+    kv: PackedKV, attention_mask: torch.Tensor | None, q_len: int, device
+) -> list[tuple[slice, torch.Tensor]]:
+    """The masked keys, part by part: `(columns, blocked)` with `blocked` a `[B|1, Hkv|1, 1,
+    Q|1, n]` bool (True: not attended) over `n` columns of the packed-then-tail keys. Each part
+    is masked where it lies, so no mask over every key is built or concatenated; a decode step
+    with every packed slot valid masks the packed tokens with `[B, Hkv, 1, 1, Ts]` and nothing
+    else."""
     stored, tail = kv.keys.shape[-2], kv.tail_keys.shape[-2]
     total = stored + tail
+    parts = []
     if attention_mask is not None:
         if attention_mask.shape[-2] != q_len or attention_mask.shape[-1] < tail:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match Q={q_len}, T={total}")
@@ -384,28 +391,20 @@ def _combined_mask(kv: PackedKV, attention_mask: torch.Tensor | None, q_len: int
         if allowed.dtype != torch.bool:
             allowed = allowed > torch.finfo(allowed.dtype).min / 2
         allowed = allowed.reshape(allowed.shape[0], 1, 1, q_len, allowed.shape[-1])  # [B|1, 1, 1, Q, T']
-        if kv.stored_valid is None:
+        if kv.stored_valid is None:  # packed tokens in position order: the mask covers them
             if allowed.shape[-1] != total:
                 raise ValueError(f"attention_mask covers {allowed.shape[-1]} keys, the cache holds {total}")
-            return allowed
-        tail_allowed = allowed[..., -tail:]
+            return [(slice(0, total), allowed.logical_not())]
+        if tail:
+            parts.append((slice(stored, total), allowed[..., allowed.shape[-1] - tail :].logical_not()))
     else:
-        tail_allowed = _causal_mask(q_len, tail, device)
-        if tail_allowed is not None:
-            tail_allowed = tail_allowed.view(1, 1, 1, q_len, tail)
-    if kv.stored_valid is None:
-        if tail_allowed is None:
-            return None
-        stored_allowed = torch.ones(1, 1, 1, q_len, stored, dtype=torch.bool, device=device)
-    else:
+        causal = _causal_mask(q_len, tail, device)  # [1, 1, Q, Tt] or None
+        if causal is not None:
+            parts.append((slice(stored, total), causal.view(1, 1, 1, q_len, tail).logical_not()))
+    if kv.stored_valid is not None:
         batch, kv_heads = kv.stored_valid.shape[:2]
-        stored_allowed = kv.stored_valid.view(batch, kv_heads, 1, 1, stored).expand(-1, -1, 1, q_len, -1)
-        if tail_allowed is None:
-            tail_allowed = torch.ones(1, 1, 1, q_len, tail, dtype=torch.bool, device=device)
-    shape = torch.broadcast_shapes(stored_allowed.shape[:3], tail_allowed.shape[:3])
-    return torch.cat(
-        [stored_allowed.expand(*shape, q_len, stored), tail_allowed.expand(*shape, q_len, tail)], dim=-1
-    )
+        parts.append((slice(0, stored), kv.stored_valid.view(batch, kv_heads, 1, 1, stored).logical_not()))
+    return parts
 
 
 def _causal_mask(q_len: int, total: int, device: torch.device) -> torch.Tensor | None:
