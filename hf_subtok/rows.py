@@ -19,9 +19,12 @@ def take_rows(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
 
     Args:
         x: `[*L, T, *R]`, any dtype and strides (non-contiguous `x` is copied first).
-        index: `[*L, n]` integer indices into `T` (leading dims may broadcast to `L`).
+        index: `[*L, n]` integer indices in `[0, T)`, unchecked (one outside reads another
+            row's token); its leading dims may broadcast to `L`, `x`'s may not.
         dim: the dim of `T`, negative counting from the end of `x`.
     """
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
     dim = dim % x.dim()
     lead, length, rest = x.shape[:dim], x.shape[dim], x.shape[dim + 1 :]
     if index.dim() != dim + 1:

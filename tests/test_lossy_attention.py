@@ -49,6 +49,34 @@ def test_packed_attention_equals_zero_filled_dense(dtype, keep, q_len, group, bl
     torch.testing.assert_close(got.float(), want, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("selected", [False, True], ids=["position-order", "selected-per-head"])
+def test_queries_of_a_chunk_are_causal_over_the_tail_without_a_mask(selected):
+    """Q > 1 with no attention mask: each of the Q queries (the last Q tail positions) sees every
+    packed token and the tail up to itself, whether the packed tokens are in position order or
+    selected per head (`stored_valid`, here with one filler slot per row)."""
+    torch.manual_seed(3)
+    batch, heads, stored, tail, q_len, dim, groups = 2, 2, 12, 7, 4, 16, 4
+    keys = torch.randn(batch, heads, stored + tail, dim)
+    values = torch.randn(batch, heads, stored + tail, dim)
+    query = torch.randn(batch, heads, q_len, dim)
+    packed, idx = pack_value_groups(values[:, :, :stored], torch.rand(batch, heads, stored, groups), 2)
+    valid = torch.ones(batch, heads, stored, dtype=torch.bool)
+    if selected:
+        valid[:, :, 5] = False  # a filler slot: never attended
+    kv = PackedKV(
+        keys[:, :, :stored], packed, idx, groups, keys[:, :, stored:], values[:, :, stored:],
+        stored_valid=valid if selected else None,
+    )
+    got = packed_attention(query, kv)
+    allowed = torch.ones(batch, heads, q_len, stored + tail, dtype=torch.bool)
+    allowed[..., :stored] &= valid.unsqueeze(2)
+    query_pos = torch.arange(tail - q_len, tail).view(q_len, 1)
+    allowed[..., stored:] &= torch.arange(tail).view(1, tail) <= query_pos
+    zero_filled = torch.cat([unpack_value_groups(packed, idx, groups), values[:, :, stored:]], dim=2)
+    want = _dense_reference(query, keys, zero_filled, allowed, None)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
 def test_pack_keeps_the_largest_norm_groups():
     values = torch.zeros(1, 1, 2, 8)
     values[0, 0, 0] = torch.tensor([0.1, 5.0, 0.2, -4.0, 0.0, 0.3, 0.0, 0.0])

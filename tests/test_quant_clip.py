@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.quant import quantize
+from hf_subtok.quant import QuantizedTensor, quantize
 from hf_subtok.quant.reference import CLIP_SHRINKS
 from tests.kernel_cases import DTYPES
 from tests.tiny_models import make_tiny_model, random_prompts
@@ -59,6 +59,45 @@ def test_a_group_on_the_min_max_grid_keeps_its_range():
     assert torch.equal(clipped.scale, plain.scale) and torch.equal(clipped.zero, plain.zero)
     assert torch.equal(clipped.dequantize(torch.float32), x)
     assert CLIP_SHRINKS[0] == 1.0
+
+
+def _candidate_errors(x, bits, group_size, scale_dtype):
+    """`[..., N/gs, len(CLIP_SHRINKS)]` true squared round-trip error of every range the search
+    tries (min/max shrunk around the middle), each quantized and dequantized on its own grid."""
+    grouped = x.float().reshape(*x.shape[:-1], -1, group_size)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    middle, half = (low + high) / 2, (high - low) / 2
+    errors = []
+    for shrink in CLIP_SHRINKS:
+        clamped = torch.minimum(torch.maximum(grouped, middle - shrink * half), middle + shrink * half)
+        ranged = quantize(clamped.reshape(x.shape), bits, group_size, scale_dtype)  # min/max of the range
+        grid = QuantizedTensor(ranged.payload, ranged.scale, ranged.zero, bits, group_size)
+        # the grid's codes for the unclamped x: requantize x on the range's scale and zero
+        scale, zero = grid.scale.float().unsqueeze(-1), grid.zero.float().unsqueeze(-1)
+        codes = ((grouped - zero) / torch.where(scale == 0, 1.0, scale)).round().clamp(0, (1 << bits) - 1)
+        errors.append((codes * scale + zero - grouped).square().sum(-1))
+    return torch.stack(errors, -1)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clip_search_picks_the_least_error_range(bits):
+    """The chosen range's true error is the least of every candidate's (up to float rounding):
+    scoring the candidates in code units instead of value units would fail this."""
+    x = _heavy_tailed(6, 40, 64, seed=bits)
+    clipped = quantize(x, bits, 32, clip=True)
+    best = _candidate_errors(x, bits, 32, torch.float16).amin(-1)
+    torch.testing.assert_close(_group_error(x, clipped, 32), best, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=["fp32-scales", "bf16-scales"])
+def test_a_group_one_ulp_wide_keeps_its_exact_grid(scale_dtype):
+    """Shrinking a range one float32 ulp wide collapses it to scale 0; the search must not
+    take that (the min/max grid is exact here)."""
+    a = torch.tensor(5.149428844451904)
+    x = torch.stack([a, torch.nextafter(a, torch.tensor(10.0))] * 16).view(1, 32)
+    plain, clipped = quantize(x, 4, 32, scale_dtype=scale_dtype), quantize(x, 4, 32, scale_dtype=scale_dtype, clip=True)
+    assert float(clipped.scale) != 0.0
+    assert (_group_error(x, clipped, 32) <= _group_error(x, plain, 32)).all()
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,8 @@ def test_take_rows_broadcasts_leading_dims_of_the_index_and_reads_any_strides():
     assert torch.equal(take_rows(x, index.to(torch.int16), 2), expected)
 
 
-def test_take_rows_refuses_an_index_of_the_wrong_rank():
+def test_take_rows_refuses_an_index_of_the_wrong_rank_or_a_dim_out_of_range():
     with pytest.raises(ValueError, match="index must have 3 dims"):
         take_rows(torch.zeros(1, 3, 10, 4), torch.zeros(3, 2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"dim must be in \[-4, 4\)"):
+        take_rows(torch.zeros(1, 3, 10, 4), torch.zeros(1, 3, 10, 2, dtype=torch.long), 6)

@@ -378,9 +378,9 @@ def _blocked_columns(
 ) -> list[tuple[slice, torch.Tensor]]:
     """The masked keys, part by part: `(columns, blocked)` with `blocked` a `[B|1, Hkv|1, 1,
     Q|1, n]` bool (True: not attended) over `n` columns of the packed-then-tail keys. Each part
-    is masked where it lies, so no mask over every key is built or concatenated; a decode step
-    with every packed slot valid masks the packed tokens with `[B, Hkv, 1, 1, Ts]` and nothing
-    else."""
+    is masked where it lies, so no mask over every key is built or concatenated: a decode step
+    of an evicting cache (`stored_valid` given, no attention mask) masks the packed tokens with
+    `[B, Hkv, 1, 1, Ts]` and nothing else."""
     stored, tail = kv.keys.shape[-2], kv.tail_keys.shape[-2]
     total = stored + tail
     parts = []

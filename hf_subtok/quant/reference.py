@@ -105,7 +105,9 @@ def quantize(
         for shrink in CLIP_SHRINKS[1:]:
             trial_zero, trial_scale = _grid(middle - shrink * half, middle + shrink * half, levels, scale_dtype)
             trial_error = _squared_error(grouped, trial_zero, trial_scale, levels)
-            better = trial_error < error
+            # a range shrunk to one value (scale 0) is never taken: its error is not `scale**2 * ...`
+            # (a group that is not constant but spans about one float32 ulp collapses so)
+            better = (trial_error < error) & (trial_scale != 0)
             zero, scale = torch.where(better, trial_zero, zero), torch.where(better, trial_scale, scale)
             error = torch.minimum(error, trial_error)
     codes = _codes(grouped, zero, scale, levels).to(torch.uint8).reshape(*lead, channels)  # [..., N]
@@ -137,7 +139,9 @@ def _squared_error(grouped: torch.Tensor, zero: torch.Tensor, scale: torch.Tenso
 
     With `r = (x - zero) / scale` the error is `scale**2 * sum((clamp(round(r)) - r)**2)`: one
     fused multiply-add, a round, a clamp, a subtraction and a norm per element, about half the
-    passes of dequantizing and comparing (the clip search runs it once per shrink).
+    passes of dequantizing and comparing (the clip search runs it once per shrink). Groups of
+    scale 0 get 0, right only when the group is constant; `quantize` never picks a shrunk range
+    of scale 0.
     """
     inverse = 1 / _divisor(scale)  # [..., N/gs, 1]
     ratio = torch.addcmul(-zero.float().unsqueeze(-1) * inverse, grouped, inverse)  # [..., N/gs, gs]
