@@ -109,7 +109,7 @@ def quantize(
             # (a group that is not constant but spans about one float32 ulp collapses so)
             better = (trial_error < error) & (trial_scale != 0)
             zero, scale = torch.where(better, trial_zero, zero), torch.where(better, trial_scale, scale)
-            error = torch.minimum(error, trial_error)
+            error = torch.where(better, trial_error, error)
     codes = _codes(grouped, zero, scale, levels).to(torch.uint8).reshape(*lead, channels)  # [..., N]
     return QuantizedTensor(pack_bits(codes, bits), scale, zero, bits, group_size)
 
