@@ -101,11 +101,10 @@ def quantize(
     zero, scale = _grid(low, high, levels, scale_dtype)
     if clip:
         middle, half = (low + high) / 2, (high - low) / 2
-        buffers = torch.empty_like(grouped), torch.empty_like(grouped)  # reused by every range tried
-        error = _squared_error(grouped, zero, scale, levels, buffers)  # [..., N/gs]
+        error = _squared_error(grouped, zero, scale, levels)  # [..., N/gs]
         for shrink in CLIP_SHRINKS[1:]:
             trial_zero, trial_scale = _grid(middle - shrink * half, middle + shrink * half, levels, scale_dtype)
-            trial_error = _squared_error(grouped, trial_zero, trial_scale, levels, buffers)
+            trial_error = _squared_error(grouped, trial_zero, trial_scale, levels)
             # a range shrunk to one value (scale 0) is never taken: its error is not `scale**2 * ...`
             # (a group that is not constant but spans about one float32 ulp collapses so)
             better = (trial_error < error) & (trial_scale != 0)
@@ -135,24 +134,16 @@ def _codes(grouped: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, level
     return ((grouped - zero.float().unsqueeze(-1)) / _divisor(scale)).round_().clamp_(0, levels)
 
 
-def _squared_error(
-    grouped: torch.Tensor,
-    zero: torch.Tensor,
-    scale: torch.Tensor,
-    levels: int,
-    buffers: tuple[torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
+def _squared_error(grouped: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
     """`[..., N/gs]` squared round-trip error of each group on the grid `zero`, `scale`.
 
     With `r = (x - zero) / scale` the error is `scale**2 * sum((clamp(round(r)) - r)**2)`: one
     fused multiply-add, a round, a clamp, a subtraction and a norm per element, about half the
-    passes of dequantizing and comparing (the clip search runs it once per shrink), written
-    into two float32 `buffers` shaped like `grouped` (reused across the shrinks: allocating them
-    anew each time, at 3M elements, doubled the time on a CPU). Groups of scale 0 get 0, right
-    only when the group is constant; `quantize` never picks a shrunk range of scale 0.
+    passes of dequantizing and comparing (the clip search runs it once per shrink). Groups of
+    scale 0 get 0, right only when the group is constant; `quantize` never picks a shrunk range
+    of scale 0.
     """
-    ratio, miss = buffers  # [..., N/gs, gs]
     inverse = 1 / _divisor(scale)  # [..., N/gs, 1]
-    torch.addcmul(-zero.float().unsqueeze(-1) * inverse, grouped, inverse, out=ratio)
-    torch.round(ratio, out=miss).clamp_(0, levels).sub_(ratio)
+    ratio = torch.addcmul(-zero.float().unsqueeze(-1) * inverse, grouped, inverse)  # [..., N/gs, gs]
+    miss = ratio.round().clamp_(0, levels).sub_(ratio)
     return torch.linalg.vector_norm(miss, dim=-1).square_() * scale.float().square()
