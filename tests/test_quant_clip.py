@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.quant import QuantizedTensor, quantize
+from hf_subtok.quant import quantize
 from hf_subtok.quant.reference import CLIP_SHRINKS
 from tests.kernel_cases import DTYPES
 from tests.tiny_models import make_tiny_model, random_prompts
@@ -71,9 +71,8 @@ def _candidate_errors(x, bits, group_size, scale_dtype):
     for shrink in CLIP_SHRINKS:
         clamped = torch.minimum(torch.maximum(grouped, middle - shrink * half), middle + shrink * half)
         ranged = quantize(clamped.reshape(x.shape), bits, group_size, scale_dtype)  # min/max of the range
-        grid = QuantizedTensor(ranged.payload, ranged.scale, ranged.zero, bits, group_size)
-        # the grid's codes for the unclamped x: requantize x on the range's scale and zero
-        scale, zero = grid.scale.float().unsqueeze(-1), grid.zero.float().unsqueeze(-1)
+        # the unclamped x on that range's grid (its scale and zero)
+        scale, zero = ranged.scale.float().unsqueeze(-1), ranged.zero.float().unsqueeze(-1)
         codes = ((grouped - zero) / torch.where(scale == 0, 1.0, scale)).round().clamp(0, (1 << bits) - 1)
         errors.append((codes * scale + zero - grouped).square().sum(-1))
     return torch.stack(errors, -1)
