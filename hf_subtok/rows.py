@@ -29,8 +29,6 @@ def take_rows(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     lead, length, rest = x.shape[:dim], x.shape[dim], x.shape[dim + 1 :]
     if index.dim() != dim + 1:
         raise ValueError(f"index must have {dim + 1} dims to gather dim {dim} of {tuple(x.shape)}, got {tuple(index.shape)}")
-    count = index.shape[-1]
-    index = index.long().expand(*lead, count)
-    offsets = torch.arange(lead.numel(), device=index.device).view(*lead, 1) * length  # [*L, 1]
+    offsets = torch.arange(lead.numel(), device=index.device).view(*lead, 1) * length  # [*L, 1] int64
     rows = x.reshape(lead.numel() * length, math.prod(rest)).index_select(0, (index + offsets).reshape(-1))
-    return rows.view(*lead, count, *rest)  # [*L, n, *R]
+    return rows.view(*lead, index.shape[-1], *rest)  # [*L, n, *R]
