@@ -1,0 +1,235 @@
+"""How well could storage below 2 bits per element find the needle if every token were kept?
+
+Issue 7 asks for 94% of dense needle accuracy at 6% of the float32 bytes: 30.7 bytes per
+token and KV head of SmolLM2-135M-Instruct (`D = 64`), less than 2 bits per element for keys
+and values together. Evicting tokens loses the needle when the question comes after
+compression, so the question here is whether every token can stay in so few bits.
+
+This script does not use the cache: it simulates layouts the package does not have. For each
+needle case it runs the dense prefill, quantizes and dequantizes the keys and values (all but
+the newest `window` tokens) in place, and decodes from a `DynamicCache` holding them. So the
+accuracy it reports is a ceiling for such a layout (the real storage would add the rounding of
+its scales), and the bytes it prints come from the layout's formula, not from stored tensors:
+
+- keys: Hadamard-rotated, per channel over blocks of `block` tokens, each block's range
+  chosen among shrinks of its min/max range by least squared error (`c`), or min/max; 1 bit
+  as each channel's least-squares pair of levels over the block;
+- values: Hadamard-rotated, per token and group of `group` channels; 1 bit as the
+  least-squares pair of levels (a few Lloyd steps), 2 bits and more as
+  `hf_subtok.quant.quantize(clip=True)`.
+
+A layout is written `k{bits}b{block}[c]-v{bits}g{group}-w{window}`, e.g. `k2b256c-v1g64-w0`
+(bits 16: left exact):
+
+    python benchmarks/keep_every_token_ceiling.py --layouts k2b256c-v1g64-w0,k2b256c-v16g64-w0
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+from hf_subtok.bench.decoding import eos_ids, greedy_continue
+from hf_subtok.bench.prefill import dense_prefill, dynamic_cache_from
+from hf_subtok.model_loading import load_model_and_tokenizer
+from hf_subtok.quant import quantize
+from hf_subtok.quant.rotation import hadamard
+from hf_subtok.tasks import as_input_ids, build_needle_case
+
+logger = logging.getLogger(__name__)
+
+EXACT = 16  # bits meaning "left as it is"
+KEY_SHRINKS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+LLOYD_STEPS = 4
+SCALE_BYTES = 2  # a float16 scale or zero
+LAYOUT = re.compile(r"k(\d+)b(\d+)(c?)-v(\d+)g(\d+)-w(\d+)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    key_bits: int
+    key_block: int
+    key_clip: bool
+    value_bits: int
+    value_group: int
+    window: int
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        match = LAYOUT.fullmatch(text.strip())
+        if not match:
+            raise ValueError(f"layout must look like k2b256c-v1g64-w0, got {text!r}")
+        kb, block, clip, vb, group, window = match.groups()
+        layout = cls(int(kb), int(block), clip == "c", int(vb), int(group), int(window))
+        for name, bits in (("key bits", layout.key_bits), ("value bits", layout.value_bits)):
+            if bits not in (1, 2, 4, 8, EXACT):
+                raise ValueError(f"{name} must be 1, 2, 4, 8 or {EXACT}, got {bits} in {text!r}")
+        if layout.key_block < 1 or layout.value_group < 1:
+            raise ValueError(f"key block and value group must be positive, got {text!r}")
+        return layout
+
+    def packed_bytes(self, head_dim: int) -> float:
+        """Formula bytes of one packed token and head: payloads and float16 scales and zeros
+        (key tables shared by a full block), no index or score (nothing is evicted)."""
+        key_tables = 2 * SCALE_BYTES * head_dim / self.key_block
+        value_scales = 2 * SCALE_BYTES * head_dim / self.value_group
+        return _payload(head_dim, self.key_bits, key_tables) + _payload(
+            head_dim, self.value_bits, value_scales
+        )
+
+    def ratio(self, head_dim: int, tokens: int) -> float:
+        """Formula share of the float32 dense bytes over `tokens` tokens (window included)."""
+        dense = 2 * head_dim * 4
+        packed = max(tokens - self.window, 0)
+        return (packed * self.packed_bytes(head_dim) + min(self.window, tokens) * dense) / (
+            tokens * dense
+        )
+
+
+def _payload(channels: int, bits: int, scale_bytes: float) -> float:
+    """Bytes of `channels` elements in `bits` bits with `scale_bytes` of scales (float32: exact)."""
+    return channels * 4 if bits == EXACT else channels * bits / 8 + scale_bytes
+
+
+def keys_per_channel(keys: torch.Tensor, bits: int, block: int, clip: bool) -> torch.Tensor:
+    """`[B, Hkv, T, D]` keys round-tripped per channel over blocks of `block` tokens."""
+    levels = (1 << bits) - 1
+    out = torch.empty_like(keys)
+    for start in range(0, keys.shape[-2], block):  # a handful of blocks per layer
+        x = keys[..., start : start + block, :]  # [B, Hkv, b, D]
+        if bits == 1:  # each channel's least-squares pair over the block
+            out[..., start : start + block, :] = two_levels(x.transpose(-1, -2)).transpose(-1, -2)
+            continue
+        low, high = x.amin(-2, keepdim=True), x.amax(-2, keepdim=True)  # [B, Hkv, 1, D]
+        best, best_error = None, None
+        for shrink in KEY_SHRINKS if clip else KEY_SHRINKS[:1]:
+            middle, half = (low + high) / 2, (high - low) / 2 * shrink
+            zero, scale = middle - half, (2 * half / levels).clamp_min(1e-12)
+            trial = ((x - zero) / scale).round().clamp(0, levels) * scale + zero
+            error = (trial - x).square().sum(-2, keepdim=True)  # [B, Hkv, 1, D]
+            better = (
+                error < best_error if best is not None else torch.ones_like(error, dtype=torch.bool)
+            )
+            best = trial if best is None else torch.where(better, trial, best)
+            best_error = error if best_error is None else torch.where(better, error, best_error)
+        out[..., start : start + block, :] = best
+    return out
+
+
+def values_per_token(values: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """`[B, Hkv, T, D]` values round-tripped per token and group of `group` channels."""
+    if bits > 1:
+        return quantize(values, bits, group, clip=True).dequantize(values.dtype)
+    *lead, channels = values.shape
+    return two_levels(values.reshape(*lead, channels // group, group)).reshape(*lead, channels)
+
+
+def two_levels(x: torch.Tensor) -> torch.Tensor:
+    """`x` `[..., g]` with each row replaced by its least-squares pair of levels (1 bit)."""
+    above = x >= x.mean(-1, keepdim=True)
+    for _ in range(LLOYD_STEPS):  # levels: the means of each side; sides: nearest level
+        high, low = _side_means(x, above)
+        above = x >= (high + low) / 2
+    high, low = _side_means(x, above)  # each level the mean of exactly the elements it codes
+    return torch.where(above, high, low)
+
+
+def _side_means(x: torch.Tensor, above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[..., 1]` means of the elements of `x` `[..., g]` above and not above a threshold."""
+    high = (x * above).sum(-1, keepdim=True) / above.sum(-1, keepdim=True).clamp_min(1)
+    low = (x * ~above).sum(-1, keepdim=True) / (~above).sum(-1, keepdim=True).clamp_min(1)
+    return high, low
+
+
+def round_trip(keys: list[torch.Tensor], values: list[torch.Tensor], layout: Layout):
+    """Per layer `[B, Hkv, T, D]` keys and values as `layout` would give them back."""
+    rotation = hadamard(keys[0].shape[-1])
+    out_keys, out_values = [], []
+    for k, v in zip(keys, values, strict=True):
+        packed = max(k.shape[-2] - layout.window, 0)
+        k, v = k.clone(), v.clone()
+        if layout.key_bits != EXACT:
+            rotated = k[..., :packed, :] @ rotation  # orthonormal and symmetric: its own inverse
+            k[..., :packed, :] = (
+                keys_per_channel(rotated, layout.key_bits, layout.key_block, layout.key_clip)
+                @ rotation
+            )
+        if layout.value_bits != EXACT:
+            rotated = v[..., :packed, :] @ rotation
+            v[..., :packed, :] = (
+                values_per_token(rotated, layout.value_bits, layout.value_group) @ rotation
+            )
+        out_keys.append(k)
+        out_values.append(v)
+    return out_keys, out_values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--layouts", required=True, help="comma-separated layouts, e.g. k2b256c-v1g64-w0"
+    )
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    layouts = [Layout.parse(text) for text in args.layouts.split(",")]
+    model, tokenizer = load_model_and_tokenizer(None)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    stop_ids = eos_ids(model)
+    correct = {(layout, setting): 0 for layout in layouts for setting in ("in_prompt", "after")}
+    ratios = {layout: [] for layout in layouts}
+    cases = list(itertools.product(args.lengths, args.depths, args.seeds))
+    with torch.no_grad():
+        for length, depth, seed in cases:
+            case = build_needle_case(tokenizer, length, depth, seed)
+            prompt, context, question = (
+                as_input_ids(ids) for ids in (case.prompt_ids, case.context_ids, case.question_ids)
+            )
+            common = {
+                "max_new_tokens": args.max_new_tokens,
+                "stop_ids": stop_ids,
+                "stop": lambda t, case=case: case.is_correct(
+                    tokenizer.decode(t, skip_special_tokens=True)
+                ),
+            }
+            for setting, ids in (("in_prompt", prompt), ("after", context)):
+                prefill = dense_prefill(model, ids, capture_hidden=False)
+                for layout in layouts:
+                    cache = dynamic_cache_from(*round_trip(prefill.keys, prefill.values, layout))
+                    ratios[layout].append(layout.ratio(head_dim, ids.shape[1]))
+                    if setting == "in_prompt":
+                        gen = greedy_continue(
+                            model, cache, ids.shape[1], first_logits=prefill.last_logits, **common
+                        )
+                    else:
+                        gen = greedy_continue(
+                            model, cache, ids.shape[1], input_ids=question, **common
+                        )
+                    correct[layout, setting] += case.is_correct(
+                        tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+                    )
+            logger.info("case %d tok, depth %g, seed %d done", length, depth, seed)
+    print(
+        "| layout | bytes/token-head (formula) | share of fp32 (formula) | in prompt | withheld |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for layout, text in zip(layouts, args.layouts.split(","), strict=True):
+        share = f"{min(ratios[layout]):.3f}-{max(ratios[layout]):.3f}"
+        print(
+            f"| `{text.strip()}` | {layout.packed_bytes(head_dim):.1f} | {share} | "
+            f"{correct[layout, 'in_prompt']}/{len(cases)} | {correct[layout, 'after']}/{len(cases)} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

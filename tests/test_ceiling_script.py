@@ -1,0 +1,89 @@
+"""`benchmarks/keep_every_token_ceiling.py`: its layouts parse and count bytes as documented,
+and its round trips are the quantizers it claims (least-squares 1-bit pairs, clipped key
+ranges never worse than min/max), so the ceiling it reports is that of the layout named."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "keep_every_token_ceiling.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("keep_every_token_ceiling", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_layout_parses_and_counts_bytes(script):
+    layout = script.Layout.parse("k2b256c-v1g64-w2")
+    assert (layout.key_bits, layout.key_block, layout.key_clip) == (2, 256, True)
+    assert (layout.value_bits, layout.value_group, layout.window) == (1, 64, 2)
+    # keys 16 B + tables 2*2*64/256 = 1 B; values 8 B + one scale and zero 4 B
+    assert layout.packed_bytes(64) == pytest.approx(29.0)
+    # 1022 packed tokens and 2 dense ones (512 B each) of 1024
+    assert layout.ratio(64, 1024) == pytest.approx((1022 * 29.0 + 2 * 512) / (1024 * 512))
+    exact = script.Layout.parse("k16b1-v16g64-w0")
+    assert exact.ratio(64, 100) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("text", ["k2b256c-v1g64", "k3b256-v1g64-w0", "k2b0-v1g64-w0", "v1g64-w0"])
+def test_layout_rejects_bad_text(script, text):
+    with pytest.raises(ValueError, match="layout|bits|positive"):
+        script.Layout.parse(text)
+
+
+def test_one_bit_values_are_the_least_squares_pair(script):
+    torch.manual_seed(0)
+    values = torch.randn(1, 2, 5, 64)
+    out = script.values_per_token(values, 1, 32)
+    grouped, levels = values.reshape(1, 2, 5, 2, 32), out.reshape(1, 2, 5, 2, 32)
+    for row, got in zip(grouped.reshape(-1, 32), levels.reshape(-1, 32), strict=True):
+        high, low = got.max(), got.min()
+        assert set(got.tolist()) == {high.item(), low.item()}
+        upper = got == high
+        # each level is the mean of the elements it stands for (a fixed point of Lloyd's steps)
+        assert high.item() == pytest.approx(row[upper].mean().item(), abs=1e-5)
+        assert low.item() == pytest.approx(row[~upper].mean().item(), abs=1e-5)
+        # and its error is below the sign-times-mean-magnitude pair's
+        sign = torch.where(row >= row.mean(), 1.0, -1.0) * (row - row.mean()).abs().mean() + row.mean()
+        assert (got - row).square().sum() <= (sign - row).square().sum() + 1e-6
+
+
+def test_clipped_keys_are_never_worse_than_min_max(script):
+    torch.manual_seed(1)
+    keys = torch.randn(1, 3, 300, 64)
+    keys[..., 0, :] *= 20  # an outlier token sets every channel's min/max range
+    plain = script.keys_per_channel(keys, 2, 128, clip=False)
+    clipped = script.keys_per_channel(keys, 2, 128, clip=True)
+    for start in range(0, 300, 128):
+        block = slice(start, start + 128)
+        plain_error = (plain[..., block, :] - keys[..., block, :]).square().sum(-2)
+        clipped_error = (clipped[..., block, :] - keys[..., block, :]).square().sum(-2)
+        assert bool((clipped_error <= plain_error + 1e-5).all())
+    assert (clipped - keys).square().sum() < 0.8 * (plain - keys).square().sum()
+    # at most four levels per channel and block
+    assert all(clipped[0, 0, :128, c].unique().numel() <= 4 for c in range(64))
+
+
+def test_round_trip_leaves_the_window_and_exact_parts_alone(script):
+    torch.manual_seed(2)
+    keys = [torch.randn(1, 2, 40, 64)]
+    values = [torch.randn(1, 2, 40, 64)]
+    out_keys, out_values = script.round_trip(keys, values, script.Layout.parse("k2b16c-v16g64-w8"))
+    assert torch.equal(out_keys[0][..., 32:, :], keys[0][..., 32:, :])
+    assert torch.equal(out_values[0], values[0])
+    assert not torch.allclose(out_keys[0][..., :32, :], keys[0][..., :32, :], atol=1e-3)
+    # still close: rotated 2-bit keys of unit-variance channels
+    assert (out_keys[0][..., :32, :] - keys[0][..., :32, :]).square().mean() < 0.2
