@@ -16,10 +16,12 @@ its scales), and the bytes it prints come from the layout's formula, not from st
   as each channel's least-squares pair of levels over the block;
 - values: Hadamard-rotated, per token and group of `group` channels; 1 bit as the
   least-squares pair of levels (a few Lloyd steps), 2 bits and more as
-  `hf_subtok.quant.quantize(clip=True)`.
+  `hf_subtok.quant.quantize(clip=True)`; or (`r{rank}`) exact coefficients on each head's
+  `rank` principal directions of its centred values (the rank axis of DESIGN.md, with a basis
+  fitted to the prompt itself, counted in the bytes).
 
-A layout is written `k{bits}b{block}[c]-v{bits}g{group}-w{window}`, e.g. `k2b256c-v1g64-w0`
-(bits 16: left exact):
+A layout is written `k{bits}b{block}[c]-v{bits}g{group}-w{window}` or
+`k{bits}b{block}[c]-r{rank}-w{window}`, e.g. `k2b256c-v1g64-w0` (bits 16: left exact):
 
     python benchmarks/keep_every_token_ceiling.py --layouts k2b256c-v1g64-w0,k2b256c-v16g64-w0
 """
@@ -47,7 +49,7 @@ EXACT = 16  # bits meaning "left as it is"
 KEY_SHRINKS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 LLOYD_STEPS = 4
 SCALE_BYTES = 2  # a float16 scale or zero
-LAYOUT = re.compile(r"k(\d+)b(\d+)(c?)-v(\d+)g(\d+)-w(\d+)")
+LAYOUT = re.compile(r"k(\d+)b(\d+)(c?)-(?:v(\d+)g(\d+)|r(\d+))-w(\d+)")
 
 
 @dataclass(frozen=True)
@@ -58,18 +60,23 @@ class Layout:
     value_bits: int
     value_group: int
     window: int
+    value_rank: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> Layout:
         match = LAYOUT.fullmatch(text.strip())
         if not match:
             raise ValueError(f"layout must look like k2b256c-v1g64-w0, got {text!r}")
-        kb, block, clip, vb, group, window = match.groups()
-        layout = cls(int(kb), int(block), clip == "c", int(vb), int(group), int(window))
+        kb, block, clip, vb, group, rank, window = match.groups()
+        if rank is not None:  # exact coefficients on a rank-r basis
+            vb, group = EXACT, 1
+        layout = cls(
+            int(kb), int(block), clip == "c", int(vb), int(group), int(window), rank and int(rank)
+        )
         for name, bits in (("key bits", layout.key_bits), ("value bits", layout.value_bits)):
             if bits not in (1, 2, 4, 8, EXACT):
                 raise ValueError(f"{name} must be 1, 2, 4, 8 or {EXACT}, got {bits} in {text!r}")
-        if layout.key_block < 1 or layout.value_group < 1:
+        if layout.key_block < 1 or layout.value_group < 1 or layout.value_rank == 0:
             raise ValueError(f"key block and value group must be positive, got {text!r}")
         return layout
 
@@ -77,15 +84,22 @@ class Layout:
         """Formula bytes of one packed token and head: payloads and float16 scales and zeros
         (key tables shared by a full block), no index or score (nothing is evicted)."""
         key_tables = 2 * SCALE_BYTES * head_dim / self.key_block
-        value_scales = 2 * SCALE_BYTES * head_dim / self.value_group
-        return _payload(head_dim, self.key_bits, key_tables) + _payload(
-            head_dim, self.value_bits, value_scales
+        keys = _payload(head_dim, self.key_bits, key_tables)
+        if self.value_rank is not None:  # float32 coefficients (the basis: `ratio`)
+            return keys + self.value_rank * 4
+        return keys + _payload(
+            head_dim, self.value_bits, 2 * SCALE_BYTES * head_dim / self.value_group
         )
 
     def ratio(self, head_dim: int, tokens: int) -> float:
         """Formula share of the float32 dense bytes over `tokens` tokens (window included)."""
         dense = 2 * head_dim * 4
         packed = max(tokens - self.window, 0)
+        if self.value_rank is not None:  # each head's float32 basis `[D, r]` and mean `[D]`
+            basis = head_dim * (self.value_rank + 1) * 4
+            return (
+                packed * self.packed_bytes(head_dim) + basis + min(self.window, tokens) * dense
+            ) / (tokens * dense)
         return (packed * self.packed_bytes(head_dim) + min(self.window, tokens) * dense) / (
             tokens * dense
         )
@@ -139,6 +153,15 @@ def two_levels(x: torch.Tensor) -> torch.Tensor:
     return torch.where(above, high, low)
 
 
+def low_rank(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """`[B, Hkv, T, D]` values projected on each head's `rank` principal directions (of its
+    centred values) and back."""
+    mean = values.mean(-2, keepdim=True)  # [B, Hkv, 1, D]
+    centred = values - mean
+    basis = torch.linalg.svd(centred, full_matrices=False).Vh[..., :rank, :]  # [B, Hkv, r, D]
+    return centred @ basis.transpose(-1, -2) @ basis + mean
+
+
 def _side_means(x: torch.Tensor, above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`[..., 1]` means of the elements of `x` `[..., g]` above and not above a threshold."""
     high = (x * above).sum(-1, keepdim=True) / above.sum(-1, keepdim=True).clamp_min(1)
@@ -159,7 +182,9 @@ def round_trip(keys: list[torch.Tensor], values: list[torch.Tensor], layout: Lay
                 keys_per_channel(rotated, layout.key_bits, layout.key_block, layout.key_clip)
                 @ rotation
             )
-        if layout.value_bits != EXACT:
+        if layout.value_rank is not None:
+            v[..., :packed, :] = low_rank(v[..., :packed, :], layout.value_rank)
+        elif layout.value_bits != EXACT:
             rotated = v[..., :packed, :] @ rotation
             v[..., :packed, :] = (
                 values_per_token(rotated, layout.value_bits, layout.value_group) @ rotation

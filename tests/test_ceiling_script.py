@@ -87,3 +87,24 @@ def test_round_trip_leaves_the_window_and_exact_parts_alone(script):
     assert not torch.allclose(out_keys[0][..., :32, :], keys[0][..., :32, :], atol=1e-3)
     # still close: rotated 2-bit keys of unit-variance channels
     assert (out_keys[0][..., :32, :] - keys[0][..., :32, :]).square().mean() < 0.2
+
+
+def test_rank_layout_counts_its_basis(script):
+    layout = script.Layout.parse("k16b1-r32-w0")
+    assert layout.value_rank == 32 and layout.value_bits == script.EXACT
+    assert layout.packed_bytes(64) == pytest.approx(64 * 4 + 32 * 4)  # exact key, 32 coefficients
+    basis = 64 * 33 * 4  # [D, r] basis and [D] mean in float32, once per head
+    assert layout.ratio(64, 1000) == pytest.approx((1000 * (256 + 128) + basis) / (1000 * 512))
+    with pytest.raises(ValueError, match="positive"):
+        script.Layout.parse("k16b1-r0-w0")
+
+
+def test_low_rank_keeps_the_top_directions(script):
+    torch.manual_seed(3)
+    values = torch.randn(1, 2, 50, 8) @ torch.randn(8, 8)
+    assert torch.allclose(script.low_rank(values, 8), values, atol=1e-4)
+    centred = values - values.mean(-2, keepdim=True)
+    singular = torch.linalg.svdvals(centred)  # [1, 2, 8], descending
+    error = (script.low_rank(values, 3) - values).square().sum((-1, -2))
+    # the least squared error of a rank-3 fit is the dropped singular values' squares
+    assert torch.allclose(error, singular[..., 3:].square().sum(-1), rtol=1e-4)
