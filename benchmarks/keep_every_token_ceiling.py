@@ -18,10 +18,13 @@ its scales), and the bytes it prints come from the layout's formula, not from st
   least-squares pair of levels (a few Lloyd steps), 2 bits and more as
   `hf_subtok.quant.quantize(clip=True)`; or (`r{rank}`) exact coefficients on each head's
   `rank` principal directions of its centred values (the rank axis of DESIGN.md, with a basis
-  fitted to the prompt itself, counted in the bytes).
+  fitted to the prompt itself, counted in the bytes); or (`q{dim}x{codes}`) vector-quantized:
+  rotated, scaled to unit RMS per token (a float16 scale), pieces of `dim` channels coded by
+  the nearest of `codes` codewords fitted per head by k-means on the prompt's own pieces
+  (the float16 codebook counted in the bytes).
 
-A layout is written `k{bits}b{block}[c]-v{bits}g{group}-w{window}` or
-`k{bits}b{block}[c]-r{rank}-w{window}`, e.g. `k2b256c-v1g64-w0` (bits 16: left exact):
+A layout is written `k{bits}b{block}[c]-v{bits}g{group}-w{window}` (or `r{rank}` or
+`q{dim}x{codes}` in place of `v{bits}g{group}`), e.g. `k2b256c-v1g64-w0` (bits 16: left exact):
 
     python benchmarks/keep_every_token_ceiling.py --layouts k2b256c-v1g64-w0,k2b256c-v16g64-w0
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -49,7 +53,8 @@ EXACT = 16  # bits meaning "left as it is"
 KEY_SHRINKS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 LLOYD_STEPS = 4
 SCALE_BYTES = 2  # a float16 scale or zero
-LAYOUT = re.compile(r"k(\d+)b(\d+)(c?)-(?:v(\d+)g(\d+)|r(\d+))-w(\d+)")
+LAYOUT = re.compile(r"k(\d+)b(\d+)(c?)-(?:v(\d+)g(\d+)|r(\d+)|q(\d+)x(\d+))-w(\d+)")
+KMEANS_STEPS = 15
 
 
 @dataclass(frozen=True)
@@ -61,18 +66,25 @@ class Layout:
     value_group: int
     window: int
     value_rank: int | None = None
+    code_dim: int | None = None  # vector-quantized values: channels per code ...
+    codes: int | None = None  # ... and codewords per codebook
 
     @classmethod
     def parse(cls, text: str) -> Layout:
         match = LAYOUT.fullmatch(text.strip())
         if not match:
             raise ValueError(f"layout must look like k2b256c-v1g64-w0, got {text!r}")
-        kb, block, clip, vb, group, rank, window = match.groups()
-        if rank is not None:  # exact coefficients on a rank-r basis
+        kb, block, clip, vb, group, rank, code_dim, codes, window = match.groups()
+        if vb is None:  # exact coefficients on a rank-r basis, or codewords
             vb, group = EXACT, 1
         layout = cls(
-            int(kb), int(block), clip == "c", int(vb), int(group), int(window), rank and int(rank)
-        )
+            int(kb), int(block), clip == "c", int(vb), int(group), int(window),
+            rank and int(rank), code_dim and int(code_dim), codes and int(codes),
+        )  # fmt: skip
+        if layout.code_dim is not None and (layout.code_dim < 1 or layout.codes < 2):
+            raise ValueError(
+                f"vector codes need positive channels and at least 2 codewords, got {text!r}"
+            )
         for name, bits in (("key bits", layout.key_bits), ("value bits", layout.value_bits)):
             if bits not in (1, 2, 4, 8, EXACT):
                 raise ValueError(f"{name} must be 1, 2, 4, 8 or {EXACT}, got {bits} in {text!r}")
@@ -87,6 +99,10 @@ class Layout:
         keys = _payload(head_dim, self.key_bits, key_tables)
         if self.value_rank is not None:  # float32 coefficients (the basis: `ratio`)
             return keys + self.value_rank * 4
+        if self.code_dim is not None:  # a codeword index per `code_dim` channels, a float16 scale
+            return (
+                keys + head_dim / self.code_dim * math.ceil(math.log2(self.codes)) / 8 + SCALE_BYTES
+            )
         return keys + _payload(
             head_dim, self.value_bits, 2 * SCALE_BYTES * head_dim / self.value_group
         )
@@ -95,14 +111,13 @@ class Layout:
         """Formula share of the float32 dense bytes over `tokens` tokens (window included)."""
         dense = 2 * head_dim * 4
         packed = max(tokens - self.window, 0)
-        if self.value_rank is not None:  # each head's float32 basis `[D, r]` and mean `[D]`
-            basis = head_dim * (self.value_rank + 1) * 4
-            return (
-                packed * self.packed_bytes(head_dim) + basis + min(self.window, tokens) * dense
-            ) / (tokens * dense)
-        return (packed * self.packed_bytes(head_dim) + min(self.window, tokens) * dense) / (
-            tokens * dense
-        )
+        shared = 0  # per head: a float32 basis `[D, r]` and mean `[D]`, or a float16 codebook
+        if self.value_rank is not None:
+            shared = head_dim * (self.value_rank + 1) * 4
+        elif self.code_dim is not None:
+            shared = self.codes * self.code_dim * SCALE_BYTES
+        stored = packed * self.packed_bytes(head_dim) + shared + min(self.window, tokens) * dense
+        return stored / (tokens * dense)
 
 
 def _payload(channels: int, bits: int, scale_bytes: float) -> float:
@@ -162,6 +177,50 @@ def low_rank(values: torch.Tensor, rank: int) -> torch.Tensor:
     return centred @ basis.transpose(-1, -2) @ basis + mean
 
 
+def vector_quantized(values: torch.Tensor, code_dim: int, codes: int) -> torch.Tensor:
+    """`[B, Hkv, T, D]` values, each token scaled to unit RMS (float16 scale) and cut into
+    `D / code_dim` pieces, each piece replaced by the nearest of `codes` float16 codewords
+    fitted per head by k-means on the pieces themselves."""
+    batch, heads, tokens, dim = values.shape
+    scale = (
+        values.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-8).half().float()
+    )  # [B, Hkv, T, 1]
+    pieces = (values / scale).reshape(
+        batch * heads, tokens * dim // code_dim, code_dim
+    )  # [BH, N, d]
+    codebook, index = kmeans(pieces, codes)
+    codebook = codebook.half().float()
+    index = torch.cdist(pieces, codebook).argmin(-1)  # [BH, N], against the stored codebook
+    chosen = torch.gather(codebook, 1, index.unsqueeze(-1).expand(*index.shape, code_dim))
+    return chosen.reshape(batch, heads, tokens, dim) * scale
+
+
+def kmeans(points: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` centroids `[G, count, d]` of each of G sets of points `[G, N, d]` (k-means++
+    seeding from a fixed seed, then Lloyd's steps; an empty cluster keeps its centroid) and
+    each point's nearest `[G, N]`."""
+    sets, n, dim = points.shape
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(n, (sets, 1), generator=generator)
+    centroids = torch.gather(points, 1, first.unsqueeze(-1).expand(sets, 1, dim))  # [G, 1, d]
+    nearest_sq = torch.cdist(points, centroids).square().squeeze(-1)  # [G, N]
+    for _ in range(count - 1):  # each next seed drawn with probability ~ squared distance
+        pick = torch.multinomial(nearest_sq.clamp_min(1e-12), 1, generator=generator)  # [G, 1]
+        chosen = torch.gather(points, 1, pick.unsqueeze(-1).expand(sets, 1, dim))
+        centroids = torch.cat([centroids, chosen], dim=1)
+        nearest_sq = torch.minimum(nearest_sq, (points - chosen).square().sum(-1))
+    for _ in range(KMEANS_STEPS):
+        nearest = torch.cdist(points, centroids).argmin(-1)  # [G, N]
+        sums = torch.zeros_like(centroids).scatter_add_(
+            1, nearest.unsqueeze(-1).expand(sets, n, dim), points
+        )
+        counts = torch.zeros(sets, count).scatter_add_(1, nearest, torch.ones(sets, n))
+        centroids = torch.where(
+            counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), centroids
+        )
+    return centroids, torch.cdist(points, centroids).argmin(-1)
+
+
 def _side_means(x: torch.Tensor, above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`[..., 1]` means of the elements of `x` `[..., g]` above and not above a threshold."""
     high = (x * above).sum(-1, keepdim=True) / above.sum(-1, keepdim=True).clamp_min(1)
@@ -184,6 +243,9 @@ def round_trip(keys: list[torch.Tensor], values: list[torch.Tensor], layout: Lay
             )
         if layout.value_rank is not None:
             v[..., :packed, :] = low_rank(v[..., :packed, :], layout.value_rank)
+        elif layout.code_dim is not None:
+            rotated = v[..., :packed, :] @ rotation
+            v[..., :packed, :] = vector_quantized(rotated, layout.code_dim, layout.codes) @ rotation
         elif layout.value_bits != EXACT:
             rotated = v[..., :packed, :] @ rotation
             v[..., :packed, :] = (

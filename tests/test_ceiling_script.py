@@ -108,3 +108,37 @@ def test_low_rank_keeps_the_top_directions(script):
     error = (script.low_rank(values, 3) - values).square().sum((-1, -2))
     # the least squared error of a rank-3 fit is the dropped singular values' squares
     assert torch.allclose(error, singular[..., 3:].square().sum(-1), rtol=1e-4)
+
+
+def test_vector_layout_counts_codes_scale_and_codebook(script):
+    layout = script.Layout.parse("k2b256c-q4x32-w0")
+    assert (layout.code_dim, layout.codes) == (4, 32)
+    # keys 17 B; values: 16 pieces x 5 bits = 10 B and a float16 scale
+    assert layout.packed_bytes(64) == pytest.approx(17 + 10 + 2)
+    codebook = 32 * 4 * 2
+    assert layout.ratio(64, 1000) == pytest.approx((1000 * 29 + codebook) / (1000 * 512))
+    with pytest.raises(ValueError, match="codewords"):
+        script.Layout.parse("k2b256c-q4x1-w0")
+
+
+def test_vector_quantized_values_use_few_codewords(script):
+    torch.manual_seed(4)
+    values = torch.randn(1, 2, 64, 16) * torch.linspace(0.5, 3, 64).view(1, 1, 64, 1)
+    out = script.vector_quantized(values, 4, 8)
+    scale = values.square().mean(-1, keepdim=True).sqrt().half().float()  # as stored
+    pieces = (out / scale).reshape(2, -1, 4)  # per head: every piece one of at most 8 codewords
+    assert all(torch.unique(head.mul(1e3).round(), dim=0).shape[0] <= 8 for head in pieces)
+    # far better than zero, worse than exact
+    error = (out - values).square().sum() / values.square().sum()
+    assert 0.05 < error < 0.7
+
+
+def test_kmeans_finds_separated_clusters(script):
+    torch.manual_seed(5)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = (centres.repeat_interleave(20, 0) + 0.1 * torch.randn(60, 2)).unsqueeze(0)  # [1, 60, 2]
+    centroids, nearest = script.kmeans(points, 3)
+    found = sorted(tuple(round(float(x)) for x in c) for c in centroids[0])
+    assert found == sorted(tuple(round(float(x)) for x in c) for c in centres)
+    clusters = [set(row.tolist()) for row in nearest[0].view(3, 20)]
+    assert all(len(c) == 1 for c in clusters) and len(set.union(*clusters)) == 3
