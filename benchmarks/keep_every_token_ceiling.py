@@ -40,12 +40,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_subtok.bench.decoding import eos_ids, greedy_continue
+from hf_subtok.bench.decoding import continuation_nll, eos_ids, greedy_continue
 from hf_subtok.bench.prefill import dense_prefill, dynamic_cache_from
 from hf_subtok.model_loading import load_model_and_tokenizer
 from hf_subtok.quant import quantize
 from hf_subtok.quant.rotation import hadamard
-from hf_subtok.tasks import as_input_ids, build_needle_case
+from hf_subtok.tasks import as_input_ids, build_needle_case, build_ppl_case
 
 logger = logging.getLogger(__name__)
 
@@ -266,56 +266,99 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--ppl-prefix", type=int, default=None,
+        help="also the perplexity of 512 tokens after this many (the bench's ppl case), or skip",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    layouts = [Layout.parse(text) for text in args.layouts.split(",")]
+    texts = [text.strip() for text in args.layouts.split(",")]
+    layouts = [Layout.parse(text) for text in texts]
     model, tokenizer = load_model_and_tokenizer(None)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
+    cases = list(itertools.product(args.lengths, args.depths, args.seeds))
+    with torch.no_grad():
+        correct, ratios = needle_counts(
+            model, tokenizer, layouts, cases, args.max_new_tokens, head_dim
+        )
+        ppl = (
+            {}
+            if args.ppl_prefix is None
+            else perplexities(model, tokenizer, layouts, args.ppl_prefix)
+        )
+    header = (
+        "| layout | bytes/token-head (formula) | share of fp32 (formula) | in prompt | withheld |"
+    )
+    print(header + (" ppl (Δ) |" if ppl else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if ppl else ""))
+    if ppl:
+        print(f"| dense | 512.0 | 1.000 | | | {ppl[None]:.3f} |")
+    for layout, text in zip(layouts, texts, strict=True):
+        share = f"{min(ratios[layout]):.3f}-{max(ratios[layout]):.3f}"
+        row = (
+            f"| `{text}` | {layout.packed_bytes(head_dim):.1f} | {share} | "
+            f"{correct[layout, 'in_prompt']}/{len(cases)} | {correct[layout, 'after']}/{len(cases)} |"
+        )
+        if ppl:
+            row += f" {ppl[layout]:.3f} ({ppl[layout] / ppl[None] - 1:+.1%}) |"
+        print(row)
+
+
+def needle_counts(model, tokenizer, layouts, cases, max_new_tokens: int, head_dim: int):
+    """Needles found per (layout, setting) over `cases` (length, depth, seed), and each
+    layout's formula shares of the dense bytes."""
     stop_ids = eos_ids(model)
     correct = {(layout, setting): 0 for layout in layouts for setting in ("in_prompt", "after")}
     ratios = {layout: [] for layout in layouts}
-    cases = list(itertools.product(args.lengths, args.depths, args.seeds))
-    with torch.no_grad():
-        for length, depth, seed in cases:
-            case = build_needle_case(tokenizer, length, depth, seed)
-            prompt, context, question = (
-                as_input_ids(ids) for ids in (case.prompt_ids, case.context_ids, case.question_ids)
-            )
-            common = {
-                "max_new_tokens": args.max_new_tokens,
-                "stop_ids": stop_ids,
-                "stop": lambda t, case=case: case.is_correct(
-                    tokenizer.decode(t, skip_special_tokens=True)
-                ),
-            }
-            for setting, ids in (("in_prompt", prompt), ("after", context)):
-                prefill = dense_prefill(model, ids, capture_hidden=False)
-                for layout in layouts:
-                    cache = dynamic_cache_from(*round_trip(prefill.keys, prefill.values, layout))
-                    ratios[layout].append(layout.ratio(head_dim, ids.shape[1]))
-                    if setting == "in_prompt":
-                        gen = greedy_continue(
-                            model, cache, ids.shape[1], first_logits=prefill.last_logits, **common
-                        )
-                    else:
-                        gen = greedy_continue(
-                            model, cache, ids.shape[1], input_ids=question, **common
-                        )
-                    correct[layout, setting] += case.is_correct(
-                        tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-                    )
-            logger.info("case %d tok, depth %g, seed %d done", length, depth, seed)
-    print(
-        "| layout | bytes/token-head (formula) | share of fp32 (formula) | in prompt | withheld |"
-    )
-    print("|---|---:|---:|---:|---:|")
-    for layout, text in zip(layouts, args.layouts.split(","), strict=True):
-        share = f"{min(ratios[layout]):.3f}-{max(ratios[layout]):.3f}"
-        print(
-            f"| `{text.strip()}` | {layout.packed_bytes(head_dim):.1f} | {share} | "
-            f"{correct[layout, 'in_prompt']}/{len(cases)} | {correct[layout, 'after']}/{len(cases)} |"
+    for length, depth, seed in cases:
+        case = build_needle_case(tokenizer, length, depth, seed)
+        prompt, context, question = (
+            as_input_ids(ids) for ids in (case.prompt_ids, case.context_ids, case.question_ids)
         )
+        common = {
+            "max_new_tokens": max_new_tokens,
+            "stop_ids": stop_ids,
+            "stop": lambda t, case=case: case.is_correct(
+                tokenizer.decode(t, skip_special_tokens=True)
+            ),
+        }
+        for setting, ids in (("in_prompt", prompt), ("after", context)):
+            prefill = dense_prefill(model, ids, capture_hidden=False)
+            for layout in layouts:
+                cache = dynamic_cache_from(*round_trip(prefill.keys, prefill.values, layout))
+                ratios[layout].append(layout.ratio(head_dim, ids.shape[1]))
+                if setting == "in_prompt":
+                    gen = greedy_continue(
+                        model, cache, ids.shape[1], first_logits=prefill.last_logits, **common
+                    )
+                else:
+                    gen = greedy_continue(model, cache, ids.shape[1], input_ids=question, **common)
+                correct[layout, setting] += case.is_correct(
+                    tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+                )
+        logger.info("case %d tok, depth %g, seed %d done", length, depth, seed)
+    return correct, ratios
+
+
+def perplexities(model, tokenizer, layouts, prefix_tokens: int, eval_tokens: int = 512) -> dict:
+    """Perplexity of the bench's ppl case (`eval_tokens` after `prefix_tokens`) given each
+    layout's round trip of the prefix's cache (key None: dense)."""
+    case = build_ppl_case(tokenizer, prefix_tokens, eval_tokens)
+    prefix, eval_ids = as_input_ids(case.prefix_ids), as_input_ids(case.eval_ids)
+    prefill = dense_prefill(model, prefix, capture_hidden=False)
+    out = {}
+    for layout in [None, *layouts]:
+        kv = (
+            (prefill.keys, prefill.values)
+            if layout is None
+            else round_trip(prefill.keys, prefill.values, layout)
+        )
+        nll, count = continuation_nll(
+            model, dynamic_cache_from(*kv), prefix.shape[1], eval_ids, prefill.last_logits
+        )
+        out[layout] = math.exp(nll / count)
+    return out
 
 
 if __name__ == "__main__":
