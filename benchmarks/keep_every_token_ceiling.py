@@ -59,6 +59,8 @@ KMEANS_STEPS = 15
 
 @dataclass(frozen=True)
 class Layout:
+    """One simulated layout, parsed from its text (see the module docstring)."""
+
     key_bits: int
     key_block: int
     key_clip: bool
@@ -73,7 +75,9 @@ class Layout:
     def parse(cls, text: str) -> Layout:
         match = LAYOUT.fullmatch(text.strip())
         if not match:
-            raise ValueError(f"layout must look like k2b256c-v1g64-w0, got {text!r}")
+            raise ValueError(
+                f"layout must look like k2b256c-v1g64-w0, k16b1-r32-w0 or k2b128c-q4x32-w0, got {text!r}"
+            )
         kb, block, clip, vb, group, rank, code_dim, codes, window = match.groups()
         if vb is None:  # exact coefficients on a rank-r basis, or codewords
             vb, group = EXACT, 1
