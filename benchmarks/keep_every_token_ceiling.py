@@ -13,7 +13,8 @@ its scales), and the bytes it prints come from the layout's formula, not from st
 
 - keys: Hadamard-rotated, per channel over blocks of `block` tokens, each block's range
   chosen among shrinks of its min/max range by least squared error (`c`), or min/max; 1 bit
-  as each channel's least-squares pair of levels over the block;
+  as each channel's least-squares pair of levels over the block; `s{n}`: the first n tokens'
+  keys (the attention sinks) left exact, their float32 bytes counted;
 - values: Hadamard-rotated, per token and group of `group` channels; 1 bit as the
   least-squares pair of levels (a few Lloyd steps), 2 bits and more as
   `hf_subtok.quant.quantize(clip=True)`; or (`r{rank}`) exact coefficients on each head's
@@ -23,7 +24,7 @@ its scales), and the bytes it prints come from the layout's formula, not from st
   the nearest of `codes` codewords fitted per head by k-means on the prompt's own pieces
   (the float16 codebook counted in the bytes).
 
-A layout is written `k{bits}b{block}[c]-v{bits}g{group}-w{window}` (or `r{rank}` or
+A layout is written `k{bits}b{block}[c][s{sinks}]-v{bits}g{group}-w{window}` (or `r{rank}` or
 `q{dim}x{codes}` in place of `v{bits}g{group}`), e.g. `k2b256c-v1g64-w0` (bits 16: left exact):
 
     python benchmarks/keep_every_token_ceiling.py --layouts k2b256c-v1g64-w0,k2b256c-v16g64-w0
@@ -53,7 +54,7 @@ EXACT = 16  # bits meaning "left as it is"
 KEY_SHRINKS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 LLOYD_STEPS = 4
 SCALE_BYTES = 2  # a float16 scale or zero
-LAYOUT = re.compile(r"k(\d+)b(\d+)(c?)-(?:v(\d+)g(\d+)|r(\d+)|q(\d+)x(\d+))-w(\d+)")
+LAYOUT = re.compile(r"k(\d+)b(\d+)(c?)(?:s(\d+))?-(?:v(\d+)g(\d+)|r(\d+)|q(\d+)x(\d+))-w(\d+)")
 KMEANS_STEPS = 15
 
 
@@ -70,6 +71,7 @@ class Layout:
     value_rank: int | None = None
     code_dim: int | None = None  # vector-quantized values: channels per code ...
     codes: int | None = None  # ... and codewords per codebook
+    key_sinks: int = 0  # first tokens whose keys stay exact (the attention sinks)
 
     @classmethod
     def parse(cls, text: str) -> Layout:
@@ -78,12 +80,12 @@ class Layout:
             raise ValueError(
                 f"layout must look like k2b256c-v1g64-w0, k16b1-r32-w0 or k2b128c-q4x32-w0, got {text!r}"
             )
-        kb, block, clip, vb, group, rank, code_dim, codes, window = match.groups()
+        kb, block, clip, sinks, vb, group, rank, code_dim, codes, window = match.groups()
         if vb is None:  # exact coefficients on a rank-r basis, or codewords
             vb, group = EXACT, 1
         layout = cls(
             int(kb), int(block), clip == "c", int(vb), int(group), int(window),
-            rank and int(rank), code_dim and int(code_dim), codes and int(codes),
+            rank and int(rank), code_dim and int(code_dim), codes and int(codes), int(sinks or 0),
         )  # fmt: skip
         if layout.code_dim is not None and (layout.code_dim < 1 or layout.codes < 2):
             raise ValueError(
@@ -120,6 +122,7 @@ class Layout:
             shared = head_dim * (self.value_rank + 1) * 4
         elif self.code_dim is not None:
             shared = self.codes * self.code_dim * SCALE_BYTES
+        shared += self.key_sinks * head_dim * 4  # exact sink keys, counted on top of their packing
         stored = packed * self.packed_bytes(head_dim) + shared + min(self.window, tokens) * dense
         return stored / (tokens * dense)
 
@@ -240,8 +243,11 @@ def round_trip(keys: list[torch.Tensor], values: list[torch.Tensor], layout: Lay
         packed = max(k.shape[-2] - layout.window, 0)
         k, v = k.clone(), v.clone()
         if layout.key_bits != EXACT:
-            rotated = k[..., :packed, :] @ rotation  # orthonormal and symmetric: its own inverse
-            k[..., :packed, :] = (
+            sinks = min(layout.key_sinks, packed)
+            rotated = (
+                k[..., sinks:packed, :] @ rotation
+            )  # orthonormal and symmetric: its own inverse
+            k[..., sinks:packed, :] = (
                 keys_per_channel(rotated, layout.key_bits, layout.key_block, layout.key_clip)
                 @ rotation
             )

@@ -142,3 +142,15 @@ def test_kmeans_finds_separated_clusters(script):
     assert found == sorted(tuple(round(float(x)) for x in c) for c in centres)
     clusters = [set(row.tolist()) for row in nearest[0].view(3, 20)]
     assert all(len(c) == 1 for c in clusters) and len(set.union(*clusters)) == 3
+
+
+def test_key_sinks_stay_exact_and_are_counted(script):
+    layout = script.Layout.parse("k2b16cs4-v16g64-w0")
+    assert layout.key_sinks == 4
+    plain = script.Layout.parse("k2b16c-v16g64-w0")
+    assert layout.ratio(64, 100) == pytest.approx(plain.ratio(64, 100) + 4 * 256 / (100 * 512))
+    torch.manual_seed(6)
+    keys, values = [torch.randn(1, 2, 40, 64)], [torch.randn(1, 2, 40, 64)]
+    out_keys, _ = script.round_trip(keys, values, layout)
+    assert torch.equal(out_keys[0][..., :4, :], keys[0][..., :4, :])
+    assert not torch.allclose(out_keys[0][..., 4:, :], keys[0][..., 4:, :], atol=1e-3)
