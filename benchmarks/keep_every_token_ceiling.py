@@ -189,9 +189,8 @@ def vector_quantized(values: torch.Tensor, code_dim: int, codes: int) -> torch.T
     `D / code_dim` pieces, each piece replaced by the nearest of `codes` float16 codewords
     fitted per head by k-means on the pieces themselves."""
     batch, heads, tokens, dim = values.shape
-    scale = (
-        values.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-8).half().float()
-    )  # [B, Hkv, T, 1]
+    rms = values.square().mean(-1, keepdim=True).sqrt()  # [B, Hkv, T, 1]
+    scale = rms.clamp_min(1e-8).half().float()  # as stored: float16
     pieces = (values / scale).reshape(
         batch * heads, tokens * dim // code_dim, code_dim
     )  # [BH, N, d]
@@ -244,9 +243,8 @@ def round_trip(keys: list[torch.Tensor], values: list[torch.Tensor], layout: Lay
         k, v = k.clone(), v.clone()
         if layout.key_bits != EXACT:
             sinks = min(layout.key_sinks, packed)
-            rotated = (
-                k[..., sinks:packed, :] @ rotation
-            )  # orthonormal and symmetric: its own inverse
+            # the rotation is orthonormal and symmetric: its own inverse
+            rotated = k[..., sinks:packed, :] @ rotation
             k[..., sinks:packed, :] = (
                 keys_per_channel(rotated, layout.key_bits, layout.key_block, layout.key_clip)
                 @ rotation
