@@ -136,7 +136,7 @@ def keys_per_channel(keys: torch.Tensor, bits: int, block: int, clip: bool) -> t
     """`[B, Hkv, T, D]` keys round-tripped per channel over blocks of `block` tokens.
 
     Not `quant.quantize_channels`: that has no clipped range (the cache never clips keys) and
-    needs whole bytes per block, which a last block of any length here does not give."""
+    no 1-bit width, the two things simulated here."""
     levels = (1 << bits) - 1
     out = torch.empty_like(keys)
     for start in range(0, keys.shape[-2], block):  # a handful of blocks per layer
