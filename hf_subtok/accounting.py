@@ -63,6 +63,7 @@ class StorageFormat:
     rotated: bool = False
     head_index: bool = False  # each packed token names its KV head (per-head budgets)
     clip_values: bool = False  # value groups quantized over their least-error range (no bytes)
+    clip_keys: bool = False  # per-channel keys quantized over each block's least-error range (no bytes)
 
     @property
     def rotates(self) -> bool:

@@ -93,7 +93,8 @@ class SubTokenConfig:
     channel and block of `key_block` tokens, the first `key_sinks` tokens of the prompt a block
     each (attention sinks, kept near exact) (`"channel"`, `hf_subtok.quant.channel`); the
     default `"auto"` takes channel at 2 bits and token at 4 and 8, as measured best
-    (`accounting.CHANNEL_KEYS_AT_BITS`).
+    (`accounting.CHANNEL_KEYS_AT_BITS`). `key_clip` codes each such (channel, block) over the
+    range of least squared error instead of its min/max range.
 
     `span="adaptive"` lets the number of groups vary per token: a layer keeping K < G groups
     also stores the other groups of the tokens most worth it (attention times the norm of the
@@ -179,6 +180,13 @@ class SubTokenConfig:
             "('off'), or 'auto' (on at 2 bits, where it measured better)"
         },
     )
+    key_clip: bool = field(
+        default=False,
+        metadata={
+            "help": "per-channel quantized keys over each block's range of least squared error per channel "
+            "(outliers clamped) instead of its min/max range"
+        },
+    )
     rotate: bool = field(
         default=False,
         metadata={
@@ -258,6 +266,14 @@ class SubTokenConfig:
         if self.value_clip not in VALUE_CLIPS:
             raise ValueError(f"value_clip must be one of {VALUE_CLIPS}, got {self.value_clip!r}")
         _check_int("key_sinks", self.key_sinks, 0, None)
+        if not isinstance(self.key_clip, bool):
+            raise ValueError(f"key_clip must be True or False, got {self.key_clip!r}")
+        per_channel = self.bits == "auto" or key_layout_for(self.key_quantization, self.bits) == "channel"
+        if self.key_clip and (self.bits is None or self.key_quantization == "token" or not per_channel):
+            raise ValueError(
+                "key_clip=True needs keys quantized per channel (bits=2 or 'auto', or key_quantization="
+                f"'channel'), got bits={self.bits!r}, key_quantization={self.key_quantization!r}"
+            )
         if not isinstance(self.rotate, bool):
             raise ValueError(f"rotate must be True or False, got {self.rotate!r}")
         if self.rotate and self.bits is None:
@@ -371,6 +387,7 @@ class SubTokenConfig:
             self.rotate,
             self.head_budgets == "adaptive",
             clips_values(self.value_clip, bits),
+            self.key_clip,
         )
         if bits is not None:
             checks = [("value group width", storage.width, storage.value_group_size)]

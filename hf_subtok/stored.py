@@ -111,12 +111,12 @@ def values_as_stored(values: torch.Tensor, storage: StorageFormat) -> torch.Tens
 def store_keys(keys: torch.Tensor, storage: StorageFormat, solo: int = 0) -> Stored:
     """`[B, Hkv, T, D]` keys as `storage` holds them: plain, or quantized (after rotation, if
     `storage.rotates`) per channel over blocks of `storage.key_block` tokens (the first `solo`
-    tokens a block each), or per token."""
+    tokens a block each; each block's least-error range if `storage.clip_keys`), or per token."""
     if storage.bits is None:
         return keys
     keys = keys_as_stored(keys, storage)
     if storage.channel_keys:
-        return quantize_channels(keys, storage.bits, storage.key_block, solo=solo)
+        return quantize_channels(keys, storage.bits, storage.key_block, solo=solo, clip=storage.clip_keys)
     return quantize(keys, storage.bits, storage.key_group_size)
 
 

@@ -158,3 +158,56 @@ def test_rows_by_block_is_each_tokens_own_table_row():
     want = table.gather(-2, index)  # [B, Hkv, T, 3]
     torch.testing.assert_close(moved.rows_by_block(table), want, rtol=0, atol=0)
     torch.testing.assert_close(moved.rows_by_block(table, 7, 29), want[..., 7:29, :], rtol=0, atol=0)
+
+
+def _block_errors(x: torch.Tensor, q: ChannelQuantizedTensor, block_size: int) -> torch.Tensor:
+    """Squared round-trip error per (channel, block): `[..., NB, N]`."""
+    miss = (q.dequantize(torch.float32) - x.float()).square()  # [..., T, N]
+    block = torch.arange(x.shape[-2]) // block_size
+    return torch.zeros_like(q.scale, dtype=torch.float32).index_add_(-2, block, miss)
+
+
+@pytest.mark.parametrize("bits", [4, 2], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("case", ["B2-Hkv3-T37-D64-blk16", "B1-Hkv1-T5-D64-blk32"])
+def test_clipped_ranges_never_err_more_per_channel_and_block(case, bits):
+    """Each (channel, block), the last shorter one included, errs no more with `clip` than over
+    its min/max range, and strictly less somewhere on heavy-tailed keys."""
+    shape, block_size = CASES[case]
+    generator = torch.Generator().manual_seed(3)
+    x = _keys(shape, torch.float32) + torch.empty(shape).cauchy_(generator=generator)
+    plain = _block_errors(x, quantize_channels(x, bits, block_size), block_size)
+    clipped = _block_errors(x, quantize_channels(x, bits, block_size, clip=True), block_size)
+    assert (clipped <= plain * (1 + 1e-5) + 1e-6).all()
+    assert (clipped < plain * 0.99).any()
+
+
+def test_clipping_clamps_a_blocks_outliers_and_keeps_the_rest_within_half_a_step():
+    """Two outliers in a block of a channel: the clipped range (shrunk around its middle)
+    leaves them out (they come back at the range's ends) and spends the levels on the other
+    tokens, which come back within half of the finer step; the channel's other block and the
+    other channels get the ranges they get without the outliers."""
+    x = torch.linspace(-1, 1, 64).view(1, 1, 64, 1).repeat(1, 1, 1, 4)
+    x[0, 0, 5, 2], x[0, 0, 6, 2] = 4.0, -4.0
+    plain = quantize_channels(x, 2, 32)
+    clipped = quantize_channels(x, 2, 32, clip=True)
+    assert clipped.scale[0, 0, 0, 2] <= plain.scale[0, 0, 0, 2] * 0.6
+    scale, zero = clipped.token_scales()
+    got = clipped.dequantize(torch.float32)
+    assert torch.isclose(got[0, 0, 5, 2], (zero + 3 * scale)[0, 0, 5, 2])  # the range's ends
+    assert torch.isclose(got[0, 0, 6, 2], zero[0, 0, 6, 2])
+    inside = torch.ones_like(x, dtype=torch.bool)
+    inside[0, 0, 5:7, 2] = False
+    assert ((got - x).abs()[inside] <= (scale / 2 + 1e-6)[inside]).all()
+    calm = quantize_channels(torch.linspace(-1, 1, 64).view(1, 1, 64, 1).repeat(1, 1, 1, 4), 2, 32, clip=True)
+    assert torch.equal(clipped.scale[..., 1, :], calm.scale[..., 1, :])
+    assert torch.equal(clipped.scale[..., 0, :2], calm.scale[..., 0, :2])
+
+
+def test_clip_applies_after_the_solo_sink_tokens():
+    """With `solo`, the sinks keep a block each and the rest are clipped as without them."""
+    x = _keys((1, 2, 40, 16), torch.float32, seed=4)
+    x[..., 10, 3] = 1e4
+    q = quantize_channels(x, 2, 16, solo=2, clip=True)
+    rest = quantize_channels(x[..., 2:, :], 2, 16, clip=True)
+    assert torch.equal(q.scale[..., 2:, :], rest.scale) and torch.equal(q.zero[..., 2:, :], rest.zero)
+    assert torch.equal(q.payload[..., 2:, :], rest.payload)

@@ -3,7 +3,8 @@
 The clipped round trip never has more squared error per group than the min/max one, keeps
 every element inside its chosen range within half a step, clamps the others to the range's
 ends, and at 2 bits clearly beats min/max on values with outliers. The cache clips value
-groups where `value_clip` says (auto: at 2 bits), never keys, and costs no byte more.
+groups where `value_clip` says (auto: at 2 bits), per-channel keys only with `key_clip`, and
+costs no byte more.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def test_value_clip_setting(value_clip, bits, clips):
     assert config.storage_format(64, 4).clip_values is clips
 
 
-def test_cache_clips_values_not_keys_at_two_bits():
+def test_cache_clips_values_not_keys_at_two_bits_by_default():
     model = make_tiny_model("qwen2")
     ids = random_prompts(1, 300)
     caches = {}
@@ -125,3 +126,47 @@ def test_cache_clips_values_not_keys_at_two_bits():
 def test_bad_value_clip_is_refused():
     with pytest.raises(ValueError, match="value_clip must be one of"):
         SubTokenConfig(value_clip="mse")
+
+
+@pytest.mark.parametrize(
+    "settings, clips",
+    [({"bits": 2}, False), ({"bits": 2, "key_clip": True}, True), ({"bits": 4, "key_quantization": "channel", "key_clip": True}, True)],
+    ids=["int2-default", "int2-key_clip", "int4-channel-key_clip"],
+)
+def test_key_clip_setting(settings, clips):
+    storage = SubTokenConfig(num_groups=2, **settings).storage_format(64, 4)
+    assert storage.channel_keys and storage.clip_keys is clips
+
+
+def test_cache_with_key_clip_narrows_key_ranges_at_the_same_bytes():
+    """Every token and group kept (the same layout either way): with `key_clip` the packed
+    keys' per-channel ranges are never wider than min/max (sink blocks alike), narrower in some
+    (channel, block), and the cache holds exactly as many bytes."""
+    model = make_tiny_model("qwen2")
+    ids = random_prompts(1, 300)
+    caches = {}
+    for key_clip in (False, True):
+        config = SubTokenConfig(num_groups=2, keep_groups=2, window=16, bits=2, key_block=64, key_clip=key_clip)
+        caches[key_clip] = SubTokenCache(model, config)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=caches[key_clip])
+    plain, clipped = caches[False].layers[0].packed_keys, caches[True].layers[0].packed_keys
+    assert clipped.scale.shape == plain.scale.shape
+    assert (clipped.scale <= plain.scale).all() and (clipped.scale < plain.scale).any()
+    assert torch.equal(clipped.block, plain.block)
+    assert caches[True].memory_report()["stored_bytes"] == caches[False].memory_report()["stored_bytes"]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"key_clip": "on", "bits": 2}, "key_clip must be True or False"),
+        ({"key_clip": True}, "key_clip=True needs keys quantized per channel"),
+        ({"key_clip": True, "bits": 2, "key_quantization": "token"}, "key_clip=True needs keys quantized per channel"),
+        ({"key_clip": True, "bits": 4}, "key_clip=True needs keys quantized per channel"),
+    ],
+    ids=["not-a-bool", "no-bits", "token-keys", "int4-auto-is-per-token"],
+)
+def test_bad_key_clip_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SubTokenConfig(**settings)

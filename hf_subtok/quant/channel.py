@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.quant.bits import check_bits, pack_bits, unpack_bits
-from hf_subtok.quant.reference import default_scale_dtype
-from hf_subtok.quant.rounding import round_down, round_up
+from hf_subtok.quant.reference import default_scale_dtype, fit_grid
 from hf_subtok.quant.tensor import SCALE_DTYPES, PackedCodes
 from hf_subtok.rows import take_rows
 
@@ -172,10 +171,12 @@ def quantize_channels(
     block_size: int,
     scale_dtype: torch.dtype | None = None,
     solo: int = 0,
+    clip: bool = False,
 ) -> ChannelQuantizedTensor:
     """Quantize `x` `[..., T, N]` per channel over blocks of `block_size` consecutive tokens
     (the last block may be shorter), asymmetric, with directed rounding of scale and zero as
-    in `quant.reference.quantize`: every element comes back within half a stored step.
+    in `quant.reference.quantize`: every element comes back within half a stored step (with
+    `clip`, every element inside its block's clipped range).
 
     Args:
         x: `[..., T, N]` float32, float16 or bfloat16, e.g. keys `[B, Hkv, T, D]`.
@@ -188,6 +189,9 @@ def quantize_channels(
             their block's ranges for every neighbour (measured: relative error of the
             attention output 0.034 -> 0.020 at 4 bits, 0.200 -> 0.137 at 2 bits with the
             first token alone, `benchmarks/key_quantization_error.py`).
+        clip: each (channel, block) over the range of least squared round-trip error among
+            shrinks of its min/max range (`quant.reference.fit_grid`), its outliers clamped to
+            the range's ends, instead of the min/max range.
     """
     if solo:
         if isinstance(solo, bool) or not isinstance(solo, int) or solo < 0:
@@ -196,7 +200,7 @@ def quantize_channels(
         return ChannelQuantizedTensor.cat(
             [
                 quantize_channels(x[..., :head, :], bits, 1, scale_dtype),
-                quantize_channels(x[..., head:, :], bits, block_size, scale_dtype),
+                quantize_channels(x[..., head:, :], bits, block_size, scale_dtype, clip=clip),
             ]
         )
     check_bits(bits)
@@ -218,16 +222,20 @@ def quantize_channels(
     _check_block_count(blocks)
     levels = (1 << bits) - 1
     source = x.float()
-    pad = blocks * block_size - tokens
-    if pad:  # repeat the last token: the block's min and max stay those of its real tokens
-        source = torch.cat([source, source[..., -1:, :].expand(*lead, pad, channels)], dim=-2)
-    grouped = source.reshape(*lead, blocks, block_size, channels)  # [..., NB, bs, N]
-    zero = round_down(grouped.amin(dim=-2), scale_dtype)  # [..., NB, N]
-    scale = round_up((grouped.amax(dim=-2) - zero.float()) / levels, scale_dtype)  # [..., NB, N]
-    divisor = torch.where(scale == 0, torch.ones_like(scale), scale).float().unsqueeze(-2)
-    codes = ((grouped - zero.float().unsqueeze(-2)) / divisor).round_().clamp_(0, levels)
-    codes = codes.to(torch.uint8).reshape(*lead, blocks * block_size, channels)[..., :tokens, :]
+    full = tokens // block_size * block_size
+    tables = [  # the full blocks, then the shorter last one: each (channel, block) a row
+        fit_grid(part.reshape(*lead, -1, size, channels).transpose(-1, -2), levels, scale_dtype, clip)
+        for part, size in ((source[..., :full, :], block_size), (source[..., full:, :], tokens - full))
+        if part.shape[-2]
+    ]  # [([..., nb, N], [..., nb, N]), ...]
+    if not tables:  # no tokens: empty tables
+        tables = [(torch.empty(*lead, 0, channels, dtype=scale_dtype, device=x.device),) * 2]
+    zero = torch.cat([z for z, _ in tables], dim=-2)  # [..., NB, N]
+    scale = torch.cat([s for _, s in tables], dim=-2)
     block = torch.arange(tokens, device=x.device) // block_size  # [T]
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    codes = (source - zero.float()[..., block, :]).div_(divisor[..., block, :]).round_().clamp_(0, levels)
+    codes = codes.to(torch.uint8)  # [..., T, N]
     block = block.to(BLOCK_INDEX_DTYPE).expand(*lead, tokens).contiguous()  # [..., T]
     return ChannelQuantizedTensor(
         pack_bits(codes.contiguous(), bits), block, scale, zero, bits, block_size

@@ -97,21 +97,33 @@ def quantize(
     *lead, channels = x.shape
     levels = (1 << bits) - 1
     grouped = x.float().reshape(*lead, channels // group_size, group_size)  # [..., N/gs, gs]
-    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)  # [..., N/gs]
-    zero, scale = _grid(low, high, levels, scale_dtype)
-    if clip:
-        middle, half = (low + high) / 2, (high - low) / 2
-        error = _squared_error(grouped, zero, scale, levels)  # [..., N/gs]
-        for shrink in CLIP_SHRINKS[1:]:
-            trial_zero, trial_scale = _grid(middle - shrink * half, middle + shrink * half, levels, scale_dtype)
-            trial_error = _squared_error(grouped, trial_zero, trial_scale, levels)
-            # a range shrunk to one value (scale 0) is never taken: its error is not `scale**2 * ...`
-            # (a group that is not constant but spans about one float32 ulp collapses so)
-            better = (trial_error < error) & (trial_scale != 0)
-            zero, scale = torch.where(better, trial_zero, zero), torch.where(better, trial_scale, scale)
-            error = torch.where(better, trial_error, error)
+    zero, scale = fit_grid(grouped, levels, scale_dtype, clip)
     codes = _codes(grouped, zero, scale, levels).to(torch.uint8).reshape(*lead, channels)  # [..., N]
     return QuantizedTensor(pack_bits(codes, bits), scale, zero, bits, group_size)
+
+
+def fit_grid(
+    grouped: torch.Tensor, levels: int, scale_dtype: torch.dtype, clip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero and scale `[..., n]` of the grid each row of float32 `grouped` `[..., n, m]` (the
+    `m` elements quantized together) is coded on: its min/max range, or with `clip` the
+    shrink of it (by one of `CLIP_SHRINKS`, around its middle) of least squared round-trip
+    error, which is never above the min/max range's (a shrink of 1 is among those tried)."""
+    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)  # [..., n]
+    zero, scale = _grid(low, high, levels, scale_dtype)
+    if not clip:
+        return zero, scale
+    middle, half = (low + high) / 2, (high - low) / 2
+    error = _squared_error(grouped, zero, scale, levels)  # [..., n]
+    for shrink in CLIP_SHRINKS[1:]:
+        trial_zero, trial_scale = _grid(middle - shrink * half, middle + shrink * half, levels, scale_dtype)
+        trial_error = _squared_error(grouped, trial_zero, trial_scale, levels)
+        # a range shrunk to one value (scale 0) is never taken: its error is not `scale**2 * ...`
+        # (a group that is not constant but spans about one float32 ulp collapses so)
+        better = (trial_error < error) & (trial_scale != 0)
+        zero, scale = torch.where(better, trial_zero, zero), torch.where(better, trial_scale, scale)
+        error = torch.where(better, trial_error, error)
+    return zero, scale
 
 
 def _grid(
