@@ -11,8 +11,9 @@ the newest `window` tokens) in place, and decodes from a `DynamicCache` holding 
 accuracy it reports is a ceiling for such a layout (the real storage would add the rounding of
 its scales), and the bytes it prints come from the layout's formula, not from stored tensors:
 
-- keys: Hadamard-rotated, per channel over blocks of `block` tokens, each block's range
-  chosen among shrinks of its min/max range by least squared error (`c`), or min/max; 1 bit
+- keys: Hadamard-rotated, per channel over blocks of `block` tokens by the cache's own
+  `quant.quantize_channels` (float16 tables), each block's range chosen among shrinks of its
+  min/max range by least squared error (`c`: the cache's `key_clip`), or min/max; 1 bit
   as each channel's least-squares pair of levels over the block; `s{n}`: the first n tokens'
   keys (the attention sinks) left exact, their float32 bytes counted;
 - values: Hadamard-rotated, per token and group of `group` channels; 1 bit as the
@@ -44,14 +45,13 @@ import torch
 from hf_subtok.bench.decoding import continuation_nll, eos_ids, greedy_continue
 from hf_subtok.bench.prefill import dense_prefill, dynamic_cache_from
 from hf_subtok.model_loading import load_model_and_tokenizer
-from hf_subtok.quant import quantize
+from hf_subtok.quant import quantize, quantize_channels
 from hf_subtok.quant.rotation import hadamard
 from hf_subtok.tasks import as_input_ids, build_needle_case, build_ppl_case
 
 logger = logging.getLogger(__name__)
 
 EXACT = 16  # bits meaning "left as it is"
-KEY_SHRINKS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 LLOYD_STEPS = 4
 SCALE_BYTES = 2  # a float16 scale or zero
 LAYOUT = re.compile(r"k(\d+)b(\d+)(c?)(?:s(\d+))?-(?:v(\d+)g(\d+)|r(\d+)|q(\d+)x(\d+))-w(\d+)")
@@ -133,30 +133,15 @@ def _payload(channels: int, bits: int, scale_bytes: float) -> float:
 
 
 def keys_per_channel(keys: torch.Tensor, bits: int, block: int, clip: bool) -> torch.Tensor:
-    """`[B, Hkv, T, D]` keys round-tripped per channel over blocks of `block` tokens.
-
-    Not `quant.quantize_channels`: that has no clipped range (the cache never clips keys) and
-    no 1-bit width, the two things simulated here."""
-    levels = (1 << bits) - 1
+    """`[B, Hkv, T, D]` keys round-tripped per channel over blocks of `block` tokens: the
+    cache's own `quant.quantize_channels` (float16 tables, `clip`: its `key_clip`), or at 1 bit
+    (which the cache does not have) each channel's least-squares pair of levels per block."""
+    if bits > 1:
+        return quantize_channels(keys, bits, block, torch.float16, clip=clip).dequantize(keys.dtype)
     out = torch.empty_like(keys)
     for start in range(0, keys.shape[-2], block):  # a handful of blocks per layer
         x = keys[..., start : start + block, :]  # [B, Hkv, b, D]
-        if bits == 1:  # each channel's least-squares pair over the block
-            out[..., start : start + block, :] = two_levels(x.transpose(-1, -2)).transpose(-1, -2)
-            continue
-        low, high = x.amin(-2, keepdim=True), x.amax(-2, keepdim=True)  # [B, Hkv, 1, D]
-        best, best_error = None, None
-        for shrink in KEY_SHRINKS if clip else KEY_SHRINKS[:1]:
-            middle, half = (low + high) / 2, (high - low) / 2 * shrink
-            zero, scale = middle - half, (2 * half / levels).clamp_min(1e-12)
-            trial = ((x - zero) / scale).round().clamp(0, levels) * scale + zero
-            error = (trial - x).square().sum(-2, keepdim=True)  # [B, Hkv, 1, D]
-            better = (
-                error < best_error if best is not None else torch.ones_like(error, dtype=torch.bool)
-            )
-            best = trial if best is None else torch.where(better, trial, best)
-            best_error = error if best_error is None else torch.where(better, error, best_error)
-        out[..., start : start + block, :] = best
+        out[..., start : start + block, :] = two_levels(x.transpose(-1, -2)).transpose(-1, -2)
     return out
 
 
