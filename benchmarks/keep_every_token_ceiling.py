@@ -45,7 +45,7 @@ import torch
 from hf_subtok.bench.decoding import continuation_nll, eos_ids, greedy_continue
 from hf_subtok.bench.prefill import dense_prefill, dynamic_cache_from
 from hf_subtok.model_loading import load_model_and_tokenizer
-from hf_subtok.quant import quantize, quantize_channels
+from hf_subtok.quant import quantize, quantize_channels, quantize_vectors
 from hf_subtok.quant.rotation import hadamard
 from hf_subtok.tasks import as_input_ids, build_needle_case, build_ppl_case
 
@@ -55,7 +55,6 @@ EXACT = 16  # bits meaning "left as it is"
 LLOYD_STEPS = 4
 SCALE_BYTES = 2  # a float16 scale or zero
 LAYOUT = re.compile(r"k(\d+)b(\d+)(c?)(?:s(\d+))?-(?:v(\d+)g(\d+)|r(\d+)|q(\d+)x(\d+))-w(\d+)")
-KMEANS_STEPS = 15
 
 
 @dataclass(frozen=True)
@@ -175,44 +174,8 @@ def low_rank(values: torch.Tensor, rank: int) -> torch.Tensor:
 def vector_quantized(values: torch.Tensor, code_dim: int, codes: int) -> torch.Tensor:
     """`[B, Hkv, T, D]` values, each token scaled to unit RMS (float16 scale) and cut into
     `D / code_dim` pieces, each piece replaced by the nearest of `codes` float16 codewords
-    fitted per head by k-means on the pieces themselves."""
-    batch, heads, tokens, dim = values.shape
-    rms = values.square().mean(-1, keepdim=True).sqrt()  # [B, Hkv, T, 1]
-    scale = rms.clamp_min(1e-8).half().float()  # as stored: float16
-    pieces = (values / scale).reshape(
-        batch * heads, tokens * dim // code_dim, code_dim
-    )  # [BH, N, d]
-    codebook, index = kmeans(pieces, codes)
-    codebook = codebook.half().float()
-    index = torch.cdist(pieces, codebook).argmin(-1)  # [BH, N], against the stored codebook
-    chosen = torch.gather(codebook, 1, index.unsqueeze(-1).expand(*index.shape, code_dim))
-    return chosen.reshape(batch, heads, tokens, dim) * scale
-
-
-def kmeans(points: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` centroids `[G, count, d]` of each of G sets of points `[G, N, d]` (k-means++
-    seeding from a fixed seed, then Lloyd's steps; an empty cluster keeps its centroid) and
-    each point's nearest `[G, N]`."""
-    sets, n, dim = points.shape
-    generator = torch.Generator().manual_seed(0)
-    first = torch.randint(n, (sets, 1), generator=generator)
-    centroids = torch.gather(points, 1, first.unsqueeze(-1).expand(sets, 1, dim))  # [G, 1, d]
-    nearest_sq = torch.cdist(points, centroids).square().squeeze(-1)  # [G, N]
-    for _ in range(count - 1):  # each next seed drawn with probability ~ squared distance
-        pick = torch.multinomial(nearest_sq.clamp_min(1e-12), 1, generator=generator)  # [G, 1]
-        chosen = torch.gather(points, 1, pick.unsqueeze(-1).expand(sets, 1, dim))
-        centroids = torch.cat([centroids, chosen], dim=1)
-        nearest_sq = torch.minimum(nearest_sq, (points - chosen).square().sum(-1))
-    for _ in range(KMEANS_STEPS):
-        nearest = torch.cdist(points, centroids).argmin(-1)  # [G, N]
-        sums = torch.zeros_like(centroids).scatter_add_(
-            1, nearest.unsqueeze(-1).expand(sets, n, dim), points
-        )
-        counts = torch.zeros(sets, count).scatter_add_(1, nearest, torch.ones(sets, n))
-        centroids = torch.where(
-            counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), centroids
-        )
-    return centroids, torch.cdist(points, centroids).argmin(-1)
+    fitted per head by k-means on the pieces themselves (`quant.quantize_vectors`)."""
+    return quantize_vectors(values, codes, code_dim, scale_dtype=torch.float16).dequantize(values.dtype)
 
 
 def _side_means(x: torch.Tensor, above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

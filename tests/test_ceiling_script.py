@@ -133,17 +133,6 @@ def test_vector_quantized_values_use_few_codewords(script):
     assert 0.05 < error < 0.7
 
 
-def test_kmeans_finds_separated_clusters(script):
-    torch.manual_seed(5)
-    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    points = (centres.repeat_interleave(20, 0) + 0.1 * torch.randn(60, 2)).unsqueeze(0)  # [1, 60, 2]
-    centroids, nearest = script.kmeans(points, 3)
-    found = sorted(tuple(round(float(x)) for x in c) for c in centroids[0])
-    assert found == sorted(tuple(round(float(x)) for x in c) for c in centres)
-    clusters = [set(row.tolist()) for row in nearest[0].view(3, 20)]
-    assert all(len(c) == 1 for c in clusters) and len(set.union(*clusters)) == 3
-
-
 def test_key_sinks_stay_exact_and_are_counted(script):
     layout = script.Layout.parse("k2b16cs4-v16g64-w0")
     assert layout.key_sinks == 4

@@ -8,16 +8,19 @@ storage directly (`hf_subtok.kernels.packed_attention`).
 
 Keys are stored per channel instead (`quantize_channels` -> `ChannelQuantizedTensor`: a scale
 and zero per channel and block of tokens, each token naming its block), which fits them far
-better; see `quant.channel`.
+better; see `quant.channel`. Below one bit per element, `quantize_vectors` -> `CodedTensor`
+stores pieces of a few channels as indices into a fitted codebook (`quant.codebook`).
 """
 
 from hf_subtok.quant.bits import SUPPORTED_BITS, pack_bits, unpack_bits
 from hf_subtok.quant.channel import ChannelQuantizedTensor, quantize_channels
+from hf_subtok.quant.codebook import CodedTensor, quantize_vectors
 from hf_subtok.quant.reference import check_quantize_args, default_scale_dtype, quantize
 from hf_subtok.quant.tensor import QuantizedTensor
 
 __all__ = [
     "ChannelQuantizedTensor",
+    "CodedTensor",
     "SUPPORTED_BITS",
     "QuantizedTensor",
     "check_quantize_args",
@@ -25,5 +28,6 @@ __all__ = [
     "pack_bits",
     "quantize",
     "quantize_channels",
+    "quantize_vectors",
     "unpack_bits",
 ]
