@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hf_subtok.quant.codebook import code_bits
+
 INDEX_BYTES = 1  # uint8 group index per kept value group
 SCORE_BYTES = 4  # float32 token score per stored token (re-allocation while decoding)
 SCALE_BYTES = 2  # float16 / bfloat16 scale and zero point per quantization group
@@ -64,6 +66,8 @@ class StorageFormat:
     head_index: bool = False  # each packed token names its KV head (per-head budgets)
     clip_values: bool = False  # value groups quantized over their least-error range (no bytes)
     clip_keys: bool = False  # per-channel keys quantized over each block's least-error range (no bytes)
+    value_codes: int | None = None  # value groups as indices into this many codewords (`quant.codebook`)
+    code_piece: int = 4  # channels per codeword
 
     @property
     def rotates(self) -> bool:
@@ -106,9 +110,21 @@ class StorageFormat:
         return self._vector_bytes(self.head_dim, self.key_group_size)
 
     @property
+    def coded_values(self) -> bool:
+        """Whether quantized value groups are stored as codeword indices (`quant.codebook`)."""
+        return self.bits is not None and self.value_codes is not None
+
+    @property
     def slot_bytes(self) -> int:
-        """One kept value group with its index."""
+        """One kept value group with its index: scalar codes with scales and zeros, or
+        codeword indices with one scale."""
+        if self.coded_values:
+            return self.width // self.code_piece * code_bits(self.value_codes) // 8 + SCALE_BYTES + INDEX_BYTES
         return self._vector_bytes(self.width, self.value_group_size) + INDEX_BYTES
+
+    def codebook_bytes(self, keep_groups: int) -> int:
+        """The codebooks one (batch, head) row holds: one per slot (0 without codeword values)."""
+        return keep_groups * self.value_codes * self.code_piece * SCALE_BYTES if self.coded_values else 0
 
     def token_bytes(self, keep_groups: int, scored: bool) -> float:
         """Bytes of one packed token with `keep_groups` groups (and its score if `scored`); with
@@ -125,10 +141,10 @@ class StorageFormat:
 
     def row_bytes(self, tokens: int, key_blocks: int, keep_groups: int, scored: bool) -> float:
         """Bytes one (batch, head) row of `tokens` packed tokens holds, with `key_blocks`
-        blocks of per-channel key tables (ignored for other layouts)."""
+        blocks of per-channel key tables (ignored for other layouts) and its value codebooks."""
         shared = self.key_block_bytes / self.key_block if self.channel_keys else 0.0
         per_token = self.token_bytes(keep_groups, scored) - shared
-        return tokens * per_token + key_blocks * self.key_block_bytes
+        return tokens * per_token + key_blocks * self.key_block_bytes + self.codebook_bytes(keep_groups)
 
     @property
     def dense_token_bytes(self) -> int:

@@ -12,6 +12,7 @@ from hf_subtok.accounting import (
     key_layout_for,
 )
 from hf_subtok.quant import SUPPORTED_BITS
+from hf_subtok.quant.codebook import code_bits
 from hf_subtok.scorers import available_group_scorers, available_token_scorers
 
 MAX_GROUPS = 256
@@ -94,7 +95,11 @@ class SubTokenConfig:
     each (attention sinks, kept near exact) (`"channel"`, `hf_subtok.quant.channel`); the
     default `"auto"` takes channel at 2 bits and token at 4 and 8, as measured best
     (`accounting.CHANNEL_KEYS_AT_BITS`). `key_clip` codes each such (channel, block) over the
-    range of least squared error instead of its min/max range.
+    range of least squared error instead of its min/max range. With `value_codes`, value
+    groups are stored below one bit per element: each token's group scaled by one number and
+    cut into pieces of `code_piece` channels, each piece the index of the nearest of
+    `value_codes` codewords that k-means fits per KV head (and slot) on the first tokens packed
+    (`hf_subtok.quant.codebook`); keys keep `bits`.
 
     `span="adaptive"` lets the number of groups vary per token: a layer keeping K < G groups
     also stores the other groups of the tokens most worth it (attention times the norm of the
@@ -187,6 +192,16 @@ class SubTokenConfig:
             "(outliers clamped) instead of its min/max range"
         },
     )
+    value_codes: int | None = field(
+        default=None,
+        metadata={
+            "help": "store value groups as indices into a per-head codebook of this many words (2..256), "
+            "fitted by k-means when the prompt is packed, with one scale per token (None: scalar bits)"
+        },
+    )
+    code_piece: int = field(
+        default=4, metadata={"help": "value channels per codeword (value_codes)"}
+    )
     rotate: bool = field(
         default=False,
         metadata={
@@ -266,6 +281,7 @@ class SubTokenConfig:
         if self.value_clip not in VALUE_CLIPS:
             raise ValueError(f"value_clip must be one of {VALUE_CLIPS}, got {self.value_clip!r}")
         _check_int("key_sinks", self.key_sinks, 0, None)
+        self._check_value_codes()
         if not isinstance(self.key_clip, bool):
             raise ValueError(f"key_clip must be True or False, got {self.key_clip!r}")
         per_channel = self.bits == "auto" or key_layout_for(self.key_quantization, self.bits) == "channel"
@@ -307,6 +323,26 @@ class SubTokenConfig:
             )
         if self.keep_groups is None and self.budget is None:
             self.keep_groups = self.num_groups // 2 or 1
+
+    def _check_value_codes(self) -> None:
+        _check_int("code_piece", self.code_piece, 1, None)
+        if self.value_codes is None:
+            return
+        _check_int("value_codes", self.value_codes, 2, 256)
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(
+                f"value_codes needs bits= one of {SUPPORTED_BITS} (the keys' precision), got bits={self.bits!r}"
+            )
+        if self.span == "adaptive" or self.head_budgets == "adaptive":
+            raise ValueError(
+                "value_codes works with span='fixed' and head_budgets='uniform' (one codebook per KV head), "
+                f"got span={self.span!r}, head_budgets={self.head_budgets!r}"
+            )
+        if self.backend == "triton":
+            raise ValueError(
+                "value_codes is read by the PyTorch attention path only: use backend='auto' or 'torch', "
+                f"got backend={self.backend!r}"
+            )
 
     def layer_settings(self, num_layers: int) -> list[SubTokenConfig]:
         """The config each of `num_layers` layers runs with, overrides applied (a later
@@ -388,6 +424,8 @@ class SubTokenConfig:
             self.head_budgets == "adaptive",
             clips_values(self.value_clip, bits),
             self.key_clip,
+            self.value_codes,
+            self.code_piece,
         )
         if bits is not None:
             checks = [("value group width", storage.width, storage.value_group_size)]
@@ -399,6 +437,13 @@ class SubTokenConfig:
                         raise ValueError(
                             f"rotate=True needs {name}={channels} to be a power of two (Hadamard rotation)"
                         )
+            if storage.coded_values:
+                pieces = storage.width // self.code_piece
+                if storage.width % self.code_piece or pieces * code_bits(self.value_codes) % 8:
+                    raise ValueError(
+                        f"code_piece={self.code_piece} with value_codes={self.value_codes} does not fit value groups "
+                        f"of {storage.width} channels (it must divide them into pieces whose codes fill whole bytes)"
+                    )
             for name, channels, size in checks:
                 if channels % size or channels * bits % 8:
                     raise ValueError(

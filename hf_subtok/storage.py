@@ -21,6 +21,7 @@ from hf_subtok.config import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.packed import PackedKV, PrefillKV
 from hf_subtok.prompt_planner import PromptEvidence, PromptPlanner
+from hf_subtok.quant import CodedTensor
 from hf_subtok.rows import take_rows
 from hf_subtok.scorers import GroupScorer, Observation, RopeInfo, TokenScorer
 from hf_subtok.span import NORM_DTYPE, WIDE_FRACTIONS, WideGroups, other_groups, wide_first
@@ -216,8 +217,11 @@ class SubTokenLayer(CacheLayerMixin):
         return flatten_heads(stored, 2) if self.shares_rows else stored  # quantized per head first
 
     def _store_values(self, packed: torch.Tensor) -> Stored:
-        """`[B, Hkv, K, T, C]` kept value groups as stored (quantized per token)."""
-        stored = store_values(packed, self.storage)
+        """`[B, Hkv, K, T, C]` kept value groups as stored (quantized per token, or as indices
+        into the codebook of the values already packed, fitted on these if there are none)."""
+        held = self.packed_values
+        codebook = held.codebook if isinstance(held, CodedTensor) and held.shape[-2] else None
+        stored = store_values(packed, self.storage, codebook)
         return flatten_heads(stored, 3) if self.shares_rows else stored
 
     def _reset_packed_values(self, like: torch.Tensor) -> None:
@@ -225,6 +229,7 @@ class SubTokenLayer(CacheLayerMixin):
         (no indices when every group is kept: slot k holds group k, see `_group_idx_view`)."""
         batch, heads = like.shape[:2]
         empty = like.new_empty(batch, heads, self.keep_groups, 0, self.storage.width)
+        self.packed_values = None  # no codebook to keep: the next values packed fit their own
         self.packed_values = self._store_values(empty)
         self.group_idx = None
         if self.keep_groups < self.config.num_groups:

@@ -1,9 +1,11 @@
 """Token-dim operations on what a layer stores: plain tensors, `QuantizedTensor`s (value
-groups, or keys per token) and `ChannelQuantizedTensor`s (keys per channel) alike.
+groups, or keys per token), `ChannelQuantizedTensor`s (keys per channel) and `CodedTensor`s
+(value groups as codeword indices) alike.
 
 A `QuantizedTensor`'s rows are independent, so it applies an operation to its payload, scales
 and zeros alike; a `ChannelQuantizedTensor` moves its tokens and block indices and leaves its
-block tables in place (compacting them after a gather or a cut).
+block tables in place (compacting them after a gather or a cut); a `CodedTensor` moves its
+codes and scales and leaves its codebook in place.
 """
 
 from __future__ import annotations
@@ -13,11 +15,18 @@ from collections.abc import Callable, Sequence
 import torch
 
 from hf_subtok.accounting import StorageFormat
-from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor, quantize, quantize_channels
+from hf_subtok.quant import (
+    ChannelQuantizedTensor,
+    CodedTensor,
+    QuantizedTensor,
+    quantize,
+    quantize_channels,
+    quantize_vectors,
+)
 from hf_subtok.quant.rotation import hadamard, rotate_groups
 from hf_subtok.rows import take_rows
 
-Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
+Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor
 
 
 def map_stored(x: Stored, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stored:
@@ -30,6 +39,8 @@ def cat_stored(parts: Sequence[Stored], dim: int) -> Stored:
     """`torch.cat` along the token dim `dim` (a leading dim of the logical shape)."""
     if isinstance(parts[0], ChannelQuantizedTensor):
         return ChannelQuantizedTensor.cat(parts)
+    if isinstance(parts[0], CodedTensor):
+        return CodedTensor.cat(parts)
     if isinstance(parts[0], QuantizedTensor):
         return QuantizedTensor.cat(parts, dim)
     return torch.cat(parts, dim=dim)
@@ -37,8 +48,8 @@ def cat_stored(parts: Sequence[Stored], dim: int) -> Stored:
 
 def take_tokens(x: Stored, index: torch.Tensor, dim: int) -> Stored:
     """Gather along `dim` with `index` shaped like `x` up to the last dim (broadcast over it)."""
-    if isinstance(x, ChannelQuantizedTensor):
-        return x.take(index)  # per-channel keys: `[B, Hkv, T, D]`, tokens at dim 2
+    if isinstance(x, (ChannelQuantizedTensor, CodedTensor)):
+        return x.take(index)  # tokens at the dim before the last; tables and codebooks stay
     return map_stored(x, lambda t: take_rows(t, index, dim))
 
 
@@ -46,6 +57,9 @@ def first_tokens(x: Stored, stop: int) -> Stored:
     """The first `stop` tokens of `[..., T, N]` storage (copies, so the rest is freed)."""
     if isinstance(x, ChannelQuantizedTensor):
         return x.slice_tokens(stop)
+    if isinstance(x, CodedTensor):
+        cut = x.slice_tokens(0, stop)
+        return CodedTensor(cut.payload.clone(), cut.scale.clone(), x.codebook, x.bits)
     return map_stored(x, lambda t: t[..., :stop, :].clone())
 
 
@@ -53,6 +67,8 @@ def flatten_heads(x: Stored, token_dim: int) -> Stored:
     """`[B, Hkv, ..., n, ...]` storage with its tokens at `token_dim` as one row of all heads'
     tokens, head-major: `[B, 1, ..., Hkv * n, ...]` (per-head token budgets, see
     `SubTokenLayer`). Per-channel quantized keys keep each head's block tables (renumbered)."""
+    if isinstance(x, CodedTensor):
+        raise ValueError("value groups stored as codeword indices keep a codebook per KV head: rows cannot be shared")
     if isinstance(x, ChannelQuantizedTensor):  # [B, Hkv, n, bytes], tables [B, Hkv, NB, N]
         batch, heads, tokens = x.block.shape
         blocks = x.scale.shape[-2]
@@ -82,6 +98,8 @@ def token_prefix(x: Stored, stop: int) -> Stored:
         return ChannelQuantizedTensor(
             x.payload[..., :stop, :], x.block[..., :stop], x.scale, x.zero, x.bits, x.block_size
         )
+    if isinstance(x, CodedTensor):
+        return x.slice_tokens(0, stop)
     return map_stored(x, lambda t: t[..., :stop, :])
 
 
@@ -120,11 +138,14 @@ def store_keys(keys: torch.Tensor, storage: StorageFormat, solo: int = 0) -> Sto
     return quantize(keys, storage.bits, storage.key_group_size)
 
 
-def store_values(values: torch.Tensor, storage: StorageFormat) -> Stored:
-    """`[B, Hkv, K, T, C]` kept value groups as `storage` holds them (quantized per token, each
-    group rotated first if `storage.rotates`)."""
+def store_values(values: torch.Tensor, storage: StorageFormat, codebook: torch.Tensor | None = None) -> Stored:
+    """`[B, Hkv, K, T, C]` kept value groups as `storage` holds them (each group rotated first
+    if `storage.rotates`): quantized per token, or as indices into `codebook` `[B, Hkv, K, W,
+    d]` (None: one fitted on these values) if `storage.coded_values`."""
     if storage.bits is None:
         return values
+    if storage.coded_values:
+        return quantize_vectors(values_as_stored(values, storage), storage.value_codes, storage.code_piece, codebook)
     return quantize(
         values_as_stored(values, storage), storage.bits, storage.value_group_size, clip=storage.clip_values
     )

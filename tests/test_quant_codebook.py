@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_subtok.quant import CodedTensor, quantize_vectors
-from hf_subtok.quant.codebook import code_bits, fit_codebook, nearest_words
+from hf_subtok.quant.codebook import FIT_POINTS, code_bits, fit_codebook, nearest_words
 from tests.kernel_cases import DEVICE, DTYPES
 
 # (values shape [..., T, N], words, piece)
@@ -106,6 +106,12 @@ def test_later_tokens_are_coded_against_a_given_codebook_and_cat_with_the_first(
     other = quantize_vectors(x[..., 32:, :], 16, 4)
     with pytest.raises(ValueError, match="another codebook"):
         CodedTensor.cat([prompt, other])
+    nothing = quantize_vectors(x[..., :0, :], 16, 4)  # an empty store: zero codebook, left out by cat
+    assert (nothing.codebook == 0).all()
+    started = CodedTensor.cat([nothing, prompt, later])
+    assert started.codebook is prompt.codebook and started.shape == x.shape
+    with pytest.raises(ValueError, match=r"n >= 1"):
+        fit_codebook(torch.zeros(2, 0, 4), 16)
 
 
 def test_take_slice_and_apply_move_tokens_and_keep_each_rows_codebook():
@@ -136,10 +142,9 @@ def test_bytes_count_codes_scales_and_codebook():
         (lambda x: quantize_vectors(x.long(), 16, 4), "floating point tensor"),
         (lambda x: quantize_vectors(x, 16, 4, codebook=torch.zeros(1, 2, 8, 4)), "codebook must be"),
         (lambda x: quantize_vectors(x, 16, 4, scale_dtype=torch.int8), "scale_dtype must be one of"),
-        (lambda x: quantize_vectors(x[..., :0, :], 16, 4), r"n >= 1"),
     ],
     ids=["one-word", "too-many-words", "bool-words", "piece-not-dividing", "partial-byte", "int-input",
-         "codebook-shape", "scale-dtype", "no-tokens-no-codebook"],
+         "codebook-shape", "scale-dtype"],
 )
 def test_bad_arguments_raise_value_errors(call, message):
     with pytest.raises(ValueError, match=message):
@@ -154,3 +159,12 @@ def test_mismatched_components_are_refused():
         CodedTensor(q.payload, q.scale[..., :5, :], q.codebook, 4)
     with pytest.raises(ValueError, match="share a dtype"):
         CodedTensor(q.payload, q.scale.float(), q.codebook, 4)
+
+
+def test_kmeans_on_more_points_than_it_fits_on_still_finds_the_clusters():
+    generator = torch.Generator().manual_seed(6)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    count = FIT_POINTS  # three times as many points as the fit uses
+    points = (centres.repeat_interleave(count, 0) + 0.1 * torch.randn(3 * count, 2, generator=generator)).unsqueeze(0)
+    found = sorted(tuple(round(float(v)) for v in c) for c in fit_codebook(points, 3)[0])
+    assert found == sorted(tuple(round(float(v)) for v in c) for c in centres)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_subtok.packed import PackedKV
-from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor, unpack_bits
+from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor, unpack_bits
 
 StoredKeys = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
 BLOCK_TOKENS = 1024  # packed tokens unpacked at once (read at call time: tests lower it)
@@ -82,7 +82,7 @@ def packed_value_matmul(
 
     Args:
         probs: `[B, Hkv, M, T]` attention weights (M = query heads per KV head x queries).
-        values: `[B, Hkv, K, T, C]` kept value groups, slot-major, plain or quantized.
+        values: `[B, Hkv, K, T, C]` kept value groups, slot-major, plain, quantized or coded.
         group_idx: `[B, Hkv, K, T]` uint8 group of each slot, ascending over slots.
         num_groups: G.
         dtype: the dtype quantized values are returned in (default float32); they are
@@ -92,6 +92,8 @@ def packed_value_matmul(
         `[B, Hkv, M, D]` with `D = G * C`, in the values' dtype (quantized: `dtype`); dropped
         groups contribute zero.
     """
+    if isinstance(values, CodedTensor):
+        return _coded_value_matmul(probs, values, group_idx, num_groups, torch.float32 if dtype is None else dtype)
     if not isinstance(values, QuantizedTensor):
         return _dense_value_matmul(probs, values, group_idx, num_groups)
     return _quantized_value_matmul(probs, values, group_idx, num_groups, torch.float32 if dtype is None else dtype)
@@ -145,6 +147,21 @@ def _quantized_value_matmul(
     if span == 1:
         return out.squeeze(4).transpose(2, 3).reshape(batch, heads, rows, num_groups * width).to(dtype)
     return _spread_slots(out, num_groups).to(dtype)
+
+
+def _coded_value_matmul(
+    probs: torch.Tensor, values: CodedTensor, group_idx: torch.Tensor, num_groups: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """`packed_value_matmul` on values stored as codeword indices: `BLOCK_TOKENS` tokens at a
+    time, the block's codewords are looked up and scaled into float32 `[B, Hkv, K, t, C]`
+    values (a block, never all of them) and met by the plain path, summed over the blocks."""
+    batch, heads, _, tokens, _ = values.shape
+    out = probs.new_zeros(batch, heads, probs.shape[2], num_groups * values.shape[-1], dtype=torch.float32)
+    for start in range(0, tokens, BLOCK_TOKENS):
+        end = min(start + BLOCK_TOKENS, tokens)
+        block = values.slice_tokens(start, end).dequantize(torch.float32)  # [B, Hkv, K, t, C]
+        out += _dense_value_matmul(probs[..., start:end].float(), block, group_idx[..., start:end], num_groups)
+    return out.to(dtype)
 
 
 def stored_value_matmul(probs: torch.Tensor, kv: PackedKV, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""Value groups stored as codeword indices (`value_codes`): accounted exactly, read by the
+reference attention as the dequantized values would be, one codebook per KV head and slot
+fitted on the first values packed and kept while decoding, moved with its sequence, and
+refused where it does not apply."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.kernels import packed_attention, packed_attention_reference
+from hf_subtok.quant import CodedTensor, quantize_vectors
+from hf_subtok.storage import _CROP_TAKES_LENGTH
+from tests.kernel_cases import DTYPES, TOLERANCE, Shape, make_packed
+from tests.tiny_models import decode_within_budget, make_tiny_model, random_prompts
+
+_WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
+
+pytestmark = pytest.mark.usefixtures("nan_empty")
+
+
+def test_storage_format_counts_codes_one_scale_and_the_codebooks():
+    storage = SubTokenConfig(bits=2, num_groups=2, keep_groups=1, value_codes=16).storage_format(64, 4)
+    assert storage.coded_values
+    assert storage.slot_bytes == 32 // 4 * 4 // 8 + 2 + 1  # 8 four-bit indices, a scale, the group index
+    assert storage.codebook_bytes(1) == 16 * 4 * 2
+    wide = SubTokenConfig(bits=4, num_groups=1, value_codes=256, code_piece=8).storage_format(128, 2)
+    assert wide.slot_bytes == 16 + 2 + 1 and wide.codebook_bytes(1) == 256 * 8 * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("groups, keep", [(1, 1), (4, 2)], ids=["K1of1", "K2of4"])
+def test_measured_bytes_match_the_storage_format(groups, keep, dtype):
+    """Every token kept, no window: held bytes are the format's row bytes (codes, scales,
+    group indices, key tables of the blocks held, codebooks) for each layer and sequence."""
+    model = make_tiny_model("llama", dtype=dtype, **_WIDE)
+    config = SubTokenConfig(num_groups=groups, keep_groups=keep, window=0, bits=2, value_codes=16)
+    cache = SubTokenCache(model, config)
+    tokens = 100
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, tokens), past_key_values=cache)
+    report = cache.memory_report()
+    layer = cache.layers[0]
+    assert isinstance(layer.packed_values, CodedTensor)
+    blocks = 4 + -(-(tokens - 4) // 32)  # 4 sinks a block each, then 32-token blocks
+    row = layer.storage.row_bytes(tokens, blocks, keep, scored=False)
+    assert report["stored_bytes"] == 2 * 2 * row  # layers x batch
+    assert report["parts"]["packed_values.codebook"] == 2 * 2 * keep * 16 * 4 * 2
+    assert report["parts"]["packed_values.payload"] == 2 * 2 * keep * tokens * (64 // groups // 4) // 2
+
+
+def _coded(kv, words: int = 16, piece: int = 4):
+    """`kv` with its packed values as codeword indices, and the same with them dequantized."""
+    coded = quantize_vectors(kv.values, words, piece)
+    dtype = kv.tail_values.dtype
+    return dataclasses.replace(kv, values=coded, backend="torch"), dataclasses.replace(
+        kv, values=coded.dequantize(dtype), backend="torch"
+    )
+
+
+SHAPES = [
+    Shape(stored=130, tail=9, head_dim=64, group=3, keep=3, groups=8),
+    Shape(stored=40, tail=0, head_dim=128, group=2, keep=1, groups=1),  # empty tail, K = G = 1
+    Shape(stored=33, tail=8, head_dim=64, group=5, keep=2, groups=4, kv_heads=3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
+def test_reference_equals_attention_over_the_dequantized_values(shape, dtype, monkeypatch):
+    monkeypatch.setattr(packed_attention_reference, "BLOCK_TOKENS", 16)  # every case crosses blocks
+    query, kv, _, _ = make_packed(shape, dtype)
+    coded, dequantized = _coded(kv)
+    got = packed_attention(query, coded)
+    want = packed_attention(query, dequantized)
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+
+
+def test_the_triton_backend_refuses_coded_values():
+    query, kv, _, _ = make_packed(SHAPES[0], torch.float32)
+    coded, _ = _coded(kv)
+    with pytest.raises(ValueError, match="Triton kernel does not read"):
+        packed_attention(query, coded, backend="triton")
+
+
+def test_the_prompts_codebook_codes_every_later_pack():
+    """A small window packs a chunk every few steps: each is coded against the codebook fitted
+    on the prompt (the same tensor), and generation runs to the end."""
+    model = make_tiny_model("llama", **_WIDE)
+    config = SubTokenConfig(num_groups=1, keep_groups=1, window=4, pack_chunk=2, bits=2, value_codes=16)
+    cache = SubTokenCache(model, config)
+    prompt = random_prompts(1, 60)
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache)
+    codebooks = [layer.packed_values.codebook for layer in cache.layers]
+    packed = cache.layers[0].packed_values.shape[-2]
+    out = model.generate(prompt, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    assert out.shape[-1] == 72
+    assert cache.layers[0].packed_values.shape[-2] > packed
+    assert all(layer.packed_values.codebook is book for layer, book in zip(cache.layers, codebooks, strict=True))
+
+
+def test_an_evicting_cache_with_coded_values_decodes_within_budget():
+    model = make_tiny_model("llama", **_WIDE)
+    config = SubTokenConfig(num_groups=2, budget=0.12, window=8, bits=2, value_codes=16)
+    cache = decode_within_budget(model, config, prompt_tokens=300)
+    assert isinstance(cache.layers[0].packed_values, CodedTensor)
+
+
+def test_codebooks_follow_their_sequences_when_the_batch_is_reordered_and_cropped():
+    model = make_tiny_model("llama", **_WIDE)
+    config = SubTokenConfig(num_groups=1, keep_groups=1, window=0, bits=2, value_codes=16)
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, 50), past_key_values=cache)
+    layer = cache.layers[0]
+    before = layer.packed_values
+    assert not torch.equal(before.codebook[0], before.codebook[1])  # each sequence its own
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.packed_values.codebook, before.codebook.flip(0))
+    assert torch.equal(layer.packed_values.dequantize(torch.float32), before.dequantize(torch.float32).flip(0))
+    cache.crop(30 if _CROP_TAKES_LENGTH else 30 - 50)
+    assert layer.packed_values.shape[-2] == 30
+    assert torch.equal(layer.packed_values.codebook, before.codebook.flip(0))
+
+
+def test_beam_search_runs_with_coded_values():
+    model = make_tiny_model("llama", **_WIDE)
+    config = SubTokenConfig(num_groups=1, keep_groups=1, window=4, bits=2, value_codes=16)
+    out = model.generate(
+        random_prompts(1, 40), past_key_values=SubTokenCache(model, config), max_new_tokens=6, num_beams=2, do_sample=False
+    )
+    assert out.shape == (1, 46)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"value_codes": 1, "bits": 2}, "value_codes must be in 2..256"),
+        ({"value_codes": 300, "bits": 2}, "value_codes must be in 2..256"),
+        ({"value_codes": 16}, "value_codes needs bits="),
+        ({"value_codes": 16, "bits": "auto", "budget": 0.2}, "value_codes needs bits="),
+        ({"value_codes": 16, "bits": 2, "budget": 0.2, "span": "adaptive"}, "span='fixed' and head_budgets='uniform'"),
+        ({"value_codes": 16, "bits": 2, "budget": 0.2, "head_budgets": "adaptive"}, "span='fixed' and head_budgets='uniform'"),
+        ({"value_codes": 16, "bits": 2, "backend": "triton"}, "PyTorch attention path only"),
+        ({"value_codes": 16, "bits": 2, "code_piece": 0}, "code_piece must be >= 1"),
+    ],
+    ids=["one-word", "too-many-words", "no-bits", "auto-bits", "adaptive-span", "adaptive-heads", "triton", "zero-piece"],
+)
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SubTokenConfig(**settings)
+
+
+@pytest.mark.parametrize("piece, words", [(3, 16), (8, 16)], ids=["piece-not-dividing", "codes-not-whole-bytes"])
+def test_pieces_that_do_not_fit_a_value_group_are_refused(piece, words):
+    config = SubTokenConfig(num_groups=8, keep_groups=4, bits=2, value_codes=words, code_piece=piece)
+    with pytest.raises(ValueError, match=f"code_piece={piece}"):
+        config.storage_format(64, 4)
