@@ -338,11 +338,6 @@ class SubTokenConfig:
                 "value_codes works with span='fixed' and head_budgets='uniform' (one codebook per KV head), "
                 f"got span={self.span!r}, head_budgets={self.head_budgets!r}"
             )
-        if self.backend == "triton":
-            raise ValueError(
-                "value_codes is read by the PyTorch attention path only: use backend='auto' or 'torch', "
-                f"got backend={self.backend!r}"
-            )
 
     def layer_settings(self, num_layers: int) -> list[SubTokenConfig]:
         """The config each of `num_layers` layers runs with, overrides applied (a later

@@ -101,7 +101,7 @@ def test_packed_attention_rejects_other_storage_types(no_launch):
         packed_attention(query, _replace(kv, keys=[kv.keys]))
     with pytest.raises(TypeError, match="kv.group_idx must be a torch.Tensor, got QuantizedTensor"):
         packed_attention(query, _replace(kv, group_idx=quantize(kv.keys, 8, 64)))
-    with pytest.raises(TypeError, match="kv.values must be a torch.Tensor or a QuantizedTensor, got ChannelQuantizedTensor"):
+    with pytest.raises(TypeError, match="kv.values must be a torch.Tensor, QuantizedTensor or CodedTensor, got ChannelQuantizedTensor"):
         channel = quantize_channels(kv.values.flatten(2, 3), 8, 32)  # [B, Hkv, K*Ts, C]
         packed_attention(query, _replace(kv, values=channel))
 

@@ -1,11 +1,13 @@
 """Value groups stored as codeword indices (`value_codes`): accounted exactly, read by the
-reference attention as the dequantized values would be, one codebook per KV head and slot
-fitted on the first values packed and kept while decoding, moved with its sequence, and
-refused where it does not apply."""
+reference attention and by the Triton kernel (interpreted here) as the dequantized values
+would be, one codebook per KV head and slot fitted on the first values packed and kept while
+decoding, moved with its sequence, and refused where it does not apply."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 
 import pytest
 import torch
@@ -79,11 +81,50 @@ def test_reference_equals_attention_over_the_dequantized_values(shape, dtype, mo
     torch.testing.assert_close(got, want, **TOLERANCE[dtype])
 
 
-def test_the_triton_backend_refuses_coded_values():
-    query, kv, _, _ = make_packed(SHAPES[0], torch.float32)
+triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+TRITON_SHAPES = [*SHAPES, Shape(stored=65, tail=64, head_dim=64, group=1, keep=8, groups=8, batch=1)]  # full window
+
+
+@triton_only
+@pytest.mark.parametrize("words, piece", [(16, 4), (256, 8), (4, 2)], ids=["W16-d4", "W256-d8", "W4-d2"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=[s.id for s in TRITON_SHAPES])
+def test_triton_matches_the_reference(shape, dtype, words, piece):
+    query, kv, _, _ = make_packed(shape, dtype, seed=12)
+    coded, _ = _coded(kv, words, piece)
+    got = packed_attention(query, coded, backend="triton")
+    assert got.dtype == dtype and got.shape == query.shape
+    want = packed_attention(query, coded)
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+def _framed(part: torch.Tensor) -> torch.Tensor:
+    """`part` copied into the middle of a buffer poisoned with NaN (0xFF for bytes), strided."""
+    fill = 255 if part.dtype == torch.uint8 else math.nan
+    buffer = torch.full([n + 4 for n in part.shape], fill, dtype=part.dtype, device=part.device)
+    return buffer[tuple(slice(2, 2 + n) for n in part.shape)].copy_(part)
+
+
+@triton_only
+def test_triton_reads_only_inside_the_codes_scales_and_codebook():
+    query, kv, _, _ = make_packed(SHAPES[0], torch.float32, seed=13)
     coded, _ = _coded(kv)
-    with pytest.raises(ValueError, match="Triton kernel does not read"):
-        packed_attention(query, coded, backend="triton")
+    framed = dataclasses.replace(coded, values=coded.values.apply(_framed))
+    assert not framed.values.codebook.is_contiguous()
+    got = packed_attention(query, framed, backend="triton")
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, packed_attention(query, coded), **TOLERANCE[torch.float32])
+
+
+@triton_only
+def test_greedy_tokens_match_whichever_path_reads_the_codes():
+    model = make_tiny_model("llama", **_WIDE)
+    prompt = random_prompts(2, 40)
+    outs = []
+    for backend in ("torch", "triton"):
+        config = SubTokenConfig(num_groups=2, keep_groups=1, window=4, bits=2, value_codes=16, backend=backend)
+        outs.append(model.generate(prompt, past_key_values=SubTokenCache(model, config), max_new_tokens=16, do_sample=False))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_the_prompts_codebook_codes_every_later_pack():
@@ -145,10 +186,9 @@ def test_beam_search_runs_with_coded_values():
         ({"value_codes": 16, "bits": "auto", "budget": 0.2}, "value_codes needs bits="),
         ({"value_codes": 16, "bits": 2, "budget": 0.2, "span": "adaptive"}, "span='fixed' and head_budgets='uniform'"),
         ({"value_codes": 16, "bits": 2, "budget": 0.2, "head_budgets": "adaptive"}, "span='fixed' and head_budgets='uniform'"),
-        ({"value_codes": 16, "bits": 2, "backend": "triton"}, "PyTorch attention path only"),
         ({"value_codes": 16, "bits": 2, "code_piece": 0}, "code_piece must be >= 1"),
     ],
-    ids=["one-word", "too-many-words", "no-bits", "auto-bits", "adaptive-span", "adaptive-heads", "triton", "zero-piece"],
+    ids=["one-word", "too-many-words", "no-bits", "auto-bits", "adaptive-span", "adaptive-heads", "zero-piece"],
 )
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

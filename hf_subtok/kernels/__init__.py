@@ -35,7 +35,6 @@ from hf_subtok.kernels._dispatch import (
 from hf_subtok.kernels.merge import merge_attention_states, packed_attention_lse_reference
 from hf_subtok.kernels.packed_attention_reference import packed_value_matmul
 from hf_subtok.packed import PackedKV
-from hf_subtok.quant import CodedTensor
 from hf_subtok.stored import map_stored, token_prefix
 
 __all__ = [
@@ -134,15 +133,8 @@ def pack_value_groups(
 
 
 def _triton_decodes(query: torch.Tensor, kv: PackedKV, backend: str | None) -> bool:
-    """Whether the Triton kernel computes this call: a decode step (Q = 1) on the Triton path.
-    Values stored as codeword indices (`CodedTensor`) are read by the reference only: 'auto'
-    takes it, 'triton' is refused."""
-    backend = kv.backend if backend is None else backend
-    if isinstance(kv.values, CodedTensor):
-        if backend == "triton":
-            raise ValueError("kv.values are codeword indices (CodedTensor), which the Triton kernel does not read: use backend='torch' or 'auto'")
-        return False
-    return use_triton(backend, query.device) and query.shape[2] == 1
+    """Whether the Triton kernel computes this call: a decode step (Q = 1) on the Triton path."""
+    return use_triton(kv.backend if backend is None else backend, query.device) and query.shape[2] == 1
 
 
 def _per_head_view(kv: PackedKV) -> PackedKV:

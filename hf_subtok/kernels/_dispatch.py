@@ -188,17 +188,17 @@ def _check_kinds(kv: PackedKV) -> None:
 
 
 def check_strides_for_triton(
-    named: dict[str, torch.Tensor | QuantizedTensor | ChannelQuantizedTensor],
+    named: dict[str, torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor],
 ) -> None:
     """The Triton kernels take any batch/head/token strides but need the last dim contiguous;
     a quantized tensor's scale and zero must share their strides. The block index of a
     `ChannelQuantizedTensor` (`[B, Hkv, T]`, its last dim is tokens) may have any strides."""
     flat = {}
     for name, tensor in named.items():
-        if not isinstance(tensor, (QuantizedTensor, ChannelQuantizedTensor)):
+        if not isinstance(tensor, (QuantizedTensor, ChannelQuantizedTensor, CodedTensor)):
             flat[name] = tensor
             continue
-        if tensor.scale.stride() != tensor.zero.stride():
+        if not isinstance(tensor, CodedTensor) and tensor.scale.stride() != tensor.zero.stride():
             raise ValueError(
                 f"{name}.scale and {name}.zero must have equal strides for the Triton path, "
                 f"got {tensor.scale.stride()} and {tensor.zero.stride()}"

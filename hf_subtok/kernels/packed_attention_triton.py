@@ -11,6 +11,10 @@ are gathered inside the kernel: for each token the K stored slots are matched ag
 group `d // C` of every output channel `d`, and a single masked load reads the kept channels
 (dropped groups load nothing and count as zero). No dense value tensor is ever built.
 
+Values may instead be codeword indices (`hf_subtok.quant.CodedTensor`, VALUE_CODED): each
+channel's piece index is shifted out of its byte like a code, and the channel read from that
+word of the row's codebook, times the token's one scale (`_look_up_codes`).
+
 Keys and values may be quantized (`hf_subtok.quant.QuantizedTensor`, KEY_BITS / VALUE_BITS of
 2, 4 or 8; 0 means plain): each block is dequantized in registers (`_dequantize`: the byte
 holding a channel is loaded, its code shifted out and masked, then `code * scale + zero` in
@@ -34,7 +38,7 @@ import triton
 import triton.language as tl
 
 from hf_subtok.packed import PackedKV
-from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor
+from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
 
 _LOG2E = 1.4426950408889634
 
@@ -76,9 +80,23 @@ def _dequantize(P, S, Z, p_offset, s_offset, chan, ok, BITS: tl.constexpr, GROUP
 
 
 @triton.jit
+def _look_up_codes(P, S, CB, p_offset, s_offset, cb_offset, chan, ok, stride_w, BITS: tl.constexpr, PIECE: tl.constexpr):
+    """float32 values of channels `chan` of rows stored as codeword indices (`CodedTensor`):
+    the index of the channel's piece is shifted out of its byte at `p_offset`, the channel is
+    read from that word of the codebook at `cb_offset` (`stride_w` apart), and scaled by the
+    row's one scale at `s_offset`; `ok` masks every load (masked lanes read as 0)."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    piece = chan // PIECE
+    byte = tl.load(P + p_offset + piece // PER_BYTE, mask=ok, other=0).to(tl.int32)
+    code = (byte >> ((piece % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
+    word = tl.load(CB + cb_offset + code * stride_w + chan % PIECE, mask=ok, other=0.0).to(tl.float32)
+    return word * tl.load(S + s_offset, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _packed_decode_kernel(
     Q, K, V, IDX, TK, TV, MASK, VALID, OUT, LSE, SC,
-    KS, KZ, KB, VS, VZ,
+    KS, KZ, KB, VS, VZ, VC,
     scale_log2,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
@@ -86,6 +104,7 @@ def _packed_decode_kernel(
     stride_ksb, stride_ksh, stride_kst,
     stride_kbb, stride_kbh, stride_kbt,
     stride_vsb, stride_vsh, stride_vsk, stride_vst,
+    stride_vcb, stride_vch, stride_vck, stride_vcw,
     stride_ib, stride_ih, stride_ik,
     stride_tkb, stride_tkh, stride_tkt,
     stride_tvb, stride_tvh, stride_tvt,
@@ -108,6 +127,7 @@ def _packed_decode_kernel(
     KEY_PER_CHANNEL: tl.constexpr,
     VALUE_BITS: tl.constexpr,
     VALUE_GROUP_SIZE: tl.constexpr,
+    VALUE_CODED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -146,6 +166,7 @@ def _packed_decode_kernel(
     ks_offset = b * stride_ksb + h * stride_ksh
     kb_base = KB + b * stride_kbb + h * stride_kbh
     vs_offset = b * stride_vsb + h * stride_vsh
+    vc_offset = b * stride_vcb + h * stride_vch
     for start in range(lo, tl.minimum(hi, n_stored), BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
         t_ok = t < tl.minimum(hi, n_stored)
@@ -171,7 +192,16 @@ def _packed_decode_kernel(
                 g = tl.load(i_base + kk * stride_ik + t, mask=t_ok, other=255).to(tl.int32)  # [T]
                 hit += (g[:, None] == d_group[None, :]).to(tl.int32)
                 slot += (g[:, None] < d_group[None, :]).to(tl.int32)
-        if VALUE_BITS == 0:
+        if VALUE_CODED:  # VALUE_GROUP_SIZE: channels per codeword
+            v = _look_up_codes(
+                v_base, VS, VC,
+                slot * stride_vk + t[:, None] * stride_vt,
+                vs_offset + slot * stride_vsk + t[:, None] * stride_vst,
+                vc_offset + slot * stride_vck,
+                d_chan[None, :], td_ok & (hit > 0), stride_vcw,
+                VALUE_BITS, VALUE_GROUP_SIZE,
+            ).to(Q.dtype.element_ty)  # [T, D], dropped groups zero
+        elif VALUE_BITS == 0:
             v = tl.load(
                 v_base + slot * stride_vk + t[:, None] * stride_vt + d_chan[None, :],
                 mask=td_ok & (hit > 0),
@@ -238,10 +268,13 @@ def _allowed_bytes(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.to(torch.uint8).contiguous()
 
 
-def _storage(x: torch.Tensor | QuantizedTensor | ChannelQuantizedTensor):
+def _storage(x: torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor):
     """`(data, scale, zero, bits, group_size)`: a plain tensor is its own (never read) scale and
     zero with bits 0; a quantized one gives its payload, scale and zero (equal strides); a
-    per-channel one has one channel per group (its rows are picked by `_block_index`)."""
+    per-channel one has one channel per group (its rows are picked by `_block_index`); a coded
+    one its payload, its scale twice (no zero) and its channels per codeword."""
+    if isinstance(x, CodedTensor):
+        return x.payload, x.scale, x.scale, x.bits, x.piece
     if isinstance(x, QuantizedTensor):
         return x.payload, x.scale, x.zero, x.bits, x.group_size
     if isinstance(x, ChannelQuantizedTensor):
@@ -278,7 +311,7 @@ def packed_decode_attention_triton(
     Args:
         query: `[B, Hq, 1, D]`.
         kv: keys `[B, Hkv, Ts, D]`, values `[B, Hkv, K, Ts, C]` (each plain or a
-            `QuantizedTensor`, keys also a `ChannelQuantizedTensor`), uint8 group_idx `[B, Hkv, K, Ts]`, tail keys/values
+            `QuantizedTensor`, keys also a `ChannelQuantizedTensor`, values also a `CodedTensor`), uint8 group_idx `[B, Hkv, K, Ts]`, tail keys/values
             `[B, Hkv, Tt, D]` (last dims contiguous), and optionally `stored_valid`
             `[B, Hkv, Ts]` bool (tokens selected per head).
         attention_mask: `[B|1, 1, 1, T']` bool or additive float, or None. Its last Tt
@@ -330,6 +363,8 @@ def packed_decode_attention_triton(
     values, value_scale, value_zero, value_bits, value_group_size = _storage(kv.values)
     key_block = _block_index(kv.keys)  # [B, Hkv, Ts] int16 or None
     block_strides = (0, 0, 0) if key_block is None else key_block.stride()
+    codebook = kv.values.codebook if isinstance(kv.values, CodedTensor) else None  # [B, Hkv, K, W, d]
+    codebook_strides = (0, 0, 0, 0) if codebook is None else codebook.stride()[:4]
     group_idx = kv.group_idx
     _packed_decode_kernel[(batch * kv_heads, splits)](
         query, keys, values, group_idx, kv.tail_keys, kv.tail_values,
@@ -338,7 +373,8 @@ def packed_decode_attention_triton(
         out, lse, scores,  # scores: never written without WRITE_SCORES
         key_scale, key_zero,  # never read without KEY_BITS
         keys if key_block is None else key_block,  # never read without KEY_PER_CHANNEL
-        value_scale, value_zero,  # never read without VALUE_BITS
+        value_scale, value_zero,  # never read without VALUE_BITS (zero: nor with VALUE_CODED)
+        values if codebook is None else codebook,  # never read without VALUE_CODED
         scale * _LOG2E,
         query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
@@ -346,6 +382,7 @@ def packed_decode_attention_triton(
         key_scale.stride(0), key_scale.stride(1), key_scale.stride(2),
         *block_strides,
         value_scale.stride(0), value_scale.stride(1), value_scale.stride(2), value_scale.stride(3),
+        *codebook_strides,
         group_idx.stride(0), group_idx.stride(1), group_idx.stride(2),
         kv.tail_keys.stride(0), kv.tail_keys.stride(1), kv.tail_keys.stride(2),
         kv.tail_values.stride(0), kv.tail_values.stride(1), kv.tail_values.stride(2),
@@ -368,6 +405,7 @@ def packed_decode_attention_triton(
         KEY_PER_CHANNEL=key_block is not None,
         VALUE_BITS=value_bits,
         VALUE_GROUP_SIZE=value_group_size,
+        VALUE_CODED=codebook is not None,
         BLOCK_R=block_r,
         BLOCK_T=block_t,
         BLOCK_D=block_d,
