@@ -594,9 +594,10 @@ class SubTokenLayer(CacheLayerMixin):
         per-channel key tables (0: count each token's share of full blocks), each token costing
         `extra` more bytes (its share of wide tokens' other groups)."""
         keep_groups = self.keep_groups
-        if blocks == 0:
+        if blocks == 0:  # the row's fixed bytes: its value codebooks, if any
             per_token = self.storage.token_bytes(keep_groups, scored=True) + extra
-            return max(0, min(tokens, int(budget // per_token)))
+            room = budget - self.storage.codebook_bytes(keep_groups)
+            return max(0, min(tokens, int(room // per_token)))
         if self.storage.row_bytes(tokens, blocks, keep_groups, scored=True) + tokens * extra <= budget:
             return tokens
         base = self.storage.row_bytes(0, blocks, keep_groups, scored=True)

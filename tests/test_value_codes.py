@@ -144,9 +144,11 @@ def test_the_prompts_codebook_codes_every_later_pack():
     assert all(layer.packed_values.codebook is book for layer, book in zip(cache.layers, codebooks, strict=True))
 
 
-def test_an_evicting_cache_with_coded_values_decodes_within_budget():
+@pytest.mark.parametrize("bits", [2, 4], ids=["int2-channel-keys", "int4-token-keys"])
+def test_an_evicting_cache_with_coded_values_decodes_within_budget(bits):
+    """The plan counts each row's codebooks (keys per channel or per token alike)."""
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(num_groups=2, budget=0.12, window=8, bits=2, value_codes=16)
+    config = SubTokenConfig(num_groups=2, budget=0.15, window=8, bits=bits, value_codes=16)
     cache = decode_within_budget(model, config, prompt_tokens=300)
     assert isinstance(cache.layers[0].packed_values, CodedTensor)
 
@@ -200,3 +202,18 @@ def test_pieces_that_do_not_fit_a_value_group_are_refused(piece, words):
     config = SubTokenConfig(num_groups=8, keep_groups=4, bits=2, value_codes=words, code_piece=piece)
     with pytest.raises(ValueError, match=f"code_piece={piece}"):
         config.storage_format(64, 4)
+
+
+def test_the_token_count_a_row_can_hold_leaves_room_for_its_codebooks():
+    """Keys per token (no key tables): what fits a row's bytes is its codebooks, then whole
+    tokens."""
+    model = make_tiny_model("llama", **_WIDE)
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=2, budget=0.15, window=8, bits=4, value_codes=16))
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 100), past_key_values=cache)
+    layer = cache.layers[0]
+    token = layer.storage.token_bytes(layer.keep_groups, scored=True)
+    books = layer.storage.codebook_bytes(layer.keep_groups)
+    assert books > 0
+    assert layer._tokens_within(books + 10.5 * token, 1000, 0) == 10
+    assert layer.storage.row_bytes(10, 0, layer.keep_groups, scored=True) <= books + 10.5 * token
