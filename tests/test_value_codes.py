@@ -217,3 +217,15 @@ def test_the_token_count_a_row_can_hold_leaves_room_for_its_codebooks():
     assert books > 0
     assert layer._tokens_within(books + 10.5 * token, 1000, 0) == 10
     assert layer.storage.row_bytes(10, 0, layer.keep_groups, scored=True) <= books + 10.5 * token
+
+
+@triton_only
+def test_a_codebook_strided_in_its_last_dim_is_refused_before_launch():
+    query, kv, _, _ = make_packed(SHAPES[0], torch.float32, seed=14)
+    coded, _ = _coded(kv)
+    book = coded.values.codebook
+    strided = book.transpose(-1, -2).contiguous().transpose(-1, -2)  # same words, last dim strided
+    bad = dataclasses.replace(coded, values=CodedTensor(coded.values.payload, coded.values.scale, strided, 4))
+    with pytest.raises(ValueError, match="kv.values.codebook must be contiguous in its last dim"):
+        packed_attention(query, bad, backend="triton")
+    torch.testing.assert_close(packed_attention(query, bad), packed_attention(query, coded))  # the reference reads it

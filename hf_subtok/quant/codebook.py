@@ -6,9 +6,10 @@ into `N / d` pieces of `d` channels, and each piece is stored as the index of th
 `W` codewords `[d]` that k-means fitted on the rows' own pieces: `log2(W) / d` bits per
 element plus one scale per token (4 channels per 4-bit index: 1 bit per element).
 
-Simulated on SmolLM2-135M-Instruct with every token kept (`benchmarks/keep_every_token_ceiling.py`,
-BENCHMARKS.md "At 6% of the float32 bytes"): values so coded (4 channels, 16 or 32 words) with
-exact keys find all 24 needles at +4.4% ppl, where 1-bit scalar values lose 2.
+Measured in the cache on SmolLM2-135M-Instruct (`value_codes=16`, every token kept, 2-bit keys
+per channel, a 4-token dense window; BENCHMARKS.md "At 6% of the float32 bytes"): 23 of 24
+needles at 6.4-6.9% of the fp32 bytes, +17.6% ppl; simulated with exact keys, such values
+cost +4.4% ppl, and 1-bit scalar values lose needles that they keep.
 
 The codebook has no token dim: each leading row (e.g. each (batch, KV head)) has its own
 `[W, d]` words, which stay in place when tokens move (`take`, `slice_tokens`, `cat` move
