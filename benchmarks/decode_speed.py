@@ -6,9 +6,10 @@ own (for SubTokenCache the step that packs the prompt: scoring, planning and qua
 token, a one-off cost of compressing the prompt, reported as `first step ms`) and `--steps`
 more are timed as the decode speed, alternating the methods over `--rounds` rounds; the
 median round is reported.
-Methods: groups only (`--keep`, K of 8, every token) and named presets (`--presets`: every
+Methods: groups only (`--keep`, K of 8, every token), named presets (`--presets`: every
 axis at the preset's budget, so tokens are evicted, stored in fewer bits and re-selected by
-the attention of each step, as in `generate()`).
+the attention of each step, as in `generate()`) and any other configuration (`--configs`,
+`SubTokenConfig` fields as `key=value` joined by `+`).
 
     python benchmarks/decode_speed.py --contexts 1024 4096 16384 --out bench_out/decode_speed.json
 """
@@ -28,6 +29,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.bench.overrides import parse_overrides
 from hf_subtok.presets import resolve_config
 
 logger = logging.getLogger("decode_speed")
@@ -59,6 +61,12 @@ def filled_preset(preset: str) -> SubTokenConfig:
     """The preset, scoring the filled prompt by key norm: `from_dense` has no prompt queries for
     SnapKV (the layout, and so a decode step's cost, is the same whichever tokens are kept)."""
     return dataclasses.replace(resolve_config(preset), token_scorer="key_norm")
+
+
+def configured(texts: list[str]) -> dict[str, SubTokenConfig]:
+    """`{"subtok TEXT": config}` for each `TEXT` of `SubTokenConfig` fields (`key=value` joined
+    by `+`); `ValueError` names a bad field or value."""
+    return {f"subtok {text}": SubTokenConfig(**dict(parse_overrides(text, SubTokenConfig, what="--configs field"))) for text in texts}
 
 
 def time_decode(model, cache, start: int, steps: int) -> tuple[float, float]:
@@ -94,6 +102,12 @@ def main() -> None:
     parser.add_argument(
         "--presets", nargs="*", default=[], help="presets to measure too (e.g. balanced compact), at their budgets"
     )
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        default=[],
+        help="SubTokenConfig fields as key=value joined by + to measure too, e.g. bits=2+value_codes=16+budget=0.07",
+    )
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument(
@@ -116,6 +130,7 @@ def main() -> None:
             logger.info("T=%d dense prefill: %.0f ms", tokens, prefill_ms[tokens])
         methods = {"dense": None, **{f"subtok k={k}/8": SubTokenConfig(num_groups=8, keep_groups=k, window=args.window) for k in args.keep}}
         methods.update({f"subtok {preset}": filled_preset(preset) for preset in args.presets})
+        methods.update(configured(args.configs))
         seconds: dict[str, list[float]] = {name: [] for name in methods}
         first_seconds: dict[str, list[float]] = {name: [] for name in methods}
         ratios: dict[str, float] = {}

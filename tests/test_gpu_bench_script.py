@@ -4,22 +4,15 @@ the script is ready for the first CUDA machine."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.benchmark_scripts import load_benchmark
+
 pytest.importorskip("triton")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_decode_kernel.py"
-
-
 def _script():
-    spec = importlib.util.spec_from_file_location("gpu_decode_kernel", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_decode_kernel")
 
 
 def _args(script, *extra: str):
