@@ -11,6 +11,7 @@ from tests.benchmark_scripts import load_benchmark
 
 pytest.importorskip("triton")
 
+
 def _script():
     return load_benchmark("gpu_decode_kernel")
 
