@@ -86,9 +86,9 @@ class Layout:
             int(kb), int(block), clip == "c", int(vb), int(group), int(window),
             rank and int(rank), code_dim and int(code_dim), codes and int(codes), int(sinks or 0),
         )  # fmt: skip
-        if layout.code_dim is not None and (layout.code_dim < 1 or layout.codes < 2):
+        if layout.code_dim is not None and (layout.code_dim < 1 or not 2 <= layout.codes <= 256):
             raise ValueError(
-                f"vector codes need positive channels and at least 2 codewords, got {text!r}"
+                f"vector codes need positive channels and 2..256 codewords (`quant.quantize_vectors`), got {text!r}"
             )
         for name, bits in (("key bits", layout.key_bits), ("value bits", layout.value_bits)):
             if bits not in (1, 2, 4, 8, EXACT):

@@ -87,7 +87,8 @@ def plan_layer(
     Args:
         token_scores: `[B, Hkv, T]` (higher kept; +inf always kept, -inf never).
         group_scores: `[B, Hkv, T, G]`.
-        row_budget_bytes: bytes one (batch, head) row may spend on packed tokens.
+        row_budget_bytes: bytes one (batch, head) row may spend on packed tokens (and on
+            their value codebooks, with codeword values).
         choices: the storage formats allowed (precision), each with its fidelity.
         candidate_groups: the K values allowed (one value fixes K).
         min_tokens: floor of tokens per row.
@@ -113,7 +114,8 @@ def plan_layer(
             for fraction in fractions:
                 cost = choice.storage.token_bytes(keep_groups, scored=True)
                 cost += fraction * choice.storage.wide_bytes(keep_groups)
-                keep_tokens = min(tokens, int(row_budget_bytes // cost))
+                room = row_budget_bytes - choice.storage.codebook_bytes(keep_groups)  # a row's codebooks
+                keep_tokens = min(tokens, max(0, int(room // cost)))
                 if keep_tokens < min(min_tokens, tokens):
                     continue
                 value = 0.0

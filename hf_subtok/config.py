@@ -422,8 +422,8 @@ class SubTokenConfig:
             self.value_codes,
             self.code_piece,
         )
-        if bits is not None:
-            checks = [("value group width", storage.width, storage.value_group_size)]
+        if bits is not None:  # coded value groups are checked below, scalar ones here
+            checks = [] if storage.coded_values else [("value group width", storage.width, storage.value_group_size)]
             key_group = 1 if storage.channel_keys else storage.key_group_size  # per channel: whole bytes
             checks.append(("head_dim", head_dim, key_group))
             if self.rotate:

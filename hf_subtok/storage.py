@@ -600,8 +600,8 @@ class SubTokenLayer(CacheLayerMixin):
             return max(0, min(tokens, int(room // per_token)))
         if self.storage.row_bytes(tokens, blocks, keep_groups, scored=True) + tokens * extra <= budget:
             return tokens
-        base = self.storage.row_bytes(0, blocks, keep_groups, scored=True)
-        per_token = self.storage.row_bytes(1, 0, keep_groups, scored=True) + extra
+        base = self.storage.row_bytes(0, blocks, keep_groups, scored=True)  # tables and codebooks
+        per_token = self.storage.row_bytes(1, 0, keep_groups, scored=True) - self.storage.row_bytes(0, 0, keep_groups, scored=True) + extra
         # at least one token fewer, so that the tables shrink or the loop ends at 0
         return max(0, min(tokens - 1, int((budget - base) // per_token)))
 

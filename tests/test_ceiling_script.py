@@ -108,6 +108,8 @@ def test_vector_layout_counts_codes_scale_and_codebook(script):
     assert layout.ratio(64, 1000) == pytest.approx((1000 * 29 + codebook) / (1000 * 512))
     with pytest.raises(ValueError, match="codewords"):
         script.Layout.parse("k2b256c-q4x1-w0")
+    with pytest.raises(ValueError, match="2..256 codewords"):
+        script.Layout.parse("k2b256c-q4x512-w0")  # more words than the package's codes index
 
 
 def test_vector_quantized_values_use_few_codewords(script):

@@ -145,12 +145,31 @@ def test_the_prompts_codebook_codes_every_later_pack():
 
 
 @pytest.mark.parametrize("bits", [2, 4], ids=["int2-channel-keys", "int4-token-keys"])
-def test_an_evicting_cache_with_coded_values_decodes_within_budget(bits):
-    """The plan counts each row's codebooks (keys per channel or per token alike)."""
+def test_an_evicting_cache_with_coded_values_uses_its_budget_and_stays_within_it(bits):
+    """The plan counts each row's codebooks once (keys per channel or per token alike): the
+    cache holds at most its budget while decoding, and after the prompt most of it."""
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(num_groups=2, budget=0.15, window=8, bits=bits, value_codes=16)
+    config = SubTokenConfig(num_groups=2, budget=0.07, window=8, bits=bits, value_codes=16)
     cache = decode_within_budget(model, config, prompt_tokens=300)
     assert isinstance(cache.layers[0].packed_values, CodedTensor)
+    fresh = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, 300), past_key_values=fresh)
+    assert fresh.memory_report()["ratio"] > 0.9 * config.budget  # a token priced with a codebook each: 0.04
+
+
+def test_a_codebook_larger_than_the_budget_keeps_no_tokens_and_holds_no_words():
+    """256 words of 8 channels (4 kB per row) do not fit a 60-token row at 15%: the plan keeps
+    no packed token, and the empty store's codebook takes no memory of its own."""
+    model = make_tiny_model("llama", **_WIDE)
+    config = SubTokenConfig(num_groups=1, budget=0.15, window=8, bits=4, value_codes=256, code_piece=8)
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 60), past_key_values=cache)
+    report = cache.memory_report()
+    assert cache.layers[0].packed_values.shape[-2] == 0
+    assert report["ratio"] <= config.budget
+    assert report["parts"]["packed_values.codebook"] <= 2 * 8 * 2  # one word per layer
 
 
 def test_codebooks_follow_their_sequences_when_the_batch_is_reordered_and_cropped():
@@ -204,6 +223,20 @@ def test_pieces_that_do_not_fit_a_value_group_are_refused(piece, words):
         config.storage_format(64, 4)
 
 
+def test_with_key_tables_each_token_is_priced_without_the_rows_codebooks():
+    """Keys per channel: what fits a row is its tables and codebooks once, then whole tokens."""
+    model = make_tiny_model("llama", **_WIDE)
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=2, budget=0.15, window=8, bits=2, value_codes=16))
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 100), past_key_values=cache)
+    layer, blocks = cache.layers[0], 6
+    storage, keep = layer.storage, layer.keep_groups
+    fixed = storage.row_bytes(0, blocks, keep, scored=True)
+    token = storage.row_bytes(1, 0, keep, scored=True) - storage.row_bytes(0, 0, keep, scored=True)
+    assert storage.codebook_bytes(keep) > 0 and fixed > storage.codebook_bytes(keep)
+    assert layer._tokens_within(fixed + 10.5 * token, 1000, blocks) == 10
+
+
 def test_the_token_count_a_row_can_hold_leaves_room_for_its_codebooks():
     """Keys per token (no key tables): what fits a row's bytes is its codebooks, then whole
     tokens."""
@@ -229,3 +262,21 @@ def test_a_codebook_strided_in_its_last_dim_is_refused_before_launch():
     with pytest.raises(ValueError, match="kv.values.codebook must be contiguous in its last dim"):
         packed_attention(query, bad, backend="triton")
     torch.testing.assert_close(packed_attention(query, bad), packed_attention(query, coded))  # the reference reads it
+
+
+def test_coded_groups_narrower_than_a_scalar_quantization_group_are_accepted():
+    """2-channel groups in 2-channel pieces with 8-bit codes fill whole bytes, though 2 channels
+    at 2 bits would not."""
+    storage = SubTokenConfig(num_groups=32, keep_groups=16, bits=2, value_codes=256, code_piece=2).storage_format(64, 4)
+    assert storage.coded_values and storage.slot_bytes == 1 + 2 + 1
+
+
+def test_long_prompts_are_coded_a_chunk_at_a_time(monkeypatch):
+    """Codes computed over chunks of pieces equal those computed at once."""
+    from hf_subtok.quant import codebook
+
+    x = torch.randn(1, 2, 300, 16, generator=torch.Generator().manual_seed(15))
+    whole = quantize_vectors(x, 16, 4)
+    monkeypatch.setattr(codebook, "CODE_CHUNK", 7)
+    chunked = quantize_vectors(x, 16, 4, codebook=whole.codebook)
+    assert torch.equal(chunked.payload, whole.payload)

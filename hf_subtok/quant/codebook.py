@@ -32,6 +32,7 @@ from hf_subtok.rows import take_rows
 KMEANS_STEPS = 15  # Lloyd steps after seeding (the distortion has stopped moving by then)
 MAX_WORDS = 1 << max(SUPPORTED_BITS)
 FIT_POINTS = 4096  # pieces per set k-means fits on, at most
+CODE_CHUNK = 8192  # pieces per set coded at once (the distances are [sets, CODE_CHUNK, W] float32)
 
 
 def code_bits(words: int) -> int:
@@ -219,7 +220,8 @@ def quantize_vectors(
 
     Args:
         x: `[..., T, N]` float32, float16 or bfloat16, e.g. values `[B, Hkv, T, D]` (with no
-            tokens and no codebook, the codebook is zeros: there is nothing to fit).
+            tokens and no codebook, the codebook is zeros, one word's memory broadcast: there
+            is nothing to fit, and an empty store holds no words).
         words: codewords per codebook, 2..256 (stored in `code_bits(words)` bits each).
         piece: channels per codeword; divides N, and `(N / piece) * bits` is a multiple of 8.
         codebook: `[..., words, piece]` to code against (e.g. the prompt's, for later tokens).
@@ -244,14 +246,19 @@ def quantize_vectors(
     scale = source.square().mean(-1, keepdim=True).sqrt_().to(scale_dtype)  # [..., T, 1]
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale).float()
     rows = (source / divisor).reshape(math.prod(lead), tokens * pieces, piece)  # [R, T * P, d]
-    if codebook is None and tokens == 0:  # nothing to fit: a zero codebook (`cat` drops empty parts)
-        codebook = torch.zeros(*lead, words, piece, dtype=scale_dtype, device=x.device)
+    if codebook is None and tokens == 0:  # nothing to fit: zero words holding no memory of their own
+        codebook = torch.zeros(piece, dtype=scale_dtype, device=x.device).expand(*lead, words, piece)
     elif codebook is None:
         codebook = fit_codebook(rows, words).to(scale_dtype).reshape(*lead, words, piece)
     elif codebook.shape != (*lead, words, piece) or codebook.dtype != scale_dtype:
         raise ValueError(
             f"codebook must be {scale_dtype} {(*lead, words, piece)}, got {codebook.dtype} {tuple(codebook.shape)}"
         )
-    codes = nearest_words(rows, codebook.float().reshape(math.prod(lead), words, piece))  # [R, T * P]
+    book = codebook.float().reshape(math.prod(lead), words, piece)
+    codes = torch.cat(  # a chunk of pieces at a time: the distances are [R, chunk, W]
+        [nearest_words(rows[:, start : start + CODE_CHUNK], book) for start in range(0, rows.shape[1], CODE_CHUNK)]
+        or [rows.new_empty(rows.shape[0], 0, dtype=torch.long)],
+        dim=1,
+    )  # [R, T * P]
     codes = codes.to(torch.uint8).reshape(*lead, tokens, pieces)
     return CodedTensor(pack_bits(codes, bits), scale, codebook, bits)
