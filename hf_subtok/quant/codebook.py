@@ -26,7 +26,7 @@ import torch
 
 from hf_subtok.quant.bits import SUPPORTED_BITS, pack_bits, unpack_bits
 from hf_subtok.quant.reference import default_scale_dtype
-from hf_subtok.quant.tensor import SCALE_DTYPES, PackedCodes
+from hf_subtok.quant.tensor import SCALE_DTYPES, PackedCodes, check_one_device
 from hf_subtok.rows import take_rows
 
 KMEANS_STEPS = 15  # Lloyd steps after seeding (the distortion has stopped moving by then)
@@ -90,11 +90,7 @@ class CodedTensor(PackedCodes):
                 f"scale must be [..., T, 1] and codebook [..., W, d] for payload {tuple(self.payload.shape)}, got "
                 f"{tuple(self.scale.shape)} and {tuple(self.codebook.shape)}"
             )
-        if not self.payload.device == self.scale.device == self.codebook.device:
-            raise ValueError(
-                f"payload, scale and codebook must be on one device, got "
-                f"{self.payload.device}, {self.scale.device}, {self.codebook.device}"
-            )
+        check_one_device(self.tensors())
 
     @property
     def piece(self) -> int:

@@ -13,6 +13,15 @@ from hf_subtok.quant.bits import check_bits, unpack_bits
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_one_device(parts: dict[str, torch.Tensor]) -> None:
+    """Raise `ValueError` naming the components unless they are all on one device."""
+    devices = {t.device for t in parts.values()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{', '.join(parts)} must be on one device, got {', '.join(str(t.device) for t in parts.values())}"
+        )
+
+
 class PackedCodes(ABC):
     """What every quantized storage shares: codes bit-packed along the last dim of `payload`
     (`bits` per code), its logical shape, device and bytes. Subclasses define `payload`,
@@ -110,11 +119,7 @@ class QuantizedTensor(PackedCodes):
                 f"{(*self.payload.shape[:-1], channels // size)} for payload {tuple(self.payload.shape)} "
                 f"at bits={self.bits}, group_size={size}"
             )
-        if not self.payload.device == self.scale.device == self.zero.device:
-            raise ValueError(
-                f"payload, scale and zero must be on one device, got "
-                f"{self.payload.device}, {self.scale.device}, {self.zero.device}"
-            )
+        check_one_device(self.tensors())
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The `[..., N]` tensor in `dtype` (computed in float32, then rounded once)."""
