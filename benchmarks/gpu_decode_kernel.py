@@ -27,6 +27,8 @@ import torch
 from hf_subtok import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups, packed_attention
 from hf_subtok.packed import PackedKV
+from hf_subtok.quant import ChannelQuantizedTensor
+from hf_subtok.quant.channel import BLOCK_INDEX_DTYPE
 from hf_subtok.stored import Stored, store_keys, store_values, stored_parts
 
 logger = logging.getLogger("kernels_bench")
@@ -69,8 +71,16 @@ def time_ms(fn) -> float:
 
 
 def nbytes(*tensors: Stored) -> int:
-    """Bytes of plain or quantized tensors (payload, scales, zeros and block indices)."""
+    """Bytes of plain or quantized tensors (payload, scales, zeros and block runs)."""
     return sum(t.numel() * t.element_size() for x in tensors for t in stored_parts("x", x).values())
+
+
+def expanded_block_bytes(keys: Stored) -> int:
+    """Bytes of the per-token block index attention expands from per-channel keys' runs (0 for
+    other keys)."""
+    if not isinstance(keys, ChannelQuantizedTensor):
+        return 0
+    return keys.payload.shape[:-1].numel() * BLOCK_INDEX_DTYPE.itemsize
 
 
 def stored_case(args, tokens: int, keep: int, bits: int | None, device: torch.device):
@@ -102,13 +112,15 @@ def run_case(
     held = kv["torch"]
     packed_bytes = nbytes(held.keys, held.values, held.group_idx, held.tail_keys, held.tail_values)
     dense_bytes = nbytes(keys, values)
+    # per-channel keys' runs are expanded to a per-token block index each call, which is read too
+    read_bytes = packed_bytes + expanded_block_bytes(held.keys)
     calls = {
         "sdpa": (
             lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True),
             dense_bytes,
         ),
-        "torch": (lambda: packed_attention(query, kv["torch"], return_mass=args.mass), packed_bytes),
-        "triton": (lambda: packed_attention(query, kv["triton"], return_mass=args.mass), packed_bytes),
+        "torch": (lambda: packed_attention(query, kv["torch"], return_mass=args.mass), read_bytes),
+        "triton": (lambda: packed_attention(query, kv["triton"], return_mass=args.mass), read_bytes),
     }
     b, h, r, d, g, w = args.batch, args.kv_heads, args.q_per_kv, args.head_dim, args.groups, args.window
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)

@@ -13,7 +13,8 @@ from hf_subtok.quant.codebook import code_bits
 INDEX_BYTES = 1  # uint8 group index per kept value group
 SCORE_BYTES = 4  # float32 token score per stored token (re-allocation while decoding)
 SCALE_BYTES = 2  # float16 / bfloat16 scale and zero point per quantization group
-BLOCK_INDEX_BYTES = 2  # int16 block of a key quantized per channel (`quant.channel`)
+LOG_SCALE_BYTES = 1  # a scale as an 8-bit logarithm (`log_scales`, `quant.logscale`)
+RUN_BYTES = 6  # int16 block and int32 length of a run of per-channel keys' tokens (`quant.channel`)
 HEAD_INDEX_BYTES = 1  # uint8 KV head of a token when heads share one row (per-head budgets)
 WIDE_NORM_BYTES = 2  # float16 norm of a wide token's other value groups (`span`)
 KEY_LAYOUTS = ("channel", "token")
@@ -50,9 +51,10 @@ class StorageFormat:
     channels, each with its index; in the model's element size or in `bits` bits. Quantized
     value groups have a scale and zero per `group_size` channels (at most a group's width);
     quantized keys either the same per token (`key_layout="token"`) or a scale and zero per
-    channel and block of `key_block` tokens plus an int16 block index per token
-    (`key_layout="channel"`, `quant.channel`), whose tables are counted here as if every
-    block were full (`row_bytes` counts the blocks a row really holds). `rotated`: quantized
+    channel and block of `key_block` tokens, with a run (block and length) per block naming
+    the block of each token (`key_layout="channel"`, `quant.channel`), whose tables and runs
+    are counted here as if every block were full (`row_bytes` counts the blocks and runs a row
+    really holds). `rotated`: quantized
     keys and value groups are stored Hadamard-rotated (`quant.rotation`; no bytes of its own)."""
 
     head_dim: int
@@ -68,6 +70,7 @@ class StorageFormat:
     clip_keys: bool = False  # per-channel keys quantized over each block's least-error range (no bytes)
     value_codes: int | None = None  # value groups as indices into this many codewords (`quant.codebook`)
     code_piece: int = 4  # channels per codeword
+    log_scales: bool = False  # per-channel key scales and codeword values' scales in one byte each
 
     @property
     def rotates(self) -> bool:
@@ -98,15 +101,26 @@ class StorageFormat:
         return channels * self.bits // 8 + 2 * SCALE_BYTES * (channels // group_size)
 
     @property
+    def scale_bytes(self) -> int:
+        """Bytes of one per-channel key scale or codeword value's scale (1 with `log_scales`)."""
+        return LOG_SCALE_BYTES if self.log_scales else SCALE_BYTES
+
+    @property
     def key_block_bytes(self) -> int:
         """Scale and zero tables of one block of per-channel keys (0 for other layouts)."""
-        return 2 * SCALE_BYTES * self.head_dim if self.channel_keys else 0
+        return (self.scale_bytes + SCALE_BYTES) * self.head_dim if self.channel_keys else 0
+
+    @property
+    def key_run_bytes(self) -> int:
+        """One run of per-channel keys' tokens (0 for other layouts)."""
+        return RUN_BYTES if self.channel_keys else 0
 
     @property
     def key_bytes(self) -> float:
-        """One key with its share of scales (a full block's share for per-channel keys)."""
+        """One key with its share of scales (a full block's share of tables and of its run, for
+        per-channel keys)."""
         if self.channel_keys:
-            return self.head_dim * self.bits // 8 + BLOCK_INDEX_BYTES + self.key_block_bytes / self.key_block
+            return self.head_dim * self.bits // 8 + (self.key_block_bytes + RUN_BYTES) / self.key_block
         return self._vector_bytes(self.head_dim, self.key_group_size)
 
     @property
@@ -119,7 +133,7 @@ class StorageFormat:
         """One kept value group with its index: scalar codes with scales and zeros, or
         codeword indices with one scale."""
         if self.coded_values:
-            return self.width // self.code_piece * code_bits(self.value_codes) // 8 + SCALE_BYTES + INDEX_BYTES
+            return self.width // self.code_piece * code_bits(self.value_codes) // 8 + self.scale_bytes + INDEX_BYTES
         return self._vector_bytes(self.width, self.value_group_size) + INDEX_BYTES
 
     def codebook_bytes(self, keep_groups: int) -> int:
@@ -139,12 +153,21 @@ class StorageFormat:
         its other groups with their indices, and their norm."""
         return (self.num_groups - keep_groups) * self.slot_bytes + WIDE_NORM_BYTES
 
-    def row_bytes(self, tokens: int, key_blocks: int, keep_groups: int, scored: bool) -> float:
+    def row_bytes(
+        self, tokens: int, key_blocks: int, keep_groups: int, scored: bool, key_runs: int | None = None
+    ) -> float:
         """Bytes one (batch, head) row of `tokens` packed tokens holds, with `key_blocks`
-        blocks of per-channel key tables (ignored for other layouts) and its value codebooks."""
-        shared = self.key_block_bytes / self.key_block if self.channel_keys else 0.0
+        blocks of per-channel key tables and `key_runs` runs (None: one per block; both ignored
+        for other layouts) and its value codebooks."""
+        shared = (self.key_block_bytes + self.key_run_bytes) / self.key_block if self.channel_keys else 0.0
         per_token = self.token_bytes(keep_groups, scored) - shared
-        return tokens * per_token + key_blocks * self.key_block_bytes + self.codebook_bytes(keep_groups)
+        runs = key_blocks if key_runs is None else key_runs
+        return (
+            tokens * per_token
+            + key_blocks * self.key_block_bytes
+            + runs * self.key_run_bytes
+            + self.codebook_bytes(keep_groups)
+        )
 
     @property
     def dense_token_bytes(self) -> int:

@@ -99,7 +99,9 @@ class SubTokenConfig:
     groups are stored below one bit per element: each token's group scaled by one number and
     cut into pieces of `code_piece` channels, each piece the index of the nearest of
     `value_codes` codewords that k-means fits per KV head (and slot) on the first tokens packed
-    (`hf_subtok.quant.codebook`); keys keep `bits`.
+    (`hf_subtok.quant.codebook`); keys keep `bits`. `log_scales` stores the per-channel keys'
+    scales and the codeword values' per-token scales as 8-bit logarithms (`quant.logscale`):
+    one byte each instead of two.
 
     `span="adaptive"` lets the number of groups vary per token: a layer keeping K < G groups
     also stores the other groups of the tokens most worth it (attention times the norm of the
@@ -202,6 +204,13 @@ class SubTokenConfig:
     code_piece: int = field(
         default=4, metadata={"help": "value channels per codeword (value_codes)"}
     )
+    log_scales: bool = field(
+        default=False,
+        metadata={
+            "help": "store per-channel key scales (rounded up) and codeword values' per-token scales as "
+            "8-bit logarithms, one byte instead of two"
+        },
+    )
     rotate: bool = field(
         default=False,
         metadata={
@@ -289,6 +298,13 @@ class SubTokenConfig:
             raise ValueError(
                 "key_clip=True needs keys quantized per channel (bits=2 or 'auto', or key_quantization="
                 f"'channel'), got bits={self.bits!r}, key_quantization={self.key_quantization!r}"
+            )
+        if not isinstance(self.log_scales, bool):
+            raise ValueError(f"log_scales must be True or False, got {self.log_scales!r}")
+        if self.log_scales and (self.bits is None or not (per_channel or self.value_codes)):
+            raise ValueError(
+                "log_scales=True needs keys quantized per channel or value_codes (the scales it stores), "
+                f"got bits={self.bits!r}, key_quantization={self.key_quantization!r}, value_codes={self.value_codes!r}"
             )
         if not isinstance(self.rotate, bool):
             raise ValueError(f"rotate must be True or False, got {self.rotate!r}")
@@ -421,6 +437,7 @@ class SubTokenConfig:
             self.key_clip,
             self.value_codes,
             self.code_piece,
+            self.log_scales,
         )
         if bits is not None:  # coded value groups are checked below, scalar ones here
             checks = [] if storage.coded_values else [("value group width", storage.width, storage.value_group_size)]

@@ -30,8 +30,8 @@ from hf_subtok.stored import (
     cat_stored,
     first_tokens,
     flatten_heads,
-    key_blocks,
     key_rotation,
+    key_tables,
     map_stored,
     store_keys,
     store_values,
@@ -452,11 +452,11 @@ class SubTokenLayer(CacheLayerMixin):
             # nothing stored yet: choose first, then quantize the survivors together (per-channel
             # key blocks are then full blocks of kept tokens)
             if self.shares_rows:  # chosen across heads, each head's survivors quantized together
-                limit, _ = self._fit(budget * new_scores.shape[1], flatten_heads(new_scores, 2), 0, None)
+                limit, _ = self._fit(budget * new_scores.shape[1], flatten_heads(new_scores, 2), (0, 0), None)
                 index, real = self._per_head_survivors(new_scores, limit)  # [B, Hkv, Cmax]
                 wide = index.shape[-1]  # every survivor stays a candidate for widening
             else:
-                keep, wide = self._fit(budget, new_scores, 0, new_wide)
+                keep, wide = self._fit(budget, new_scores, (0, 0), new_wide)
                 index = self._choose(new_scores, None, new_wide, keep, wide)  # [B, Hkv, keep]
                 real = None
             keys, packed, group_idx, new_scores = _take_candidates(keys, packed, group_idx, new_scores, index)
@@ -493,7 +493,7 @@ class SubTokenLayer(CacheLayerMixin):
         ordered = wide_groups is None  # wide tokens must come first: select at least once
         while True:  # per-channel key tables may hold more blocks than full ones would need
             count = stored[3].shape[-1]
-            keep, wide = self._fit(budget, stored[3], key_blocks(stored[0]), wide_groups)
+            keep, wide = self._fit(budget, stored[3], key_tables(stored[0]), wide_groups)
             if limit is not None and keep > limit:
                 keep, wide = limit, min(wide, limit)
             if keep >= count and ordered:
@@ -564,19 +564,19 @@ class SubTokenLayer(CacheLayerMixin):
         return WideGroups.of_stored(other, other_idx, norms, values.shape[-2])
 
     def _fit(
-        self, budget: float, scores: torch.Tensor, blocks: int, wide: WideGroups | None
+        self, budget: float, scores: torch.Tensor, tables: tuple[int, int], wide: WideGroups | None
     ) -> tuple[int, int]:
         """(tokens kept, of which wide) of the `[B, Hkv, T]`-scored candidates that fit `budget`
-        bytes per row, with `blocks` blocks of per-channel key tables (see `_tokens_within`)."""
+        bytes per row, with `tables` (blocks, runs) of per-channel keys (see `_tokens_within`)."""
         count = scores.shape[-1]
         if wide is None:
-            return self._tokens_within(budget, count, blocks), 0
+            return self._tokens_within(budget, count, tables), 0
         extra = self.storage.wide_bytes(self.keep_groups)
-        keep = self._tokens_within(budget, count, blocks, self.wide_fraction * extra)
+        keep = self._tokens_within(budget, count, tables, self.wide_fraction * extra)
         wanted = int(self.wide_fraction * keep)
         widened = min(wanted, wide.eligible(scores))
         if widened < wanted:  # too few tokens can be widened: spend the rest on tokens
-            keep = self._tokens_within(budget - widened * extra, count, blocks)
+            keep = self._tokens_within(budget - widened * extra, count, tables)
         return keep, min(widened, keep)
 
     def _choose(
@@ -589,18 +589,19 @@ class SubTokenLayer(CacheLayerMixin):
             return select_tokens(ranked, keep)
         return wide_first(ranked, wide.worth(scores), keep, widened)
 
-    def _tokens_within(self, budget: float, tokens: int, blocks: int, extra: float = 0.0) -> int:
-        """How many of `tokens` packed tokens fit `budget` bytes per row, with `blocks` blocks of
-        per-channel key tables (0: count each token's share of full blocks), each token costing
-        `extra` more bytes (its share of wide tokens' other groups)."""
+    def _tokens_within(self, budget: float, tokens: int, tables: tuple[int, int], extra: float = 0.0) -> int:
+        """How many of `tokens` packed tokens fit `budget` bytes per row, with `tables` (blocks,
+        runs) of per-channel keys (no blocks: count each token's share of full blocks), each
+        token costing `extra` more bytes (its share of wide tokens' other groups)."""
         keep_groups = self.keep_groups
+        blocks, runs = tables
         if blocks == 0:  # the row's fixed bytes: its value codebooks, if any
             per_token = self.storage.token_bytes(keep_groups, scored=True) + extra
             room = budget - self.storage.codebook_bytes(keep_groups)
             return max(0, min(tokens, int(room // per_token)))
-        if self.storage.row_bytes(tokens, blocks, keep_groups, scored=True) + tokens * extra <= budget:
+        if self.storage.row_bytes(tokens, blocks, keep_groups, scored=True, key_runs=runs) + tokens * extra <= budget:
             return tokens
-        base = self.storage.row_bytes(0, blocks, keep_groups, scored=True)  # tables and codebooks
+        base = self.storage.row_bytes(0, blocks, keep_groups, scored=True, key_runs=runs)  # tables, runs, codebooks
         per_token = self.storage.row_bytes(1, 0, keep_groups, scored=True) - self.storage.row_bytes(0, 0, keep_groups, scored=True) + extra
         # at least one token fewer, so that the tables shrink or the loop ends at 0
         return max(0, min(tokens - 1, int((budget - base) // per_token)))

@@ -3,7 +3,7 @@ groups, or keys per token), `ChannelQuantizedTensor`s (keys per channel) and `Co
 (value groups as codeword indices) alike.
 
 A `QuantizedTensor`'s rows are independent, so it applies an operation to its payload, scales
-and zeros alike; a `ChannelQuantizedTensor` moves its tokens and block indices and leaves its
+and zeros alike; a `ChannelQuantizedTensor` moves its tokens (re-counting its block runs) and leaves its
 block tables in place (compacting them after a gather or a cut); a `CodedTensor` moves its
 codes and scales and leaves its codebook in place.
 """
@@ -69,13 +69,14 @@ def flatten_heads(x: Stored, token_dim: int) -> Stored:
     `SubTokenLayer`). Per-channel quantized keys keep each head's block tables (renumbered)."""
     if isinstance(x, CodedTensor):
         raise ValueError("value groups stored as codeword indices keep a codebook per KV head: rows cannot be shared")
-    if isinstance(x, ChannelQuantizedTensor):  # [B, Hkv, n, bytes], tables [B, Hkv, NB, N]
-        batch, heads, tokens = x.block.shape
-        blocks = x.scale.shape[-2]
-        offset = (torch.arange(heads, device=x.block.device) * blocks).view(1, heads, 1)
+    if isinstance(x, ChannelQuantizedTensor):  # [B, Hkv, n, bytes], runs [B, Hkv, R], tables [B, Hkv, NB, N]
+        batch, heads, runs = x.run_block.shape
+        tokens, blocks = x.shape[-2], x.scale.shape[-2]
+        offset = (torch.arange(heads, device=x.run_block.device) * blocks).view(1, heads, 1)
         return ChannelQuantizedTensor(
             x.payload.reshape(batch, 1, heads * tokens, x.payload.shape[-1]),
-            (x.block + offset).to(x.block.dtype).reshape(batch, 1, heads * tokens),
+            (x.run_block + offset).to(x.run_block.dtype).reshape(batch, 1, heads * runs),
+            x.run_length.reshape(batch, 1, heads * runs),
             x.scale.reshape(batch, 1, heads * blocks, x.scale.shape[-1]),
             x.zero.reshape(batch, 1, heads * blocks, x.zero.shape[-1]),
             x.bits,
@@ -95,9 +96,7 @@ def token_prefix(x: Stored, stop: int) -> Stored:
     """A view of the first `stop` tokens of `[..., T, N]` storage (no copy; per-channel key
     tables are shared, not compacted)."""
     if isinstance(x, ChannelQuantizedTensor):
-        return ChannelQuantizedTensor(
-            x.payload[..., :stop, :], x.block[..., :stop], x.scale, x.zero, x.bits, x.block_size
-        )
+        return x.token_prefix(stop)
     if isinstance(x, CodedTensor):
         return x.slice_tokens(0, stop)
     return map_stored(x, lambda t: t[..., :stop, :])
@@ -134,7 +133,9 @@ def store_keys(keys: torch.Tensor, storage: StorageFormat, solo: int = 0) -> Sto
         return keys
     keys = keys_as_stored(keys, storage)
     if storage.channel_keys:
-        return quantize_channels(keys, storage.bits, storage.key_block, solo=solo, clip=storage.clip_keys)
+        return quantize_channels(
+            keys, storage.bits, storage.key_block, solo=solo, clip=storage.clip_keys, log_scale=storage.log_scales
+        )
     return quantize(keys, storage.bits, storage.key_group_size)
 
 
@@ -145,15 +146,21 @@ def store_values(values: torch.Tensor, storage: StorageFormat, codebook: torch.T
     if storage.bits is None:
         return values
     if storage.coded_values:
-        return quantize_vectors(values_as_stored(values, storage), storage.value_codes, storage.code_piece, codebook)
+        return quantize_vectors(
+            values_as_stored(values, storage), storage.value_codes, storage.code_piece, codebook,
+            log_scale=storage.log_scales,
+        )
     return quantize(
         values_as_stored(values, storage), storage.bits, storage.value_group_size, clip=storage.clip_values
     )
 
 
-def key_blocks(keys: Stored) -> int:
-    """Rows of per-channel key tables each (batch, head) row holds (0 for other layouts)."""
-    return keys.scale.shape[-2] if isinstance(keys, ChannelQuantizedTensor) else 0
+def key_tables(keys: Stored) -> tuple[int, int]:
+    """`(blocks, runs)`: rows of per-channel key tables and runs of tokens each (batch, head)
+    row holds (`(0, 0)` for other layouts)."""
+    if isinstance(keys, ChannelQuantizedTensor):
+        return keys.scale.shape[-2], keys.run_block.shape[-1]
+    return 0, 0
 
 
 def stored_parts(name: str, x: Stored) -> dict[str, torch.Tensor]:

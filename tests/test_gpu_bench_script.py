@@ -52,14 +52,15 @@ def test_every_case_runs_and_counts_what_it_stores(bits, keep, mass):
     )
     dense = rows[0]["bytes_read"]
     assert dense == 2 * 200 * 2 * 64 * 4
-    assert rows[1]["bytes_read"] == rows[2]["bytes_read"] == want
+    expanded = held.keys.token_blocks().numel() * 2 if bits == 2 else 0  # [B, Hkv, Ts] int16 from the key runs
+    assert rows[1]["bytes_read"] == rows[2]["bytes_read"] == want + expanded
     assert rows[1]["budget"] == round(want / dense, 4)
     assert rows[1]["budget"] <= (1.02 if bits is None and keep == 8 else 0.75)  # plain K = G: + 8 index bytes
     assert rows[1]["bits"] == ("none" if bits is None else bits) and rows[1]["mass"] == mass
-    assert rows[1]["gbps"] == round(want / 2e-3 / 1e9, 1)
+    assert rows[1]["gbps"] == round((want + expanded) / 2e-3 / 1e9, 1)
     if bits is not None:  # keys and value groups in `bits` bits; keys per channel at 2 bits, as the cache
         assert held.keys.bits == held.values.bits == bits
-        assert ("block" in held.keys.tensors()) == (bits == 2)
+        assert ("run_block" in held.keys.tensors()) == (bits == 2)
 
 
 def test_no_cuda_exits_cleanly(monkeypatch):

@@ -125,7 +125,7 @@ CASES = [
 def test_triton_matches_reference(case, dtype):
     query, kv = make_case(case, dtype, seed=3)
     if case.evicted:
-        block = kv.keys.block.long()
+        block = kv.keys.token_blocks()
         assert case.shape.stored == 1 or (block.diff(dim=-1) < 0).any()  # out of order
         assert int(block.max()) < kv.keys.scale.shape[-2]
     _check(query, kv, dtype)
@@ -172,17 +172,16 @@ def _framed(part: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [8, 4, 2], ids=lambda b: f"int{b}")
 def test_triton_reads_only_inside_the_channel_quantized_keys(bits):
-    """Payload, block indices and tables are strided views framed by poison (a wrong block
-    index or a read past a table shows); the block index is strided along tokens too."""
+    """Payload, block runs and tables are strided views framed by poison (a wrong block index
+    or a read past a table shows)."""
     case = Case(Shape(stored=130, tail=9, head_dim=64, group=3, keep=3, groups=8), key_bits=bits, evicted=True)
     query, kv = make_case(case, torch.float32, seed=10)
     keys = kv.keys
-    block = torch.full((*keys.block.shape[:-1], 2 * keys.block.shape[-1]), -1, dtype=keys.block.dtype, device=DEVICE)
-    block = block[..., ::2].copy_(keys.block)  # [B, Hkv, Ts], token stride 2
     framed = ChannelQuantizedTensor(
-        _framed(keys.payload), block, _framed(keys.scale), _framed(keys.zero), keys.bits, keys.block_size
+        _framed(keys.payload), _framed(keys.run_block), _framed(keys.run_length),
+        _framed(keys.scale), _framed(keys.zero), keys.bits, keys.block_size,
     )
-    assert not framed.payload.is_contiguous() and framed.block.stride(-1) == 2
+    assert not framed.payload.is_contiguous() and not framed.run_length.is_contiguous()
     got = packed_attention(query, dataclasses.replace(kv, keys=framed))
     assert got.isfinite().all()
     want = packed_attention_reference.packed_attention(query, kv)
@@ -204,14 +203,17 @@ def no_launch(monkeypatch):
 
 
 def _rebuilt(keys: ChannelQuantizedTensor, **parts) -> ChannelQuantizedTensor:
-    fields = {"payload": keys.payload, "block": keys.block, "scale": keys.scale, "zero": keys.zero, **parts}
+    fields = {
+        "payload": keys.payload, "run_block": keys.run_block, "run_length": keys.run_length,
+        "scale": keys.scale, "zero": keys.zero, **parts,
+    }
     return ChannelQuantizedTensor(**fields, bits=keys.bits, block_size=keys.block_size)
 
 
-def _with_block(keys: ChannelQuantizedTensor, block: torch.Tensor) -> ChannelQuantizedTensor:
-    """`keys` with its block index replaced behind its back (it is frozen and validates)."""
+def _with_runs(keys: ChannelQuantizedTensor, run_block: torch.Tensor) -> ChannelQuantizedTensor:
+    """`keys` with its runs' blocks replaced behind its back (it is frozen and validates)."""
     broken = _rebuilt(keys)
-    object.__setattr__(broken, "block", block)
+    object.__setattr__(broken, "run_block", run_block)
     return broken
 
 
@@ -223,14 +225,14 @@ def _transposed_copy(x: torch.Tensor) -> torch.Tensor:
 def _bad_channel_keys():
     shape = Shape(stored=10, tail=3, head_dim=64, group=2, keep=3, groups=8)
     query, kv = make_case(Case(shape, block_size=4), torch.float32)
-    keys = kv.keys  # payload [2, 2, 10, 32], block [2, 2, 10], scale and zero [2, 2, 3, 64]
+    keys = kv.keys  # payload [2, 2, 10, 32], runs [2, 2, 3], scale and zero [2, 2, 3, 64]
     other_strides = keys.zero.transpose(0, 1).contiguous().transpose(0, 1)  # same values
     cases = {
         "scale-zero-strides": (_rebuilt(keys, zero=other_strides), r"kv.keys.scale and kv.keys.zero must have equal strides .*got \(384, 192, 64, 1\) and \(192, 384, 64, 1\)"),
         "payload-last-dim": (_rebuilt(keys, payload=_transposed_copy(keys.payload)), r"kv.keys.payload must be contiguous in its last dim .*got strides \(640, 320, 1, 10\)"),
         "tables-last-dim": (_rebuilt(keys, scale=_transposed_copy(keys.scale), zero=_transposed_copy(keys.zero)), r"kv.keys.scale must be contiguous in its last dim .*got strides \(384, 192, 1, 3\)"),
-        "block-int32": (_with_block(keys, keys.block.int()), r"kv.keys: payload must be uint8 and block torch.int16, got torch.uint8 and torch.int32"),
-        "block-tokens": (_with_block(keys, keys.block[..., :9]), r"kv.keys: payload \[..., T, N\*bits/8\], block \[..., T\] .* do not fit: \(2, 2, 10, 32\), \(2, 2, 9\)"),
+        "run-block-int32": (_with_runs(keys, keys.run_block.int()), r"kv.keys: payload must be uint8, run_block torch.int16 and run_length torch.int32, got torch.uint8, torch.int32 and torch.int32"),
+        "runs-shape": (_with_runs(keys, keys.run_block[..., :2]), r"kv.keys: payload \[..., T, N\*bits/8\], run_block and run_length \[..., R\] .* do not fit: \(2, 2, 10, 32\), \(2, 2, 2\), \(2, 2, 3\)"),
         "head-dim": (quantize_channels(torch.randn(2, 2, 10, 32, device=DEVICE), 4, 4), r"kv.keys must be \[B=2, Hkv, T, D=64\], got \(2, 2, 10, 32\)"),
     }  # fmt: skip
     return {name: ((query, dataclasses.replace(kv, keys=bad)), message) for name, (bad, message) in cases.items()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_subtok.quant import ChannelQuantizedTensor, quantize, quantize_channels
-from hf_subtok.quant.channel import MAX_BLOCKS
+from hf_subtok.quant.channel import MAX_BLOCKS, rows_by_block
 from tests.kernel_cases import DEVICE, DTYPES, assert_within_half_a_step
 
 BITS = [8, 4, 2]
@@ -48,7 +48,9 @@ def test_round_trip_within_half_a_step(case, dtype, bits):
     blocks = -(-shape[-2] // block_size)
     assert q.scale.shape == (*shape[:-2], blocks, shape[-1])
     assert q.payload.shape == (*shape[:-1], shape[-1] * bits // 8)
-    assert q.block.dtype == torch.int16 and q.shape == x.shape
+    assert q.shape == x.shape
+    assert q.run_block.shape == (*shape[:-2], blocks) and q.run_length.dtype == torch.int32  # one run per block
+    assert (q.run_length.sum(-1) == shape[-2]).all()
     _check_bound(x, q, dtype)
 
 
@@ -98,7 +100,8 @@ def test_take_keeps_as_many_table_rows_as_the_fullest_row_needs():
     index = torch.tensor([[[0, 40, 80], [1, 2, 3]]])  # row 0 uses 3 blocks, row 1 one
     taken = q.take(index)
     assert taken.scale.shape == (1, 2, 3, 8)
-    assert taken.block[0, 1].tolist() == [0, 0, 0]
+    assert taken.token_blocks()[0, 1].tolist() == [0, 0, 0]
+    assert taken.run_length[0, 1].tolist() == [3, 0, 0]  # one run, padded to row 0's three
     expected = q.dequantize(torch.float32).gather(2, index.unsqueeze(-1).expand(-1, -1, -1, 8))
     torch.testing.assert_close(taken.dequantize(torch.float32), expected, rtol=0, atol=0)
 
@@ -108,7 +111,8 @@ def test_cat_gives_each_part_its_own_blocks():
     b = quantize_channels(_keys((1, 2, 8, 16), torch.float32, seed=2) * 50, 2, 32)
     joined = ChannelQuantizedTensor.cat([a, b])
     assert joined.scale.shape == (1, 2, 3, 16)
-    assert joined.block[0, 0, -8:].tolist() == [2] * 8
+    assert joined.token_blocks()[0, 0, -8:].tolist() == [2] * 8
+    assert joined.run_length[0, 0].tolist() == [32, 8, 8]
     expected = torch.cat([a.dequantize(torch.float32), b.dequantize(torch.float32)], dim=2)
     torch.testing.assert_close(joined.dequantize(torch.float32), expected, rtol=0, atol=0)
 
@@ -141,9 +145,9 @@ def test_bad_arguments_raise_value_errors():
         quantize_channels(torch.randn(1, 1, MAX_BLOCKS + 1, 8), 8, 1)
     q = quantize_channels(x, 4, 32)
     with pytest.raises(ValueError, match="do not fit"):
-        ChannelQuantizedTensor(q.payload, q.block[..., :5], q.scale, q.zero, 4, 32)
-    with pytest.raises(ValueError, match="block torch.int16"):
-        ChannelQuantizedTensor(q.payload, q.block.int(), q.scale, q.zero, 4, 32)
+        ChannelQuantizedTensor(q.payload, q.run_block[..., :0], q.run_length, q.scale, q.zero, 4, 32)
+    with pytest.raises(ValueError, match="run_block torch.int16 and run_length torch.int32"):
+        ChannelQuantizedTensor(q.payload, q.run_block.int(), q.run_length, q.scale, q.zero, 4, 32)
 
 
 def test_rows_by_block_is_each_tokens_own_table_row():
@@ -154,10 +158,39 @@ def test_rows_by_block_is_each_tokens_own_table_row():
     order = torch.rand(2, 3, 40, generator=generator).argsort(-1)
     moved = q.take(order.to(DEVICE))
     table = torch.randn(*moved.scale.shape[:-1], 3, generator=generator).to(DEVICE)  # [B, Hkv, NB, 3]
-    index = moved.block.long().unsqueeze(-1).expand(-1, -1, -1, 3)
-    want = table.gather(-2, index)  # [B, Hkv, T, 3]
-    torch.testing.assert_close(moved.rows_by_block(table), want, rtol=0, atol=0)
-    torch.testing.assert_close(moved.rows_by_block(table, 7, 29), want[..., 7:29, :], rtol=0, atol=0)
+    block = moved.token_blocks()
+    want = table.gather(-2, block.unsqueeze(-1).expand(-1, -1, -1, 3))  # [B, Hkv, T, 3]
+    torch.testing.assert_close(rows_by_block(table, block), want, rtol=0, atol=0)
+    torch.testing.assert_close(rows_by_block(table, block[..., 7:29]), want[..., 7:29, :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_runs_name_every_tokens_block_in_any_order(seed):
+    """Tokens taken in any order (repeats too) keep their blocks: the runs expand to the
+    gathered per-token blocks, sum to the token count per row, and ascending takes keep one run
+    per block; every table row left is used."""
+    generator = torch.Generator().manual_seed(seed)
+    q = quantize_channels(_keys((2, 3, 50, 8), torch.float32, seed=seed), 2, 8, solo=2)
+    blocks = q.token_blocks()
+    for ascending in (True, False):
+        index = torch.randint(0, 50, (2, 3, 30), generator=generator)
+        index = index.sort(-1).values if ascending else index
+        taken = q.take(index.to(DEVICE))
+        assert (taken.run_length.sum(-1) == 30).all()
+        old_rows = taken.token_blocks()  # new rows; map back through the tables' values
+        torch.testing.assert_close(
+            rows_by_block(taken.scale, old_rows), rows_by_block(q.scale, blocks.gather(-1, index)), rtol=0, atol=0
+        )
+        if ascending:
+            distinct = [len(set(row.tolist())) for row in blocks.gather(-1, index).flatten(0, 1)]
+            assert taken.run_length.shape[-1] == max(distinct) and taken.scale.shape[-2] == max(distinct)
+
+
+def test_runs_cost_a_fraction_of_a_byte_per_token():
+    """Tokens that never moved hold one run (6 bytes) per block, not an index per token."""
+    q = quantize_channels(_keys((1, 2, 1024, 64), torch.float32), 2, 64, solo=1)
+    run_bytes = q.run_block.nbytes + q.run_length.nbytes
+    assert run_bytes == 2 * 17 * 6  # 2 rows x (1 sink + 16 blocks) x (int16 + int32)
 
 
 def _block_errors(x: torch.Tensor, q: ChannelQuantizedTensor, block_size: int) -> torch.Tensor:

@@ -114,7 +114,7 @@ def test_per_channel_key_tables_stay_bounded_while_decoding_evicts():
     for layer in cache.layers:
         keys = layer.packed_keys
         assert isinstance(keys, ChannelQuantizedTensor)
-        used = {int(b) for b in keys.block.flatten()}
+        used = {int(b) for b in keys.token_blocks().flatten()}
         assert used == set(range(keys.scale.shape[-2]))  # one head here: every table row is used
 
 
@@ -235,7 +235,8 @@ def test_attention_sinks_get_a_block_each_and_come_back_near_exact():
         model(input_ids=random_prompts(1, 70), past_key_values=cache)
     hook.remove()
     stored = cache.layers[0].packed_keys
-    assert stored.block[0, 0, :4].tolist() == [0, 1, 2, 3]  # three sinks alone, then a block of 32
+    assert stored.token_blocks()[0, 0, :4].tolist() == [0, 1, 2, 3]  # three sinks alone, then a block of 32
+    assert stored.run_length[0, 0, :4].tolist() == [1, 1, 1, 32]
     exact = _roped_keys(model, keys_seen["k"], 70)
     error = (stored.dequantize(torch.float32) - exact).abs()
     assert error[..., :3, :].max() < 1e-2 * exact[..., :3, :].abs().max()

@@ -229,12 +229,12 @@ def test_with_key_tables_each_token_is_priced_without_the_rows_codebooks():
     cache = SubTokenCache(model, SubTokenConfig(num_groups=2, budget=0.15, window=8, bits=2, value_codes=16))
     with torch.no_grad():
         model(input_ids=random_prompts(1, 100), past_key_values=cache)
-    layer, blocks = cache.layers[0], 6
+    layer, blocks, runs = cache.layers[0], 6, 9
     storage, keep = layer.storage, layer.keep_groups
-    fixed = storage.row_bytes(0, blocks, keep, scored=True)
+    fixed = storage.row_bytes(0, blocks, keep, scored=True, key_runs=runs)
     token = storage.row_bytes(1, 0, keep, scored=True) - storage.row_bytes(0, 0, keep, scored=True)
-    assert storage.codebook_bytes(keep) > 0 and fixed > storage.codebook_bytes(keep)
-    assert layer._tokens_within(fixed + 10.5 * token, 1000, blocks) == 10
+    assert storage.codebook_bytes(keep) > 0 and fixed > storage.codebook_bytes(keep) + blocks * storage.key_block_bytes
+    assert layer._tokens_within(fixed + 10.5 * token, 1000, (blocks, runs)) == 10
 
 
 def test_the_token_count_a_row_can_hold_leaves_room_for_its_codebooks():
@@ -248,7 +248,7 @@ def test_the_token_count_a_row_can_hold_leaves_room_for_its_codebooks():
     token = layer.storage.token_bytes(layer.keep_groups, scored=True)
     books = layer.storage.codebook_bytes(layer.keep_groups)
     assert books > 0
-    assert layer._tokens_within(books + 10.5 * token, 1000, 0) == 10
+    assert layer._tokens_within(books + 10.5 * token, 1000, (0, 0)) == 10
     assert layer.storage.row_bytes(10, 0, layer.keep_groups, scored=True) <= books + 10.5 * token
 
 

@@ -191,8 +191,8 @@ def check_strides_for_triton(
     named: dict[str, torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor],
 ) -> None:
     """The Triton kernels take any batch/head/token strides but need the last dim contiguous;
-    a quantized tensor's scale and zero must share their strides. The block index of a
-    `ChannelQuantizedTensor` (`[B, Hkv, T]`, its last dim is tokens) may have any strides."""
+    a quantized tensor's scale and zero must share their strides. A `ChannelQuantizedTensor`'s
+    block runs are not read by the kernels (they get each token's block, expanded)."""
     flat = {}
     for name, tensor in named.items():
         if not isinstance(tensor, (QuantizedTensor, ChannelQuantizedTensor, CodedTensor)):
@@ -203,7 +203,7 @@ def check_strides_for_triton(
                 f"{name}.scale and {name}.zero must have equal strides for the Triton path, "
                 f"got {tensor.scale.stride()} and {tensor.zero.stride()}"
             )
-        flat.update({f"{name}.{part}": t for part, t in tensor.tensors().items() if part != "block"})
+        flat.update({f"{name}.{part}": t for part, t in tensor.tensors().items() if not part.startswith("run_")})
     for name, tensor in flat.items():
         if tensor.numel() and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
             raise ValueError(

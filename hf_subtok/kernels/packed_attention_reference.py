@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor, unpack_bits
+from hf_subtok.quant.channel import rows_by_block
+from hf_subtok.quant.logscale import scale_values
 
 StoredKeys = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
 BLOCK_TOKENS = 1024  # packed tokens unpacked at once (read at call time: tests lower it)
@@ -223,14 +225,15 @@ def channel_key_scores(query: torch.Tensor, keys: ChannelQuantizedTensor) -> tor
     batch, heads, rows, dim = query.shape
     tokens = keys.shape[-2]
     q = query.float()
-    scales = keys.scale.float()  # [B, Hkv, NB, D]
+    scales = scale_values(keys.scale)  # [B, Hkv, NB, D]
+    block = keys.token_blocks()  # [B, Hkv, T]
     zero_dots = (keys.zero.float() @ q.transpose(-1, -2)).contiguous()  # [B, Hkv, NB, M]
-    scores = keys.rows_by_block(zero_dots).transpose(-1, -2).contiguous()  # [B, Hkv, M, T]: the zero terms
+    scores = rows_by_block(zero_dots, block).transpose(-1, -2).contiguous()  # [B, Hkv, M, T]: the zero terms
     buffer = _block_buffer(keys.payload, keys.bits, torch.float32)
     for start in range(0, tokens, BLOCK_TOKENS):
         end = min(start + BLOCK_TOKENS, tokens)
         codes = unpack_codes(keys.payload[..., start:end, :], keys.bits, torch.float32, buffer)  # [B, Hkv, t, D]
-        codes.mul_(keys.rows_by_block(scales, start, end))
+        codes.mul_(rows_by_block(scales, block[..., start:end]))
         scores[..., start:end] += q @ codes.transpose(-1, -2)
     return scores
 

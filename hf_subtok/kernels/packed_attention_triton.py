@@ -20,7 +20,7 @@ Keys and values may be quantized (`hf_subtok.quant.QuantizedTensor`, KEY_BITS / 
 holding a channel is loaded, its code shifted out and masked, then `code * scale + zero` in
 float32) and rounded to the query's dtype, as the reference does, before the same
 online-softmax step. Keys may instead be a `ChannelQuantizedTensor` (KEY_PER_CHANNEL): a scale
-and zero per channel and block of tokens, each token naming its block (int16); for each tile
+and zero per channel and block of tokens, each token's block given (int16, expanded from the runs per call); for each tile
 the block indices are loaded and the `[BLOCK_T, D]` scale and zero rows gathered by them, i.e.
 `_dequantize` with one channel per group and the table row of the token's block.
 
@@ -39,8 +39,12 @@ import triton.language as tl
 
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
+from hf_subtok.quant.channel import BLOCK_INDEX_DTYPE
+from hf_subtok.quant.logscale import LOG_BIAS, LOG_STEPS
 
 _LOG2E = 1.4426950408889634
+_LOG_BIAS = tl.constexpr(float(LOG_BIAS))  # 8-bit logarithmic scales (`quant.logscale`)
+_LOG_INV_STEPS = tl.constexpr(1.0 / LOG_STEPS)
 
 
 @triton.jit
@@ -68,13 +72,24 @@ def _attend_block(q, k, v, valid, allowed, m_i, l_i, acc, LOW_PRECISION_DOT: tl.
 
 
 @triton.jit
+def _load_scale(S, offset, ok):
+    """float32 scales at `offset`: as stored, or decoded from 8-bit logarithms (`S` uint8,
+    `quant.logscale`: code 0 is 0)."""
+    raw = tl.load(S + offset, mask=ok, other=0)
+    if S.dtype.element_ty == tl.uint8:
+        value = tl.exp2((raw.to(tl.float32) - _LOG_BIAS) * _LOG_INV_STEPS)
+        return tl.where(raw == 0, 0.0, value)
+    return raw.to(tl.float32)
+
+
+@triton.jit
 def _dequantize(P, S, Z, p_offset, s_offset, chan, ok, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
     """float32 values of channels `chan` of the quantized rows at `p_offset` (payload bytes) and
     `s_offset` (scale/zero elements); `ok` masks every load (masked lanes read as 0)."""
     PER_BYTE: tl.constexpr = 8 // BITS
     byte = tl.load(P + p_offset + chan // PER_BYTE, mask=ok, other=0).to(tl.int32)
     code = (byte >> ((chan % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
-    scale = tl.load(S + s_offset + chan // GROUP_SIZE, mask=ok, other=0.0).to(tl.float32)
+    scale = _load_scale(S, s_offset + chan // GROUP_SIZE, ok)
     zero = tl.load(Z + s_offset + chan // GROUP_SIZE, mask=ok, other=0.0).to(tl.float32)
     return code.to(tl.float32) * scale + zero
 
@@ -90,7 +105,7 @@ def _look_up_codes(P, S, CB, p_offset, s_offset, cb_offset, chan, ok, stride_w, 
     byte = tl.load(P + p_offset + piece // PER_BYTE, mask=ok, other=0).to(tl.int32)
     code = (byte >> ((piece % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
     word = tl.load(CB + cb_offset + code * stride_w + chan % PIECE, mask=ok, other=0.0).to(tl.float32)
-    return word * tl.load(S + s_offset, mask=ok, other=0.0).to(tl.float32)
+    return word * _load_scale(S, s_offset, ok)
 
 
 @triton.jit
@@ -283,8 +298,9 @@ def _storage(x: torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedT
 
 
 def _block_index(x: torch.Tensor | QuantizedTensor | ChannelQuantizedTensor) -> torch.Tensor | None:
-    """The `[B, Hkv, Ts]` int16 block of each token of per-channel keys, else None."""
-    return x.block if isinstance(x, ChannelQuantizedTensor) else None
+    """The `[B, Hkv, Ts]` int16 block of each token of per-channel keys (expanded from their
+    runs for this call), else None."""
+    return x.token_blocks().to(BLOCK_INDEX_DTYPE) if isinstance(x, ChannelQuantizedTensor) else None
 
 
 def _default_split_tokens(batch_heads: int, total: int, block_t: int, device: torch.device) -> int:

@@ -11,10 +11,17 @@ the attention sink (first token) in a block of its own, 0.137 and 0.020. In the 
 every token kept in 2 bits, 11 of 12 withheld-question needles are found with keys per
 channel, 3 of 12 per token (BENCHMARKS.md, "Keys per channel").
 
-A cache evicts and re-selects tokens one at a time, so each token carries the index of its
-block (`int16`); the block tables stay where they are when tokens move. `take` and
-`slice_tokens` compact the tables afterwards, so a block no token refers to any more is
-dropped (each row keeps as many table rows as its fullest neighbour needs).
+A cache evicts and re-selects tokens, so a token's block does not follow from its place; but
+each row's tokens keep their order (prompt blocks, then decode chunks; selection keeps the
+survivors ascending), so consecutive tokens share a block. The block of each token is therefore
+held as runs: `run_block[..., r]` (`int16`) is the table row of the `run_length[..., r]`
+consecutive tokens of run r. Tokens that never moved cost one run per block (about 0.1 byte per
+token at 64-token blocks) instead of a 2-byte index per token; any order is still exact, at a
+run per token at worst. The per-token index is expanded only while attention reads the keys
+(`token_blocks`). The block tables stay where they are when tokens move; `take` and
+`slice_tokens` compact the tables and runs afterwards, so a block no token refers to any more
+is dropped (each row keeps as many table rows and runs as its fullest neighbour needs; the
+others are padded with empty runs).
 
 Tokens packed while decoding (`pack_chunk` at a time) form blocks of that size, whose tables
 cost more per token than the prompt's full blocks; the cache counts them (budget checks use
@@ -32,31 +39,35 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.quant.bits import check_bits, pack_bits, unpack_bits
+from hf_subtok.quant.logscale import LOG_SCALE_DTYPE, encode_log_scale, scale_values
 from hf_subtok.quant.reference import default_scale_dtype, fit_grid
 from hf_subtok.quant.tensor import SCALE_DTYPES, PackedCodes
 from hf_subtok.rows import take_rows
 
 BLOCK_INDEX_DTYPE = torch.int16
 MAX_BLOCKS = torch.iinfo(BLOCK_INDEX_DTYPE).max + 1
+RUN_LENGTH_DTYPE = torch.int32
 
 
 @dataclass(frozen=True)
 class ChannelQuantizedTensor(PackedCodes):
     """A logical `[..., T, N]` float tensor in `bits` bits with a scale and zero per channel
-    and block of tokens: `x[..., t, n] ~= code[..., t, n] * scale[..., block[..., t], n]
-    + zero[..., block[..., t], n]`.
+    and block of tokens: `x[..., t, n] ~= code[..., t, n] * scale[..., b(t), n]
+    + zero[..., b(t), n]`, `b(t)` the block of token t (`token_blocks`).
 
     Attributes:
         payload: `[..., T, N * bits / 8]` uint8, codes packed along the last dim.
-        block: `[..., T]` int16, the table row of each token's scales.
-        scale: `[..., NB, N]` float16, bfloat16 or float32.
-        zero: `[..., NB, N]`, same dtype as `scale`.
+        run_block: `[..., R]` int16, the table row of each run of consecutive tokens.
+        run_length: `[..., R]` int32, the tokens of each run (0: padding); each row's sum is T.
+        scale: `[..., NB, N]`: the dtype of `zero`, or uint8 logarithms (`quant.logscale`).
+        zero: `[..., NB, N]` float16, bfloat16 or float32.
         bits: 2, 4 or 8.
         block_size: tokens quantized together (a block may hold fewer after eviction).
     """
 
     payload: torch.Tensor
-    block: torch.Tensor
+    run_block: torch.Tensor
+    run_length: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     bits: int
@@ -66,43 +77,68 @@ class ChannelQuantizedTensor(PackedCodes):
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` unless the components fit together."""
+        """Raise `ValueError` unless the components fit together (run lengths summing to T per
+        row is not checked: that would wait on the device)."""
         check_bits(self.bits)
-        if self.payload.dtype != torch.uint8 or self.block.dtype != BLOCK_INDEX_DTYPE:
+        if (
+            self.payload.dtype != torch.uint8
+            or self.run_block.dtype != BLOCK_INDEX_DTYPE
+            or self.run_length.dtype != RUN_LENGTH_DTYPE
+        ):
             raise ValueError(
-                f"payload must be uint8 and block {BLOCK_INDEX_DTYPE}, got {self.payload.dtype} and {self.block.dtype}"
+                f"payload must be uint8, run_block {BLOCK_INDEX_DTYPE} and run_length {RUN_LENGTH_DTYPE}, "
+                f"got {self.payload.dtype}, {self.run_block.dtype} and {self.run_length.dtype}"
             )
-        if self.scale.dtype not in SCALE_DTYPES or self.zero.dtype != self.scale.dtype:
+        if self.zero.dtype not in SCALE_DTYPES or self.scale.dtype not in (self.zero.dtype, LOG_SCALE_DTYPE):
             raise ValueError(
-                f"scale and zero must share a dtype in {SCALE_DTYPES}, got {self.scale.dtype} and {self.zero.dtype}"
+                f"zero must be one of {SCALE_DTYPES} and scale its dtype or {LOG_SCALE_DTYPE} (logarithms), "
+                f"got {self.zero.dtype} and {self.scale.dtype}"
             )
         lead = self.payload.shape[:-2]
         channels = self.payload.shape[-1] * 8 // self.bits if self.payload.dim() >= 2 else -1
         if (
             self.payload.dim() < 2
-            or self.block.shape != self.payload.shape[:-1]
+            or self.run_block.shape != self.run_length.shape
+            or self.run_block.shape[:-1] != lead
             or self.scale.shape != self.zero.shape
             or self.scale.shape[:-2] != lead
             or self.scale.shape[-1] != channels
         ):
             raise ValueError(
-                f"payload [..., T, N*bits/8], block [..., T] and scale, zero [..., NB, N] do not fit: "
-                f"{tuple(self.payload.shape)}, {tuple(self.block.shape)}, {tuple(self.scale.shape)}, "
-                f"{tuple(self.zero.shape)} at bits={self.bits}"
+                f"payload [..., T, N*bits/8], run_block and run_length [..., R] and scale, zero [..., NB, N] "
+                f"do not fit: {tuple(self.payload.shape)}, {tuple(self.run_block.shape)}, "
+                f"{tuple(self.run_length.shape)}, {tuple(self.scale.shape)}, {tuple(self.zero.shape)} "
+                f"at bits={self.bits}"
             )
+
+    @classmethod
+    def from_token_blocks(
+        cls,
+        payload: torch.Tensor,
+        block: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int,
+        block_size: int,
+    ) -> ChannelQuantizedTensor:
+        """The tensor whose token t is in table row `block[..., t]` (`[..., T]` integers, any
+        order), its tables compacted."""
+        run_block, run_length = _runs_of(block)
+        return _compact(payload, run_block, run_length, scale, zero, bits, block_size)
+
+    def token_blocks(self) -> torch.Tensor:
+        """`[..., T]` int64: the table row of each token, expanded from the runs (a transient,
+        for reading the keys; nothing holds it)."""
+        lead, tokens = self.payload.shape[:-2], self.payload.shape[-2]
+        expanded = self.run_block.long().flatten().repeat_interleave(
+            self.run_length.flatten(), output_size=lead.numel() * tokens
+        )
+        return expanded.view(*lead, tokens)
 
     def token_scales(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 scale and zero `[..., t, N]` of tokens `start:end`."""
-        return self.rows_by_block(self.scale.float(), start, end), self.rows_by_block(self.zero.float(), start, end)
-
-    def rows_by_block(self, table: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Row `block[..., t]` of a `[..., NB, X]` per-block `table` for tokens `start:end`:
-        `[..., t, X]`.
-
-        Whole rows (`take_rows`): measured on a CPU (1 thread, 1024 tokens x 3 heads, 512
-        blocks of 64 channels), 0.04 ms against 0.3 ms for an elementwise `gather`.
-        """
-        return take_rows(table, self.block[..., start:end], dim=-2)  # [..., t, X]
+        block = self.token_blocks()[..., start:end]
+        return rows_by_block(scale_values(self.scale), block), rows_by_block(self.zero.float(), block)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The `[..., T, N]` tensor in `dtype` (computed in float32, then rounded once)."""
@@ -114,7 +150,8 @@ class ChannelQuantizedTensor(PackedCodes):
         """`fn` on every component; `fn` may only act on the dims before the token dim
         (batch reorder, device moves), which all components share."""
         return ChannelQuantizedTensor(
-            fn(self.payload), fn(self.block), fn(self.scale), fn(self.zero), self.bits, self.block_size
+            fn(self.payload), fn(self.run_block), fn(self.run_length), fn(self.scale), fn(self.zero),
+            self.bits, self.block_size,
         )
 
     @staticmethod
@@ -128,6 +165,7 @@ class ChannelQuantizedTensor(PackedCodes):
                 )
             if other.bits != first.bits:
                 raise ValueError(f"tensors[{i}] has bits={other.bits}, tensors[0] bits={first.bits}")
+        tensors = [t for t in tensors if t.shape[-2]] or [first]  # an empty part adds no runs
         offsets, total = [], 0
         for t in tensors:
             offsets.append(total)
@@ -135,7 +173,11 @@ class ChannelQuantizedTensor(PackedCodes):
         _check_block_count(total)
         return ChannelQuantizedTensor(
             torch.cat([t.payload for t in tensors], dim=-2),
-            torch.cat([t.block + offset for t, offset in zip(tensors, offsets, strict=True)], dim=-1),
+            torch.cat(
+                [(t.run_block + offset).to(BLOCK_INDEX_DTYPE) for t, offset in zip(tensors, offsets, strict=True)],
+                dim=-1,
+            ),
+            torch.cat([t.run_length for t in tensors], dim=-1),
             torch.cat([t.scale for t in tensors], dim=-2),
             torch.cat([t.zero for t in tensors], dim=-2),
             first.bits,
@@ -144,25 +186,45 @@ class ChannelQuantizedTensor(PackedCodes):
 
     def take(self, index: torch.Tensor) -> ChannelQuantizedTensor:
         """The tokens `index` (`[..., t]` int64 into the token dim, per leading row), tables
-        compacted."""
+        and runs compacted (ascending indices keep one run per block)."""
         payload = take_rows(self.payload, index, dim=-2)
-        block = torch.take_along_dim(self.block, index, dim=-1)
-        return _compact(payload, block, self.scale, self.zero, self.bits, self.block_size)
+        block = torch.take_along_dim(self.token_blocks(), index, dim=-1)  # [..., t]
+        return ChannelQuantizedTensor.from_token_blocks(payload, block, self.scale, self.zero, self.bits, self.block_size)
+
+    def token_prefix(self, stop: int) -> ChannelQuantizedTensor:
+        """A view of the first `stop` tokens' codes; the runs cut at `stop`, the tables shared
+        (not compacted)."""
+        ends = self.run_length.cumsum(-1)  # [..., R]
+        length = (self.run_length - (ends - stop).clamp_min(0)).clamp_min(0).to(RUN_LENGTH_DTYPE)
+        return ChannelQuantizedTensor(
+            self.payload[..., :stop, :], self.run_block, length, self.scale, self.zero, self.bits, self.block_size
+        )
 
     def slice_tokens(self, stop: int) -> ChannelQuantizedTensor:
-        """The first `stop` tokens, tables compacted."""
+        """The first `stop` tokens (a copy), tables and runs compacted."""
+        cut = self.token_prefix(stop)
         return _compact(
-            self.payload[..., :stop, :].clone(),
-            self.block[..., :stop].clone(),
-            self.scale,
-            self.zero,
-            self.bits,
-            self.block_size,
+            cut.payload.clone(), cut.run_block, cut.run_length, self.scale, self.zero, self.bits, self.block_size
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored components by name, for memory accounting."""
-        return {"payload": self.payload, "block": self.block, "scale": self.scale, "zero": self.zero}
+        return {
+            "payload": self.payload,
+            "run_block": self.run_block,
+            "run_length": self.run_length,
+            "scale": self.scale,
+            "zero": self.zero,
+        }
+
+
+def rows_by_block(table: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Row `block[..., t]` of a `[..., NB, X]` per-block `table`: `[..., t, X]`.
+
+    Whole rows (`take_rows`): measured on a CPU (1 thread, 1024 tokens x 3 heads, 512 blocks
+    of 64 channels), 0.04 ms against 0.3 ms for an elementwise `gather`.
+    """
+    return take_rows(table, block, dim=-2)  # [..., t, X]
 
 
 def quantize_channels(
@@ -172,6 +234,7 @@ def quantize_channels(
     scale_dtype: torch.dtype | None = None,
     solo: int = 0,
     clip: bool = False,
+    log_scale: bool = False,
 ) -> ChannelQuantizedTensor:
     """Quantize `x` `[..., T, N]` per channel over blocks of `block_size` consecutive tokens
     (the last block may be shorter), asymmetric, with directed rounding of scale and zero as
@@ -192,6 +255,8 @@ def quantize_channels(
         clip: each (channel, block) over the range of least squared round-trip error among
             shrinks of its min/max range (`quant.reference.fit_grid`), its outliers clamped to
             the range's ends, instead of the min/max range.
+        log_scale: scales as 8-bit logarithms rounded up (`quant.logscale`: one byte instead
+            of two, each block's grid at most 9% coarser), zeros in `scale_dtype`.
     """
     if solo:
         if isinstance(solo, bool) or not isinstance(solo, int) or solo < 0:
@@ -199,8 +264,8 @@ def quantize_channels(
         head = min(solo, x.shape[-2])
         return ChannelQuantizedTensor.cat(
             [
-                quantize_channels(x[..., :head, :], bits, 1, scale_dtype),
-                quantize_channels(x[..., head:, :], bits, block_size, scale_dtype, clip=clip),
+                quantize_channels(x[..., :head, :], bits, 1, scale_dtype, log_scale=log_scale),
+                quantize_channels(x[..., head:, :], bits, block_size, scale_dtype, clip=clip, log_scale=log_scale),
             ]
         )
     check_bits(bits)
@@ -232,37 +297,75 @@ def quantize_channels(
         tables = [(torch.empty(*lead, 0, channels, dtype=scale_dtype, device=x.device),) * 2]
     zero = torch.cat([z for z, _ in tables], dim=-2)  # [..., NB, N]
     scale = torch.cat([s for _, s in tables], dim=-2)
+    if log_scale:  # rounded up: each grid still spans its block's range
+        scale = encode_log_scale(scale, round_up=True)
     block = torch.arange(tokens, device=x.device) // block_size  # [T]
-    divisor = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    stored = scale_values(scale)
+    divisor = torch.where(stored == 0, torch.ones_like(stored), stored)
     codes = (source - zero.float()[..., block, :]).div_(divisor[..., block, :]).round_().clamp_(0, levels)
     codes = codes.to(torch.uint8)  # [..., T, N]
-    block = block.to(BLOCK_INDEX_DTYPE).expand(*lead, tokens).contiguous()  # [..., T]
+    run_length = torch.full((blocks,), block_size, dtype=RUN_LENGTH_DTYPE, device=x.device)
+    run_length[-1:] = tokens - (blocks - 1) * block_size  # the last block may be shorter
+    run_block = torch.arange(blocks, dtype=BLOCK_INDEX_DTYPE, device=x.device)
     return ChannelQuantizedTensor(
-        pack_bits(codes.contiguous(), bits), block, scale, zero, bits, block_size
+        pack_bits(codes.contiguous(), bits),
+        run_block.expand(*lead, blocks).contiguous(),  # [..., NB]: one run per block
+        run_length.expand(*lead, blocks).contiguous(),
+        scale,
+        zero,
+        bits,
+        block_size,
     )
+
+
+def _runs_of(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of equal consecutive entries of `block` `[..., T]`: `(run_block, run_length)`
+    `[..., R]`, R the most any leading row has (shorter rows padded with empty runs of block 0)."""
+    *lead, tokens = block.shape
+    if tokens == 0:
+        return (
+            block.new_zeros(*lead, 0, dtype=BLOCK_INDEX_DTYPE),
+            block.new_zeros(*lead, 0, dtype=RUN_LENGTH_DTYPE),
+        )
+    starts = torch.ones_like(block, dtype=torch.bool)  # [..., T]: a token that opens a run
+    starts[..., 1:] = block[..., 1:] != block[..., :-1]
+    run = starts.cumsum(-1).sub_(1)  # [..., T]: each token's run
+    runs = int(run[..., -1].max()) + 1
+    run_length = torch.zeros(*lead, runs, dtype=RUN_LENGTH_DTYPE, device=block.device)
+    run_length.scatter_add_(-1, run, torch.ones_like(run, dtype=RUN_LENGTH_DTYPE))
+    run_block = torch.zeros(*lead, runs, dtype=BLOCK_INDEX_DTYPE, device=block.device)
+    run_block.scatter_(-1, run, block.to(BLOCK_INDEX_DTYPE))
+    return run_block, run_length
 
 
 def _compact(
     payload: torch.Tensor,
-    block: torch.Tensor,
+    run_block: torch.Tensor,
+    run_length: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
     bits: int,
     block_size: int,
 ) -> ChannelQuantizedTensor:
-    """Drop table rows no token refers to; rows keep their order (`[..., NB', N]`, NB' the
-    most any leading row still uses)."""
+    """Drop table rows no token refers to and empty runs; rows keep their order (`[..., NB',
+    N]`, NB' the most any leading row still uses; runs likewise)."""
     blocks = scale.shape[-2]
-    used = torch.zeros(*block.shape[:-1], blocks, dtype=torch.bool, device=block.device)
-    used.scatter_(-1, block.long(), True)  # [..., NB]
+    filled = run_length > 0  # [..., R]
+    used = torch.zeros(*run_block.shape[:-1], blocks + 1, dtype=torch.bool, device=run_block.device)
+    used.scatter_(-1, torch.where(filled, run_block.long(), blocks), True)  # empty runs to a spare column
+    used = used[..., :blocks]  # [..., NB]
     live = int(used.sum(-1).max()) if used.numel() else 0
+    runs = int(filled.sum(-1).max()) if filled.numel() else 0
+    if runs < run_block.shape[-1]:  # filled runs first, in order; empty ones after
+        order = torch.argsort((~filled).to(torch.uint8), dim=-1, stable=True)[..., :runs]  # [..., R']
+        run_block, run_length = run_block.gather(-1, order), run_length.gather(-1, order)
     if live == blocks:
-        return ChannelQuantizedTensor(payload, block, scale, zero, bits, block_size)
+        return ChannelQuantizedTensor(payload, run_block, run_length, scale, zero, bits, block_size)
     order = torch.argsort((~used).to(torch.uint8), dim=-1, stable=True)[..., :live]  # [..., NB']
-    renumber = used.cumsum(-1).sub_(1)  # [..., NB]: old row -> new row
-    new_block = renumber.gather(-1, block.long()).to(BLOCK_INDEX_DTYPE)
+    renumber = used.cumsum(-1).sub_(1).clamp_min_(0)  # [..., NB]: old row -> new row
+    run_block = renumber.gather(-1, run_block.long()).to(BLOCK_INDEX_DTYPE)
     return ChannelQuantizedTensor(
-        payload, new_block, take_rows(scale, order, -2), take_rows(zero, order, -2), bits, block_size
+        payload, run_block, run_length, take_rows(scale, order, -2), take_rows(zero, order, -2), bits, block_size
     )
 
 

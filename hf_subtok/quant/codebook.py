@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.quant.bits import SUPPORTED_BITS, pack_bits, unpack_bits
+from hf_subtok.quant.logscale import LOG_SCALE_DTYPE, encode_log_scale, scale_values
 from hf_subtok.quant.reference import default_scale_dtype
 from hf_subtok.quant.tensor import SCALE_DTYPES, PackedCodes, check_one_device
 from hf_subtok.rows import take_rows
@@ -50,8 +51,9 @@ class CodedTensor(PackedCodes):
 
     Attributes:
         payload: `[..., T, (N / d) * bits / 8]` uint8, the indices packed along the last dim.
-        scale: `[..., T, 1]` float16, bfloat16 or float32, one per token.
-        codebook: `[..., W, d]`, the dtype of `scale`: each leading row's codewords.
+        scale: `[..., T, 1]`, one per token: the codebook's dtype, or uint8 logarithms
+            (`quant.logscale`).
+        codebook: `[..., W, d]` float16, bfloat16 or float32: each leading row's codewords.
         bits: 2, 4 or 8 per index (`code_bits(W)`).
     """
 
@@ -70,9 +72,10 @@ class CodedTensor(PackedCodes):
                 raise ValueError(f"{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
         if self.payload.dtype != torch.uint8:
             raise ValueError(f"payload must be torch.uint8, got {self.payload.dtype}")
-        if self.scale.dtype not in SCALE_DTYPES or self.codebook.dtype != self.scale.dtype:
+        if self.codebook.dtype not in SCALE_DTYPES or self.scale.dtype not in (self.codebook.dtype, LOG_SCALE_DTYPE):
             raise ValueError(
-                f"scale and codebook must share a dtype in {SCALE_DTYPES}, got {self.scale.dtype} and {self.codebook.dtype}"
+                f"codebook must be one of {SCALE_DTYPES} and scale its dtype or {LOG_SCALE_DTYPE} (logarithms), "
+                f"got {self.codebook.dtype} and {self.scale.dtype}"
             )
         if self.payload.dim() < 2 or self.codebook.dim() != self.payload.dim():
             raise ValueError(
@@ -112,7 +115,7 @@ class CodedTensor(PackedCodes):
         *lead, tokens, channels = self.shape
         codes = self.codes().reshape(*lead, -1)  # [..., T * P]
         words = take_rows(self.codebook.float(), codes, dim=len(lead))  # [..., T * P, d]
-        return words.view(*lead, tokens, channels).mul_(self.scale.float()).to(dtype)
+        return words.view(*lead, tokens, channels).mul_(scale_values(self.scale)).to(dtype)
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CodedTensor:
         """`fn` on every component; `fn` may only act on the dims before the token dim (batch
@@ -208,6 +211,7 @@ def quantize_vectors(
     piece: int,
     codebook: torch.Tensor | None = None,
     scale_dtype: torch.dtype | None = None,
+    log_scale: bool = False,
 ) -> CodedTensor:
     """`x` `[..., T, N]` as codeword indices: each token scaled to unit RMS (its scale stored
     in `scale_dtype`), cut into pieces of `piece` channels, each coded by the nearest word of
@@ -222,6 +226,8 @@ def quantize_vectors(
         piece: channels per codeword; divides N, and `(N / piece) * bits` is a multiple of 8.
         codebook: `[..., words, piece]` to code against (e.g. the prompt's, for later tokens).
         scale_dtype: of scale and codebook; default `default_scale_dtype(x.dtype)`.
+        log_scale: each token's scale as the nearest 8-bit logarithm (`quant.logscale`, one
+            byte, within 4.5%) instead of in `scale_dtype`.
     """
     bits = code_bits(words)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
@@ -239,8 +245,10 @@ def quantize_vectors(
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
     source = x.float()
-    scale = source.square().mean(-1, keepdim=True).sqrt_().to(scale_dtype)  # [..., T, 1]
-    divisor = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    rms = source.square().mean(-1, keepdim=True).sqrt_()  # [..., T, 1]
+    scale = encode_log_scale(rms, round_up=False) if log_scale else rms.to(scale_dtype)
+    stored = scale_values(scale)
+    divisor = torch.where(stored == 0, torch.ones_like(stored), stored)
     rows = (source / divisor).reshape(math.prod(lead), tokens * pieces, piece)  # [R, T * P, d]
     if codebook is None and tokens == 0:  # nothing to fit: zero words holding no memory of their own
         codebook = torch.zeros(piece, dtype=scale_dtype, device=x.device).expand(*lead, words, piece)

@@ -1,0 +1,162 @@
+"""Scales as 8-bit logarithms (`log_scales`, `quant.logscale`): per-channel key scales rounded
+up (grids still cover their blocks), codeword values' scales to the nearest code; read alike
+by the reference and the Triton kernel (interpreted here); counted as one byte each."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.kernels import packed_attention, packed_attention_reference
+from hf_subtok.quant import quantize_channels, quantize_vectors
+from hf_subtok.quant.logscale import LOG_STEPS, decode_log_scale, encode_log_scale
+from tests.kernel_cases import DEVICE, DTYPES, TOLERANCE, Shape, assert_within_half_a_step, make_packed
+from tests.tiny_models import make_tiny_model, random_prompts
+
+_WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
+STEP = 2 ** (1 / LOG_STEPS)  # ratio of neighbouring codes
+
+pytestmark = pytest.mark.usefixtures("nan_empty")
+triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_codes_round_up_or_to_the_nearest_within_one_step(dtype):
+    scale = torch.logspace(-4, 4, 2001, dtype=torch.float64).to(dtype)
+    up = decode_log_scale(encode_log_scale(scale, round_up=True))
+    nearest = decode_log_scale(encode_log_scale(scale, round_up=False))
+    exact = scale.float()
+    assert (up >= exact).all() and (up < exact * STEP * (1 + 1e-6)).all()
+    assert (nearest / exact).sub(1).abs().max() <= STEP**0.5 - 1 + 1e-6
+    codes = encode_log_scale(scale, round_up=False)
+    assert (codes[1:] >= codes[:-1]).all()  # monotone
+
+
+def test_zero_codes_zero_and_the_range_is_clamped():
+    scale = torch.tensor([0.0, 1e-30, 1.0, 1e30])
+    codes = encode_log_scale(scale, round_up=True)
+    assert codes.tolist() == [0, 1, 128, 255]
+    assert decode_log_scale(codes)[0] == 0 and decode_log_scale(codes)[2] == 1
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_keys_with_log_scales_stay_within_half_a_step(dtype, bits):
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 37, 64, generator=generator) * torch.rand(64, generator=generator).mul(5).exp())
+    x = x.to(dtype=dtype, device=DEVICE)
+    q = quantize_channels(x, bits, 16, solo=2, log_scale=True)
+    plain = quantize_channels(x, bits, 16, solo=2)
+    assert q.scale.dtype == torch.uint8 and q.zero.dtype == plain.zero.dtype
+    scale, zero = q.token_scales()
+    assert_within_half_a_step(x, q, scale, zero, dtype)
+    plain_scale, _ = plain.token_scales()
+    smallest = decode_log_scale(torch.tensor(1, dtype=torch.uint8))  # near-zero scales (the sinks') clamp up to it
+    assert (scale >= plain_scale).all()
+    assert (scale <= torch.maximum(plain_scale * STEP * (1 + 1e-6), smallest.to(scale.device))).all()
+
+
+def test_values_with_log_scales_keep_their_codebook_and_a_scale_within_half_a_step():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 2, 50, 32, generator=generator) * torch.rand(2, 2, 50, 1, generator=generator).mul(4).exp()
+    q = quantize_vectors(x, 16, 4, log_scale=True)
+    assert q.scale.dtype == torch.uint8 and q.codebook.dtype == torch.float16
+    rms = x.square().mean(-1, keepdim=True).sqrt()
+    ratio = decode_log_scale(q.scale) / rms
+    assert (ratio - 1).abs().max() <= STEP**0.5 - 1 + 1e-6
+    words = q.dequantize(torch.float32) / decode_log_scale(q.scale)  # [..., T, N]: codewords only
+    later = quantize_vectors(x, 16, 4, codebook=q.codebook, log_scale=True)  # coded against the same words
+    torch.testing.assert_close(later.dequantize(torch.float32) / decode_log_scale(later.scale), words)
+
+
+SHAPES = [
+    Shape(stored=70, tail=5, head_dim=64, group=3, keep=8, groups=8),
+    Shape(stored=33, tail=0, head_dim=128, group=2, keep=1, groups=1, kv_heads=3),
+]
+
+
+def _log_scaled(kv):
+    """`kv` with keys per channel and values as codewords, both with log scales, and the same
+    with them dequantized to the query's dtype."""
+    keys = quantize_channels(kv.keys, 2, 16, solo=1, log_scale=True)
+    values = quantize_vectors(kv.values, 16, 4, log_scale=True)
+    dtype = kv.tail_keys.dtype
+    stored = dataclasses.replace(kv, keys=keys, values=values, backend="torch")
+    dense = dataclasses.replace(kv, keys=keys.dequantize(dtype), values=values.dequantize(dtype), backend="torch")
+    return stored, dense
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
+def test_reference_reads_log_scales_as_their_values(shape, dtype, monkeypatch):
+    monkeypatch.setattr(packed_attention_reference, "BLOCK_TOKENS", 16)
+    query, kv, _, _ = make_packed(shape, dtype, seed=4)
+    stored, dense = _log_scaled(kv)
+    torch.testing.assert_close(packed_attention(query, stored), packed_attention(query, dense), **TOLERANCE[dtype])
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
+def test_triton_reads_log_scales_as_the_reference(shape, dtype):
+    query, kv, _, _ = make_packed(shape, dtype, seed=5)
+    stored, _ = _log_scaled(kv)
+    got = packed_attention(query, stored, backend="triton")
+    want = packed_attention(query, stored)
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+def _config(**extra) -> SubTokenConfig:
+    return SubTokenConfig(
+        axes="groups", num_groups=1, keep_groups=1, bits=2, rotate=True, value_codes=16, key_block=32, **extra
+    )
+
+
+def test_log_scales_save_a_byte_per_key_scale_and_per_value_scale():
+    plain = _config(window=0).storage_format(64, 4)
+    logged = _config(window=0, log_scales=True).storage_format(64, 4)
+    assert plain.key_block_bytes - logged.key_block_bytes == 64  # one byte per channel and block
+    assert plain.slot_bytes - logged.slot_bytes == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_measured_bytes_match_the_format_with_log_scales(dtype):
+    model = make_tiny_model("llama", dtype=dtype, **_WIDE)
+    cache = SubTokenCache(model, _config(window=0, log_scales=True))
+    tokens = 100
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, tokens), past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.packed_keys.scale.dtype == torch.uint8 and layer.packed_values.scale.dtype == torch.uint8
+    blocks = 4 + -(-(tokens - 4) // 32)
+    row = layer.storage.row_bytes(tokens, blocks, 1, scored=False)
+    assert cache.memory_report()["stored_bytes"] == 2 * 2 * row  # layers x batch
+
+
+@triton_only
+def test_greedy_tokens_match_whichever_path_reads_log_scales():
+    model = make_tiny_model("llama", **_WIDE)
+    prompt = random_prompts(2, 40)
+    outs = []
+    for backend in ("torch", "triton"):
+        cache = SubTokenCache(model, _config(window=2, log_scales=True, backend=backend))
+        outs.append(model.generate(prompt, past_key_values=cache, max_new_tokens=12, do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(bits=None), "log_scales=True needs keys quantized per channel or value_codes"),
+        (dict(bits=4, key_quantization="token"), "log_scales=True needs keys quantized per channel or value_codes"),
+        (dict(bits=2, log_scales="yes"), "log_scales must be True or False, got 'yes'"),
+    ],
+    ids=["no-bits", "token-keys-scalar-values", "not-a-bool"],
+)
+def test_log_scales_without_scales_to_store_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SubTokenConfig(**{"log_scales": True, **settings})
