@@ -61,6 +61,9 @@ def key_layouts(bits: int) -> dict[str, callable]:
         "keys per token (32 channels)": lambda k: quantize(k, bits, 32).dequantize(torch.float32),
         "keys per channel (32 tokens)": lambda k: quantize_channels(k, bits, 32).dequantize(torch.float32),
         "keys per channel, sink alone": lambda k: quantize_channels(k, bits, 32, solo=1).dequantize(torch.float32),
+        "keys per channel, sink alone, 8-bit log scales": lambda k: quantize_channels(
+            k, bits, 32, solo=1, log_scale=True
+        ).dequantize(torch.float32),
     }
 
 

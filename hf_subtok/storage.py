@@ -21,7 +21,7 @@ from hf_subtok.config import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.packed import PackedKV, PrefillKV
 from hf_subtok.prompt_planner import PromptEvidence, PromptPlanner
-from hf_subtok.quant import CodedTensor
+from hf_subtok.quant import CodedTensor, extend_channels
 from hf_subtok.rows import take_rows
 from hf_subtok.scorers import GroupScorer, Observation, RopeInfo, TokenScorer
 from hf_subtok.span import NORM_DTYPE, WIDE_FRACTIONS, WideGroups, other_groups, wide_first
@@ -32,6 +32,7 @@ from hf_subtok.stored import (
     flatten_heads,
     key_rotation,
     key_tables,
+    keys_as_stored,
     map_stored,
     store_keys,
     store_values,
@@ -116,6 +117,7 @@ class SubTokenLayer(CacheLayerMixin):
         self._prompt: PromptEvidence | None = None  # scored prompt waiting for the cross-layer plan
         self.packed_positions = 0  # seen tokens behind the window (packed or evicted)
         self._window_cap: int | None = None  # dense tokens allowed until the next pack
+        self._open_key_tokens = 0  # tokens in the last per-channel key block, if it has room (never-evicting layers)
         self.seen_tokens = 0
         self._rotation_for: StorageFormat | None = None  # the format `_rotation_matrices` serve
         self._rotation_matrices: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -657,9 +659,24 @@ class SubTokenLayer(CacheLayerMixin):
         packed, group_idx = pack_value_groups(
             values, scores, self.keep_groups, backend=self.config.backend
         )
-        self.packed_keys = cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2)
+        self.packed_keys = self._append_keys(keys)
         self.packed_values = cat_stored([self.packed_values, self._store_values(packed)], dim=-2)
         self.group_idx = _cat_idx(self.group_idx, group_idx)
+
+    def _append_keys(self, keys: torch.Tensor) -> Stored:
+        """The packed keys followed by `[B, Hkv, T, D]` new ones, in a layer that never evicts:
+        per-channel keys first fill the open last block (`extend_channels`), so decode-time
+        chunks share 64-token tables instead of holding tables of their own."""
+        first = self.packed_keys.shape[-2] == 0
+        if first or not self.storage.channel_keys:
+            stored = cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2)
+        else:
+            stored = extend_channels(
+                self.packed_keys, keys_as_stored(keys, self.storage), self._open_key_tokens, clip=self.storage.clip_keys
+            )
+        sinks = min(self.config.key_sinks, keys.shape[-2]) if first else 0  # blocks of one, closed
+        self._open_key_tokens = (self._open_key_tokens + keys.shape[-2] - sinks) % self.storage.key_block
+        return stored
 
     _HELD = (
         "packed_keys",
@@ -774,6 +791,7 @@ class SubTokenLayer(CacheLayerMixin):
             self.window_values = self.window_values[..., : keep - stored, :].clone()
         else:
             self.packed_keys = first_tokens(self.packed_keys, keep)
+            self._open_key_tokens = 0  # the cut block stays as it is; new tokens start a block
             self.packed_values = first_tokens(self.packed_values, keep)
             if self.group_idx is not None:
                 self.group_idx = self.group_idx[..., :keep].clone()

@@ -14,7 +14,13 @@ from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.kernels import packed_attention, packed_attention_reference
 from hf_subtok.quant import quantize_channels, quantize_vectors
 from hf_subtok.quant.logscale import LOG_STEPS, decode_log_scale, encode_log_scale
-from tests.kernel_cases import DEVICE, DTYPES, TOLERANCE, Shape, assert_within_half_a_step, make_packed
+from tests.kernel_cases import (
+    DEVICE,
+    DTYPES,
+    TOLERANCE,
+    Shape,
+    make_packed,
+)
 from tests.tiny_models import make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
@@ -43,21 +49,37 @@ def test_zero_codes_zero_and_the_range_is_clamped():
     assert decode_log_scale(codes)[0] == 0 and decode_log_scale(codes)[2] == 1
 
 
+def _block_errors(x: torch.Tensor, q, block_size: int) -> torch.Tensor:
+    """Squared error per (channel, block) of `q` (quantized, or read back) against `x` `[..., T,
+    N]` (one sink first, then blocks of `block_size`)."""
+    read = q if isinstance(q, torch.Tensor) else q.dequantize(torch.float32)
+    miss = (read - x.float()).square()  # [..., T, N]
+    block = torch.cat([torch.zeros(1), 1 + torch.arange(x.shape[-2] - 1) // block_size]).long().to(x.device)
+    return torch.zeros(*x.shape[:-2], int(block.max()) + 1, x.shape[-1], device=x.device).index_add_(-2, block, miss)
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2], ids=lambda b: f"int{b}")
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_keys_with_log_scales_stay_within_half_a_step(dtype, bits):
+def test_each_key_block_takes_the_log_scale_of_least_error(dtype, bits):
+    """Per (channel, block), the logarithmic grid errs no more than the covering one (the code
+    just above the float16 scale, same zero: every element within half its step), and scales
+    stay within a code of the float16 ones."""
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 3, 37, 64, generator=generator) * torch.rand(64, generator=generator).mul(5).exp())
     x = x.to(dtype=dtype, device=DEVICE)
-    q = quantize_channels(x, bits, 16, solo=2, log_scale=True)
-    plain = quantize_channels(x, bits, 16, solo=2)
+    q = quantize_channels(x, bits, 16, solo=1, log_scale=True)
+    plain = quantize_channels(x, bits, 16, solo=1)
     assert q.scale.dtype == torch.uint8 and q.zero.dtype == plain.zero.dtype
-    scale, zero = q.token_scales()
-    assert_within_half_a_step(x, q, scale, zero, dtype)
-    plain_scale, _ = plain.token_scales()
-    smallest = decode_log_scale(torch.tensor(1, dtype=torch.uint8))  # near-zero scales (the sinks') clamp up to it
-    assert (scale >= plain_scale).all()
-    assert (scale <= torch.maximum(plain_scale * STEP * (1 + 1e-6), smallest.to(scale.device))).all()
+    levels = (1 << bits) - 1
+    zero = plain.token_scales()[1]  # [..., T, N]: the float16 grid's zero, with the code just above its scale
+    step = decode_log_scale(encode_log_scale(plain.token_scales()[0], round_up=True))
+    covering = ((x.float() - zero) / step.clamp_min(1e-30)).round().clamp(0, levels) * step + zero
+    assert ((covering - x.float()).abs() <= step / 2 + 1e-5 * x.float().abs().amax()).all()
+    slack = 1e-6 * x.float().square().sum()
+    assert (_block_errors(x, q, 16) <= _block_errors(x, covering, 16) + slack).all()
+    ratio = decode_log_scale(q.scale) / plain.scale.float().clamp_min(1e-30)
+    used = plain.scale.float() > decode_log_scale(torch.tensor(1, dtype=torch.uint8)).to(ratio.device)
+    assert (ratio[used] >= 1 / STEP - 1e-6).all() and (ratio[used] <= STEP + 1e-6).all()
 
 
 def test_values_with_log_scales_keep_their_codebook_and_a_scale_within_half_a_step():

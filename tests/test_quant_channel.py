@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_subtok.quant import ChannelQuantizedTensor, quantize, quantize_channels
+from hf_subtok.quant import ChannelQuantizedTensor, extend_channels, quantize, quantize_channels
 from hf_subtok.quant.channel import MAX_BLOCKS, rows_by_block
 from tests.kernel_cases import DEVICE, DTYPES, assert_within_half_a_step
 
@@ -244,3 +244,57 @@ def test_clip_applies_after_the_solo_sink_tokens():
     rest = quantize_channels(x[..., 2:, :], 2, 16, clip=True)
     assert torch.equal(q.scale[..., 2:, :], rest.scale) and torch.equal(q.zero[..., 2:, :], rest.zero)
     assert torch.equal(q.payload[..., 2:, :], rest.payload)
+
+
+def _grown_token_by_token(x: torch.Tensor, bits: int, block_size: int, prompt: int, chunk: int, log_scale: bool):
+    """`x` `[..., T, N]`: the first `prompt` tokens quantized (one sink), the rest added `chunk`
+    at a time with `extend_channels`, tracking the open block as a cache does."""
+    held = quantize_channels(x[..., :prompt, :], bits, block_size, solo=1, log_scale=log_scale)
+    open_tokens = (prompt - 1) % block_size
+    for start in range(prompt, x.shape[-2], chunk):
+        part = x[..., start : start + chunk, :]
+        held = extend_channels(held, part, open_tokens)
+        open_tokens = (open_tokens + part.shape[-2]) % block_size
+    return held
+
+
+@pytest.mark.parametrize("log_scale", [False, True], ids=["fp16-scales", "log-scales"])
+@pytest.mark.parametrize("bits", [4, 2], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("chunk", [1, 5, 40], ids=lambda c: f"chunk{c}")
+def test_grown_blocks_hold_full_blocks_and_stay_close_to_quantizing_at_once(chunk, bits, log_scale):
+    """Tokens added to the open block join it: the runs and tables are those of quantizing all
+    tokens at once (full blocks, the last one partial). Every token stays inside its block's
+    final grid's span (which covers it), blocks closed before growing are untouched, and re-coding on
+    widened grids costs at most 3x the squared error of quantizing at once."""
+    x = _keys((2, 3, 150, 16), torch.float32, seed=5)
+    grown = _grown_token_by_token(x, bits, 32, prompt=50, chunk=chunk, log_scale=log_scale)
+    at_once = quantize_channels(x, bits, 32, solo=1, log_scale=log_scale)
+    assert torch.equal(grown.run_length, at_once.run_length) and torch.equal(grown.run_block, at_once.run_block)
+    assert grown.scale.shape == at_once.scale.shape and grown.block_size == 32
+    scale, _ = grown.token_scales()
+    error = (grown.dequantize(torch.float32) - x).abs()
+    slack = 1e-5 * x.abs().amax()
+    assert (error <= ((1 << bits) - 1) * scale + slack).all()
+    closed = grown.dequantize(torch.float32)[..., :33, :]  # the sink and the full block: untouched
+    torch.testing.assert_close(closed, at_once.dequantize(torch.float32)[..., :33, :], rtol=0, atol=0)
+    once = (at_once.dequantize(torch.float32) - x).square().sum()
+    assert error.square().sum() <= 3 * once
+
+
+def test_tokens_inside_the_open_blocks_grid_leave_its_table_and_codes_alone():
+    x = _keys((1, 2, 40, 16), torch.float32, seed=6)
+    held = quantize_channels(x[..., :20, :], 2, 32)  # one open block of 20
+    inside = (x[..., 3:5, :] + x[..., 7:9, :]) / 2  # between tokens of the block, channel by channel
+    grown = extend_channels(held, inside, 20)
+    torch.testing.assert_close(grown.scale, held.scale, rtol=0, atol=0)
+    torch.testing.assert_close(grown.zero, held.zero, rtol=0, atol=0)
+    assert torch.equal(grown.payload[..., :20, :], held.payload)
+    assert grown.run_length[0, 0].tolist() == [22]
+
+
+def test_a_full_last_block_is_not_grown():
+    x = _keys((1, 1, 70, 8), torch.float32, seed=7)
+    held = quantize_channels(x[..., :64, :], 4, 32)
+    grown = extend_channels(held, x[..., 64:, :], 0)
+    assert grown.run_length[0, 0].tolist() == [32, 32, 6]
+    torch.testing.assert_close(grown.dequantize(torch.float32), quantize_channels(x, 4, 32).dequantize(torch.float32))

@@ -8,6 +8,7 @@ import torch
 from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.accounting import StorageFormat
 from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor
+from hf_subtok.storage import _CROP_TAKES_LENGTH
 from tests.tiny_models import make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
@@ -241,3 +242,46 @@ def test_attention_sinks_get_a_block_each_and_come_back_near_exact():
     error = (stored.dequantize(torch.float32) - exact).abs()
     assert error[..., :3, :].max() < 1e-2 * exact[..., :3, :].abs().max()
     assert error[..., 3:, :].max() > 10 * error[..., :3, :].max()
+
+
+@pytest.mark.parametrize("log_scales", [False, True], ids=["fp16-scales", "log-scales"])
+def test_decoded_tokens_join_the_open_key_block_in_a_cache_that_never_evicts(log_scales):
+    """Every token kept: decode-time chunks fill the last per-channel key block instead of
+    adding tables of their own, so the tables are those of the tokens in full blocks, the held
+    bytes are the format's row bytes, and the ratio does not grow while decoding."""
+    model = make_tiny_model("llama", **_WIDE)
+    config = SubTokenConfig(
+        axes="groups", num_groups=1, keep_groups=1, bits=2, value_codes=16, window=2, key_block=32,
+        key_sinks=1, log_scales=log_scales,
+    )
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(2, 50), past_key_values=cache)
+        ratios = [cache.memory_report()["ratio"]]
+        for step in range(40):
+            model(input_ids=random_prompts(2, 1, seed=step), past_key_values=cache)
+            ratios.append(cache.memory_report()["ratio"])
+    packed = 90 - 2  # all but the window
+    blocks = 1 + -(-(packed - 1) // 32)  # the sink, then 32-token blocks
+    for layer in cache.layers:
+        keys = layer.packed_keys
+        assert keys.shape[-2] == packed and keys.scale.shape[-2] == blocks
+        assert keys.run_length[0, 0].tolist() == [1, 32, 32, packed - 65]
+    row = cache.layers[0].storage.row_bytes(packed, blocks, 1, scored=False)
+    window = 2 * 2 * 64 * 4  # keys and values of 2 float32 tokens
+    assert cache.memory_report()["stored_bytes"] == 2 * 2 * (row + window)  # layers x batch
+    assert ratios[-1] <= ratios[0]
+
+
+def test_a_cache_cropped_into_its_packed_tokens_starts_a_new_key_block():
+    model = make_tiny_model("llama", **_WIDE)
+    config = SubTokenConfig(axes="groups", num_groups=1, keep_groups=1, bits=2, window=2, key_block=32, key_sinks=1)
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 50), past_key_values=cache)
+        cache.crop(40 if _CROP_TAKES_LENGTH else -10)  # 40 of 50 tokens either way
+        model(input_ids=random_prompts(1, 5, seed=3), past_key_values=cache)
+    keys = cache.layers[0].packed_keys
+    assert keys.run_length[0, 0].tolist() == [1, 32, 7, 3]  # the cut block closed, then a new one
+    assert cache.get_seq_length() == 45
+

@@ -7,13 +7,13 @@ and `QuantizedTensor.cat` exactly as it moves plain tensors. Attention reads the
 storage directly (`hf_subtok.kernels.packed_attention`).
 
 Keys are stored per channel instead (`quantize_channels` -> `ChannelQuantizedTensor`: a scale
-and zero per channel and block of tokens, each token naming its block), which fits them far
-better; see `quant.channel`. Below one bit per element, `quantize_vectors` -> `CodedTensor`
+and zero per channel and block of tokens, the tokens' blocks held as runs), which fits them
+far better; see `quant.channel` (`extend_channels` grows the last block as tokens arrive). Below one bit per element, `quantize_vectors` -> `CodedTensor`
 stores pieces of a few channels as indices into a fitted codebook (`quant.codebook`).
 """
 
 from hf_subtok.quant.bits import SUPPORTED_BITS, pack_bits, unpack_bits
-from hf_subtok.quant.channel import ChannelQuantizedTensor, quantize_channels
+from hf_subtok.quant.channel import ChannelQuantizedTensor, extend_channels, quantize_channels
 from hf_subtok.quant.codebook import CodedTensor, quantize_vectors
 from hf_subtok.quant.reference import check_quantize_args, default_scale_dtype, quantize
 from hf_subtok.quant.tensor import QuantizedTensor
@@ -25,6 +25,7 @@ __all__ = [
     "QuantizedTensor",
     "check_quantize_args",
     "default_scale_dtype",
+    "extend_channels",
     "pack_bits",
     "quantize",
     "quantize_channels",

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.quant.bits import check_bits, pack_bits, unpack_bits
-from hf_subtok.quant.logscale import LOG_SCALE_DTYPE, encode_log_scale, scale_values
+from hf_subtok.quant.logscale import LOG_SCALE_DTYPE, scale_values
 from hf_subtok.quant.reference import default_scale_dtype, fit_grid
 from hf_subtok.quant.tensor import SCALE_DTYPES, PackedCodes
 from hf_subtok.rows import take_rows
@@ -156,7 +156,8 @@ class ChannelQuantizedTensor(PackedCodes):
 
     @staticmethod
     def cat(tensors: Sequence[ChannelQuantizedTensor]) -> ChannelQuantizedTensor:
-        """Concatenate along the token dim; each part's blocks get table rows of their own."""
+        """Concatenate along the token dim; each part's blocks get table rows of their own. The
+        result's `block_size` is the last part's (the blocks new tokens join)."""
         first = tensors[0]
         for i, other in enumerate(tensors):
             if not isinstance(other, ChannelQuantizedTensor):
@@ -165,6 +166,7 @@ class ChannelQuantizedTensor(PackedCodes):
                 )
             if other.bits != first.bits:
                 raise ValueError(f"tensors[{i}] has bits={other.bits}, tensors[0] bits={first.bits}")
+        block_size = tensors[-1].block_size
         tensors = [t for t in tensors if t.shape[-2]] or [first]  # an empty part adds no runs
         offsets, total = [], 0
         for t in tensors:
@@ -181,7 +183,7 @@ class ChannelQuantizedTensor(PackedCodes):
             torch.cat([t.scale for t in tensors], dim=-2),
             torch.cat([t.zero for t in tensors], dim=-2),
             first.bits,
-            first.block_size,
+            block_size,
         )
 
     def take(self, index: torch.Tensor) -> ChannelQuantizedTensor:
@@ -255,8 +257,9 @@ def quantize_channels(
         clip: each (channel, block) over the range of least squared round-trip error among
             shrinks of its min/max range (`quant.reference.fit_grid`), its outliers clamped to
             the range's ends, instead of the min/max range.
-        log_scale: scales as 8-bit logarithms rounded up (`quant.logscale`: one byte instead
-            of two, each block's grid at most 9% coarser), zeros in `scale_dtype`.
+        log_scale: scales as 8-bit logarithms (`quant.logscale`: one byte instead of two),
+            each (channel, block) the code of least squared error next to its exact scale
+            (`quant.reference.fit_grid`), zeros in `scale_dtype`.
     """
     if solo:
         if isinstance(solo, bool) or not isinstance(solo, int) or solo < 0:
@@ -289,21 +292,17 @@ def quantize_channels(
     source = x.float()
     full = tokens // block_size * block_size
     tables = [  # the full blocks, then the shorter last one: each (channel, block) a row
-        fit_grid(part.reshape(*lead, -1, size, channels).transpose(-1, -2), levels, scale_dtype, clip)
+        fit_grid(part.reshape(*lead, -1, size, channels).transpose(-1, -2), levels, scale_dtype, clip, log_scale)
         for part, size in ((source[..., :full, :], block_size), (source[..., full:, :], tokens - full))
         if part.shape[-2]
     ]  # [([..., nb, N], [..., nb, N]), ...]
     if not tables:  # no tokens: empty tables
-        tables = [(torch.empty(*lead, 0, channels, dtype=scale_dtype, device=x.device),) * 2]
+        empty = torch.empty(*lead, 0, channels, dtype=scale_dtype, device=x.device)
+        tables = [(empty, empty.to(LOG_SCALE_DTYPE) if log_scale else empty)]
     zero = torch.cat([z for z, _ in tables], dim=-2)  # [..., NB, N]
     scale = torch.cat([s for _, s in tables], dim=-2)
-    if log_scale:  # rounded up: each grid still spans its block's range
-        scale = encode_log_scale(scale, round_up=True)
     block = torch.arange(tokens, device=x.device) // block_size  # [T]
-    stored = scale_values(scale)
-    divisor = torch.where(stored == 0, torch.ones_like(stored), stored)
-    codes = (source - zero.float()[..., block, :]).div_(divisor[..., block, :]).round_().clamp_(0, levels)
-    codes = codes.to(torch.uint8)  # [..., T, N]
+    codes = _codes_on(source, zero[..., block, :], scale[..., block, :], levels)  # [..., T, N]
     run_length = torch.full((blocks,), block_size, dtype=RUN_LENGTH_DTYPE, device=x.device)
     run_length[-1:] = tokens - (blocks - 1) * block_size  # the last block may be shorter
     run_block = torch.arange(blocks, dtype=BLOCK_INDEX_DTYPE, device=x.device)
@@ -316,6 +315,69 @@ def quantize_channels(
         bits,
         block_size,
     )
+
+
+def extend_channels(
+    held: ChannelQuantizedTensor, x: torch.Tensor, open_tokens: int, clip: bool = False
+) -> ChannelQuantizedTensor:
+    """`held` followed by `x` `[..., t, N]` quantized per channel, the first of `x` joining
+    `held`'s open last block: its last `open_tokens` tokens, which must be the last table row and
+    the last run of every leading row (tokens packed in order, as a cache that never evicts
+    packs them), with room for `block_size - open_tokens` more. The rest of `x` forms blocks of
+    its own (`quantize_channels` with `clip`). Scales are stored as `held`'s are (8-bit
+    logarithms or not).
+
+    The open block keeps its grid on every channel whose range the new tokens stay inside;
+    a channel they leave gets the grid `quantize_channels` would fit (`fit_grid`) to its old
+    tokens as read back and the new ones, and its old tokens are re-coded on it. Measured on
+    SmolLM2-135M-Instruct's keys at 2 bits (`benchmarks/key_block_growth.py`, BENCHMARKS.md
+    "Decode-time key blocks"), a 64-token
+    block grown a token at a time errs about twice the squared error of quantizing its tokens
+    at once; the alternative, tables of its own per decode chunk, costs 192-256 bytes of tables
+    per token at `pack_chunk=1`.
+    """
+    levels = (1 << held.bits) - 1
+    log_scale = held.scale.dtype == LOG_SCALE_DTYPE
+    fill = min(x.shape[-2], held.block_size - open_tokens) if open_tokens > 0 else 0
+
+    def own_blocks(part: torch.Tensor) -> ChannelQuantizedTensor:
+        return quantize_channels(part, held.bits, held.block_size, held.zero.dtype, clip=clip, log_scale=log_scale)
+
+    if fill <= 0:
+        return ChannelQuantizedTensor.cat([held, own_blocks(x)])
+    tokens = held.shape[-2]
+    head, rest = x[..., :fill, :].float(), x[..., fill:, :]
+    zero, scale = held.zero[..., -1:, :].float(), scale_values(held.scale[..., -1:, :])  # [..., 1, N]
+    top = zero + levels * scale
+    leaves = (head.amin(-2, keepdim=True) < zero) | (head.amax(-2, keepdim=True) > top)  # [..., 1, N]: grids to widen
+    old = unpack_bits(held.payload[..., tokens - open_tokens :, :], held.bits).float() * scale + zero  # [..., o, N]
+    both = torch.cat([old, head], dim=-2)  # [..., o + fill, N]
+    refit = fit_grid(both.transpose(-1, -2).unsqueeze(-3), levels, held.zero.dtype, False, log_scale)  # [..., 1, N]
+    new_zero = torch.where(leaves, refit[0], held.zero[..., -1:, :])
+    new_scale = torch.where(leaves, refit[1], held.scale[..., -1:, :])
+    codes = _codes_on(both, new_zero, new_scale, levels)  # [..., o + fill, N]
+    run_length = held.run_length.clone()
+    run_length[..., -1] += fill
+    grown = ChannelQuantizedTensor(
+        torch.cat([held.payload[..., : tokens - open_tokens, :], pack_bits(codes, held.bits)], dim=-2),
+        held.run_block,
+        run_length,
+        torch.cat([held.scale[..., :-1, :], new_scale], dim=-2),
+        torch.cat([held.zero[..., :-1, :], new_zero], dim=-2),
+        held.bits,
+        held.block_size,
+    )
+    if rest.shape[-2] == 0:
+        return grown
+    return ChannelQuantizedTensor.cat([grown, own_blocks(rest)])
+
+
+def _codes_on(x: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
+    """uint8 codes of float32 `x` `[..., t, N]` on stored grids `zero`, `scale` (`[..., t, N]`,
+    a row per token, or `[..., 1, N]`, one for all)."""
+    step = scale_values(scale)
+    divisor = torch.where(step == 0, torch.ones_like(step), step)
+    return (x - zero.float()).div_(divisor).round_().clamp_(0, levels).to(torch.uint8)
 
 
 def _runs_of(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
