@@ -14,6 +14,7 @@ INDEX_BYTES = 1  # uint8 group index per kept value group
 SCORE_BYTES = 4  # float32 token score per stored token (re-allocation while decoding)
 SCALE_BYTES = 2  # float16 / bfloat16 scale and zero point per quantization group
 LOG_SCALE_BYTES = 1  # a scale as an 8-bit logarithm (`log_scales`, `quant.logscale`)
+LOG_SCALES = ("none", "keys", "values", "both")  # which scales `log_scales` stores as logarithms
 RUN_BYTES = 6  # int16 block and int32 length of a run of per-channel keys' tokens (`quant.channel`)
 HEAD_INDEX_BYTES = 1  # uint8 KV head of a token when heads share one row (per-head budgets)
 WIDE_NORM_BYTES = 2  # float16 norm of a wide token's other value groups (`span`)
@@ -70,7 +71,7 @@ class StorageFormat:
     clip_keys: bool = False  # per-channel keys quantized over each block's least-error range (no bytes)
     value_codes: int | None = None  # value groups as indices into this many codewords (`quant.codebook`)
     code_piece: int = 4  # channels per codeword
-    log_scales: bool = False  # per-channel key scales and codeword values' scales in one byte each
+    log_scales: str = "none"  # per-channel key scales and/or codeword values' scales in one byte each
 
     @property
     def rotates(self) -> bool:
@@ -101,14 +102,20 @@ class StorageFormat:
         return channels * self.bits // 8 + 2 * SCALE_BYTES * (channels // group_size)
 
     @property
-    def scale_bytes(self) -> int:
-        """Bytes of one per-channel key scale or codeword value's scale (1 with `log_scales`)."""
-        return LOG_SCALE_BYTES if self.log_scales else SCALE_BYTES
+    def logs_key_scales(self) -> bool:
+        """Whether per-channel key scales are stored as 8-bit logarithms."""
+        return self.channel_keys and self.log_scales in ("keys", "both")
+
+    @property
+    def logs_value_scales(self) -> bool:
+        """Whether codeword values' per-token scales are stored as 8-bit logarithms."""
+        return self.coded_values and self.log_scales in ("values", "both")
 
     @property
     def key_block_bytes(self) -> int:
         """Scale and zero tables of one block of per-channel keys (0 for other layouts)."""
-        return (self.scale_bytes + SCALE_BYTES) * self.head_dim if self.channel_keys else 0
+        scale = LOG_SCALE_BYTES if self.logs_key_scales else SCALE_BYTES
+        return (scale + SCALE_BYTES) * self.head_dim if self.channel_keys else 0
 
     @property
     def key_run_bytes(self) -> int:
@@ -133,7 +140,8 @@ class StorageFormat:
         """One kept value group with its index: scalar codes with scales and zeros, or
         codeword indices with one scale."""
         if self.coded_values:
-            return self.width // self.code_piece * code_bits(self.value_codes) // 8 + self.scale_bytes + INDEX_BYTES
+            scale = LOG_SCALE_BYTES if self.logs_value_scales else SCALE_BYTES
+            return self.width // self.code_piece * code_bits(self.value_codes) // 8 + scale + INDEX_BYTES
         return self._vector_bytes(self.width, self.value_group_size) + INDEX_BYTES
 
     def codebook_bytes(self, keep_groups: int) -> int:

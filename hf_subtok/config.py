@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from hf_subtok.accounting import (
     KEY_LAYOUTS,
+    LOG_SCALES,
     VALUE_CLIPS,
     StorageFormat,
     clips_values,
@@ -100,8 +101,8 @@ class SubTokenConfig:
     cut into pieces of `code_piece` channels, each piece the index of the nearest of
     `value_codes` codewords that k-means fits per KV head (and slot) on the first tokens packed
     (`hf_subtok.quant.codebook`); keys keep `bits`. `log_scales` stores the per-channel keys'
-    scales and the codeword values' per-token scales as 8-bit logarithms (`quant.logscale`):
-    one byte each instead of two.
+    scales (`"keys"`), the codeword values' per-token scales (`"values"`) or both as 8-bit
+    logarithms (`quant.logscale`): one byte each instead of two.
 
     `span="adaptive"` lets the number of groups vary per token: a layer keeping K < G groups
     also stores the other groups of the tokens most worth it (attention times the norm of the
@@ -204,11 +205,11 @@ class SubTokenConfig:
     code_piece: int = field(
         default=4, metadata={"help": "value channels per codeword (value_codes)"}
     )
-    log_scales: bool = field(
-        default=False,
+    log_scales: str = field(
+        default="none",
         metadata={
-            "help": "store per-channel key scales (rounded up) and codeword values' per-token scales as "
-            "8-bit logarithms, one byte instead of two"
+            "help": "store per-channel key scales ('keys'), codeword values' per-token scales ('values') or "
+            "both ('both') as 8-bit logarithms, one byte instead of two ('none': float)"
         },
     )
     rotate: bool = field(
@@ -299,13 +300,7 @@ class SubTokenConfig:
                 "key_clip=True needs keys quantized per channel (bits=2 or 'auto', or key_quantization="
                 f"'channel'), got bits={self.bits!r}, key_quantization={self.key_quantization!r}"
             )
-        if not isinstance(self.log_scales, bool):
-            raise ValueError(f"log_scales must be True or False, got {self.log_scales!r}")
-        if self.log_scales and (self.bits is None or not (per_channel or self.value_codes)):
-            raise ValueError(
-                "log_scales=True needs keys quantized per channel or value_codes (the scales it stores), "
-                f"got bits={self.bits!r}, key_quantization={self.key_quantization!r}, value_codes={self.value_codes!r}"
-            )
+        self._check_log_scales(per_channel)
         if not isinstance(self.rotate, bool):
             raise ValueError(f"rotate must be True or False, got {self.rotate!r}")
         if self.rotate and self.bits is None:
@@ -339,6 +334,20 @@ class SubTokenConfig:
             )
         if self.keep_groups is None and self.budget is None:
             self.keep_groups = self.num_groups // 2 or 1
+
+    def _check_log_scales(self, per_channel: bool) -> None:
+        if self.log_scales not in LOG_SCALES:
+            raise ValueError(f"log_scales must be one of {LOG_SCALES}, got {self.log_scales!r}")
+        if self.log_scales in ("keys", "both") and (self.bits is None or not per_channel):
+            raise ValueError(
+                f"log_scales={self.log_scales!r} needs keys quantized per channel (bits=2 or key_quantization="
+                f"'channel'), got bits={self.bits!r}, key_quantization={self.key_quantization!r}"
+            )
+        if self.log_scales in ("values", "both") and (self.bits is None or self.value_codes is None):
+            raise ValueError(
+                f"log_scales={self.log_scales!r} needs value_codes (values with one scale per token), "
+                f"got value_codes={self.value_codes!r}, bits={self.bits!r}"
+            )
 
     def _check_value_codes(self) -> None:
         _check_int("code_piece", self.code_piece, 1, None)

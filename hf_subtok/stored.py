@@ -134,7 +134,7 @@ def store_keys(keys: torch.Tensor, storage: StorageFormat, solo: int = 0) -> Sto
     keys = keys_as_stored(keys, storage)
     if storage.channel_keys:
         return quantize_channels(
-            keys, storage.bits, storage.key_block, solo=solo, clip=storage.clip_keys, log_scale=storage.log_scales
+            keys, storage.bits, storage.key_block, solo=solo, clip=storage.clip_keys, log_scale=storage.logs_key_scales
         )
     return quantize(keys, storage.bits, storage.key_group_size)
 
@@ -148,7 +148,7 @@ def store_values(values: torch.Tensor, storage: StorageFormat, codebook: torch.T
     if storage.coded_values:
         return quantize_vectors(
             values_as_stored(values, storage), storage.value_codes, storage.code_piece, codebook,
-            log_scale=storage.log_scales,
+            log_scale=storage.logs_value_scales,
         )
     return quantize(
         values_as_stored(values, storage), storage.bits, storage.value_group_size, clip=storage.clip_values

@@ -1,6 +1,7 @@
-"""Scales as 8-bit logarithms (`log_scales`, `quant.logscale`): per-channel key scales rounded
-up (grids still cover their blocks), codeword values' scales to the nearest code; read alike
-by the reference and the Triton kernel (interpreted here); counted as one byte each."""
+"""Scales as 8-bit logarithms (`log_scales`, `quant.logscale`): per-channel key scales at the
+code of least error next to the exact scale, codeword values' scales at the nearest code;
+read alike by the reference and the Triton kernel (interpreted here); counted as one byte
+each."""
 
 from __future__ import annotations
 
@@ -138,22 +139,25 @@ def _config(**extra) -> SubTokenConfig:
     )
 
 
-def test_log_scales_save_a_byte_per_key_scale_and_per_value_scale():
+@pytest.mark.parametrize("which", ["keys", "values", "both"])
+def test_log_scales_save_a_byte_per_key_scale_and_per_value_scale(which):
     plain = _config(window=0).storage_format(64, 4)
-    logged = _config(window=0, log_scales=True).storage_format(64, 4)
-    assert plain.key_block_bytes - logged.key_block_bytes == 64  # one byte per channel and block
-    assert plain.slot_bytes - logged.slot_bytes == 1
+    logged = _config(window=0, log_scales=which).storage_format(64, 4)
+    assert plain.key_block_bytes - logged.key_block_bytes == (64 if which != "values" else 0)  # a byte per channel
+    assert plain.slot_bytes - logged.slot_bytes == (1 if which != "keys" else 0)
 
 
+@pytest.mark.parametrize("which", ["keys", "values", "both"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_measured_bytes_match_the_format_with_log_scales(dtype):
+def test_measured_bytes_match_the_format_with_log_scales(dtype, which):
     model = make_tiny_model("llama", dtype=dtype, **_WIDE)
-    cache = SubTokenCache(model, _config(window=0, log_scales=True))
+    cache = SubTokenCache(model, _config(window=0, log_scales=which))
     tokens = 100
     with torch.no_grad():
         model(input_ids=random_prompts(2, tokens), past_key_values=cache)
     layer = cache.layers[0]
-    assert layer.packed_keys.scale.dtype == torch.uint8 and layer.packed_values.scale.dtype == torch.uint8
+    assert (layer.packed_keys.scale.dtype == torch.uint8) == (which != "values")
+    assert (layer.packed_values.scale.dtype == torch.uint8) == (which != "keys")
     blocks = 4 + -(-(tokens - 4) // 32)
     row = layer.storage.row_bytes(tokens, blocks, 1, scored=False)
     assert cache.memory_report()["stored_bytes"] == 2 * 2 * row  # layers x batch
@@ -165,7 +169,7 @@ def test_greedy_tokens_match_whichever_path_reads_log_scales():
     prompt = random_prompts(2, 40)
     outs = []
     for backend in ("torch", "triton"):
-        cache = SubTokenCache(model, _config(window=2, log_scales=True, backend=backend))
+        cache = SubTokenCache(model, _config(window=2, log_scales="both", backend=backend))
         outs.append(model.generate(prompt, past_key_values=cache, max_new_tokens=12, do_sample=False))
     assert torch.equal(outs[0], outs[1])
 
@@ -173,12 +177,13 @@ def test_greedy_tokens_match_whichever_path_reads_log_scales():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(bits=None), "log_scales=True needs keys quantized per channel or value_codes"),
-        (dict(bits=4, key_quantization="token"), "log_scales=True needs keys quantized per channel or value_codes"),
-        (dict(bits=2, log_scales="yes"), "log_scales must be True or False, got 'yes'"),
+        (dict(bits=None, log_scales="keys"), "log_scales='keys' needs keys quantized per channel"),
+        (dict(bits=4, key_quantization="token", value_codes=16, log_scales="both"), "log_scales='both' needs keys quantized per channel"),
+        (dict(bits=2, log_scales="values"), "log_scales='values' needs value_codes"),
+        (dict(bits=2, log_scales=True), r"log_scales must be one of \('none', 'keys', 'values', 'both'\), got True"),
     ],
-    ids=["no-bits", "token-keys-scalar-values", "not-a-bool"],
+    ids=["keys-no-bits", "both-token-keys", "values-scalar-values", "a-bool"],
 )
 def test_log_scales_without_scales_to_store_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
-        SubTokenConfig(**{"log_scales": True, **settings})
+        SubTokenConfig(**settings)

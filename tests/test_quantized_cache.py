@@ -244,7 +244,7 @@ def test_attention_sinks_get_a_block_each_and_come_back_near_exact():
     assert error[..., 3:, :].max() > 10 * error[..., :3, :].max()
 
 
-@pytest.mark.parametrize("log_scales", [False, True], ids=["fp16-scales", "log-scales"])
+@pytest.mark.parametrize("log_scales", ["none", "both"], ids=["fp16-scales", "log-scales"])
 def test_decoded_tokens_join_the_open_key_block_in_a_cache_that_never_evicts(log_scales):
     """Every token kept: decode-time chunks fill the last per-channel key block instead of
     adding tables of their own, so the tables are those of the tokens in full blocks, the held

@@ -2,9 +2,9 @@
 
 Code `c` in 1..255 stands for `2 ** ((c - LOG_BIAS) / LOG_STEPS)`, eight codes per octave
 (neighbours 9% apart) over about 2**-16 to 2**16 (float16's range); code 0 stands for 0 (a
-constant group). Keys' per-channel scales are rounded up, so a block's grid still covers its
-range (at most 9% coarser); codeword values' per-token scales to the nearest code (within
-4.5%), small beside the error of one bit per value element.
+constant group). Keys' per-channel scales take the code of least squared error among those
+next to the exact scale (`quant.reference.fit_grid`); codeword values' per-token scales the
+nearest code (within 4.5%), small beside the error of one bit per value element.
 """
 
 from __future__ import annotations
