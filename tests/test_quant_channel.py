@@ -298,3 +298,19 @@ def test_a_full_last_block_is_not_grown():
     grown = extend_channels(held, x[..., 64:, :], 0)
     assert grown.run_length[0, 0].tolist() == [32, 32, 6]
     torch.testing.assert_close(grown.dequantize(torch.float32), quantize_channels(x, 4, 32).dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("stop", [0, 1, 9, 17, 30])
+def test_a_token_prefix_cuts_the_runs_and_reads_the_first_tokens(stop):
+    """`token_prefix` (a view: tables shared) and `slice_tokens` (compacted) read back the first
+    `stop` tokens, also when tokens were taken out of order (a run per token in places)."""
+    q = quantize_channels(_keys((2, 2, 40, 8), torch.float32, seed=8), 4, 8, solo=1)
+    index = torch.tensor([0, 30, 31, 2, 3, 4, 20, 12, 13, 14, 15, 39, 38, 5, 6, 7, 8, 9, 10, 11, 1, 21, 22, 23, 24, 25, 26, 27, 28, 29])
+    moved = q.take(index.expand(2, 2, -1).to(DEVICE))
+    full = moved.dequantize(torch.float32)
+    prefix = moved.token_prefix(stop)
+    assert (prefix.run_length.sum(-1) == stop).all() and prefix.scale is moved.scale
+    torch.testing.assert_close(prefix.dequantize(torch.float32), full[..., :stop, :], rtol=0, atol=0)
+    cut = moved.slice_tokens(stop)
+    torch.testing.assert_close(cut.dequantize(torch.float32), full[..., :stop, :], rtol=0, atol=0)
+    assert cut.scale.shape[-2] == len(set(moved.token_blocks()[0, 0, :stop].tolist()))
