@@ -215,7 +215,7 @@ class SubTokenLayer(CacheLayerMixin):
         first keys stored (the prompt's, whose first tokens are the attention sinks) keep
         `key_sinks` blocks of one token."""
         first = self.packed_keys is None or self.packed_keys.shape[-2] == 0
-        stored = store_keys(keys, self.storage, solo=self.config.key_sinks if first else 0)
+        stored = store_keys(keys, self.storage, solo=self.config.key_sinks if first else 0, rotation=self._key_rotation())
         return flatten_heads(stored, 2) if self.shares_rows else stored  # quantized per head first
 
     def _store_values(self, packed: torch.Tensor) -> Stored:
@@ -223,7 +223,7 @@ class SubTokenLayer(CacheLayerMixin):
         into the codebook of the values already packed, fitted on these if there are none)."""
         held = self.packed_values
         codebook = held.codebook if isinstance(held, CodedTensor) and held.shape[-2] else None
-        stored = store_values(packed, self.storage, codebook)
+        stored = store_values(packed, self.storage, codebook, rotation=self._value_rotation())
         return flatten_heads(stored, 3) if self.shares_rows else stored
 
     def _reset_packed_values(self, like: torch.Tensor) -> None:
@@ -278,6 +278,14 @@ class SubTokenLayer(CacheLayerMixin):
             )
             self._rotation_for = self.storage
         return self._rotation_matrices
+
+    def _key_rotation(self) -> torch.Tensor | None:
+        rotation = self._rotation()
+        return None if rotation is None else rotation[0]
+
+    def _value_rotation(self) -> torch.Tensor | None:
+        rotation = self._rotation()
+        return None if rotation is None else rotation[1]
 
     def _flush(self) -> None:
         """Store a pending tail whose attention never reported back (another attention path)."""
@@ -672,7 +680,8 @@ class SubTokenLayer(CacheLayerMixin):
             stored = cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2)
         else:
             stored = extend_channels(
-                self.packed_keys, keys_as_stored(keys, self.storage), self._open_key_tokens, clip=self.storage.clip_keys
+                self.packed_keys, keys_as_stored(keys, self.storage, self._key_rotation()), self._open_key_tokens,
+                clip=self.storage.clip_keys,
             )
         sinks = min(self.config.key_sinks, keys.shape[-2]) if first else 0  # blocks of one, closed
         self._open_key_tokens = (self._open_key_tokens + keys.shape[-2] - sinks) % self.storage.key_block

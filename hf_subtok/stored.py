@@ -112,26 +112,33 @@ def value_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
     return hadamard(storage.width, device) if storage.rotates else None
 
 
-def keys_as_stored(keys: torch.Tensor, storage: StorageFormat) -> torch.Tensor:
-    """`[B, Hkv, T, D]` keys in the space `storage` quantizes them in (rotated or not)."""
-    rotation = key_rotation(storage, keys.device)
-    return keys if rotation is None else rotate_groups(keys, rotation)
+def keys_as_stored(keys: torch.Tensor, storage: StorageFormat, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, Hkv, T, D]` keys in the space `storage` quantizes them in (rotated or not);
+    `rotation`: `key_rotation(storage)` if the caller holds it already."""
+    if not storage.rotates:
+        return keys
+    return rotate_groups(keys, key_rotation(storage, keys.device) if rotation is None else rotation)
 
 
-def values_as_stored(values: torch.Tensor, storage: StorageFormat) -> torch.Tensor:
+def values_as_stored(
+    values: torch.Tensor, storage: StorageFormat, rotation: torch.Tensor | None = None
+) -> torch.Tensor:
     """`[..., C]`-grouped values (e.g. `[B, Hkv, K, T, C]`) in the space `storage` quantizes
-    them in (each group rotated or not)."""
-    rotation = value_rotation(storage, values.device)
-    return values if rotation is None else rotate_groups(values, rotation)
+    them in (each group rotated or not); `rotation`: `value_rotation(storage)` if held."""
+    if not storage.rotates:
+        return values
+    return rotate_groups(values, value_rotation(storage, values.device) if rotation is None else rotation)
 
 
-def store_keys(keys: torch.Tensor, storage: StorageFormat, solo: int = 0) -> Stored:
+def store_keys(
+    keys: torch.Tensor, storage: StorageFormat, solo: int = 0, rotation: torch.Tensor | None = None
+) -> Stored:
     """`[B, Hkv, T, D]` keys as `storage` holds them: plain, or quantized (after rotation, if
     `storage.rotates`) per channel over blocks of `storage.key_block` tokens (the first `solo`
     tokens a block each; each block's least-error range if `storage.clip_keys`), or per token."""
     if storage.bits is None:
         return keys
-    keys = keys_as_stored(keys, storage)
+    keys = keys_as_stored(keys, storage, rotation)
     if storage.channel_keys:
         return quantize_channels(
             keys, storage.bits, storage.key_block, solo=solo, clip=storage.clip_keys, log_scale=storage.logs_key_scales
@@ -139,20 +146,23 @@ def store_keys(keys: torch.Tensor, storage: StorageFormat, solo: int = 0) -> Sto
     return quantize(keys, storage.bits, storage.key_group_size)
 
 
-def store_values(values: torch.Tensor, storage: StorageFormat, codebook: torch.Tensor | None = None) -> Stored:
+def store_values(
+    values: torch.Tensor,
+    storage: StorageFormat,
+    codebook: torch.Tensor | None = None,
+    rotation: torch.Tensor | None = None,
+) -> Stored:
     """`[B, Hkv, K, T, C]` kept value groups as `storage` holds them (each group rotated first
-    if `storage.rotates`): quantized per token, or as indices into `codebook` `[B, Hkv, K, W,
-    d]` (None: one fitted on these values) if `storage.coded_values`."""
+    if `storage.rotates`, by `rotation` if given): quantized per token, or as indices into
+    `codebook` `[B, Hkv, K, W, d]` (None: one fitted on these values) if `storage.coded_values`."""
     if storage.bits is None:
         return values
+    rotated = values_as_stored(values, storage, rotation)
     if storage.coded_values:
         return quantize_vectors(
-            values_as_stored(values, storage), storage.value_codes, storage.code_piece, codebook,
-            log_scale=storage.logs_value_scales,
+            rotated, storage.value_codes, storage.code_piece, codebook, log_scale=storage.logs_value_scales
         )
-    return quantize(
-        values_as_stored(values, storage), storage.bits, storage.value_group_size, clip=storage.clip_values
-    )
+    return quantize(rotated, storage.bits, storage.value_group_size, clip=storage.clip_values)
 
 
 def key_tables(keys: Stored) -> tuple[int, int]:

@@ -127,17 +127,12 @@ def _log_grid(
     error than float16 scales, the nearest code centred none."""
     exact = scale.float()
     up = encode_log_scale(exact, round_up=True)
-    down = torch.where(up > 1, up - 1, up)
-    best_zero, best_scale = zero, up
-    best_error = _squared_error(grouped, zero, decode_log_scale(up), levels)
-    for code in (up, down):
-        step = decode_log_scale(code)
-        centred = (zero.float() + levels * (exact - step) / 2).to(scale_dtype)
-        error = _squared_error(grouped, centred, step, levels)
-        better = error < best_error
-        best_zero, best_scale = torch.where(better, centred, best_zero), torch.where(better, code, best_scale)
-        best_error = torch.where(better, error, best_error)
-    return best_zero, best_scale
+    codes = torch.stack([up, up, torch.where(up > 1, up - 1, up)])  # [3, ..., n]: covering, centred up, centred down
+    steps = decode_log_scale(codes)
+    centred = (zero.float() + levels * (exact - steps[1:]) / 2).to(scale_dtype)  # [2, ..., n]
+    zeros = torch.cat([zero.unsqueeze(0), centred])  # [3, ..., n]
+    best = _squared_error(grouped, zeros, steps, levels).argmin(0, keepdim=True)  # ties: the first, covering
+    return zeros.gather(0, best).squeeze(0), codes.gather(0, best).squeeze(0)
 
 
 def _fit_range(
