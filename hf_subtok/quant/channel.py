@@ -331,7 +331,7 @@ def extend_channels(
     a channel they leave gets the grid `quantize_channels` would fit (`fit_grid`) to its old
     tokens as read back and the new ones, and its old tokens are re-coded on it. Measured on
     SmolLM2-135M-Instruct's keys at 2 bits (`benchmarks/key_block_growth.py`, BENCHMARKS.md
-    "Decode-time key blocks"), a 64-token block grown a token at a time errs about twice the
+    "At 6% of the float32 bytes"), a 64-token block grown a token at a time errs about twice the
     squared error of quantizing its tokens at once; the alternative, tables of its own per
     decode chunk, costs 192-256 bytes of tables per token at `pack_chunk=1`.
     """
