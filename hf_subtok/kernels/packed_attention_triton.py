@@ -20,8 +20,9 @@ Keys and values may be quantized (`hf_subtok.quant.QuantizedTensor`, KEY_BITS / 
 holding a channel is loaded, its code shifted out and masked, then `code * scale + zero` in
 float32) and rounded to the query's dtype, as the reference does, before the same
 online-softmax step. Keys may instead be a `ChannelQuantizedTensor` (KEY_PER_CHANNEL): a scale
-and zero per channel and block of tokens, each token's block given (int16, expanded from the runs per call); for each tile
-the block indices are loaded and the `[BLOCK_T, D]` scale and zero rows gathered by them, i.e.
+and zero per channel and block of tokens, each token's block given (int16, expanded from the
+runs per call); for each tile the block indices are loaded and the `[BLOCK_T, D]` scale and
+zero rows gathered by them, i.e.
 `_dequantize` with one channel per group and the table row of the token's block.
 
 Every load and store is masked; `tl.exp`/`tl.log` run on float32; under the interpreter every
