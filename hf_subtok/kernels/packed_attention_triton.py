@@ -22,8 +22,9 @@ float32) and rounded to the query's dtype, as the reference does, before the sam
 online-softmax step. Keys may instead be a `ChannelQuantizedTensor` (KEY_PER_CHANNEL): a scale
 and zero per channel and block of tokens, each token's block given (int16, expanded from the
 runs per call); for each tile the block indices are loaded and the `[BLOCK_T, D]` scale and
-zero rows gathered by them, i.e.
-`_dequantize` with one channel per group and the table row of the token's block.
+zero rows gathered by them, i.e. `_dequantize` with one channel per group and the table row
+of the token's block. Scales held as 8-bit logarithms (uint8, `quant.logscale`) are decoded
+as they are loaded (`_load_scale`).
 
 Every load and store is masked; `tl.exp`/`tl.log` run on float32; under the interpreter every
 `tl.dot` runs on float32 inputs (bf16 `tl.dot` is wrong there), on a GPU fp16/bf16 tiles go to
