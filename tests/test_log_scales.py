@@ -22,7 +22,7 @@ from tests.kernel_cases import (
     Shape,
     make_packed,
 )
-from tests.tiny_models import make_tiny_model, random_prompts
+from tests.tiny_models import greedy_per_backend, make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
 STEP = 2 ** (1 / LOG_STEPS)  # ratio of neighbouring codes
@@ -166,12 +166,8 @@ def test_measured_bytes_match_the_format_with_log_scales(dtype, which):
 @triton_only
 def test_greedy_tokens_match_whichever_path_reads_log_scales():
     model = make_tiny_model("llama", **_WIDE)
-    prompt = random_prompts(2, 40)
-    outs = []
-    for backend in ("torch", "triton"):
-        cache = SubTokenCache(model, _config(window=2, log_scales="both", backend=backend))
-        outs.append(model.generate(prompt, past_key_values=cache, max_new_tokens=12, do_sample=False))
-    assert torch.equal(outs[0], outs[1])
+    tokens = greedy_per_backend(model, _config(window=2, log_scales="both"), random_prompts(2, 40), 12)
+    assert torch.equal(tokens["torch"], tokens["triton"])
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from hf_subtok.kernels import packed_attention_reference
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import quantize, quantize_channels
 from hf_subtok.quant.rotation import hadamard, rotate_groups
-from tests.tiny_models import make_tiny_model, random_prompts
+from tests.tiny_models import greedy_per_backend, make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
 
@@ -108,12 +108,6 @@ def test_generation_is_the_same_through_the_triton_kernel():
 
     model = make_tiny_model("llama", **_WIDE).to(DEVICE)
     ids = random_prompts(1, 40).to(DEVICE)
-    outs = {}
-    for backend in ("torch", "triton"):
-        config = SubTokenConfig(num_groups=2, keep_groups=2, window=8, bits=4, rotate=True, backend=backend)
-        cache = SubTokenCache(model, config)
-        with torch.no_grad():
-            outs[backend] = model.generate(
-                input_ids=ids, past_key_values=cache, max_new_tokens=12, min_new_tokens=12, do_sample=False
-            )
+    config = SubTokenConfig(num_groups=2, keep_groups=2, window=8, bits=4, rotate=True)
+    outs = greedy_per_backend(model, config, ids, 12)
     assert torch.equal(outs["torch"], outs["triton"])

@@ -17,7 +17,12 @@ from hf_subtok.kernels import packed_attention, packed_attention_reference
 from hf_subtok.quant import CodedTensor, quantize_vectors
 from hf_subtok.storage import _CROP_TAKES_LENGTH
 from tests.kernel_cases import DTYPES, TOLERANCE, Shape, make_packed
-from tests.tiny_models import decode_within_budget, make_tiny_model, random_prompts
+from tests.tiny_models import (
+    decode_within_budget,
+    greedy_per_backend,
+    make_tiny_model,
+    random_prompts,
+)
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
 
@@ -119,12 +124,9 @@ def test_triton_reads_only_inside_the_codes_scales_and_codebook():
 @triton_only
 def test_greedy_tokens_match_whichever_path_reads_the_codes():
     model = make_tiny_model("llama", **_WIDE)
-    prompt = random_prompts(2, 40)
-    outs = []
-    for backend in ("torch", "triton"):
-        config = SubTokenConfig(num_groups=2, keep_groups=1, window=4, bits=2, value_codes=16, backend=backend)
-        outs.append(model.generate(prompt, past_key_values=SubTokenCache(model, config), max_new_tokens=16, do_sample=False))
-    assert torch.equal(outs[0], outs[1])
+    config = SubTokenConfig(num_groups=2, keep_groups=1, window=4, bits=2, value_codes=16)
+    tokens = greedy_per_backend(model, config, random_prompts(2, 40), 16)
+    assert torch.equal(tokens["torch"], tokens["triton"])
 
 
 def test_the_prompts_codebook_codes_every_later_pack():

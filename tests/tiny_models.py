@@ -69,6 +69,23 @@ def decode_within_budget(model, config, prompt_tokens: int, steps: int = 40):
     return cache
 
 
+def greedy_per_backend(model, config, prompt: torch.Tensor, new_tokens: int) -> dict[str, torch.Tensor]:
+    """Greedy `generate()` tokens of `prompt` through a `SubTokenCache(model, config)` with
+    each attention backend (`config` with `backend` replaced): `{"torch": ..., "triton": ...}`."""
+    import dataclasses
+
+    from hf_subtok import SubTokenCache
+
+    tokens = {}
+    for backend in ("torch", "triton"):
+        cache = SubTokenCache(model, dataclasses.replace(config, backend=backend))
+        with torch.no_grad():
+            tokens[backend] = model.generate(
+                prompt, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+    return tokens
+
+
 def random_prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, 256, (batch, length), generator=generator)
