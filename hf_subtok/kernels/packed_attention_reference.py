@@ -17,7 +17,6 @@ import functools
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor, unpack_bits
@@ -336,14 +335,13 @@ def _slot_groups(keep: int, span: int, group_idx: torch.Tensor) -> torch.Tensor:
 
 def _spread_slots(out: torch.Tensor, num_groups: int) -> torch.Tensor:
     """`[B, Hkv, K, M, span, C]` per-slot results (slot k over groups k..k+span-1) summed into
-    `[B, Hkv, M, G*C]`: each slot's row of span groups is padded by K zeros and the `[K,
-    span+K]` block re-read as `[K, G]` (row k then starts k places later), so one sum over the
-    slots places every group (a few small ops on the output, never on the tokens)."""
+    `[B, Hkv, M, G*C]`: one `index_add_` of the K*span rows onto their groups (a few small ops
+    on the output, never on the tokens)."""
     batch, heads, keep, rows, span, width = out.shape
-    rows_by_slot = F.pad(out.permute(0, 1, 3, 5, 2, 4), (0, keep))  # [B, Hkv, M, C, K, span+K]
-    flat = rows_by_slot.reshape(batch, heads, rows, width, keep * (num_groups + 1))[..., : keep * num_groups]
-    spread = flat.view(batch, heads, rows, width, keep, num_groups).sum(4)  # [B, Hkv, M, C, G]
-    return spread.transpose(-1, -2).reshape(batch, heads, rows, num_groups * width)
+    by_slot = out.transpose(2, 3).reshape(batch, heads, rows, keep * span, width)  # [B, Hkv, M, K*span, C]
+    spread = out.new_zeros(batch, heads, rows, num_groups, width)  # [B, Hkv, M, G, C]
+    spread.index_add_(3, _slot_table(keep, span, torch.long, out.device).view(-1), by_slot)
+    return spread.view(batch, heads, rows, num_groups * width)
 
 
 def packed_attention(
