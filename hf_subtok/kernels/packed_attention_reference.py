@@ -119,27 +119,38 @@ def _quantized_value_matmul(
     quant_groups, span = width // size, num_groups - keep + 1
     device = probs.device
     acc = torch.zeros(batch, heads, keep, rows * quant_groups * span, width, device=device)  # [B, Hkv, K, M*ngv*span, C]
-    zero_acc = torch.zeros(batch, heads, keep, rows * quant_groups, span, device=device)  # [B, Hkv, K, M*ngv, span]
+    flat_acc = acc.view(batch * heads * keep, rows * quant_groups * span, width)  # blocks add in place
+    if span == 1:  # the zero term per (slot, quantization group) is one [K*ngv, t] x [t, M] matmul per head
+        zero_acc = torch.zeros(batch * heads, keep * quant_groups, rows, device=device)  # [B*Hkv, K*ngv, M]
+    else:
+        zero_acc = torch.zeros(batch, heads, keep, rows * quant_groups, span, device=device)  # [B, Hkv, K, M*ngv, span]
     slot_groups = _slot_groups(keep, span, group_idx)  # [K, span, 1]
     buffer = _block_buffer(values.payload, values.bits, torch.float32)
     for start in range(0, tokens, BLOCK_TOKENS):
         end = min(start + BLOCK_TOKENS, tokens)
-        block = token_slice(values, start, end)
-        p = probs[..., start:end].float().view(batch, heads, 1, rows, 1, end - start)  # [B, Hkv, 1, M, 1, t]
-        scaled = p * block.scale.float().transpose(-1, -2).unsqueeze(3)  # [B, Hkv, K, M, ngv, t]
+        t = end - start
+        p = probs[..., start:end].float()  # [B, Hkv, M, t]
+        scales = values.scale[..., start:end, :].float().transpose(-1, -2).unsqueeze(3)  # [B, Hkv, K, 1, ngv, t]
+        scaled = p.view(batch, heads, 1, rows, 1, t) * scales  # [B, Hkv, K, M, ngv, t]
+        zeros = values.zero[..., start:end, :].transpose(-1, -2)  # [B, Hkv, K, ngv, t]
         if span == 1:  # every group kept: slot k holds group k
             weights = scaled
-            zero_acc += (p.squeeze(4) @ block.zero.float()).view(zero_acc.shape)  # [B, Hkv, K, M*ngv, 1]
+            zeros = zeros.to(torch.float32, memory_format=torch.contiguous_format)
+            zero_acc.baddbmm_(zeros.view(batch * heads, keep * quant_groups, t), p.transpose(-1, -2).reshape(batch * heads, t, rows))
         else:
-            zeroed = p * block.zero.float().transpose(-1, -2).unsqueeze(3)
-            zeroed = zeroed.reshape(batch, heads, keep, rows * quant_groups, end - start)  # [B, Hkv, K, M*ngv, t]
+            zeroed = p.view(batch, heads, 1, rows, 1, t) * zeros.float().unsqueeze(3)  # [B, Hkv, K, M, ngv, t]
+            zeroed = zeroed.reshape(batch, heads, keep, rows * quant_groups, t)  # [B, Hkv, K, M*ngv, t]
             hit = (group_idx[..., start:end].unsqueeze(3) == slot_groups).float()  # [B, Hkv, K, span, t]
-            weights = scaled.unsqueeze(5) * hit.view(batch, heads, keep, 1, 1, span, end - start)
+            weights = scaled.unsqueeze(5) * hit.view(batch, heads, keep, 1, 1, span, t)
             zero_acc += zeroed @ hit.transpose(-1, -2)  # [B, Hkv, K, M*ngv, span]
-        weights = weights.reshape(batch, heads, keep, -1, end - start)  # [B, Hkv, K, M*ngv*span, t]
-        acc += weights @ unpack_codes(block.payload, values.bits, torch.float32, buffer)  # [B, Hkv, K, M*ngv*span, C]
+        codes = unpack_codes(values.payload[..., start:end, :], values.bits, torch.float32, buffer)  # [B, Hkv, K, t, C]
+        flat_acc.baddbmm_(weights.reshape(batch * heads * keep, -1, t), codes.view(batch * heads * keep, t, width))
+    if span == 1:
+        zero_term = zero_acc.view(batch, heads, keep, quant_groups, rows).transpose(-1, -2)  # [B, Hkv, K, M, ngv]
+    else:
+        zero_term = zero_acc.view(batch, heads, keep, rows, quant_groups, span)
     out = acc.view(batch, heads, keep, rows, quant_groups, span, width)
-    out = out + zero_acc.view(batch, heads, keep, rows, quant_groups, span, 1)
+    out = out + zero_term.reshape(batch, heads, keep, rows, quant_groups, span, 1)
     if quant_groups > 1:  # keep, for each channel, the row of its quantization group
         channel = torch.arange(width, device=device)
         own = (channel // size).view(1, width) == torch.arange(quant_groups, device=device).view(quant_groups, 1)
