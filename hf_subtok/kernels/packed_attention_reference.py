@@ -122,9 +122,13 @@ def _quantized_value_matmul(
     flat_acc = acc.view(batch * heads * keep, rows * quant_groups * span, width)  # blocks add in place
     if span == 1:  # the zero term per (slot, quantization group) is one [K*ngv, t] x [t, M] matmul per head
         zero_acc = torch.zeros(batch * heads, keep * quant_groups, rows, device=device)  # [B*Hkv, K*ngv, M]
-    else:
-        zero_acc = torch.zeros(batch, heads, keep, rows * quant_groups, span, device=device)  # [B, Hkv, K, M*ngv, span]
-    slot_groups = _slot_groups(keep, span, group_idx)  # [K, span, 1]
+    else:  # per block: a one-hot of each slot's group, the scaled and the zero weights spread over it
+        zero_acc = torch.zeros(batch * heads * keep, rows * quant_groups, span, device=device)  # [B*Hkv*K, M*ngv, span]
+        slot_groups = _slot_groups(keep, span, group_idx)  # [K, span, 1]
+        all_groups = group_idx.unsqueeze(3)  # [B, Hkv, K, 1, T]
+        block = max(1, min(tokens, BLOCK_TOKENS))
+        hit_buffer = torch.empty(batch * heads * keep * span * block, device=device)
+        weight_buffer = torch.empty(batch * heads * keep * rows * quant_groups * span * block, device=device)
     buffer = _block_buffer(values.payload, values.bits, torch.float32)
     for start in range(0, tokens, BLOCK_TOKENS):
         end = min(start + BLOCK_TOKENS, tokens)
@@ -139,10 +143,12 @@ def _quantized_value_matmul(
             zero_acc.baddbmm_(zeros.view(batch * heads, keep * quant_groups, t), p.transpose(-1, -2).reshape(batch * heads, t, rows))
         else:
             zeroed = p.view(batch, heads, 1, rows, 1, t) * zeros.float().unsqueeze(3)  # [B, Hkv, K, M, ngv, t]
-            zeroed = zeroed.reshape(batch, heads, keep, rows * quant_groups, t)  # [B, Hkv, K, M*ngv, t]
-            hit = (group_idx[..., start:end].unsqueeze(3) == slot_groups).float()  # [B, Hkv, K, span, t]
-            weights = scaled.unsqueeze(5) * hit.view(batch, heads, keep, 1, 1, span, t)
-            zero_acc += zeroed @ hit.transpose(-1, -2)  # [B, Hkv, K, M*ngv, span]
+            hit = hit_buffer[: batch * heads * keep * span * t].view(batch, heads, keep, span, t)
+            torch.eq(all_groups[..., start:end], slot_groups, out=hit)
+            zero_acc.baddbmm_(zeroed.reshape(batch * heads * keep, rows * quant_groups, t), hit.view(-1, span, t).transpose(1, 2))
+            weights = weight_buffer[: batch * heads * keep * rows * quant_groups * span * t]
+            weights = weights.view(batch, heads, keep, rows, quant_groups, span, t)
+            torch.mul(scaled.unsqueeze(5), hit.view(batch, heads, keep, 1, 1, span, t), out=weights)
         codes = unpack_codes(values.payload[..., start:end, :], values.bits, torch.float32, buffer)  # [B, Hkv, K, t, C]
         flat_acc.baddbmm_(weights.reshape(batch * heads * keep, -1, t), codes.view(batch * heads * keep, t, width))
     if span == 1:
