@@ -15,7 +15,7 @@ from hf_subtok.kernels import (
     packed_attention,
     packed_attention_lse,
 )
-from hf_subtok.kernels.merge import packed_attention_lse_reference
+from hf_subtok.kernels.merge import merge_splits, packed_attention_lse_reference
 from hf_subtok.kernels.pack_reference import unpack_value_groups
 from hf_subtok.kernels.packed_attention_reference import packed_attention as reference_attention
 from hf_subtok.packed import PackedKV
@@ -113,18 +113,56 @@ def test_fully_masked_row_is_uniform_like_the_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("split_tokens", [64, 128], ids=lambda n: f"split{n}")
-def test_token_splits_merge_exactly(split_tokens, dtype):
-    """Flash-decoding splits (used on GPUs with few (batch, head) pairs) give the same result."""
+@pytest.mark.parametrize("split_tokens", [48, 64, 128], ids=lambda n: f"split{n}")
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")  # 64- and 32-token blocks
+def test_token_splits_merge_exactly(head_dim, split_tokens, dtype):
+    """Flash-decoding splits (used on GPUs with few (batch, head) pairs) give the same result,
+    whether or not a split ends on a block of tokens."""
     from hf_subtok.kernels.packed_attention_triton import packed_decode_attention_triton
 
-    shape = Shape(stored=200, tail=30, head_dim=64, group=3, keep=3, groups=8)
+    shape = Shape(stored=200, tail=30, head_dim=head_dim, group=3, keep=3, groups=8)
     query, kv, _, _ = make_packed(shape, dtype, seed=4)
     mask = _left_padding_mask(2, 230, "bool", DEVICE)
     out, lse = packed_decode_attention_triton(query, kv, mask, out_dtype=torch.float32, split_tokens=split_tokens)
     want_out, want_lse = packed_attention_lse_reference(query, kv, mask)
     torch.testing.assert_close(out, want_out, **TOLERANCE[dtype])
     torch.testing.assert_close(lse, want_lse, **TOLERANCE[dtype])
+
+
+def test_merged_splits_equal_attention_over_their_union():
+    """`merge_splits` over stacked sets (one of them empty) equals one softmax over every token,
+    and the list form `merge_attention_states` agrees with it."""
+    generator = torch.Generator().manual_seed(12)
+    scores = torch.randn(2, 3, 40, generator=generator)  # [B, Hq, T]
+    values = torch.randn(2, 3, 40, 16, generator=generator)  # [B, Hq, T, D]
+    bounds = [(0, 7), (7, 7), (7, 31), (31, 40)]  # the second set is empty
+    outs, lses = [], []
+    for lo, hi in bounds:
+        part = scores[..., lo:hi]
+        outs.append((part.softmax(-1).unsqueeze(-2) @ values[:, :, lo:hi]).squeeze(-2) if hi > lo else torch.full((2, 3, 16), 7.0))
+        lses.append(part.logsumexp(-1) if hi > lo else torch.full((2, 3), float("-inf")))
+    out, lse = merge_splits(torch.stack(outs, dim=-2), torch.stack(lses, dim=-1))
+    torch.testing.assert_close(out.squeeze(-2), scores.softmax(-1).unsqueeze(-2).matmul(values).squeeze(-2))
+    torch.testing.assert_close(lse.squeeze(-1), scores.logsumexp(-1))
+    listed_out, listed_lse = merge_attention_states([o.half() for o in outs], lses)  # mixed dtypes merge in float32
+    torch.testing.assert_close(listed_out, out.squeeze(-2), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(listed_lse, lse.squeeze(-1))
+    empty_out, empty_lse = merge_splits(torch.zeros(1, 2, 4), torch.full((1, 2), float("-inf")))
+    assert torch.equal(empty_out, torch.zeros(1, 1, 4)) and empty_lse.item() == float("-inf")
+
+
+def test_grids_past_cuda_limits_are_refused_before_launch():
+    """A CUDA grid's second axis holds at most 65535 programs: more token splits, or more
+    (batch, head) pairs to pack, raise a ValueError instead of failing in the launch."""
+    from hf_subtok.kernels.packed_attention_triton import packed_decode_attention_triton
+
+    shape = Shape(stored=0, tail=65540, head_dim=16, group=1, keep=1, groups=1, batch=1, kv_heads=1)
+    query, kv, _, _ = make_packed(shape, torch.float32, seed=13)
+    with pytest.raises(ValueError, match="split_tokens=1 gives 65540 splits"):
+        packed_decode_attention_triton(query, kv, split_tokens=1)
+    values = torch.zeros(1, 65536, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="batch \\* heads must be at most 65535"):
+        pack_value_groups(values, torch.zeros(1, 65536, 1, 2, device=DEVICE), 1, backend="triton")
 
 
 def test_fp16_tensor_core_path():

@@ -6,6 +6,7 @@ them, so `import hf_subtok` never pulls Triton in (and never fixes `TRITON_INTER
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -16,6 +17,7 @@ from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
 
 BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_GRID_Y = 65535  # a CUDA grid's second and third axes (the first takes 2**31 - 1)
 
 
 def triton_available() -> bool:
@@ -41,6 +43,12 @@ def use_triton(backend: str, device: torch.device) -> bool:
             "when TRITON_INTERPRET=1 is set before triton is first imported"
         )
     return True
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` current while a kernel launches: Triton launches on the current CUDA
+    device and its stream, which under `device_map="auto"` need not hold the tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_packed_attention_inputs(

@@ -39,13 +39,28 @@ def merge_attention_states(
                 f"outs[{i}] {tuple(out.shape)} and lses[{i}] {tuple(lse.shape)} must be [..., D] and [...] "
                 f"with [...] = {tuple(lses[0].shape)}"
             )
-    lse = torch.stack([x.float() for x in lses])  # [N, ...]
-    top = lse.amax(dim=0)  # [...]
+    stacked_outs = torch.stack([out.float() for out in outs], dim=-2)  # [..., N, D]
+    out, lse = merge_splits(stacked_outs, torch.stack([lse.float() for lse in lses], dim=-1))  # [..., 1, D], [..., 1]
+    return out.squeeze(-2), lse.squeeze(-1)
+
+
+def merge_splits(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_attention_states` of N sets stacked along one dim: a handful of ops whatever N
+    (the Triton decode kernel's token splits are merged by it, once per layer and step).
+
+    Args:
+        outs: `[..., N, D]`, each set's softmax-normalised output.
+        lses: `[..., N]`, each set's log-sum-exp (`-inf`: empty set).
+
+    Returns:
+        `(out, lse)` in float32, `[..., 1, D]` and `[..., 1]`.
+    """
+    lses = lses.float()
+    top = lses.amax(dim=-1, keepdim=True)  # [..., 1]
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    weights = torch.exp(lse - top)  # [N, ...], 0 for empty sets
-    total = weights.sum(dim=0)  # [...]
-    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs, strict=True))  # [..., D]
-    out = out / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    weights = torch.exp(lses - top)  # [..., N], 0 for empty sets
+    total = weights.sum(dim=-1, keepdim=True)  # [..., 1]
+    out = (weights / torch.where(total > 0, total, torch.ones_like(total))).unsqueeze(-2) @ outs.float()  # [..., 1, D]
     return out, top + torch.log(total)
 
 

@@ -18,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_subtok.kernels._dispatch import MAX_GRID_Y, on_device
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["n_tokens"])
 def _pack_kernel(
     V, S, OUT, IDX,
     stride_vb, stride_vh, stride_vt,
@@ -35,10 +37,10 @@ def _pack_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(1)  # (batch, head) on axis 1 (at most 65535), token blocks on axis 0
     b = (pid // n_heads).to(tl.int64)  # 64-bit offsets: caches past 2**31 elements
-    h = pid % n_heads
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = (pid % n_heads).to(tl.int64)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     t_ok = t < n_tokens
@@ -90,6 +92,8 @@ def pack_value_groups_triton(
     """
     batch, heads, tokens, head_dim = values.shape
     groups = scores.shape[-1]
+    if batch * heads > MAX_GRID_Y:
+        raise ValueError(f"batch * heads must be at most {MAX_GRID_Y} (a CUDA grid's second axis), got {batch * heads}")
     width = head_dim // groups
     packed = torch.empty(batch, heads, keep_groups, tokens, width, dtype=values.dtype, device=values.device)
     group_idx = torch.empty(batch, heads, keep_groups, tokens, dtype=torch.uint8, device=values.device)
@@ -99,21 +103,22 @@ def pack_value_groups_triton(
     block_d = triton.next_power_of_2(head_dim)
     # the [T, D, G] comparison tile bounds the token block
     block_t = max(1, min(32, triton.next_power_of_2(max(1, 8192 // (block_d * block_g)))))
-    grid = (batch * heads, triton.cdiv(tokens, block_t))
-    _pack_kernel[grid](
-        values, scores, packed, group_idx,
-        values.stride(0), values.stride(1), values.stride(2),
-        scores.stride(0), scores.stride(1), scores.stride(2),
-        packed.stride(0), packed.stride(1), packed.stride(2), packed.stride(3),
-        group_idx.stride(0), group_idx.stride(1), group_idx.stride(2),
-        heads, tokens,
-        GROUPS=groups,
-        KEEP=keep_groups,
-        WIDTH=width,
-        HEAD_DIM=head_dim,
-        BLOCK_T=block_t,
-        BLOCK_G=block_g,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
+    grid = (triton.cdiv(tokens, block_t), batch * heads)  # token blocks on axis 0: up to 2**31 - 1 of them
+    with on_device(values.device):
+        _pack_kernel[grid](
+            values, scores, packed, group_idx,
+            values.stride(0), values.stride(1), values.stride(2),
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            packed.stride(0), packed.stride(1), packed.stride(2), packed.stride(3),
+            group_idx.stride(0), group_idx.stride(1), group_idx.stride(2),
+            heads, tokens,
+            GROUPS=groups,
+            KEEP=keep_groups,
+            WIDTH=width,
+            HEAD_DIM=head_dim,
+            BLOCK_T=block_t,
+            BLOCK_G=block_g,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
     return packed, group_idx

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_subtok.kernels._dispatch import MAX_GRID_Y, on_device
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
 from hf_subtok.quant.channel import BLOCK_INDEX_DTYPE
@@ -110,7 +111,9 @@ def _look_up_codes(P, S, CB, p_offset, s_offset, cb_offset, chan, ok, stride_w, 
     return word * _load_scale(S, s_offset, ok)
 
 
-@triton.jit
+# ints that change from step to step: not specialised (value 1, multiples of 16), so generation
+# does not compile a new variant as the tail grows
+@triton.jit(do_not_specialize=["mask_tail_offset", "n_stored", "n_tail", "n_keep", "split_tokens"])
 def _packed_decode_kernel(
     Q, K, V, IDX, TK, TV, MASK, VALID, OUT, LSE, SC,
     KS, KZ, KB, VS, VZ, VC,
@@ -152,7 +155,7 @@ def _packed_decode_kernel(
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // n_kv_heads).to(tl.int64)  # 64-bit offsets: caches past 2**31 elements
-    h = pid % n_kv_heads
+    h = (pid % n_kv_heads).to(tl.int64)
     lo = split * split_tokens  # this program's positions: [lo, hi) of [0, Ts + Tt)
     hi = tl.minimum(lo + split_tokens, n_stored + n_tail)
 
@@ -358,12 +361,17 @@ def packed_decode_attention_triton(
     if low_precision_dot is None:
         low_precision_dot = query.dtype != torch.float32 and not is_interpreted()
 
-    block_t = 64
     block_d = max(16, triton.next_power_of_2(head_dim))
+    # ptxas (sm_90, triton 3.9) keeps the per-channel slot tiles in registers at these sizes:
+    # 64 tokens spilled from D = 128 on, and D = 256 also needs 8 warps
+    block_t = 64 if block_d <= 64 else 32
+    num_warps = 8 if block_d >= 256 else 4
     block_r = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
     if split_tokens is None:
         split_tokens = _default_split_tokens(batch * kv_heads, total, block_t, query.device)
     splits = triton.cdiv(total, split_tokens)
+    if splits > MAX_GRID_Y:
+        raise ValueError(f"split_tokens={split_tokens} gives {splits} splits of {total} tokens; at most {MAX_GRID_Y}")
 
     mask = _allowed_bytes(attention_mask)
     stride_mb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
@@ -384,55 +392,56 @@ def packed_decode_attention_triton(
     codebook = kv.values.codebook if isinstance(kv.values, CodedTensor) else None  # [B, Hkv, K, W, d]
     codebook_strides = (0, 0, 0, 0) if codebook is None else codebook.stride()[:4]
     group_idx = kv.group_idx
-    _packed_decode_kernel[(batch * kv_heads, splits)](
-        query, keys, values, group_idx, kv.tail_keys, kv.tail_values,
-        query if mask is None else mask,  # never read without HAS_MASK
-        query if valid is None else valid,  # never read without HAS_STORED_VALID
-        out, lse, scores,  # scores: never written without WRITE_SCORES
-        key_scale, key_zero,  # never read without KEY_BITS
-        keys if key_block is None else key_block,  # never read without KEY_PER_CHANNEL
-        value_scale, value_zero,  # never read without VALUE_BITS (zero: nor with VALUE_CODED)
-        values if codebook is None else codebook,  # never read without VALUE_CODED
-        scale * _LOG2E,
-        query.stride(0), query.stride(1),
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), values.stride(3),
-        key_scale.stride(0), key_scale.stride(1), key_scale.stride(2),
-        *block_strides,
-        value_scale.stride(0), value_scale.stride(1), value_scale.stride(2), value_scale.stride(3),
-        *codebook_strides,
-        group_idx.stride(0), group_idx.stride(1), group_idx.stride(2),
-        kv.tail_keys.stride(0), kv.tail_keys.stride(1), kv.tail_keys.stride(2),
-        kv.tail_values.stride(0), kv.tail_values.stride(1), kv.tail_values.stride(2),
-        stride_mb, tail_offset,
-        0 if valid is None else valid.stride(0), 0 if valid is None else valid.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        scores.stride(0), scores.stride(1),
-        kv_heads, stored, tail, keep, split_tokens,
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        WIDTH=head_dim // kv.num_groups,
-        HAS_MASK=mask is not None,
-        HAS_STORED_VALID=valid is not None,
-        WRITE_SCORES=return_scores,
-        IMPLIED_GROUPS=kv.implied_groups,
-        LOW_PRECISION_DOT=low_precision_dot,
-        KEY_BITS=key_bits,
-        KEY_GROUP_SIZE=key_group_size,
-        KEY_PER_CHANNEL=key_block is not None,
-        VALUE_BITS=value_bits,
-        VALUE_GROUP_SIZE=value_group_size,
-        VALUE_CODED=codebook is not None,
-        BLOCK_R=block_r,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
+    with on_device(query.device):
+        _packed_decode_kernel[(batch * kv_heads, splits)](
+            query, keys, values, group_idx, kv.tail_keys, kv.tail_values,
+            query if mask is None else mask,  # never read without HAS_MASK
+            query if valid is None else valid,  # never read without HAS_STORED_VALID
+            out, lse, scores,  # scores: never written without WRITE_SCORES
+            key_scale, key_zero,  # never read without KEY_BITS
+            keys if key_block is None else key_block,  # never read without KEY_PER_CHANNEL
+            value_scale, value_zero,  # never read without VALUE_BITS (zero: nor with VALUE_CODED)
+            values if codebook is None else codebook,  # never read without VALUE_CODED
+            scale * _LOG2E,
+            query.stride(0), query.stride(1),
+            keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2), values.stride(3),
+            key_scale.stride(0), key_scale.stride(1), key_scale.stride(2),
+            *block_strides,
+            value_scale.stride(0), value_scale.stride(1), value_scale.stride(2), value_scale.stride(3),
+            *codebook_strides,
+            group_idx.stride(0), group_idx.stride(1), group_idx.stride(2),
+            kv.tail_keys.stride(0), kv.tail_keys.stride(1), kv.tail_keys.stride(2),
+            kv.tail_values.stride(0), kv.tail_values.stride(1), kv.tail_values.stride(2),
+            stride_mb, tail_offset,
+            0 if valid is None else valid.stride(0), 0 if valid is None else valid.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            scores.stride(0), scores.stride(1),
+            kv_heads, stored, tail, keep, split_tokens,
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            WIDTH=head_dim // kv.num_groups,
+            HAS_MASK=mask is not None,
+            HAS_STORED_VALID=valid is not None,
+            WRITE_SCORES=return_scores,
+            IMPLIED_GROUPS=kv.implied_groups,
+            LOW_PRECISION_DOT=low_precision_dot,
+            KEY_BITS=key_bits,
+            KEY_GROUP_SIZE=key_group_size,
+            KEY_PER_CHANNEL=key_block is not None,
+            VALUE_BITS=value_bits,
+            VALUE_GROUP_SIZE=value_group_size,
+            VALUE_CODED=codebook is not None,
+            BLOCK_R=block_r,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
     extra = (scores,) if return_scores else ()
     if splits == 1:
         return (out, lse, *extra)  # [B, Hq, 1, D], [B, Hq, 1], [B, Hq, T]
-    from hf_subtok.kernels.merge import merge_attention_states
+    from hf_subtok.kernels.merge import merge_splits
 
-    merged, merged_lse = merge_attention_states(out.unbind(2), lse.unbind(2))  # [B, Hq, D], [B, Hq]
-    return (merged.unsqueeze(2).to(out_dtype), merged_lse.unsqueeze(2), *extra)
+    merged, merged_lse = merge_splits(out, lse)  # [B, Hq, 1, D], [B, Hq, 1]: a few ops, whatever the splits
+    return (merged.to(out_dtype), merged_lse, *extra)
