@@ -77,6 +77,12 @@ def _pack_kernel(
     tl.store(out_ptrs, v, mask=td_ok & (kept_d > 0))
 
 
+def pack_block_tokens(block_d: int, block_g: int) -> int:
+    """Tokens per program of the packing kernel: its `[T, D, G]` comparison tile is bounded to
+    8192 elements."""
+    return max(1, min(32, triton.next_power_of_2(max(1, 8192 // (block_d * block_g)))))
+
+
 def pack_value_groups_triton(
     values: torch.Tensor, scores: torch.Tensor, keep_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +107,7 @@ def pack_value_groups_triton(
         return packed, group_idx
     block_g = triton.next_power_of_2(groups)
     block_d = triton.next_power_of_2(head_dim)
-    # the [T, D, G] comparison tile bounds the token block
-    block_t = max(1, min(32, triton.next_power_of_2(max(1, 8192 // (block_d * block_g)))))
+    block_t = pack_block_tokens(block_d, block_g)
     grid = (triton.cdiv(tokens, block_t), batch * heads)  # token blocks on axis 0: up to 2**31 - 1 of them
     with on_device(values.device):
         _pack_kernel[grid](

@@ -317,6 +317,14 @@ def _default_split_tokens(batch_heads: int, total: int, block_t: int, device: to
     return triton.cdiv(triton.cdiv(total, splits), block_t) * block_t
 
 
+def decode_launch_config(block_d: int) -> tuple[int, int]:
+    """`(BLOCK_T, num_warps)` of the decode kernel for `BLOCK_D` channels: the sizes at which
+    ptxas (sm_90a, triton 3.9) spills no register in any variant (plain, quantized, per-channel
+    keys, codes, fp32 ieee dots; `benchmarks/triton_registers.py`). 64-token tiles spilled from
+    D = 128 on (13 KB per thread at D = 256), and 32-token tiles with 4 warps still did for fp32."""
+    return (64, 4) if block_d <= 64 else (32, 8)
+
+
 def packed_decode_attention_triton(
     query: torch.Tensor,
     kv: PackedKV,
@@ -362,10 +370,7 @@ def packed_decode_attention_triton(
         low_precision_dot = query.dtype != torch.float32 and not is_interpreted()
 
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # ptxas (sm_90, triton 3.9) keeps the per-channel slot tiles in registers at these sizes:
-    # 64 tokens spilled from D = 128 on, and D = 256 also needs 8 warps
-    block_t = 64 if block_d <= 64 else 32
-    num_warps = 8 if block_d >= 256 else 4
+    block_t, num_warps = decode_launch_config(block_d)
     block_r = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
     if split_tokens is None:
         split_tokens = _default_split_tokens(batch * kv_heads, total, block_t, query.device)
