@@ -246,3 +246,19 @@ def test_bad_channel_keys_rejected_before_launch(case, no_launch):
     args, message = BAD_CHANNEL_KEYS[case]
     with pytest.raises(ValueError, match=message):
         packed_attention(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_long_context_with_two_bit_channel_keys_on_gpu(dtype):
+    """Token splits with 2-bit per-channel keys (evicted: blocks out of order), 2-bit values,
+    tokens selected per head, the tensor-core path and the scores the cache observes."""
+    case = Case(Shape(stored=9000, tail=33, head_dim=128, group=4, keep=3, groups=8, batch=1),
+                key_bits=2, block_size=64, evicted=True, value_bits=2, per_head=True)  # fmt: skip
+    query, kv = make_case(case, dtype, seed=15)
+    out, lse = packed_attention_lse(query, kv)
+    want_out, want_lse = packed_attention_lse_reference(query, kv)
+    torch.testing.assert_close(out.float(), want_out.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(lse, want_lse, **TOLERANCE[dtype])
+    _check(query, kv, dtype)

@@ -239,10 +239,34 @@ def test_prefill_chunk_falls_back_to_reference():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_long_context_on_gpu(dtype):
+def test_long_context_on_gpu(dtype, monkeypatch):
     """Long sequences take the split (flash-decoding) path on a GPU; auto picks Triton."""
+    from hf_subtok.kernels import packed_attention_triton
+
+    launches = []
+    launcher = packed_attention_triton.packed_decode_attention_triton
+
+    def counting_launcher(*args, **kwargs):
+        launches.append(1)
+        return launcher(*args, **kwargs)
+
+    monkeypatch.setattr(packed_attention_triton, "packed_decode_attention_triton", counting_launcher)
     shape = Shape(stored=8192 + 17, tail=64, head_dim=128, group=4, keep=3, groups=8, batch=1, kv_heads=2)
     query, kv, _, _ = make_packed(shape, dtype, seed=9)
     auto = PackedKV(kv.keys, kv.values, kv.group_idx, kv.num_groups, kv.tail_keys, kv.tail_values, "auto")
     got = packed_attention(query, auto)
+    assert launches == [1], "backend auto must run the Triton kernel on CUDA tensors"
     torch.testing.assert_close(got.float(), reference_attention(query, kv).float(), **TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pack_past_65535_token_blocks_on_gpu():
+    """64 groups of head_dim 128 pack one token per program: 70k tokens need more programs than
+    a CUDA grid's second axis holds, so the token blocks run on the first."""
+    generator = torch.Generator().manual_seed(14)
+    values = torch.randn(1, 1, 70_000, 128, generator=generator).to(dtype=torch.bfloat16, device=DEVICE)
+    scores = torch.rand(1, 1, 70_000, 64, generator=generator).to(DEVICE)
+    packed, idx = pack_value_groups(values, scores, 8, backend="triton")
+    want_packed, want_idx = pack_value_groups(values, scores, 8, backend="torch")
+    assert torch.equal(idx, want_idx) and torch.equal(packed, want_packed)
