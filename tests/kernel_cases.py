@@ -122,19 +122,28 @@ def with_wide_tokens(shape: Shape, dtype: torch.dtype, wide: int, bits: int | No
     return query, kv, keys, seen
 
 
-def shared_row(counts: list[int], bits: int | None = None, wide: int = 0, seed: int = 0):
-    """A shared-row `PackedKV` holding `counts[h]` tokens of head h (K = 2 of 4 groups, the
-    first `wide` tokens of the row widened), the query `[1, Hq=2*Hkv, 1, D]`, and each head's
-    `(keys [T_h, D], values [T_h, D] as attention sees them)`."""
+def shared_row(counts: list[int], bits: int | None = None, wide: int = 0, seed: int = 0, device: str = DEVICE):
+    """A shared-row `PackedKV` on `device` holding `counts[h]` tokens of head h (K = 2 of 4
+    groups, the first `wide` tokens of the row widened), the query `[1, Hq=2*Hkv, 1, D]`, and
+    each head's `(keys [T_h, D], values [T_h, D] as attention sees them)`. The random numbers
+    are drawn on the CPU, so every device gets the same inputs."""
     generator = torch.Generator().manual_seed(seed)
     heads, total, dim, groups = len(counts), sum(counts), 32, 4
-    keys = torch.randn(1, 1, total, dim, generator=generator)
-    values = torch.randn(1, 1, total, dim, generator=generator)
-    owner = torch.repeat_interleave(torch.arange(heads), torch.tensor(counts)).view(1, 1, total)
-    scores = torch.rand(1, 1, total, groups, generator=generator)
+
+    def rand(fn, *size):
+        return fn(*size, generator=generator).to(device)
+
+    keys = rand(torch.randn, 1, 1, total, dim)
+    values = rand(torch.randn, 1, 1, total, dim)
+    owner = torch.repeat_interleave(
+        torch.arange(heads, device=device), torch.tensor(counts, device=device)
+    ).view(1, 1, total)
+    scores = rand(torch.rand, 1, 1, total, groups)
     packed, idx = pack_value_groups(values, scores, 2)  # [1, 1, 2, Ts, 8]
     seen = values.view(1, 1, total, groups, 8).clone()
-    kept = torch.zeros(1, 1, total, groups, dtype=torch.bool).scatter_(3, idx.long().permute(0, 1, 3, 2), True)
+    kept = torch.zeros(1, 1, total, groups, dtype=torch.bool, device=device).scatter_(
+        3, idx.long().permute(0, 1, 3, 2), True
+    )
     if wide:
         kept[:, :, :wide] = True
     seen = (seen * kept.unsqueeze(-1)).view(1, 1, total, dim)
@@ -142,7 +151,7 @@ def shared_row(counts: list[int], bits: int | None = None, wide: int = 0, seed: 
     if bits is not None:
         stored_keys, packed = quantize(keys, bits, 16), quantize(packed, bits, 8)
         keys = stored_keys.dequantize(torch.float32)
-        base = torch.zeros(1, 1, total, groups, 8)
+        base = torch.zeros(1, 1, total, groups, 8, device=device)
         base.scatter_(3, idx.long().permute(0, 1, 3, 2).unsqueeze(-1).expand(-1, -1, -1, -1, 8),
                       packed.dequantize(torch.float32).permute(0, 1, 3, 2, 4))
         values_seen = base
@@ -158,11 +167,9 @@ def shared_row(counts: list[int], bits: int | None = None, wide: int = 0, seed: 
             )
     if bits is not None:
         seen = values_seen.view(1, 1, total, dim)
-    valid = owner == torch.arange(heads).view(1, heads, 1)  # [1, Hkv, Ts]
-    kv = PackedKV(
-        stored_keys, packed, idx, groups, torch.zeros(1, heads, 0, dim), torch.zeros(1, heads, 0, dim),
-        "torch", stored_valid=valid, **extra,
-    )
-    query = torch.randn(1, 2 * heads, 1, dim, generator=generator)
+    valid = owner == torch.arange(heads, device=device).view(1, heads, 1)  # [1, Hkv, Ts]
+    empty = torch.zeros(1, heads, 0, dim, device=device)  # [B, Hkv, Tt=0, D]
+    kv = PackedKV(stored_keys, packed, idx, groups, empty, empty.clone(), "torch", stored_valid=valid, **extra)
+    query = rand(torch.randn, 1, 2 * heads, 1, dim)
     per_head = [(keys[0, 0, valid[0, h]], seen[0, 0, valid[0, h]]) for h in range(heads)]
     return query, kv, per_head

@@ -21,7 +21,7 @@ from hf_subtok.attention import subtok_attention
 from hf_subtok.kernels import packed_attention, packed_attention_reference
 from hf_subtok.quant import quantize, quantize_channels
 from hf_subtok.stored import flatten_heads
-from tests.kernel_cases import shared_row
+from tests.kernel_cases import DEVICE, shared_row
 from tests.tiny_models import decode_within_budget, make_tiny_model, random_prompts
 
 triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -74,7 +74,7 @@ def test_shared_rows_need_ownership_and_the_reference():
 @pytest.mark.parametrize("bits", [None, 4], ids=["plain", "4bit"])
 def test_triton_reads_shared_rows_as_the_reference_does(bits, wide):
     query, kv, _ = shared_row([9, 2, 20], bits, wide, seed=3)
-    tail_keys, tail_values = torch.randn(2, 1, 3, 5, 32, generator=torch.Generator().manual_seed(4))
+    tail_keys, tail_values = torch.randn(2, 1, 3, 5, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     kv = dataclasses.replace(kv, tail_keys=tail_keys, tail_values=tail_values)
     want = packed_attention_reference.packed_attention(query, kv)
     torch.testing.assert_close(packed_attention(query, kv, backend="triton"), want, atol=2e-5, rtol=1e-4)

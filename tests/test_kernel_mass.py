@@ -56,7 +56,7 @@ def _cases():
     implied = torch.arange(4, dtype=torch.uint8, device=DEVICE).view(1, 1, 4, 1).expand(2, 2, 4, 50)  # zero-stride
     yield "implied-indices", query, dataclasses.replace(quantize_packed(kv, 2, 4)[0], group_idx=implied), None
     query, kv, _ = shared_row([9, 2, 20], 4, 5, seed=4)
-    tail_keys, tail_values = torch.randn(2, 1, 3, 6, 32, generator=torch.Generator().manual_seed(5))
+    tail_keys, tail_values = torch.randn(2, 1, 3, 6, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     yield "shared-row", query, dataclasses.replace(kv, tail_keys=tail_keys, tail_values=tail_values), None
 
 
@@ -91,8 +91,8 @@ def test_evicting_cache_decodes_through_the_kernel_with_the_same_tokens(monkeypa
     launches = []
     launch = kernels._decode_triton
     monkeypatch.setattr(kernels, "_decode_triton", lambda *a, **k: launches.append(k) or launch(*a, **k))
-    model = make_tiny_model("llama", num_hidden_layers=1)
-    ids = random_prompts(1, 96)
+    model = make_tiny_model("llama", num_hidden_layers=1).to(DEVICE)
+    ids = random_prompts(1, 96).to(DEVICE)
     tokens = {}
     for backend in ("torch", "triton"):
         config = SubTokenConfig(budget=0.4, num_groups=4, window=8, pack_chunk=4, bits=4, backend=backend)

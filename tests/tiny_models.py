@@ -71,11 +71,15 @@ def decode_within_budget(model, config, prompt_tokens: int, steps: int = 40):
 
 def greedy_per_backend(model, config, prompt: torch.Tensor, new_tokens: int) -> dict[str, torch.Tensor]:
     """Greedy `generate()` tokens of `prompt` through a `SubTokenCache(model, config)` with
-    each attention backend (`config` with `backend` replaced): `{"torch": ..., "triton": ...}`."""
+    each attention backend (`config` with `backend` replaced): `{"torch": ..., "triton": ...}`.
+    `model` and `prompt` are moved to `tests.kernel_cases.DEVICE` first (the Triton path needs a
+    CUDA device, or the interpreter on a CPU)."""
     import dataclasses
 
     from hf_subtok import SubTokenCache
+    from tests.kernel_cases import DEVICE
 
+    model, prompt = model.to(DEVICE), prompt.to(DEVICE)
     tokens = {}
     for backend in ("torch", "triton"):
         cache = SubTokenCache(model, dataclasses.replace(config, backend=backend))
