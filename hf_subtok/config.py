@@ -131,6 +131,13 @@ class SubTokenConfig:
         metadata={"help": "target stored/dense byte ratio in (0, 1] (None: from keep_groups)"},
     )
     window: int = field(default=64, metadata={"help": "newest tokens kept dense (>= 0)"})
+    floor_tokens: int = field(
+        default=128,
+        metadata={
+            "help": "contexts of at most this many tokens are kept exactly (no eviction, no quantization, no "
+            "dropped groups); above it each layer may hold max(budget x dense bytes, this many dense tokens' bytes)"
+        },
+    )
     pack_chunk: int | None = field(
         default=None,
         metadata={
@@ -256,6 +263,7 @@ class SubTokenConfig:
         if self.budget is not None:
             self.budget = _check_budget("budget", self.budget)
         _check_int("window", self.window, 0, None)
+        _check_int("floor_tokens", self.floor_tokens, 0, None)
         if self.pack_chunk is None:
             self.pack_chunk = max(1, self.window // 2)
         _check_int("pack_chunk", self.pack_chunk, 1, None)
