@@ -9,11 +9,13 @@ lora/adapter_config.json     a standard PEFT LoRA adapter (when trained with one
 lora/adapter_model.safetensors   PeftModel.from_pretrained(model, repo, subfolder="lora")
 README.md                    model card with YAML metadata and the measured metrics
 ```
+
+`save_pretrained` writes these files (each atomically) and leaves every other file in the folder
+alone, as `PreTrainedModel.save_pretrained` does.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -24,7 +26,14 @@ from huggingface_hub import ModelCard, ModelHubMixin, constants, snapshot_downlo
 
 from hf_subtok.routers.card import TAGS, render_card
 from hf_subtok.routers.config import RouterConfig
-from hf_subtok.routers.files import atomic_directory, load_tensors, read_json, refuse_pickles
+from hf_subtok.routers.files import (
+    json_writer,
+    load_tensors,
+    read_json,
+    refuse_pickles,
+    safetensors_writer,
+    write_files,
+)
 from hf_subtok.routers.modules import RouterModules
 from hf_subtok.routers.scorers import LearnedGroupScorer, LearnedTokenScorer
 
@@ -65,15 +74,16 @@ class LoraWeights:
         refuse_pickles(folder)
         return cls(read_json(folder / LORA_CONFIG), load_tensors(folder / LORA_WEIGHTS))
 
-    def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
+    def writers(self, prefix: str = "") -> dict:
+        """`write_files` writers of the adapter's two files, named `prefix + file name`."""
+        return {
+            prefix + LORA_CONFIG: json_writer(self.config, sort_keys=True),
+            prefix + LORA_WEIGHTS: safetensors_writer(self.tensors),
+        }
 
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / LORA_CONFIG).write_text(
-            json.dumps(self.config, indent=2, sort_keys=True), encoding="utf-8"
-        )
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors.items()}
-        save_file(tensors, str(folder / LORA_WEIGHTS), metadata={"format": "pt"})
+    def save(self, folder: Path) -> None:
+        """Write the adapter's files into `folder` (other files there stay)."""
+        write_files(folder, self.writers())
 
 
 class RouterAdapter(
@@ -185,13 +195,20 @@ class RouterAdapter(
         model_card_kwargs=None,
         **push_to_hub_kwargs,
     ):
-        """Write the router folder atomically: it is the old folder or the new one, never half-written."""
+        """Write the router's files into `save_directory` (created when missing).
+
+        Writes `config.json`, `router.safetensors`, `README.md` (the model card, regenerated:
+        it quotes this config's metrics) and, with a LoRA, `lora/adapter_config.json` and
+        `lora/adapter_model.safetensors`; each file is replaced atomically and only after all
+        were written, so an error leaves the previous checkpoint as it was. Other files in the
+        folder stay; a LoRA adapter from an earlier save is removed when this router has none.
+        `config` is not used (the `RouterConfig` is the config).
+        """
         card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
-        with atomic_directory(Path(save_directory)) as tmp:
-            super().save_pretrained(tmp, model_card_kwargs=card_kwargs)
+        self._save_pretrained(Path(save_directory), card_kwargs)
         if push_to_hub:
             return self.push_to_hub(
-                repo_id=repo_id or Path(save_directory).name, **push_to_hub_kwargs
+                repo_id=repo_id or Path(save_directory).absolute().name, **push_to_hub_kwargs
             )
         return None
 
@@ -200,19 +217,13 @@ class RouterAdapter(
         card_kwargs = {**(kwargs.pop("model_card_kwargs", None) or {}), "repo_id": repo_id}
         return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
 
-    def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_directory = Path(save_directory)
-        (save_directory / CONFIG_FILE).write_text(
-            json.dumps(self.config.to_dict(), indent=2), encoding="utf-8"
-        )
-        state = {
-            name: t.detach().contiguous().cpu() for name, t in self.modules.state_dict().items()
-        }
-        save_file(state, str(save_directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        if self.lora is not None:
-            self.lora.save(save_directory / LORA_DIR)
+    def _save_pretrained(self, save_directory: Path, model_card_kwargs: dict | None = None) -> None:
+        lora_files = [f"{LORA_DIR}/{LORA_CONFIG}", f"{LORA_DIR}/{LORA_WEIGHTS}"]
+        writers = {} if self.lora is None else self.lora.writers(f"{LORA_DIR}/")
+        writers[WEIGHTS_FILE] = safetensors_writer(self.modules.state_dict())
+        writers["README.md"] = self.generate_model_card(**(model_card_kwargs or {})).save
+        writers[CONFIG_FILE] = json_writer(self.config.to_dict())  # last: loaders read it first
+        write_files(save_directory, writers, remove=lora_files if self.lora is None else ())
 
     def generate_model_card(self, repo_id: str | None = None, **kwargs) -> ModelCard:
         """README.md: YAML metadata, usage code and the measured metrics (`hf_subtok/model_cards/`)."""
@@ -220,23 +231,31 @@ class RouterAdapter(
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path, *, revision: str | None = None, **kwargs
+        cls,
+        pretrained_model_name_or_path,
+        *,
+        revision: str | None = None,
+        cache_dir=None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token=None,
+        **kwargs,
     ) -> RouterAdapter:
-        """Load from a folder or a Hub repo id (`revision`: branch, tag or commit).
+        """Load from a folder or a Hub repo id (`revision`: branch, tag or commit of a repo).
 
         Raises `ValueError` for a missing or malformed config, corrupt or truncated weights,
-        pickle files, or a repo/revision that cannot be found (offline: not in the cache).
+        pickle files, a `revision` given with a local folder (a folder has no revisions), or a
+        repo/revision that cannot be found (offline: not in the cache).
         """
-        name = str(pretrained_model_name_or_path)
-        try:
-            return super().from_pretrained(name, revision=revision, **kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config.json of router {name!r} is not valid JSON: {e}") from None
-        except OSError as e:  # huggingface_hub's not-found errors (offline cache misses included)
-            where = f"{name!r}" + (f" at revision {revision!r}" if revision else "")
-            raise ValueError(
-                f"router {where} could not be found: {type(e).__name__}: {e}"
-            ) from None
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            **kwargs,
+        )
 
     @classmethod
     def _from_pretrained(
@@ -250,21 +269,34 @@ class RouterAdapter(
         token,
         **model_kwargs,
     ) -> RouterAdapter:
+        # ModelHubMixin.from_pretrained is not used: it reads config.json itself (an AttributeError
+        # for a file that is no JSON object) and loads a local folder whatever the revision.
         if model_kwargs:
             raise ValueError(
                 f"unexpected arguments for RouterAdapter.from_pretrained: {sorted(model_kwargs)}"
             )
         if os.path.isdir(model_id):
+            if revision is not None:
+                raise ValueError(
+                    f"revision={revision!r} was given, but {model_id!r} is a local folder, which has "
+                    "no revisions; check out that revision into the folder, or pass a Hub repo id"
+                )
             return cls.from_folder(Path(model_id))
-        folder = snapshot_download(
-            repo_id=model_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            # offline, some huggingface_hub releases still list the repo for a commit revision
-            local_files_only=local_files_only or constants.HF_HUB_OFFLINE,
-            token=token,
-        )
+        try:
+            folder = snapshot_download(
+                repo_id=model_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                # offline, some huggingface_hub releases still list the repo for a commit revision
+                local_files_only=local_files_only or constants.HF_HUB_OFFLINE,
+                token=token,
+            )
+        except OSError as e:  # huggingface_hub's not-found errors (offline cache misses included)
+            where = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
+            raise ValueError(
+                f"router {where} could not be found: {type(e).__name__}: {e}"
+            ) from None
         return cls.from_folder(Path(folder))
 
     @classmethod
@@ -278,7 +310,18 @@ class RouterAdapter(
         modules = RouterModules.from_config(config)
         expected = {name: t.shape for name, t in modules.state_dict().items()}
         modules.load_state_dict(load_tensors(folder / WEIGHTS_FILE, expected))
+        lora_weights = folder / LORA_DIR / LORA_WEIGHTS
+        if not config.lora_r and lora_weights.exists():
+            raise ValueError(
+                f"{folder / CONFIG_FILE} says lora_r=0 (no LoRA), but the folder holds "
+                f"{LORA_DIR}/{LORA_WEIGHTS}; set lora_r to the adapter's rank or remove {LORA_DIR}/"
+            )
         lora = LoraWeights.load(folder / LORA_DIR) if config.lora_r else None
+        if lora is not None and lora.config.get("r") != config.lora_r:
+            raise ValueError(
+                f"{folder / CONFIG_FILE} says lora_r={config.lora_r}, but "
+                f"{LORA_DIR}/{LORA_CONFIG} has r={lora.config.get('r')!r}"
+            )
         return cls(config, modules, lora)
 
     def _layer(self, layer_idx: int) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 FORMAT_VERSION = 1
 # Relative tolerance on the base model's weight norms: loose enough for bf16/fp16 copies of the
 # same weights and for a merged LoRA, tight enough to tell two checkpoints apart.
 FINGERPRINT_RTOL = 2e-2
+# Fields a saved config.json may lack (they describe the run; nothing is built from them).
+OPTIONAL_IN_FILE = ("metrics", "training")
 
 
 @dataclass
@@ -16,7 +18,9 @@ class RouterConfig:
     """Identity of the base model, the budget the router was trained at, and its shape.
 
     Saved as `config.json` beside the router weights; `from_dict` refuses a file with a
-    missing or unknown field.
+    missing or unknown field. Every field is required in the file (the defaults are for code
+    building a config) except the descriptive `metrics` and `training`: a file without
+    `lora_r`, say, would otherwise load without its LoRA.
     """
 
     base_model: str = field(
@@ -108,13 +112,17 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> RouterConfig:
-        """Build from a parsed `config.json`; `ValueError` names a missing or unknown field."""
+        """Build from a parsed `config.json`; `ValueError` names a missing or unknown field.
+
+        Every field but `OPTIONAL_IN_FILE` must be present (see the class docstring).
+        """
         if not isinstance(data, dict):
-            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
+            raise ValueError(
+                f"{source} must hold a JSON object with the router's fields, got a JSON "
+                f"{_JSON_TYPES.get(type(data), type(data).__name__)}"
+            )
         known = {f.name for f in fields(cls)}
-        required = [
-            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
-        ]
+        required = [f.name for f in fields(cls) if f.name not in OPTIONAL_IN_FILE]
         missing = [name for name in required if name not in data]
         if missing:
             raise ValueError(
@@ -187,6 +195,16 @@ def model_identity(model) -> dict:
         "head_dim": getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
         "base_fingerprint": [round(x, 6) for x in norms],
     }
+
+
+_JSON_TYPES = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 
 
 def _check_int(name: str, value, low: int) -> None:

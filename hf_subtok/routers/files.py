@@ -1,4 +1,10 @@
-"""Safe files for router checkpoints: safetensors only, checked on load, written atomically."""
+"""Safe files for Hub artifacts (routers, bases): safetensors only, checked on load, written atomically.
+
+`write_files(folder, {name: writer})` saves one checkpoint's files into a folder the way
+`PreTrainedModel.save_pretrained` does (other files in the folder stay), but each file atomically
+and with nothing left behind by a failed or killed save; `json_writer` and `safetensors_writer`
+make the writers.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,135 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Staging folders of `write_files` inside the target folder; one left by a killed save is
+# removed by the next save into that folder.
+STAGING_PREFIX = ".hf-subtok-staging-"
+
+Writer = Callable[[Path], None]
+"""Writes one file at the path it is given (a path in a staging folder, never the final one)."""
+
+
+def write_files(
+    folder: str | os.PathLike, writers: Mapping[str, Writer], *, remove: Iterable[str] = ()
+) -> None:
+    """Write one checkpoint's files into `folder`, each atomically; every other file stays.
+
+    Args:
+        folder: the target folder (created when missing; `"."` works).
+        writers: relative POSIX path (`"config.json"`, `"lora/adapter_model.safetensors"`) ->
+            function writing that file at the path it is given. All of them write into one
+            staging folder inside `folder` (same filesystem); only when every writer has
+            returned is each file moved into place with `os.replace`, in the order of `writers`
+            (put the file a loader reads first, e.g. `config.json`, last).
+        remove: relative paths of files an earlier save wrote and this one does not (e.g. a
+            LoRA adapter the new checkpoint lacks); deleted after the moves, and their folders
+            with them when left empty.
+
+    A writer that raises leaves `folder` as it was (a folder this call created is removed
+    again). The staging folder is removed on success and on error; one left by a killed process
+    (`.hf-subtok-staging-*`) is removed by the next `write_files` into the same folder, so two
+    processes must not save into one folder at the same time.
+
+    Raises:
+        ValueError: a path in `writers` or `remove` is absolute, leaves `folder`, or is a
+            staging name.
+    """
+    folder = Path(folder)
+    names = [_relative(name) for name in writers]
+    stale = [_relative(name) for name in remove]
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(STAGING_PREFIX + "*"):
+        _remove(leftover)
+    moved = False
+    try:
+        with tempfile.TemporaryDirectory(
+            prefix=STAGING_PREFIX, dir=folder, ignore_cleanup_errors=True
+        ) as staging:
+            staging = Path(staging)
+            for name, writer in zip(names, writers.values(), strict=True):
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                writer(staging / name)
+                if not (staging / name).is_file():
+                    raise ValueError(f"the writer of {name} wrote no file")
+            moved = True
+            for name in names:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / name, folder / name)
+    finally:
+        if not moved:
+            for path in created:  # deepest first; a folder someone else filled stays
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+    for name in stale:
+        target = folder / name
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+        parent = target.parent
+        while parent != folder and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+def json_writer(data, **dumps_kwargs) -> Writer:
+    """A `write_files` writer of `data` as UTF-8 JSON (`indent=2` unless given)."""
+    text = json.dumps(data, **{"indent": 2, **dumps_kwargs})
+
+    def write(path: Path) -> None:
+        path.write_text(text, encoding="utf-8")
+
+    return write
+
+
+def text_writer(text: str) -> Writer:
+    """A `write_files` writer of `text` (UTF-8)."""
+
+    def write(path: Path) -> None:
+        path.write_text(text, encoding="utf-8")
+
+    return write
+
+
+def safetensors_writer(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Writer:
+    """A `write_files` writer of `tensors` as a safetensors file (copied to the CPU, contiguous)."""
+    from safetensors.torch import save_file
+
+    def write(path: Path) -> None:
+        cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+        save_file(cpu, str(path), metadata={"format": "pt", **(metadata or {})})
+
+    return write
+
+
+def _relative(name: str) -> str:
+    path = PurePosixPath(name)
+    if (
+        not path.parts
+        or path.is_absolute()
+        or ".." in path.parts
+        or "\\" in name
+        or path.parts[0].startswith(STAGING_PREFIX)
+    ):
+        raise ValueError(f"file names must be relative paths inside the folder, got {name!r}")
+    return str(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def refuse_pickles(folder: Path) -> None:
@@ -78,10 +205,18 @@ def load_tensors(
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final`, on error it is removed.
 
-    `final` is never half-written: it is either absent, the previous folder, or the new one.
+    `final` is never half-written: it is either absent, the previous folder, or the new one. The
+    whole folder is replaced, so use it for folders the caller owns (training checkpoints);
+    `write_files` saves into a user's folder. Temporary folders a killed save left beside
+    `final` are removed first.
     """
-    final = Path(final)
+    final = Path(final).absolute()
+    if final.name in ("", ".", ".."):
+        raise ValueError(f"atomic_directory needs a named folder, got {final}")
     final.parent.mkdir(parents=True, exist_ok=True)
+    for prefix in (f".{final.name}.tmp-", f".{final.name}.old-"):  # left by a killed save
+        for leftover in final.parent.glob(prefix + "*"):
+            _remove(leftover)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
