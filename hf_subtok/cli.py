@@ -49,12 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--file", help="read the prompt from this file")
-    gen.add_argument("--budget", type=float, default=None, help="target stored/dense byte ratio in (0, 1]")
-    gen.add_argument("--num-groups", type=int, default=None, help="value groups per head (default 8)")
-    gen.add_argument("--keep-groups", type=int, default=None, help="groups stored per token")
-    gen.add_argument("--window", type=int, default=None, help="newest tokens kept dense (default 64)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    add_config_options(gen)
 
     bench = sub.add_parser("bench", help="quality, memory and speed against dense and kvpress")
     bench.add_argument("--suite", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
@@ -86,6 +83,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_router(sub)
     return parser
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """`--preset` and one option per `SubTokenConfig` field (`--bits`, `--token-scorer`, ...).
+
+    The options come from the dataclass (names, types, help), so a field added to the config is
+    an option without touching this file. An option the user does not give is absent from the
+    parsed arguments (`config_from_args` then keeps the preset's value or the default).
+    """
+    import dataclasses
+
+    from hf_subtok.bench.overrides import field_types
+    from hf_subtok.config import SubTokenConfig
+    from hf_subtok.presets import PRESETS
+
+    group = parser.add_argument_group(
+        "cache configuration", "SubTokenConfig fields; the ones given override the preset's"
+    )
+    group.add_argument(
+        "--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+        help="start from this named configuration (hf_subtok.presets)",
+    )
+    types = field_types(SubTokenConfig)
+    for f in dataclasses.fields(SubTokenConfig):
+        if not f.init:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        if types[f.name] is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=_field_parser(f.name, types[f.name]),
+                               default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def _field_parser(name: str, tp):
+    """An argparse `type` converting the text to the field's type (`none` for optional fields)."""
+    from hf_subtok.bench.overrides import convert
+
+    def parse(text: str):
+        try:
+            return convert(name, text, tp, what="")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+    return parse
+
+
+def config_from_args(args):
+    """The `SubTokenConfig` of `--preset` and the given field options (they win over the preset)."""
+    import dataclasses
+
+    from hf_subtok.config import SubTokenConfig
+    from hf_subtok.presets import PRESETS
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SubTokenConfig) if hasattr(args, f.name)}
+    preset = getattr(args, "preset", None)
+    return SubTokenConfig(**{**(PRESETS[preset] if preset else {}), **given})
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -156,18 +212,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from hf_subtok import SubTokenConfig
-
-    fields = {
-        k: v
-        for k, v in {
-            "budget": args.budget, "num_groups": args.num_groups, "keep_groups": args.keep_groups, "window": args.window,
-        }.items()
-        if v is not None
-    }
     if args.max_new_tokens < 1:
         raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    config = SubTokenConfig(**fields)  # validates before the model is loaded
+    config = config_from_args(args)  # validates before the model is loaded
     if args.file:
         try:
             with open(args.file, encoding="utf-8") as f:
@@ -235,8 +282,11 @@ def cmd_bench(args, argv: list[str]) -> int:
 
 
 def cmd_train_router(args) -> int:
-    from hf_subtok.training.command import run
+    from hf_subtok.training.command import config_from_args, missing_dependency, run
 
+    problem = missing_dependency(config_from_args(args))  # before any model is loaded
+    if problem:
+        raise CliError(f"hf-subtok train-router: error: {problem}")
     print(run(args))
     return 0
 

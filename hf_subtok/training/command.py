@@ -140,6 +140,25 @@ def config_from_args(args) -> TrainConfig:
     )
 
 
+TRAIN_EXTRA = "pip install 'hf-subtok[train]'"
+
+
+def missing_dependency(config: TrainConfig) -> str | None:
+    """Why `config` cannot be trained in this environment (peft missing for a LoRA), or None."""
+    if not config.lora_r:
+        return None
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:
+        missing = isinstance(e, ModuleNotFoundError) and e.name == "peft"
+        reason = "it is not installed" if missing else f"importing it failed ({e})"
+        return (
+            f"training a router with a LoRA (--lora-r {config.lora_r}) needs peft, but {reason}: "
+            f"{TRAIN_EXTRA} (or pass --lora-r 0 to train the router alone)"
+        )
+    return None
+
+
 def run(args) -> str:
     """Train, evaluate, save; return the held-out table and where the router went (for stdout)."""
     summary = train_router(config_from_args(args), resume=args.resume)
