@@ -30,7 +30,8 @@ def test_generate_with_the_loaded_router(router_dir, smollm_tokenizer):
     router = RouterAdapter.from_pretrained(router_dir)
     model = router.apply_lora(tiny_model(smollm_tokenizer))
     calls = _count_calls(router.modules.groups[1])
-    cache = SubTokenCache(model, router.subtok_config(window=8), router=router)
+    # floor_tokens=0: the short prompt is compressed (by default it would be kept exactly)
+    cache = SubTokenCache(model, router.subtok_config(window=8, floor_tokens=0), router=router)
     prompt = random_prompts(1, 60)
     out = model.generate(prompt, past_key_values=cache, max_new_tokens=12, do_sample=False)
     assert out.shape == (1, 72) and calls[0] > 0
@@ -43,7 +44,8 @@ def test_evicting_cache_uses_the_learned_selector(router_dir, smollm_tokenizer):
     router = RouterAdapter.from_pretrained(router_dir)
     model = router.apply_lora(tiny_model(smollm_tokenizer))
     calls = _count_calls(router.modules.selectors[0])
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=4, budget=0.4, window=8), router=router)
+    config = SubTokenConfig(num_groups=4, budget=0.4, window=8, floor_tokens=0)
+    cache = SubTokenCache(model, config, router=router)
     model.generate(random_prompts(1, 80), past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert calls[0] == 1  # the prompt's tokens ranked once, at the end of the prefill
     assert cache.memory_report()["ratio"] <= 0.4 + 1e-6
