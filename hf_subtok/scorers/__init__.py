@@ -24,6 +24,7 @@ from hf_subtok.scorers.token_base import (
     get_token_scorer,
     register_token_scorer,
 )
+from hf_subtok.scorers.tova import TOVAScorer
 from hf_subtok.scorers.value_norm import ValueNormScorer
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "SnapKVScorer",
     "StreamingScorer",
     "TokenScorer",
+    "TOVAScorer",
     "available_token_scorers",
     "get_token_scorer",
     "register_token_scorer",
