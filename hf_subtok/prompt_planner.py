@@ -45,6 +45,17 @@ class PromptPlanner:
         self.floor = floor
         self._waiting: list[SubTokenLayer] = []
         self.last_split: list[float] | None = None  # row budgets of the last split, for reports
+        self._rows: dict[int, PromptPlanner] = {0: self}
+
+    def for_row(self, row: int) -> PromptPlanner:
+        """The planner of batch row `row` (row 0: this one). Each row of a batch is planned on
+        its own prompt, as if it ran alone; every layer asks the same object, so a row's
+        planner collects that row's layers."""
+        if row not in self._rows:
+            planner = PromptPlanner(self.expected, self.floor)
+            planner._rows = self._rows
+            self._rows[row] = planner
+        return self._rows[row]
 
     def submit(self, layer: SubTokenLayer) -> None:
         self._waiting.append(layer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 
@@ -17,6 +18,7 @@ from hf_subtok.allocation import (
     quantization_fidelity,
     select_tokens,
 )
+from hf_subtok.batch_view import BatchRowsKV
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.packed import PackedKV, PrefillKV
@@ -74,7 +76,6 @@ class SubTokenLayer(CacheLayerMixin):
     """
 
     is_sliding = False
-    is_croppable = True
     is_compileable = False
 
     def __init__(
@@ -96,6 +97,9 @@ class SubTokenLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self) -> None:
+        # a batch of several prompts: each row stored by a layer of its own (`_split_rows`)
+        self.rows: list[SubTokenLayer] | None = None
+        self._rows_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
         self.packed_keys: Stored | None = None  # a `QuantizedTensor` with `config.bits`
         self.packed_values: Stored | None = None
         self.group_idx: torch.Tensor | None = None
@@ -109,7 +113,6 @@ class SubTokenLayer(CacheLayerMixin):
         self.wide_fraction = 0.0  # share of the packed tokens the plan widens
         # per-head budgets: packed tokens of all heads share one row, each naming its head
         self.stored_heads: torch.Tensor | None = None  # [B, 1, Ts] uint8
-        self._stored_valid: torch.Tensor | None = None  # isfinite(token_scores), until a pack
         self.window_scores: torch.Tensor | None = None
         self.keep_groups = self.fixed_keep_groups
         self.budget = self.config.budget  # this layer's share of the dense bytes (plans move it)
@@ -129,6 +132,60 @@ class SubTokenLayer(CacheLayerMixin):
         'adaptive'`): packed tensors are then `[B, 1, Ts, ...]` and heads keep different counts."""
         return self.config.head_budgets == "adaptive" and self.token_scorer is not None
 
+    def _start_rows(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """The prompt of a batch: exact attention over the `[B, Hkv, T, D]` padded prompt, then
+        `_split_rows` stores each row's own tokens in a layer of its own."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim, self.num_heads = key_states.shape[-1], key_states.shape[1]
+        self.storage = self.config.storage_format(self.head_dim, key_states.element_size())
+        self.batch_size = key_states.shape[0]
+        self.seen_tokens = key_states.shape[-2]
+        self._rows_prompt = (key_states, value_states)
+        self.is_initialized = True
+        view = PrefillKV(key_states, value_states, self._split_rows, self.config.obs_window)
+        return view, view
+
+    def _split_rows(self, observation: Observation | None) -> None:
+        """Give each batch row its real tokens (the `key_valid` ones: left padding dropped) and
+        the queries over them, so it is budgeted, scored and packed as if it ran alone."""
+        keys, values = self._rows_prompt
+        self._rows_prompt = None
+        rows = []
+        for r in range(keys.shape[0]):
+            row_keys, row_values = keys[r : r + 1], values[r : r + 1]  # [1, Hkv, T, D]
+            if observation is not None and observation.key_valid is not None:
+                real = observation.key_valid[r]  # [T]
+                row_keys, row_values = row_keys[:, :, real], row_values[:, :, real]
+            row = SubTokenLayer(
+                self.config, self.fixed_keep_groups, self.scorer, self.token_scorer,
+                None if self.planner is None else self.planner.for_row(r), self.rope,
+            )
+            view, _ = row.update(row_keys, row_values)
+            if isinstance(view, PrefillKV):
+                row_observation = None
+                if observation is not None:
+                    last = min(observation.queries.shape[2], row_keys.shape[-2])
+                    queries = observation.queries[r : r + 1, :, observation.queries.shape[2] - last :]
+                    row_observation = dataclasses.replace(observation, queries=queries, key_valid=None)
+                view.observer(row_observation)
+            rows.append(row)
+        self.rows = rows
+
+    def _update_rows(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Each row's layer stores its `[1, Hkv, T, D]` row; attention reads the rows' views."""
+        if self._rows_prompt is not None:  # the prompt's attention never reported back
+            self._split_rows(None)
+        self.seen_tokens += key_states.shape[-2]
+        views = [row.update(key_states[r : r + 1], value_states[r : r + 1]) for r, row in enumerate(self.rows)]
+        view = BatchRowsKV(tuple(k for k, _ in views), tuple(v for _, v in views))
+        return view, view
+
+    def leaf_layers(self) -> list[SubTokenLayer]:
+        """The layers holding tensors: this one, or one per batch row."""
+        if self.rows is None:
+            return [self] if self.is_initialized and self._rows_prompt is None else []
+        return self.rows
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -138,7 +195,7 @@ class SubTokenLayer(CacheLayerMixin):
         )
         if self.keep_groups is None:
             self.keep_groups = self.config.num_groups  # until the prefill plan picks K
-        self.packed_keys = self._store_keys(key_states[..., :0, :])
+        self.packed_keys = self._store_keys(key_states.new_empty(batch, heads, 0, head_dim))
         self._reset_packed_values(value_states)
         self.window_keys = key_states.new_empty(batch, heads, 0, head_dim)
         self.window_values = value_states.new_empty(batch, heads, 0, head_dim)
@@ -156,7 +213,14 @@ class SubTokenLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store `[B, Hkv, T, D]` new keys/values; return what attention needs for this call."""
+        """Store `[B, Hkv, T, D]` new keys/values; return what attention needs for this call:
+        dense tensors while the context is at most `floor_tokens` (or for the prompt of a layer
+        that never evicts), a `PrefillKV` when the prompt is scored from its queries, a
+        `PackedKV` once tokens are packed, a `BatchRowsKV` for a batch stored row by row."""
+        if self.rows is not None:
+            return self._update_rows(key_states, value_states)
+        if not self.is_initialized and key_states.shape[0] > 1:
+            return self._start_rows(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._flush()
@@ -165,8 +229,11 @@ class SubTokenLayer(CacheLayerMixin):
         first = self.seen_tokens == 0
         tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
         tail_values = torch.cat([self.window_values, value_states], dim=-2)
-        view = None if first else self._view(tail_keys, tail_values)
         self.seen_tokens += key_states.shape[-2]
+        if self.seen_tokens <= self.config.floor_tokens and self.packed_keys.shape[-2] == 0:
+            self.window_keys, self.window_values = tail_keys, tail_values  # short: kept exactly
+            return tail_keys, tail_values
+        view = None if first else self._view(tail_keys, tail_values)
         self._store_tail(tail_keys, tail_values)
         if first:
             return key_states, value_states
@@ -175,9 +242,17 @@ class SubTokenLayer(CacheLayerMixin):
     def _update_evicting(self, key_states: torch.Tensor, value_states: torch.Tensor):
         new = key_states.shape[-2]
         self.seen_tokens += new
-        if self.seen_tokens == new:  # the prompt: exact attention, then `_finish_prefill`
-            self._pending = (key_states, value_states)
-            view = PrefillKV(key_states, value_states, self._finish_prefill, self.config.obs_window)
+        if self._window_cap is None:  # nothing packed yet: exact attention, then score
+            tail_keys = key_states
+            if self.window_keys.shape[-2]:
+                tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
+                value_states = torch.cat([self.window_values, value_states], dim=-2)
+            self._pending = (tail_keys, value_states)
+            # a context up to `floor_tokens` stays dense; past it the whole context is scored
+            # and packed as a prompt of that length would be
+            short = self.seen_tokens <= self.config.floor_tokens
+            observer = self._hold_dense if short else self._finish_prefill
+            view = PrefillKV(tail_keys, value_states, observer, self.config.obs_window)
             return view, view
         tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
         tail_values = torch.cat([self.window_values, value_states], dim=-2)
@@ -191,19 +266,55 @@ class SubTokenLayer(CacheLayerMixin):
         return view, view
 
     def _valid_slots(self) -> torch.Tensor:
-        """`[B, Hkv, Ts]` bool: which packed slots hold a token (not a filler) of each head,
-        computed once per pack rather than every step (attention mass only moves scores between
-        finite values). With shared rows, a head's slots are the tokens naming it."""
-        if self._stored_valid is None or self._stored_valid.shape[-1] != self.token_scores.shape[-1]:
-            valid = self.token_scores.isfinite()  # [B, 1 or Hkv, Ts]
-            if self.shares_rows:
-                heads = torch.arange(self.num_heads, device=self.device).view(1, -1, 1)
-                valid = valid & (self.stored_heads.long() == heads)  # [B, Hkv, Ts]
-            self._stored_valid = valid
-        return self._stored_valid
+        """`[B, Hkv, Ts]` bool: which packed slots hold a token (not a filler) of each head.
+        Derived when asked, not held: a held mask would be bytes outside the budget. With
+        shared rows, a head's slots are the tokens naming it."""
+        valid = self.token_scores.isfinite()  # [B, 1 or Hkv, Ts]
+        if self.shares_rows:
+            heads = torch.arange(self.num_heads, device=self.device).view(1, -1, 1)
+            valid = valid & (self.stored_heads.long() == heads)  # [B, Hkv, Ts]
+        return valid
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """`[B, Hkv, T, D]` dense keys, as a `DynamicLayer` has them, while this layer holds
+        every token dense (nothing packed yet: a context up to `floor_tokens`); None before the
+        first token. Once tokens are packed, reading it raises `AttributeError` saying so: the
+        packed storage is read by the 'hf_subtok' attention function (`stored_tensors()` lists it)."""
+        return self._dense_part("keys", "window_keys")
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:  # transformers' `CacheLayerMixin.__init__` sets None
+            raise AttributeError("SubTokenLayer.keys is read-only: store tokens with update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """`[B, Hkv, T, D]` dense values while nothing is packed (see `keys`)."""
+        return self._dense_part("values", "window_values")
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("SubTokenLayer.values is read-only: store tokens with update()")
+
+    def _dense_part(self, name: str, window: str) -> torch.Tensor | None:
+        if not self.is_initialized:
+            return None
+        packed = self.rows is not None or self._rows_prompt is not None or self.packed_keys.shape[-2] > 0
+        if packed or self._pending is not None:
+            raise AttributeError(
+                f"SubTokenLayer.{name}: this layer holds packed sub-token storage (whole keys, kept value groups"
+                f"{', a row per batch sequence' if self.rows is not None else ''}), not a dense tensor of every token; "
+                "only the 'hf_subtok' attention function reads it (hf_subtok.install_attention). "
+                "stored_tensors() lists what it holds; use a DynamicCache to read dense keys and values."
+            )
+        return getattr(self, window)
 
     def tokens_per_head(self) -> list[int]:
         """Packed tokens each KV head holds in the first sequence of the batch (fillers aside)."""
+        if self.rows is not None:
+            return self.rows[0].tokens_per_head()
         if not self.is_initialized:
             return []
         if self.token_scorer is None:
@@ -215,7 +326,8 @@ class SubTokenLayer(CacheLayerMixin):
         first keys stored (the prompt's, whose first tokens are the attention sinks) keep
         `key_sinks` blocks of one token."""
         first = self.packed_keys is None or self.packed_keys.shape[-2] == 0
-        stored = store_keys(keys, self.storage, solo=self.config.key_sinks if first else 0, rotation=self._key_rotation())
+        rotation = self._key_rotation() if keys.shape[-2] else None  # no matrix held for an empty store
+        stored = store_keys(keys, self.storage, solo=self.config.key_sinks if first else 0, rotation=rotation)
         return flatten_heads(stored, 2) if self.shares_rows else stored  # quantized per head first
 
     def _store_values(self, packed: torch.Tensor) -> Stored:
@@ -223,7 +335,8 @@ class SubTokenLayer(CacheLayerMixin):
         into the codebook of the values already packed, fitted on these if there are none)."""
         held = self.packed_values
         codebook = held.codebook if isinstance(held, CodedTensor) and held.shape[-2] else None
-        stored = store_values(packed, self.storage, codebook, rotation=self._value_rotation())
+        rotation = self._value_rotation() if packed.shape[-2] else None
+        stored = store_values(packed, self.storage, codebook, rotation=rotation)
         return flatten_heads(stored, 3) if self.shares_rows else stored
 
     def _reset_packed_values(self, like: torch.Tensor) -> None:
@@ -293,12 +406,20 @@ class SubTokenLayer(CacheLayerMixin):
             self.planner.flush()
         if self._pending is None:
             return
-        if self.packed_keys.shape[-2] == 0 and self.window_keys.shape[-2] == 0:
+        if self._window_cap is None and self.seen_tokens <= self.config.floor_tokens:
+            self._hold_dense(None)
+        elif self._window_cap is None:
             self._finish_prefill(None)
             if self._prompt is not None:
                 self.planner.flush()
         else:
             self._finish_step(None)
+
+    def _hold_dense(self, observation: Observation | None) -> None:
+        """Keep a context of at most `floor_tokens` dense, holding nothing else (its ratio is
+        exactly 1): when it grows past the floor, the queries of that call score its tokens."""
+        self.window_keys, self.window_values = self._pending
+        self._pending = None
 
     def _finish_prefill(self, observation: Observation | None) -> None:
         """Score the prompt's tokens and groups, plan this layer's budget, pack."""
@@ -320,7 +441,8 @@ class SubTokenLayer(CacheLayerMixin):
             keys[..., :n_pack, :], values[..., :n_pack, :], scores[..., :n_pack]
         )
         self._prompt = PromptEvidence(keys, values, scores, group_scores, n_pack)
-        if self.planner is None:
+        self._check_budget_affords_a_token()
+        if self.planner is None or self._floor_binds():
             self.pack_prompt(None)
         else:
             self.planner.submit(self)
@@ -375,7 +497,9 @@ class SubTokenLayer(CacheLayerMixin):
             stored_mass = mass[..., :stored]  # [B, Hkv, Ts]
             if self.shares_rows:  # each token's own head
                 stored_mass = stored_mass.gather(1, self.stored_heads.long())  # [B, 1, Ts]
-            self.token_scores.add_(stored_mass)  # in place: no copy of the scores per step
+            # out of place: rows of a batch copied for beams share their tensors, and a cache
+            # filled under inference_mode continues under no_grad
+            self.token_scores = self.token_scores + stored_mass
             tail_scores = tail_scores + mass[..., stored:]
         n_pack = self._tokens_to_pack(tail_keys.shape[-2])
         if n_pack:
@@ -407,7 +531,7 @@ class SubTokenLayer(CacheLayerMixin):
             overflow = 0
         if overflow <= 0:
             return 0
-        chunk = self.config.pack_chunk
+        chunk = self.config.chunk_tokens
         if self.token_scorer is not None:  # a cap shrunk by a small budget packs smaller chunks
             chunk = max(1, min(chunk, self._window_cap // 2))
         return min(tokens, -(-overflow // chunk) * chunk)
@@ -415,13 +539,34 @@ class SubTokenLayer(CacheLayerMixin):
     def _window_limit(self) -> int:
         """Dense tokens allowed: `window`, shrunk so it never takes more than half the budget."""
         dense = self.storage.dense_token_bytes
-        affordable = int(0.5 * self.budget * dense * self.seen_tokens // (dense + SCORE_BYTES))
+        affordable = int(0.5 * self.target_bytes() // (dense + SCORE_BYTES))
         return min(self.config.window, affordable)
+
+    def target_bytes(self) -> float:
+        """Bytes one (batch, head) row of this layer may hold: `budget` of the dense bytes of
+        the tokens seen, and never less than `floor_tokens` dense tokens' bytes."""
+        dense = self.storage.dense_token_bytes
+        return max(self.budget * dense * self.seen_tokens, self.config.floor_tokens * dense)
+
+    def _floor_binds(self) -> bool:
+        """Whether `floor_tokens`, not `budget`, sets this layer's bytes now."""
+        return self.budget * self.seen_tokens < self.config.floor_tokens
+
+    def _check_budget_affords_a_token(self) -> None:
+        """Refuse a budget that leaves less than one packed token per KV head."""
+        dense = self.storage.dense_token_bytes
+        formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
+        cheapest = min(f.token_bytes(min(self._plan_candidates()), scored=True) for f in formats)
+        if self.config.budget * dense * self.seen_tokens < cheapest:
+            raise ValueError(
+                f"budget={self.config.budget} leaves {self.config.budget * dense * self.seen_tokens:.1f} bytes per "
+                f"KV head at {self.seen_tokens} tokens, less than one packed token ({cheapest} bytes): raise budget"
+            )
 
     def _row_budget(self, window_tokens: int) -> float:
         """Bytes one (batch, head) row may spend on packed tokens with `window_tokens` dense."""
         dense = self.storage.dense_token_bytes
-        return self.budget * dense * self.seen_tokens - window_tokens * (dense + SCORE_BYTES)
+        return self.target_bytes() - window_tokens * (dense + SCORE_BYTES)
 
     def _pack_selected(
         self,
@@ -449,7 +594,7 @@ class SubTokenLayer(CacheLayerMixin):
             )
             self.keep_groups, self.storage = layer_plan.keep_groups, layer_plan.storage
             self.wide_fraction = layer_plan.wide_fraction
-            self.packed_keys = self._store_keys(keys[..., :0, :])
+            self.packed_keys = self._store_keys(keys.new_empty(*keys.shape[:2], 0, keys.shape[-1]))
             self._reset_packed_values(values)
             self._reset_wide(values)
         packed, group_idx = pack_value_groups(
@@ -519,7 +664,6 @@ class SubTokenLayer(CacheLayerMixin):
         if wide_groups is not None:
             self.wide_values, self.wide_idx = wide_groups.values, wide_groups.group_idx
             self.wide_norms = wide_groups.norms
-        self._stored_valid = None
         self.packed_positions = behind_window
 
     def _per_head_survivors(self, scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -703,24 +847,77 @@ class SubTokenLayer(CacheLayerMixin):
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer holds, by name (a quantized part as `name.payload`, ...)."""
+        tensors = {}
+        if self.rows is not None or self._rows_prompt is not None:
+            for r, row in enumerate(self.rows or []):
+                tensors.update({f"rows.{r}.{name}": t for name, t in row.stored_tensors().items()})
+            return tensors
         if not self.is_initialized:
             return {}
-        tensors = {}
         for name in self._HELD:
             held = getattr(self, name)
             if held is not None:
                 tensors.update(stored_parts(name, held))
+        if self._rotation_matrices is not None:  # shared by the layers: counted once by storage
+            tensors["rotation.keys"], tensors["rotation.values"] = self._rotation_matrices
         return tensors
 
+    def summary(self) -> dict:
+        """What this layer keeps (of the first batch row when stored row by row): K, bits,
+        packed tokens, tokens per KV head, wide tokens, and whether the context is still at
+        most `floor_tokens` (held dense, exactly)."""
+        layer = self.rows[0] if self.rows else self
+        held = layer.is_initialized and layer._rows_prompt is None
+        return {
+            "keep_groups": layer.keep_groups,
+            "bits": layer.storage.bits if held else None,
+            "tokens_stored": layer.packed_keys.shape[-2] if held else 0,
+            "tokens_per_head": layer.tokens_per_head() if held else [],
+            # packed tokens per row that keep every group (adaptive span)
+            "wide_tokens": 0 if layer.wide_norms is None else layer.wide_norms.shape[-1],
+            "below_floor": held and layer.seen_tokens <= layer.config.floor_tokens,
+        }
+
+    def target_bytes_held(self) -> float:
+        """Bytes this layer aims to hold at most: `budget` (or the `floor_tokens` floor) of the
+        dense bytes of every row and KV head; the dense bytes without a budget."""
+        if self.config.budget is None:
+            return float(self.dense_bytes())
+        rows = self.rows if self.rows is not None else [self]
+        total = 0.0
+        for row in rows:
+            if not row.is_initialized:
+                continue
+            dense = row.storage.dense_token_bytes
+            per_row = max(row.budget * dense * row.seen_tokens, row.config.floor_tokens * dense)
+            total += min(per_row, dense * row.seen_tokens) * row.window_keys.shape[0] * row.num_heads
+        return total
+
     def dense_bytes(self) -> int:
-        """What a `DynamicCache` would hold for this layer's tokens (keys and values)."""
+        """What a `DynamicCache` would hold for this layer's tokens (keys and values; with a
+        padded batch, the padding too)."""
         if not self.is_initialized:
             return 0
-        batch, heads = self.window_keys.shape[:2]
-        return batch * heads * self.seen_tokens * self.storage.dense_token_bytes
+        batch = self.batch_size if self.rows is not None or self._rows_prompt is not None else self.window_keys.shape[0]
+        return batch * self.num_heads * self.seen_tokens * self.storage.dense_token_bytes
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` restores exactly the cache that never saw the cropped tokens: only
+        with lossless storage (every token, every group, the model's dtype). A lossy layer may
+        have packed, evicted or re-selected tokens because of the tokens to crop, so assisted
+        decoding and prompt lookup are refused with it (transformers checks this flag)."""
+        lossy = (
+            self.token_scorer is not None
+            or self.config.bits is not None
+            or (self.fixed_keep_groups or 0) < self.config.num_groups
+        )
+        return not lossy
 
     def _apply(self, fn) -> None:
         """Replace every held tensor `t` (batch first) by `fn(t)`."""
+        if self.rows is not None:
+            raise RuntimeError("a layer stored row by row moves its rows, not its tensors")
         if not self.is_initialized:
             return
         self._flush()
@@ -728,7 +925,6 @@ class SubTokenLayer(CacheLayerMixin):
             held = getattr(self, name)
             if held is not None:
                 setattr(self, name, map_stored(held, fn))
-        self._stored_valid = None  # rows moved
 
     def get_seq_length(self) -> int:
         """Tokens seen (position count), not tokens stored."""
@@ -749,50 +945,67 @@ class SubTokenLayer(CacheLayerMixin):
         self._clear()
 
     def offload(self) -> None:
+        if self.rows is not None:
+            for row in self.rows:
+                row.offload()
+            return
         self._apply(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
+        if self.rows is not None:
+            for row in self.rows:
+                row.prefetch()
+            return
         if self.is_initialized and self.packed_keys.device != self.device:
             self._apply(lambda t: t.to(self.device, non_blocking=True))
 
+    def _pick_rows(self, order: list[int]) -> None:
+        """Rows in `order` (repeats allowed): a repeated row is a shallow copy, sharing tensors
+        that no layer changes in place."""
+        if self._rows_prompt is not None:
+            self._split_rows(None)
+        seen: set[int] = set()
+        rows = []
+        for i in order:
+            rows.append(copy.copy(self.rows[i]) if i in seen else self.rows[i])
+            seen.add(i)
+        self.rows = rows
+        self.batch_size = len(rows)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.rows is not None:
+            return self._pick_rows(beam_idx.tolist())
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.rows is not None:
+            return self._pick_rows([r for r in range(len(self.rows)) for _ in range(repeats)])
         self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.rows is not None:
+            return self._pick_rows(torch.arange(len(self.rows))[indices.cpu()].tolist())
         self._apply(lambda t: t[indices, ...])
 
     def crop(self, length_or_removed: int) -> None:
-        """Drop the newest tokens (assisted decoding); see `_CROP_TAKES_LENGTH` for the argument."""
-        self._flush()
-        if _CROP_TAKES_LENGTH:
-            keep = (
-                length_or_removed
-                if length_or_removed >= 0
-                else self.seen_tokens + length_or_removed
+        """Drop the newest tokens (assisted decoding); see `_CROP_TAKES_LENGTH` for the argument.
+
+        Raises `ValueError` for a lossy layer (`is_croppable` is False): what it packed or
+        evicted because of the cropped tokens cannot be restored."""
+        if not self.is_croppable:
+            raise ValueError(
+                "this SubTokenCache's config is lossy, so it cannot roll back (crop) the tokens assisted "
+                "decoding or prompt lookup rejected; use the 'lossless' preset or a DynamicCache for them"
             )
-        else:
-            if length_or_removed > 0:
-                raise ValueError(
-                    f"crop takes a negative number of tokens to remove, got {length_or_removed}"
-                )
-            keep = self.seen_tokens + length_or_removed
-        if keep < 0:
-            raise ValueError(f"cannot crop {self.seen_tokens} tokens to {keep}")
-        if keep >= self.seen_tokens or not self.is_initialized:
+        if self.rows is not None:
+            removed = self.seen_tokens - self._crop_keep(length_or_removed)
+            for row in self.rows:
+                row.crop(row.seen_tokens - removed if _CROP_TAKES_LENGTH else -removed)
+            self.seen_tokens -= removed
             return
-        if self.token_scorer is not None:
-            if keep < self.packed_positions:
-                raise ValueError(
-                    f"cannot crop to {keep} tokens: tokens before position {self.packed_positions} were "
-                    "packed with eviction and cannot be restored"
-                )
-            self.window_keys = self.window_keys[..., : keep - self.packed_positions, :].clone()
-            self.window_values = self.window_values[..., : keep - self.packed_positions, :].clone()
-            self.window_scores = self.window_scores[..., : keep - self.packed_positions].clone()
-            self.seen_tokens = keep
+        self._flush()
+        keep = self._crop_keep(length_or_removed)
+        if keep >= self.seen_tokens or not self.is_initialized:
             return
         stored = self.packed_keys.shape[-2]
         if keep >= stored:
@@ -807,6 +1020,24 @@ class SubTokenLayer(CacheLayerMixin):
             self.window_keys = self.window_keys[..., :0, :].clone()
             self.window_values = self.window_values[..., :0, :].clone()
         self.seen_tokens = keep
+
+    def _crop_keep(self, length_or_removed: int) -> int:
+        """Tokens `crop(length_or_removed)` keeps."""
+        if _CROP_TAKES_LENGTH:
+            keep = (
+                length_or_removed
+                if length_or_removed >= 0
+                else self.seen_tokens + length_or_removed
+            )
+        else:
+            if length_or_removed > 0:
+                raise ValueError(
+                    f"crop takes a negative number of tokens to remove, got {length_or_removed}"
+                )
+            keep = self.seen_tokens + length_or_removed
+        if keep < 0:
+            raise ValueError(f"cannot crop {self.seen_tokens} tokens to {keep}")
+        return keep
 
 
 def _take_candidates(

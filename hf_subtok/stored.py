@@ -23,7 +23,7 @@ from hf_subtok.quant import (
     quantize_channels,
     quantize_vectors,
 )
-from hf_subtok.quant.rotation import hadamard, rotate_groups
+from hf_subtok.quant.rotation import rotate_groups, shared_hadamard
 from hf_subtok.rows import take_rows
 
 Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor
@@ -104,12 +104,12 @@ def token_prefix(x: Stored, stop: int) -> Stored:
 
 def key_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
     """`[D, D]` rotation of stored keys (None: not rotated)."""
-    return hadamard(storage.head_dim, device) if storage.rotates else None
+    return shared_hadamard(storage.head_dim, _device(device)) if storage.rotates else None
 
 
 def value_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
     """`[C, C]` rotation of each stored value group (None: not rotated)."""
-    return hadamard(storage.width, device) if storage.rotates else None
+    return shared_hadamard(storage.width, _device(device)) if storage.rotates else None
 
 
 def keys_as_stored(keys: torch.Tensor, storage: StorageFormat, rotation: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,3 +178,8 @@ def stored_parts(name: str, x: Stored) -> dict[str, torch.Tensor]:
     if not isinstance(x, torch.Tensor):
         return {f"{name}.{part}": t for part, t in x.tensors().items()}
     return {name: x}
+
+
+def _device(device) -> torch.device:
+    """A hashable, canonical device for the shared rotations (None: the CPU)."""
+    return torch.device("cpu") if device is None else torch.device(device)

@@ -19,7 +19,7 @@ def _rotary(head_dim: int = 32):
     rotary = LlamaRotaryEmbedding(
         LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim)
     )
-    return rotary, RopeInfo(rotary.inv_freq.float(), rotary.attention_scaling)
+    return rotary, RopeInfo(tuple(rotary.inv_freq.float().tolist()), rotary.attention_scaling)
 
 
 def test_unrotate_undoes_transformers_rope():
@@ -55,7 +55,7 @@ def test_key_aligned_with_the_future_queries_scores_highest():
         1, 2, window, 32
     )  # [B, Hq, W, D] all near `direction`
     positions = torch.arange(tokens - window, tokens).float()
-    angles = positions.view(-1, 1) * rope.inv_freq.view(1, -1)
+    angles = positions.view(-1, 1) * rope.frequencies().view(1, -1)
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
     queries = (
         raw_queries * cos + torch.cat([-raw_queries[..., 16:], raw_queries[..., :16]], -1) * sin

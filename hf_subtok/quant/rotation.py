@@ -10,6 +10,8 @@ setting, 2 bits): attention output error with values per token in groups of 32 c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -31,3 +33,10 @@ def rotate_groups(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     *lead, channels = x.shape
     grouped = x.float().reshape(*lead, channels // width, width)  # [..., N/C, C]
     return (grouped @ rotation).reshape(*lead, channels).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def shared_hadamard(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`hadamard(size, device)` built once per (size, device) and shared by every holder, so a
+    cache of many layers holds (and counts) one copy. Read-only: never modify it in place."""
+    return hadamard(size, device)

@@ -61,7 +61,7 @@ class ExpectedAttentionScorer(TokenScorer):
 
 def _unrotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeInfo) -> torch.Tensor:
     """Undo the (scaled) rotation of `positions` `[W]` on `[..., W, D]`."""
-    angles = -positions.view(-1, 1) * rope.inv_freq.to(x.device).view(1, -1)  # [W, D/2]
+    angles = -positions.view(-1, 1) * rope.frequencies(x.device).view(1, -1)  # [W, D/2]
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # [W, D]
     half = x.shape[-1] // 2
     rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -71,7 +71,7 @@ def _unrotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeInfo) -> torch
 def _mean_rotation(start: int, count: int, rope: RopeInfo, head_dim: int, device) -> torch.Tensor:
     """`[D, D]` mean over positions `start..start+count-1` of the rotation matrix (scaled)."""
     positions = torch.arange(start, start + count, device=device, dtype=torch.float32)
-    angles = positions.view(-1, 1) * rope.inv_freq.to(device).view(1, -1)  # [F, D/2]
+    angles = positions.view(-1, 1) * rope.frequencies(device).view(1, -1)  # [F, D/2]
     cos, sin = angles.cos().mean(0), angles.sin().mean(0)  # [D/2]
     half = head_dim // 2
     eye = torch.eye(half, device=device)

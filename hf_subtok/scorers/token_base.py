@@ -40,8 +40,12 @@ class RopeInfo:
     """A rotary embedding as transformers applies it: angle `position * inv_freq` on channel
     pairs `(i, i + D/2)`, cos and sin multiplied by `attention_scaling`."""
 
-    inv_freq: torch.Tensor  # [D/2] float32
+    inv_freq: tuple[float, ...]  # D/2 frequencies: plain numbers, so a cache holds no tensor for them
     attention_scaling: float = 1.0
+
+    def frequencies(self, device=None) -> torch.Tensor:
+        """`[D/2]` float32 `inv_freq` on `device`."""
+        return torch.tensor(self.inv_freq, dtype=torch.float32, device=device)
 
     @classmethod
     def from_model(cls, model) -> RopeInfo | None:
@@ -49,7 +53,7 @@ class RopeInfo:
         for name, module in model.named_modules():
             if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
                 return cls(
-                    module.inv_freq.detach().float(),
+                    tuple(module.inv_freq.detach().float().tolist()),
                     float(getattr(module, "attention_scaling", 1.0)),
                 )
         return None
