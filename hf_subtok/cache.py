@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import weakref
+
+import torch
 from transformers.cache_utils import Cache
 
 from hf_subtok.attention import check_supported, install_attention
 from hf_subtok.config import SubTokenConfig
+from hf_subtok.memory_report import memory_report
+from hf_subtok.packed import PrefillKV
 from hf_subtok.presets import resolve_config
 from hf_subtok.prompt_planner import PromptPlanner
-from hf_subtok.scorers import RopeInfo, get_group_scorer, get_token_scorer
+from hf_subtok.scorers import Observation, RopeInfo, get_group_scorer, get_token_scorer
 from hf_subtok.storage import SubTokenLayer
+
+logger = logging.getLogger(__name__)
+
+# what `from_dense` scores tokens with when it has no prompt queries for the configured scorer
+QUERY_FREE_SCORER = "key_norm"
+# decoders that refuse a SubTokenCache built for another model (see `_guard_decoder`)
+_guarded_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class SubTokenCache(Cache):
@@ -25,6 +39,9 @@ class SubTokenCache(Cache):
     `hf_subtok.attention`); the function serves any other cache unchanged, and
     `hf_subtok.uninstall_attention(model)` switches back.
 
+    A cache serves the model it was built for (one cache per model): another model's forward
+    raises `ValueError`. It may be reused for further `generate` calls of that model.
+
     Args:
         model: a Llama, Mistral, Qwen2 or Qwen3 causal LM.
         config: a `SubTokenConfig`, a preset name (see `hf_subtok.presets`) or None for defaults.
@@ -39,8 +56,13 @@ class SubTokenCache(Cache):
         self.head_dim = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads
         )
+        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         self.model_dtype = model.dtype
         num_layers = text_config.num_hidden_layers
+        name = getattr(model.config, "name_or_path", "")
+        self.model_name = type(model).__name__ + (f" {name!r}" if name else "")
+        decoder = model.get_decoder()
+        self._decoder = weakref.ref(decoder)
         if router is not None:
             router.check_model(model)
             if router.config.num_groups != self.config.num_groups:
@@ -64,6 +86,28 @@ class SubTokenCache(Cache):
         layers = [self._layer(i, router) for i in range(num_layers)]
         super().__init__(layers=layers)
         install_attention(model)
+        _guard_decoder(decoder)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """`Cache.update`, after checking that `[B, Hkv, T, D]` `key_states` of layer `layer_idx`
+        fit the model the cache was built for (`ValueError` otherwise)."""
+        heads, head_dim = key_states.shape[1], key_states.shape[-1]
+        if layer_idx >= len(self.layers) or heads != self.num_kv_heads or head_dim != self.head_dim:
+            raise ValueError(
+                f"this SubTokenCache was built for {self.model_name} ({len(self.layers)} layers, "
+                f"{self.num_kv_heads} KV heads of head_dim {self.head_dim}), but layer {layer_idx} handed it "
+                f"{heads} KV heads of head_dim {head_dim}: another model; build one cache per model"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_decoder(self, decoder) -> None:
+        """Raise `ValueError` unless `decoder` (a model's `get_decoder()`) is the one the cache
+        was built for."""
+        if self._decoder() is not decoder:
+            raise ValueError(
+                f"this SubTokenCache was built for another model object ({self.model_name}) than the one "
+                "running it; build one cache per model"
+            )
 
     def _planner(self, num_layers: int) -> PromptPlanner | None:
         """The cross-layer planner, for adaptive budgets over the layers without a fixed one."""
@@ -97,60 +141,97 @@ class SubTokenCache(Cache):
 
     @classmethod
     def from_dense(
-        cls, model, config: SubTokenConfig | str | None, dense_cache: Cache
+        cls,
+        model,
+        config: SubTokenConfig | str | None,
+        dense_cache: Cache,
+        queries: list[torch.Tensor] | None = None,
     ) -> SubTokenCache:
         """The cache a prefill through `SubTokenCache` would leave, built from a filled dense cache.
 
         Prefill attention is exact, so one dense prefill can be shared by several
         configurations (the benchmark does this).
+
+        Args:
+            model: the model that filled `dense_cache`.
+            config: as for `SubTokenCache`.
+            dense_cache: a cache holding the prompt's (unpadded) keys and values.
+            queries: per layer, the prompt's queries `[B, Hq, W, D]` (RoPE applied; the last
+                `obs_window` are used), for token scorers that need them (`snapkv`, the
+                default). Without them such scorers are replaced by `QUERY_FREE_SCORER`, with
+                a warning.
         """
+        config = resolve_config(config)
+        if queries is None:
+            config = _without_query_scorers(config)
+        elif len(queries) != len(dense_cache.layers):
+            raise ValueError(
+                f"queries must hold one tensor per layer of dense_cache ({len(dense_cache.layers)}), "
+                f"got {len(queries)}"
+            )
         cache = cls(model, config)
+        scalings = _attention_scalings(model)
         for layer_idx, layer in enumerate(dense_cache.layers):
-            if layer.keys is not None and layer.keys.numel():
-                cache.update(layer.keys, layer.values, layer_idx)
+            if layer.keys is None or not layer.keys.numel():
+                continue
+            view, _ = cache.update(layer.keys, layer.values, layer_idx)
+            if isinstance(view, PrefillKV) and queries is not None:  # as attention would observe
+                query = queries[layer_idx][:, :, -view.obs_window :]  # [B, Hq, W, D]
+                scaling = scalings.get(layer_idx, query.shape[-1] ** -0.5)
+                view.observer(Observation(query, None, scaling))
         return cache
 
     def memory_report(self) -> dict:
-        """Bytes held by the cache, measured from its tensors' storages.
+        """Bytes held, measured from the tensors' storages (see `hf_subtok.memory_report`):
+        `stored_bytes`, `dense_bytes` (what a `DynamicCache` would hold), `ratio`, `target_bytes`
+        (what the budget or the short-context floor allows), `parts` and `per_layer` rows."""
+        return memory_report(self)
 
-        `dense_bytes` is what a `DynamicCache` would hold for the same tokens (keys and values
-        of every seen token in the cache's dtype); `ratio = stored_bytes / dense_bytes`.
-        """
-        stored = dense = 0
-        parts: dict[str, int] = {}
-        per_layer = []
-        for layer in self.layers:
-            tensors = layer.stored_tensors()
-            layer_bytes = 0
-            for name, tensor in tensors.items():
-                nbytes = tensor.untyped_storage().nbytes()
-                parts[name] = parts.get(name, 0) + nbytes
-                layer_bytes += nbytes
-            layer_dense = layer.dense_bytes()
-            per_layer.append(
-                {
-                    "stored_bytes": layer_bytes,
-                    "dense_bytes": layer_dense,
-                    "ratio": layer_bytes / layer_dense if layer_dense else 0.0,
-                    "keep_groups": layer.keep_groups,
-                    "bits": layer.storage.bits if tensors else None,
-                    "tokens_stored": layer.packed_keys.shape[-2] if tensors else 0,
-                    "tokens_per_head": layer.tokens_per_head(),
-                    # packed tokens per row that keep every group (adaptive span)
-                    "wide_tokens": 0 if layer.wide_norms is None else layer.wide_norms.shape[-1],
-                }
-            )
-            stored += layer_bytes
-            dense += layer_dense
-        first = self.layers[0] if self.layers else None
-        return {
-            "stored_bytes": stored,
-            "dense_bytes": dense,
-            "ratio": stored / dense if dense else 0.0,
-            "tokens_seen": first.seen_tokens if first else 0,
-            "tokens_packed": first.packed_keys.shape[-2] if first and first.is_initialized else 0,
-            "keep_groups": [layer.keep_groups for layer in self.layers],
-            "num_groups": self.config.num_groups,
-            "parts": parts,
-            "per_layer": per_layer,
-        }
+
+def _without_query_scorers(config: SubTokenConfig) -> SubTokenConfig:
+    """`config` with every token scorer that needs the prompt's queries (the config's and the
+    overrides') replaced by `QUERY_FREE_SCORER`, logged at warning level."""
+    if not config.evicts_tokens:
+        return config
+    replaced = set()
+
+    def query_free(name: str | None) -> str | None:
+        if name is None or not get_token_scorer(name).needs_queries:
+            return name
+        replaced.add(name)
+        return QUERY_FREE_SCORER
+
+    token_scorer = query_free(config.token_scorer)
+    overrides = [dataclasses.replace(o, token_scorer=query_free(o.token_scorer)) for o in config.overrides]
+    if not replaced:
+        return config
+    logger.warning(
+        "from_dense has no prompt queries for token_scorer %s; scoring tokens with %r instead "
+        "(pass queries= to use them)",
+        " and ".join(repr(name) for name in sorted(replaced)),
+        QUERY_FREE_SCORER,
+    )
+    return dataclasses.replace(config, token_scorer=token_scorer, overrides=overrides)
+
+
+def _attention_scalings(model) -> dict[int, float]:
+    """`{layer_idx: softmax scale}` of the model's attention modules."""
+    return {
+        module.layer_idx: module.scaling
+        for module in model.modules()
+        if isinstance(getattr(module, "layer_idx", None), int) and isinstance(getattr(module, "scaling", None), float)
+    }
+
+
+def _guard_decoder(decoder) -> None:
+    """Make `decoder` refuse, when it runs, a `SubTokenCache` built for another model (one
+    forward pre-hook per decoder, however many caches are built for it)."""
+    if decoder not in _guarded_decoders:
+        _guarded_decoders[decoder] = decoder.register_forward_pre_hook(_refuse_foreign_cache, with_kwargs=True)
+
+
+def _refuse_foreign_cache(decoder, args, kwargs) -> None:
+    for name in ("cache", "past_key_values"):
+        cache = kwargs.get(name)
+        if isinstance(cache, SubTokenCache):
+            cache.check_decoder(decoder)

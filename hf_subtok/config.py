@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from hf_subtok.accounting import (
@@ -72,6 +73,12 @@ class LayerOverride:
             )
         return cls(**item)
 
+    def to_dict(self) -> dict:
+        """The compact dict `parse` reads back, e.g. `{"layers": "0-3", "budget": 0.5}`."""
+        layers = self.first if self.first == self.last else f"{self.first}-{self.last}"
+        settings = {k: v for k, v in asdict(self).items() if k not in ("first", "last") and v is not None}
+        return {"layers": layers, **settings}
+
 
 @dataclass
 class SubTokenConfig:
@@ -81,6 +88,10 @@ class SubTokenConfig:
     `num_groups` groups of `D / num_groups` channels; `keep_groups` of them are stored per
     token, chosen by the group router `router`. The newest `window` tokens stay dense and are
     packed `pack_chunk` tokens at a time when the window overflows.
+
+    Fields hold what the user gave (None where a default is derived), so `dataclasses.replace`
+    and `to_dict` round trips keep their meaning; the values in force are the properties
+    `groups_kept` (K without a budget: `num_groups // 2`) and `chunk_tokens` (`window // 2`).
 
     Without `budget`, every token is kept with `keep_groups` groups. With `budget` (target
     stored/dense byte ratio) the cache spends it per layer on tokens (chosen per KV head by
@@ -128,20 +139,23 @@ class SubTokenConfig:
     )
     budget: float | None = field(
         default=None,
-        metadata={"help": "target stored/dense byte ratio in (0, 1] (None: from keep_groups)"},
+        metadata={
+            "help": "target stored/dense byte ratio in (0, 1]; 1.0 keeps every token and group, losslessly "
+            "(None: from keep_groups)"
+        },
     )
     window: int = field(default=64, metadata={"help": "newest tokens kept dense (>= 0)"})
+    pack_chunk: int | None = field(
+        default=None,
+        metadata={
+            "help": "tokens packed at once when the window overflows (None: max(1, window // 2))"
+        },
+    )
     floor_tokens: int = field(
         default=128,
         metadata={
             "help": "contexts of at most this many tokens are kept exactly (no eviction, no quantization, no "
             "dropped groups); above it each layer may hold max(budget x dense bytes, this many dense tokens' bytes)"
-        },
-    )
-    pack_chunk: int | None = field(
-        default=None,
-        metadata={
-            "help": "tokens packed at once when the window overflows (None: max(1, window // 2))"
         },
     )
     router: str = field(default="value_norm", metadata={"help": "registered group scorer name"})
@@ -261,16 +275,15 @@ class SubTokenConfig:
         if self.keep_groups is not None:
             _check_int("keep_groups", self.keep_groups, 1, self.num_groups)
         if self.budget is not None:
-            self.budget = _check_budget("budget", self.budget)
+            _check_budget("budget", self.budget)
         _check_int("window", self.window, 0, None)
         _check_int("floor_tokens", self.floor_tokens, 0, None)
-        if self.pack_chunk is None:
-            self.pack_chunk = max(1, self.window // 2)
-        _check_int("pack_chunk", self.pack_chunk, 1, None)
-        if self.window > 0 and self.pack_chunk > self.window:
-            raise ValueError(
-                f"pack_chunk must be at most window={self.window}, got {self.pack_chunk}"
-            )
+        if self.pack_chunk is not None:
+            _check_int("pack_chunk", self.pack_chunk, 1, None)
+            if self.window > 0 and self.pack_chunk > self.window:
+                raise ValueError(
+                    f"pack_chunk must be at most window={self.window}, got {self.pack_chunk}"
+                )
         if self.router not in available_group_scorers():
             raise ValueError(
                 f"router must be one of {sorted(available_group_scorers())}, got {self.router!r}"
@@ -282,8 +295,7 @@ class SubTokenConfig:
         if self.axes not in AXES:
             raise ValueError(f"axes must be one of {AXES}, got {self.axes!r}")
         _check_int("obs_window", self.obs_window, 1, None)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check_backend(self.backend)
         if self.bits not in (None, "auto") and (
             isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS
         ):
@@ -331,6 +343,13 @@ class SubTokenConfig:
                 "head_budgets='adaptive' needs budget= and axes 'both' or 'tokens' (token eviction), "
                 f"got budget={self.budget}, axes={self.axes!r}"
             )
+        if not isinstance(self.overrides, (list, tuple)):
+            raise ValueError(
+                "overrides must be a list of dicts (like {'layers': '0-3', 'budget': 0.5}) or LayerOverride, "
+                f"got {self.overrides!r}"
+            )
+        # parsed once, so that equal settings compare equal however they were written; `to_dict`
+        # writes them back as dicts
         self.overrides = [LayerOverride.parse(item) for item in self.overrides]
         if any(o.budget is not None for o in self.overrides) and not self.evicts_tokens:
             raise ValueError(
@@ -340,8 +359,20 @@ class SubTokenConfig:
             raise ValueError(
                 "bits='auto' needs budget= and axes 'both' or 'tokens' (the plan picks the precision)"
             )
-        if self.keep_groups is None and self.budget is None:
-            self.keep_groups = self.num_groups // 2 or 1
+
+    @property
+    def groups_kept(self) -> int | None:
+        """K, the value groups stored per token: `keep_groups` if given, else `num_groups // 2`
+        (at least 1) without a budget, else None (the budget picks K)."""
+        if self.keep_groups is not None or self.budget is not None:
+            return self.keep_groups
+        return self.num_groups // 2 or 1
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens packed at once when the window overflows: `pack_chunk` if given, else
+        `max(1, window // 2)`."""
+        return self.pack_chunk if self.pack_chunk is not None else max(1, self.window // 2)
 
     def _check_log_scales(self, per_channel: bool) -> None:
         if self.log_scales not in LOG_SCALES:
@@ -378,7 +409,7 @@ class SubTokenConfig:
         overridden layers leave of `budget * num_layers`, shared equally.
 
         Raises `ValueError` for an override naming a layer the model does not have, or
-        overridden budgets that leave the other layers nothing.
+        overridden budgets that leave the other layers nothing or need them above 1.0.
         """
         layers = [{} for _ in range(num_layers)]
         for i, override in enumerate(self.overrides):
@@ -402,8 +433,14 @@ class SubTokenConfig:
                     f"overrides fix budgets summing to {sum(fixed):.3f} over {len(fixed)} layers, leaving "
                     f"nothing of budget={self.budget} x {num_layers} layers for the other layers"
                 )
+            if rest > 1.0:
+                raise ValueError(
+                    f"overrides {[o.to_dict() for o in self.overrides]} fix budgets summing to {sum(fixed):.3f} "
+                    f"over {len(fixed)} layers; with budget={self.budget} x {num_layers} layers the other "
+                    f"{num_layers - len(fixed)} layers would need budget {rest:.3f} each, above 1.0"
+                )
             for changes in layers:
-                changes.setdefault("budget", min(rest, 1.0))
+                changes.setdefault("budget", rest)
         return [replace(self, overrides=[], **changes) for changes in layers]
 
     @property
@@ -412,7 +449,8 @@ class SubTokenConfig:
         return self.budget is not None and self.axes != "groups"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as given, JSON-ready: `SubTokenConfig(**config.to_dict()) == config`."""
+        return {**asdict(self), "overrides": [o.to_dict() for o in self.overrides]}
 
     def storage_formats(self, head_dim: int, elem_bytes: int) -> list[StorageFormat]:
         """The formats a layer may store packed tokens in: `bits`'s, or with `bits='auto'` the
@@ -489,7 +527,7 @@ class SubTokenConfig:
         """
         storage = self.storage_format(head_dim, elem_bytes)
         dense = storage.dense_token_bytes
-        if self.keep_groups is not None:
+        if self.groups_kept is not None:
             if self.budget is not None:
                 ratio = storage.token_bytes(self.keep_groups, scored=False) / dense
                 if ratio > self.budget:
@@ -497,7 +535,7 @@ class SubTokenConfig:
                         f"keep_groups={self.keep_groups} stores {ratio:.4f} of the dense bytes, "
                         f"above budget={self.budget}"
                     )
-            return self.keep_groups
+            return self.groups_kept
         fitting = [
             k
             for k in range(1, self.num_groups + 1)
@@ -512,12 +550,21 @@ class SubTokenConfig:
         return max(fitting)
 
 
-def _check_budget(name: str, value) -> float:
+def _check_budget(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    if not 0.0 < float(value) <= 1.0:
+    if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-    return float(value)
+
+
+def _check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError(
+            "backend='triton' needs the triton package, which is not installed "
+            "(pip install triton, or use backend='auto' or 'torch')"
+        )
 
 
 def _parse_layer_range(text) -> tuple[int, int]:

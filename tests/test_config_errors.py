@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -60,3 +62,30 @@ def test_unsupported_architecture_names_the_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="gpt2.*llama, mistral, qwen2, qwen3"):
         SubTokenCache(model, SubTokenConfig())
+
+
+def _without_triton(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+
+
+def test_triton_backend_without_triton_is_refused(monkeypatch):
+    _without_triton(monkeypatch)
+    with pytest.raises(ValueError, match="backend='triton'.*triton package, which is not installed"):
+        SubTokenConfig(backend="triton")
+    with pytest.raises(ValueError, match="backend='triton'"):
+        SubTokenCache(make_tiny_model("llama"), dataclasses.replace(SubTokenConfig(), backend="triton"))
+    assert SubTokenConfig(backend="auto").backend == "auto"  # auto falls back to PyTorch
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    ["0-3", {"layers": "0-3", "budget": 0.5}, 3],
+    ids=["string", "single-dict", "int"],
+)
+def test_overrides_must_be_a_list(overrides):
+    with pytest.raises(ValueError, match="overrides must be a list of dicts") as info:
+        SubTokenConfig(budget=0.3, overrides=overrides)
+    assert repr(overrides) in str(info.value)

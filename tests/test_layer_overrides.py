@@ -96,7 +96,7 @@ def test_override_for_a_missing_layer_is_refused():
         ([{"layers": 0, "budget": 1.5}], "override budget must be in"),
         ([{"layers": 0, "token_scorer": "nope"}], "override token_scorer must be one of"),
         ([{"layers": 0, "colour": "red"}], r"unknown field\(s\) \['colour'\]"),
-        (["0-1"], "overrides items must be LayerOverride or dict"),
+        ([3], "overrides items must be LayerOverride or dict"),
     ],
     ids=[
         "bad-range",
@@ -121,3 +121,12 @@ def test_budget_overrides_that_starve_the_rest_are_refused():
 def test_budget_override_needs_token_eviction():
     with pytest.raises(ValueError, match="overrides with a budget need"):
         SubTokenConfig(keep_groups=4, overrides=[{"layers": 0, "budget": 0.5}])
+
+
+def test_budget_overrides_that_push_the_rest_above_one_are_refused():
+    # 3 x 0.9 - 0.1 = 2.6 left for 2 layers: 1.3 each, which no layer can hold
+    config = SubTokenConfig(budget=0.9, overrides=[{"layers": 0, "budget": 0.1}])
+    with pytest.raises(ValueError, match=r"overrides \[\{'layers': 0, 'budget': 0.1\}\].*need budget 1\.300 each, above 1\.0"):
+        config.layer_settings(3)
+    fits = SubTokenConfig(budget=0.75, overrides=[{"layers": 0, "budget": 0.5}])
+    assert [s.budget for s in fits.layer_settings(2)] == [0.5, 1.0]  # exactly 1.0 is allowed
