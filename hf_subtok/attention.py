@@ -1,24 +1,32 @@
 """One attention function for every supported architecture, registered with transformers.
 
 `install_attention(model)` registers the function under `ATTENTION_NAME` with transformers'
-`AttentionInterface` (and the sdpa mask under the same name with `AttentionMaskInterface`)
+`AttentionInterface` (and a mask function under the same name with `AttentionMaskInterface`)
 and switches the model to it; `uninstall_attention(model)` switches back. Both are
 idempotent. Nothing is registered at import time.
 
 The function computes attention over packed storage when a `SubTokenLayer` hands it a
-`PackedKV`, and otherwise (dense prefill, or any other cache) defers to the implementation
-the model used before.
+`PackedKV`, and otherwise (dense prefill, or any other cache) hands the call to the
+implementation the model used before: `sdpa`, `eager` (the model's own
+`eager_attention_forward`, which returns attention weights for `output_attentions=True`), or
+another registered implementation whose masks are sdpa's or eager's. The mask function builds
+the mask that implementation expects; the packed path reads either format. An implementation
+whose masks the packed path cannot read (flash attention, flex attention, a custom one without
+a mask) is replaced by `sdpa` for the dense calls, with a warning at install.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
+import weakref
 
 import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from hf_subtok.batch_view import BatchRowsKV
 from hf_subtok.kernels import packed_attention
 from hf_subtok.packed import PackedKV, PrefillKV
 from hf_subtok.quant.rotation import rotate_groups
@@ -29,8 +37,10 @@ logger = logging.getLogger(__name__)
 ATTENTION_NAME = "hf_subtok"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _FALLBACK_DEFAULT = "sdpa"
-# id(model.config) -> implementation the model used before `install_attention`
-_previous_implementation: dict[int, str] = {}
+# masks the packed path reads: sdpa's (bool or None) and eager's (additive float)
+_READABLE_MASKS = ("sdpa", "eager")
+# id(model.config) -> (implementation before `install_attention`, the one dense calls go to, its mask)
+_previous_implementation: dict[int, tuple[str, str, str]] = {}
 
 
 def check_supported(model) -> None:
@@ -44,8 +54,21 @@ def check_supported(model) -> None:
 
 
 def subtok_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention signature: `query` `[B, Hq, Q, D]` -> (`[B, Q, Hq, D]`, None)."""
+    """transformers attention signature: `query` `[B, Hq, Q, D]` -> (`[B, Q, Hq, D]`, weights).
+
+    Over packed storage the weights are None, and `output_attentions=True` raises
+    `ValueError` (no attention weights are computed over packed tokens); dense calls return
+    what the model's previous implementation returns (eager's weights, sdpa's None).
+    """
+    if isinstance(key, BatchRowsKV):
+        return _rows_attention(module, query, key, attention_mask, scaling, dropout, **kwargs)
     if isinstance(key, PackedKV):
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                "output_attentions=True is not supported over hf-subtok's packed cache: a SubTokenCache "
+                "computes no attention weights once its tokens are packed (the prompt's forward, run by the "
+                "model's own attention implementation, returns them). Use a DynamicCache for attention weights."
+            )
         kv, rotation = key, key.rotation
         if rotation is not None:  # attend in the space the packed tokens are stored in
             query, kv = rotated_attention_inputs(query, key)
@@ -53,12 +76,11 @@ def subtok_attention(module, query, key, value, attention_mask, scaling=None, dr
             out = packed_attention(query, kv, attention_mask, scaling)  # [B, Hq, Q, D]
         else:  # the layer re-allocates by the attention mass each token got
             out, mass = packed_attention(query, kv, attention_mask, scaling, return_mass=True)
-            kv.observer(mass)
+            kv.observer(mass.detach())  # a score for the cache, never differentiated
         if rotation is not None:
             out = rotate_groups(out, rotation[1].T)  # each value group back from its rotation
         return out.transpose(1, 2).contiguous(), None
-    name = _previous_implementation.get(id(module.config), _FALLBACK_DEFAULT)
-    fallback = ALL_ATTENTION_FUNCTIONS[name]
+    fallback = dense_attention_function(module)
     if isinstance(key, PrefillKV):
         result = fallback(
             module, query, key.keys, key.values, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -66,6 +88,53 @@ def subtok_attention(module, query, key, value, attention_mask, scaling=None, dr
         key.observer(_observe(query, attention_mask, scaling, key.obs_window))
         return result
     return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _rows_attention(module, query, rows: BatchRowsKV, attention_mask, scaling, dropout, **kwargs):
+    """A batch stored row by row: each row's query `[1, Hq, Q, D]` against that row's view, with
+    the last columns of its mask row (its own tokens; left padding is not stored)."""
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "output_attentions=True is not supported for a batch in a SubTokenCache: its rows hold different "
+            "numbers of tokens. Use a DynamicCache for attention weights."
+        )
+    outputs = []
+    for r, (key, value) in enumerate(zip(rows.keys, rows.values, strict=True)):
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[r : r + 1, ..., -BatchRowsKV.tokens(key) :]
+        out, _ = subtok_attention(module, query[r : r + 1], key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        outputs.append(out)  # [1, Q, Hq, D]
+    return torch.cat(outputs, dim=0), None
+
+
+def dense_implementation(config) -> tuple[str, str]:
+    """`(attention, mask)` implementation names the hf-subtok function hands dense calls of a
+    model with this config to, and builds their masks with (`install_attention` chose them)."""
+    return _previous_implementation.get(id(config), (_FALLBACK_DEFAULT,) * 3)[1:]
+
+
+def dense_attention_function(module):
+    """The attention function dense calls of `module` go to: the registered one, or for
+    `eager` the `eager_attention_forward` of the module's own modeling file."""
+    name = dense_implementation(module.config)[0]
+    if name != "eager":
+        return ALL_ATTENTION_FUNCTIONS[name]
+    for cls in type(module).__mro__:  # a subclass defined elsewhere: its base's modeling file
+        eager = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager
+    raise ValueError(
+        f"the model's attention implementation was 'eager', but no eager_attention_forward was found in the "
+        f"modeling file of {type(module).__name__}; load the model with attn_implementation='sdpa'"
+    )
+
+
+def subtok_mask(*args, config=None, **kwargs):
+    """transformers mask interface: the mask of the implementation dense calls go to (sdpa's
+    bool mask or None, eager's additive float mask); the packed path reads either."""
+    mask_function = ALL_MASK_ATTENTION_FUNCTIONS[dense_implementation(config)[1]]
+    return mask_function(*args, config=config, **kwargs)
 
 
 def rotated_attention_inputs(query: torch.Tensor, kv: PackedKV) -> tuple[torch.Tensor, PackedKV]:
@@ -89,27 +158,53 @@ def _observe(query, attention_mask, scaling, window: int) -> Observation:
         last_row = attention_mask[:, 0, -1, :]  # [B, T]: the last query sees every valid key
         key_valid = last_row if last_row.dtype == torch.bool else last_row > torch.finfo(last_row.dtype).min / 2
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return Observation(query[:, :, -window:], key_valid, scale)
+    # the layer scores tokens with the queries: no gradient flows into the cache's choices
+    return Observation(query[:, :, -window:].detach(), key_valid, scale)
 
 
 def _register() -> None:
     if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(ATTENTION_NAME, subtok_attention)
-    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS[_FALLBACK_DEFAULT])
+    if ALL_MASK_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is not subtok_mask:
+        AttentionMaskInterface.register(ATTENTION_NAME, subtok_mask)
+
+
+def _dense_choice(current: str) -> tuple[str, str]:
+    """`(attention, mask)` for the dense calls of a model whose implementation is `current`: kept
+    when the packed path reads its masks (sdpa's or eager's), else sdpa, with a warning."""
+    if current in _READABLE_MASKS:
+        return current, current
+    mask = ALL_MASK_ATTENTION_FUNCTIONS.get(current)
+    if current in ALL_ATTENTION_FUNCTIONS:
+        for name in _READABLE_MASKS:
+            if mask is ALL_MASK_ATTENTION_FUNCTIONS[name]:
+                return current, name
+    logger.warning(
+        "hf-subtok: the model's attention implementation %r builds masks the packed cache cannot read; while "
+        "hf-subtok's attention is installed, dense calls (prompts, other caches) run with %r instead "
+        "(uninstall_attention(model) gives %r back)",
+        current,
+        _FALLBACK_DEFAULT,
+        current,
+    )
+    return _FALLBACK_DEFAULT, _FALLBACK_DEFAULT
 
 
 def install_attention(model) -> None:
-    """Switch `model` to the hf-subtok attention function (idempotent)."""
+    """Switch `model` to the hf-subtok attention function (idempotent).
+
+    Dense calls (the prompt, any cache other than a `SubTokenCache`) keep the model's own
+    implementation (`sdpa`, `eager`, or a registered one with sdpa's or eager's masks), with
+    its mask format; any other implementation is replaced by `sdpa` for them, with a warning.
+    """
     check_supported(model)
     _register()
     current = model.config._attn_implementation
     if current == ATTENTION_NAME:
         return
-    if current not in ALL_ATTENTION_FUNCTIONS:
-        logger.info("attention %r is not in transformers' registry; dense calls will use %s", current, _FALLBACK_DEFAULT)
-        current = _FALLBACK_DEFAULT
-    _previous_implementation[id(model.config)] = current
+    key = id(model.config)
+    _previous_implementation[key] = (current, *_dense_choice(current))
+    weakref.finalize(model.config, _previous_implementation.pop, key, None)  # no stale ids
     model.set_attn_implementation(ATTENTION_NAME)
 
 
@@ -117,4 +212,4 @@ def uninstall_attention(model) -> None:
     """Give `model` back the attention implementation it had before `install_attention`."""
     previous = _previous_implementation.pop(id(model.config), None)
     if previous is not None and model.config._attn_implementation == ATTENTION_NAME:
-        model.set_attn_implementation(previous)
+        model.set_attn_implementation(previous[0])

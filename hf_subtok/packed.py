@@ -1,7 +1,16 @@
-"""`PackedKV`: what a `SubTokenLayer` hands to attention instead of dense keys and values."""
+"""`PackedKV` and `PrefillKV`: what a `SubTokenLayer` hands to attention instead of dense keys
+and values.
+
+Only the attention function `hf_subtok.attention` registers reads them. Any other code that
+takes one for a tensor (another attention implementation: `sdpa` called directly, a function
+registered with `AttentionInterface`) gets a `TypeError` naming the cause at its first tensor
+operation (`torch.*` functions through `__torch_function__`, tensor attributes and methods such
+as `.shape` or `.transpose` through `__getattr__`), instead of an obscure failure further in.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,9 +18,62 @@ import torch
 
 from hf_subtok.quant import QuantizedTensor
 
+_TENSOR_ATTRIBUTES = frozenset(name for name in dir(torch.Tensor) if not name.startswith("__"))
+_ATTENTION_NAME = "hf_subtok"  # `hf_subtok.attention.ATTENTION_NAME` (that module imports this one)
+
+
+class PackedStorageError(TypeError):
+    """A `SubtokView` (`PackedKV`, `PrefillKV`) was used as a tensor by code other than hf-subtok's attention."""
+
+
+def _model_attention_implementation() -> str | None:
+    """The `config._attn_implementation` of the attention module whose forward is on the call
+    stack (the one that handed a view to a foreign implementation), or None if none is found.
+    Read only to word an error message."""
+    frame = sys._getframe(3)  # the caller of `__getattr__` / `__torch_function__`
+    for _ in range(32):
+        if frame is None:
+            return None
+        for local in ("module", "self"):
+            owner = frame.f_locals.get(local)
+            if isinstance(owner, torch.nn.Module):
+                name = getattr(getattr(owner, "config", None), "_attn_implementation", None)
+                if isinstance(name, str):
+                    return name
+        frame = frame.f_back
+    return None
+
+
+def _foreign_read(kind: str, operation: str) -> PackedStorageError:
+    implementation = _model_attention_implementation()
+    found = f"is {implementation!r}" if implementation else f"is not {_ATTENTION_NAME!r}"
+    return PackedStorageError(
+        f"hf-subtok: this layer's keys and values are packed sub-token storage (a {kind} from a SubTokenCache "
+        f"layer), readable only by the {_ATTENTION_NAME!r} attention function, but were read as a tensor "
+        f"({operation}); the model's attention implementation {found}. Call hf_subtok.install_attention(model) "
+        f"(building a SubTokenCache does it) and keep the model on it, or use a DynamicCache."
+    )
+
+
+class SubtokView:
+    """Base of what a layer hands to attention in place of key/value tensors: raises a clear
+    `PackedStorageError` when the object is used as a `torch.Tensor`."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str):  # only for attributes the object lacks
+        if name in _TENSOR_ATTRIBUTES:
+            raise _foreign_read(type(self).__name__, f".{name}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", repr(func))
+        raise _foreign_read(cls.__name__, f"torch function {name}")
+
 
 @dataclass(frozen=True)
-class PackedKV:
+class PackedKV(SubtokView):
     """A read-only view of one layer's cache for one attention call.
 
     Stored (packed) tokens come first, then the dense tail (recent window plus the tokens of
@@ -79,7 +141,7 @@ class PackedKV:
 
 
 @dataclass(frozen=True)
-class PrefillKV:
+class PrefillKV(SubtokView):
     """The dense prompt of a layer that selects tokens from the prompt's queries.
 
     Attention runs exactly on `keys`/`values` (`[B, Hkv, T, D]`), then calls

@@ -14,7 +14,9 @@ read the quantized storage directly, dequantizing one block of tokens at a time.
 The public functions check their inputs (raising `ValueError` with the argument and the
 value) before any launch, then dispatch: backend "auto" takes Triton for CUDA tensors and the
 reference otherwise, "torch" always the reference, "triton" always Triton (CPU tensors need
-`TRITON_INTERPRET=1`). Triton is imported only when a call takes the Triton path.
+`TRITON_INTERPRET=1`). Triton is imported only when a call takes the Triton path. The
+Triton kernels have no backward pass: a call that autograd records (grad mode on and an input
+that requires grad) takes the reference, whose result it can differentiate.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from hf_subtok.kernels._dispatch import (
     check_pack_inputs,
     check_packed_attention_inputs,
     check_strides_for_triton,
+    records_grad,
     triton_available,
     use_triton,
 )
@@ -133,8 +136,13 @@ def pack_value_groups(
 
 
 def _triton_decodes(query: torch.Tensor, kv: PackedKV, backend: str | None) -> bool:
-    """Whether the Triton kernel computes this call: a decode step (Q = 1) on the Triton path."""
-    return use_triton(kv.backend if backend is None else backend, query.device) and query.shape[2] == 1
+    """Whether the Triton kernel computes this call: a decode step (Q = 1) on the Triton path,
+    not recorded by autograd (the kernel has no backward)."""
+    return (
+        use_triton(kv.backend if backend is None else backend, query.device)
+        and query.shape[2] == 1
+        and not records_grad(query, kv.keys, kv.values, kv.tail_keys, kv.tail_values, kv.wide_values)
+    )
 
 
 def _per_head_view(kv: PackedKV) -> PackedKV:

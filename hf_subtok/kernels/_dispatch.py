@@ -14,6 +14,7 @@ import torch
 
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
+from hf_subtok.quant.tensor import PackedCodes
 
 BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,6 +44,23 @@ def use_triton(backend: str, device: torch.device) -> bool:
             "when TRITON_INTERPRET=1 is set before triton is first imported"
         )
     return True
+
+
+def records_grad(*parts: torch.Tensor | PackedCodes | None) -> bool:
+    """Whether autograd records an op on `parts` (plain or quantized tensors, None skipped):
+    grad mode is on and one of them requires grad. The CPU path then builds fresh tensors where
+    it otherwise writes into reused buffers and `out=` arguments (autograd refuses `out=` and
+    keeps what it saves for the backward pass); with grad off, only `torch.is_grad_enabled()`
+    is read."""
+    if not torch.is_grad_enabled():
+        return False
+    for part in parts:
+        if isinstance(part, PackedCodes):
+            if any(t.requires_grad for t in part.tensors().values()):
+                return True
+        elif part is not None and part.requires_grad:
+            return True
+    return False
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:

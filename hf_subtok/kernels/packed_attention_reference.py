@@ -9,6 +9,11 @@ work per block is one cast and one matmul. The scores of every token (D times sm
 keys) are kept whole, as for plain storage: the softmax and the `[B, Hkv, T]` attention mass
 need the global normaliser of each row. The result equals attention over the dequantized
 tensors (`dequantize(query.dtype)`), up to rounding and summation order.
+
+Under autograd (grad mode on and an input that requires grad, `records_grad`) every function
+here builds fresh tensors where it otherwise writes into reused buffers and `out=` arguments:
+autograd refuses `out=` and saves operands for the backward pass, which a reused buffer would
+overwrite. The result is the same; only the no-grad path is tuned for speed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 
 import torch
 
+from hf_subtok.kernels._dispatch import records_grad
 from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor, unpack_bits
 from hf_subtok.quant.channel import rows_by_block
@@ -118,6 +124,7 @@ def _quantized_value_matmul(
     rows, size = probs.shape[2], values.group_size
     quant_groups, span = width // size, num_groups - keep + 1
     device = probs.device
+    in_place = not records_grad(probs, values)  # reuse buffers and write with out=
     acc = torch.zeros(batch, heads, keep, rows * quant_groups * span, width, device=device)  # [B, Hkv, K, M*ngv*span, C]
     flat_acc = acc.view(batch * heads * keep, rows * quant_groups * span, width)  # blocks add in place
     if span == 1:  # the zero term per (slot, quantization group) is one [K*ngv, t] x [t, M] matmul per head
@@ -127,9 +134,10 @@ def _quantized_value_matmul(
         slot_groups = _slot_groups(keep, span, group_idx)  # [K, span, 1]
         all_groups = group_idx.unsqueeze(3)  # [B, Hkv, K, 1, T]
         block = max(1, min(tokens, BLOCK_TOKENS))
-        hit_buffer = torch.empty(batch * heads * keep * span * block, device=device)
-        weight_buffer = torch.empty(batch * heads * keep * rows * quant_groups * span * block, device=device)
-    buffer = _block_buffer(values.payload, values.bits, torch.float32)
+        if in_place:
+            hit_buffer = torch.empty(batch * heads * keep * span * block, device=device)
+            weight_buffer = torch.empty(batch * heads * keep * rows * quant_groups * span * block, device=device)
+    buffer = _block_buffer(values.payload, values.bits, torch.float32) if in_place else None
     for start in range(0, tokens, BLOCK_TOKENS):
         end = min(start + BLOCK_TOKENS, tokens)
         t = end - start
@@ -143,12 +151,19 @@ def _quantized_value_matmul(
             zero_acc.baddbmm_(zeros.view(batch * heads, keep * quant_groups, t), p.transpose(-1, -2).reshape(batch * heads, t, rows))
         else:
             zeroed = p.view(batch, heads, 1, rows, 1, t) * zeros.float().unsqueeze(3)  # [B, Hkv, K, M, ngv, t]
-            hit = hit_buffer[: batch * heads * keep * span * t].view(batch, heads, keep, span, t)
-            torch.eq(all_groups[..., start:end], slot_groups, out=hit)
+            if in_place:
+                hit = hit_buffer[: batch * heads * keep * span * t].view(batch, heads, keep, span, t)
+                torch.eq(all_groups[..., start:end], slot_groups, out=hit)
+            else:
+                hit = (all_groups[..., start:end] == slot_groups).float()  # [B, Hkv, K, span, t]
             zero_acc.baddbmm_(zeroed.reshape(batch * heads * keep, rows * quant_groups, t), hit.view(-1, span, t).transpose(1, 2))
-            weights = weight_buffer[: batch * heads * keep * rows * quant_groups * span * t]
-            weights = weights.view(batch, heads, keep, rows, quant_groups, span, t)
-            torch.mul(scaled.unsqueeze(5), hit.view(batch, heads, keep, 1, 1, span, t), out=weights)
+            hit = hit.view(batch, heads, keep, 1, 1, span, t)
+            if in_place:
+                weights = weight_buffer[: batch * heads * keep * rows * quant_groups * span * t]
+                weights = weights.view(batch, heads, keep, rows, quant_groups, span, t)
+                torch.mul(scaled.unsqueeze(5), hit, out=weights)
+            else:
+                weights = scaled.unsqueeze(5) * hit  # [B, Hkv, K, M, ngv, span, t]
         codes = unpack_codes(values.payload[..., start:end, :], values.bits, torch.float32, buffer)  # [B, Hkv, K, t, C]
         flat_acc.baddbmm_(weights.reshape(batch * heads * keep, -1, t), codes.view(batch * heads * keep, t, width))
     if span == 1:
@@ -241,11 +256,13 @@ def channel_key_scores(query: torch.Tensor, keys: ChannelQuantizedTensor) -> tor
     block = keys.token_blocks()  # [B, Hkv, T]
     zero_dots = (keys.zero.float() @ q.transpose(-1, -2)).contiguous()  # [B, Hkv, NB, M]
     scores = rows_by_block(zero_dots, block).transpose(-1, -2).contiguous()  # [B, Hkv, M, T]: the zero terms
-    buffer = _block_buffer(keys.payload, keys.bits, torch.float32)
+    in_place = not records_grad(query, keys)
+    buffer = _block_buffer(keys.payload, keys.bits, torch.float32) if in_place else None
     for start in range(0, tokens, BLOCK_TOKENS):
         end = min(start + BLOCK_TOKENS, tokens)
         codes = unpack_codes(keys.payload[..., start:end, :], keys.bits, torch.float32, buffer)  # [B, Hkv, t, D]
-        codes.mul_(rows_by_block(scales, block[..., start:end]))
+        block_scales = rows_by_block(scales, block[..., start:end])  # [B, Hkv, t, D]
+        codes = codes.mul_(block_scales) if in_place else codes * block_scales
         scores[..., start:end] += q @ codes.transpose(-1, -2)
     return scores
 
@@ -274,7 +291,7 @@ def quantized_key_scores(query: torch.Tensor, keys: QuantizedTensor) -> torch.Te
     weights = (q.unsqueeze(2) * own.unsqueeze(1)).view(batch, heads, key_groups * rows, dim)  # [B, Hkv, ngk*M, D]
     dots = torch.empty(batch, heads, key_groups, rows, tokens, device=device)  # [B, Hkv, ngk, M, T]
     flat_dots = dots.view(batch, heads, key_groups * rows, tokens)
-    buffer = _block_buffer(keys.payload, keys.bits, torch.float32)
+    buffer = _block_buffer(keys.payload, keys.bits, torch.float32) if not records_grad(query, keys) else None
     for start in range(0, tokens, BLOCK_TOKENS):
         end = min(start + BLOCK_TOKENS, tokens)
         codes = unpack_codes(keys.payload[..., start:end, :], keys.bits, torch.float32, buffer)  # [B, Hkv, t, D]
@@ -313,19 +330,26 @@ def _dense_value_matmul(
     span = num_groups - keep + 1
     slot_groups = _slot_groups(keep, span, group_idx).unsqueeze(1)  # [K, 1, span, 1]
     block = max(1, min(tokens, BLOCK_TOKENS))  # no tokens: no block, the sum stays zero
-    hit_buffer = values.new_empty(batch * heads * keep * span * block)
-    weight_buffer = values.new_empty(batch * heads * keep * rows * span * block)
+    in_place = not records_grad(probs, values)  # reuse buffers and write with out=
+    if in_place:
+        hit_buffer = values.new_empty(batch * heads * keep * span * block)
+        weight_buffer = values.new_empty(batch * heads * keep * rows * span * block)
     acc = values.new_zeros(batch * heads * keep, rows * span, width, dtype=torch.float32)  # [B*Hkv*K, M*span, C]
     all_probs = probs.unsqueeze(2).unsqueeze(4)  # [B, Hkv, 1, M, 1, T]
     all_groups = group_idx.view(batch, heads, keep, 1, 1, tokens)
     for start in range(0, tokens, block):
         end = min(start + block, tokens)
         size = end - start
-        hit = hit_buffer[: batch * heads * keep * span * size].view(batch, heads, keep, 1, span, size)
-        torch.eq(all_groups[..., start:end], slot_groups, out=hit)
-        weights = weight_buffer[: batch * heads * keep * rows * span * size].view(batch, heads, keep, rows, span, size)
-        torch.mul(all_probs[..., start:end], hit, out=weights)
-        weights = weights.view(batch * heads * keep, rows * span, size)
+        if in_place:
+            hit = hit_buffer[: batch * heads * keep * span * size].view(batch, heads, keep, 1, span, size)
+            torch.eq(all_groups[..., start:end], slot_groups, out=hit)
+            weights = weight_buffer[: batch * heads * keep * rows * span * size]
+            weights = weights.view(batch, heads, keep, rows, span, size)
+            torch.mul(all_probs[..., start:end], hit, out=weights)
+        else:
+            hit = (all_groups[..., start:end] == slot_groups).to(values.dtype)  # [B, Hkv, K, 1, span, t]
+            weights = all_probs[..., start:end] * hit  # [B, Hkv, K, M, span, t]
+        weights = weights.reshape(batch * heads * keep, rows * span, size)
         block_values = values[:, :, :, start:end].reshape(batch * heads * keep, size, width)  # [B*Hkv*K, t, C]: a view
         if acc.dtype == values.dtype:  # float32: accumulate in place, no product tensor
             acc.baddbmm_(weights, block_values)
@@ -337,9 +361,12 @@ def _dense_value_matmul(
 @functools.lru_cache(maxsize=64)
 def _slot_table(keep: int, span: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`[K, span, 1]`: the groups slot k can hold (k..k+span-1). A few bytes per (K, span, dtype,
-    device), built once: every decode step of every layer reads the same table."""
-    slots = torch.arange(keep, device=device).view(keep, 1) + torch.arange(span, device=device).view(1, span)
-    return slots.to(dtype).view(keep, span, 1)
+    device), built once: every decode step of every layer reads the same table. Built outside
+    inference mode, so a table first built under `torch.inference_mode()` may still be saved
+    for a backward pass later."""
+    with torch.inference_mode(False):
+        slots = torch.arange(keep, device=device).view(keep, 1) + torch.arange(span, device=device).view(1, span)
+        return slots.to(dtype).view(keep, span, 1)
 
 
 def _slot_groups(keep: int, span: int, group_idx: torch.Tensor) -> torch.Tensor:
