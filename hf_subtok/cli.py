@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(gen)
 
     bench = sub.add_parser("bench", help="quality, memory and speed against dense and kvpress")
-    bench.add_argument("--suite", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
+    bench.add_argument("--suite", default=",".join(SUITES),
+                       help=f"comma list of {', '.join(SUITES)} (default: all), or ruler (RULER-style families, when named)")
     bench.add_argument(
         "--methods", default="dense,subtok,kvpress",
         help="comma list: dense, subtok[@B], subtok:KEY=VALUE[+KEY=VALUE...][@B] (any SubTokenConfig field) or "
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", default=None, help="needle pass-key seeds, e.g. 0,1")
     bench.add_argument("--ppl-prefix", default=None, help="ppl prefix lengths, e.g. 4k")
     bench.add_argument("--speed-lengths", default=None, help="speed context lengths, e.g. 1k,4k")
+    bench.add_argument("--ppl-text", default=None, help="ppl text: ppl or book (default), legal, or a file path")
+    bench.add_argument("--contexts", default=None, help="ruler context lengths (default 2k,4k,8k; --quick: 1k)")
+    bench.add_argument("--cases", type=int, default=None, help="ruler cases per family and length (default 5)")
+    bench.add_argument("--families", default=None, help="ruler families (default all: niah_single, niah_multikey, "
+                       "niah_multivalue, niah_multiquery, vt, cwe, fwe, qa)")
     bench.add_argument("--window", type=int, default=64, help="subtok dense window (default 64)")
     bench.add_argument("--quick", action="store_true", help="a small grid that runs in a couple of minutes")
     bench.add_argument("--out", default="bench_out", help="output folder (JSONL, JSON, Markdown, PNG)")
@@ -156,14 +162,20 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def bench_config_from_args(args) -> object:
     """A validated `BenchConfig` from `bench` arguments (raises ValueError on bad values)."""
     from hf_subtok.bench.methods import parse_budgets, parse_ints, parse_methods, parse_suites
-    from hf_subtok.bench.runner import DEFAULT_BUDGETS, QUICK_BUDGETS, SUITES, BenchConfig
+    from hf_subtok.bench.runner import (
+        DEFAULT_BUDGETS,
+        OPTIONAL_SUITES,
+        QUICK_BUDGETS,
+        SUITES,
+        BenchConfig,
+    )
 
     if args.budgets:
         budgets = parse_budgets(args.budgets)
     else:
         budgets = list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
     overrides = {
-        "suites": parse_suites(args.suite, SUITES),
+        "suites": parse_suites(args.suite, SUITES + OPTIONAL_SUITES),
         "budgets": budgets,
         "methods": parse_methods(args.methods, budgets),
         "window": _non_negative("window", args.window),
@@ -182,6 +194,14 @@ def bench_config_from_args(args) -> object:
         overrides["ppl_prefix_lengths"] = parse_ints("ppl-prefix", args.ppl_prefix, low=1)
     if args.speed_lengths:
         overrides["speed_lengths"] = parse_ints("speed-lengths", args.speed_lengths, low=16)
+    if args.ppl_text:
+        overrides["ppl_text"] = args.ppl_text
+    if args.contexts:
+        overrides["ruler_contexts"] = parse_ints("contexts", args.contexts, low=64)
+    if args.cases is not None:
+        overrides["ruler_cases"] = args.cases
+    if args.families:
+        overrides["ruler_families"] = [f.strip() for f in args.families.split(",") if f.strip()]
     return BenchConfig.quick_grid(**overrides) if args.quick else BenchConfig(**overrides)
 
 

@@ -13,7 +13,7 @@ from importlib import resources
 
 import torch
 
-TEXTS = ("haystack", "ppl")
+TEXTS = ("haystack", "ppl", "legal")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? Answer with the number only."
 INTRO = (
@@ -27,7 +27,8 @@ _SENTENCE = re.compile(r"\s*.+?(?:[.!?]+[\"')\]]*(?=\s)|\S$)", re.S)
 
 
 def load_text(name: str) -> str:
-    """Return a shipped text: ``"haystack"`` (needle filler) or ``"ppl"`` (perplexity)."""
+    """Return a shipped text: ``"haystack"`` (needle filler), ``"ppl"`` (perplexity, the same
+    book) or ``"legal"`` (perplexity, the US Constitution)."""
     if name not in TEXTS:
         raise ValueError(f"name={name!r} is not a shipped text; choose one of {TEXTS}")
     return (resources.files("hf_subtok") / "data" / f"{name}.txt").read_text(encoding="utf-8")
@@ -145,22 +146,35 @@ def build_needle_case(tokenizer, context_tokens: int, depth: float, seed: int) -
     )
 
 
-def build_ppl_case(tokenizer, prefix_tokens: int, eval_tokens: int) -> PplCase:
-    """Cut ``prefix_tokens + eval_tokens`` consecutive tokens from the start of the ppl text."""
+def build_ppl_case(tokenizer, prefix_tokens: int, eval_tokens: int, text: str = "ppl") -> PplCase:
+    """Cut ``prefix_tokens + eval_tokens`` consecutive tokens from the start of ``text``: a
+    shipped text (``"ppl"`` or its alias ``"book"``, ``"legal"``) or the path of a UTF-8 file."""
     if prefix_tokens < 0:
         raise ValueError(f"prefix_tokens={prefix_tokens!r} must be >= 0")
     if eval_tokens < 2:
         raise ValueError(f"eval_tokens={eval_tokens!r} must be >= 2")
-    ids = tokenizer(load_text("ppl"), add_special_tokens=False, verbose=False).input_ids
+    ids = tokenizer(_ppl_text(text), add_special_tokens=False, verbose=False).input_ids
     if prefix_tokens + eval_tokens > len(ids):
         raise ValueError(
             f"prefix_tokens + eval_tokens = {prefix_tokens + eval_tokens} exceeds the "
-            f"{len(ids)} tokens of the shipped ppl text"
+            f"{len(ids)} tokens of the ppl text {text!r}"
         )
     return PplCase(
         prefix_ids=list(ids[:prefix_tokens]),
         eval_ids=list(ids[prefix_tokens : prefix_tokens + eval_tokens]),
     )
+
+
+def _ppl_text(text: str) -> str:
+    name = "ppl" if text == "book" else text
+    if name in TEXTS:
+        return load_text(name)
+    try:
+        with open(text, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"text={text!r} is neither a shipped text ({', '.join(TEXTS)}, book) nor a readable "
+                         f"file: {e.strerror}") from None
 
 
 def _render(tokenizer, haystack: str, needle_at: int = 0):

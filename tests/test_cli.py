@@ -32,7 +32,7 @@ def _one_line_error(capsys, argv, match):
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["bench", "--suite", "needle,nope"], "suite must be one of needle, ppl, speed, got 'nope'"),
+        (["bench", "--suite", "needle,nope"], "suite must be one of needle, ppl, speed, ruler, got 'nope'"),
         (["bench", "--methods", "dense,magic"], "method must be one of dense, subtok, kvpress"),
         (["bench", "--methods", "kvpress:nope"], "got 'nope'"),
         (["bench", "--budgets", "0.5,1.5"], "budget must be in (0, 1], got 1.5"),
@@ -67,7 +67,7 @@ def test_console_script_error_in_a_real_process():
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["hf-subtok: error: suite must be one of needle, ppl, speed, got 'nope'"]
+    assert proc.stderr.strip().splitlines() == ["hf-subtok: error: suite must be one of needle, ppl, speed, ruler, got 'nope'"]
 
 
 def test_generate_prints_answer_and_memory_report(capsys, tiny_loader):

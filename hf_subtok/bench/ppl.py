@@ -21,14 +21,15 @@ from hf_subtok.tasks import as_input_ids, build_ppl_case
 class PplSpec:
     prefix: int
     eval: int
+    text: str = "ppl"
 
     @property
     def key(self) -> str:
-        return f"ppl|{self.prefix}|{self.eval}"
+        return f"ppl|{self.prefix}|{self.eval}" + ("" if self.text == "ppl" else f"|{self.text}")
 
 
 def ppl_specs(config) -> list[PplSpec]:
-    return [PplSpec(prefix, config.ppl_eval_tokens) for prefix in config.ppl_prefix_lengths]
+    return [PplSpec(prefix, config.ppl_eval_tokens, config.ppl_text) for prefix in config.ppl_prefix_lengths]
 
 
 def units(config, n_methods: int) -> int:
@@ -40,13 +41,14 @@ def run_ppl(ctx) -> None:
         if ctx.all_done([spec.key]):
             ctx.advance(len(ctx.methods))
             continue
-        case = build_ppl_case(ctx.tokenizer, spec.prefix, spec.eval)
+        case = build_ppl_case(ctx.tokenizer, spec.prefix, spec.eval, spec.text)
         prefix = as_input_ids(case.prefix_ids)
         eval_ids = as_input_ids(case.eval_ids)
         ctx.set_status(f"ppl prefix {spec.prefix} tok: dense prefill")
         prefill = dense_prefill(ctx.model, prefix, capture_hidden=ctx.needs_hidden)
         ctx.maybe_verify_presses("ppl", prefix, prefill, unless_checked=True)
-        base = {"suite": "ppl", "prefix_tokens": spec.prefix, "eval_tokens": spec.eval, "prefill_s": prefill.seconds}
+        base = {"suite": "ppl", "prefix_tokens": spec.prefix, "eval_tokens": spec.eval, "text": spec.text,
+                "prefill_s": prefill.seconds}
 
         def evaluate(compressed, prefill=prefill, eval_ids=eval_ids, start=prefix.shape[1]):
             begin = time.perf_counter()

@@ -11,14 +11,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hf_subtok.bench import needle, ppl, speed
+from hf_subtok.bench import needle, ppl, ruler_eval, speed
 from hf_subtok.bench.apply import check_subtok_reachable
 from hf_subtok.bench.methods import MethodSpec, kvpress_available
 from hf_subtok.bench.resume import ResultStore, code_fingerprint, run_id
+from hf_subtok.bench.ruler import FAMILIES as RULER_FAMILIES
 
 logger = logging.getLogger(__name__)
 
 SUITES = ("needle", "ppl", "speed")
+OPTIONAL_SUITES = ("ruler",)  # run only when named (--suite ruler)
 DEFAULT_BUDGETS = (0.75, 0.5, 0.375, 0.25, 0.125)
 QUICK_BUDGETS = (0.75, 0.25)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -36,6 +38,12 @@ class BenchConfig:
     needle_seeds: list[int] = field(default_factory=lambda: [0])
     ppl_prefix_lengths: list[int] = field(default_factory=lambda: [4096])
     ppl_eval_tokens: int = 512
+    ppl_text: str = "ppl"  # a shipped text ("ppl": the book, "legal": the US Constitution) or a file path
+    ruler_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
+    ruler_cases: int = 5  # per family, context and setting
+    ruler_families: list[str] = field(default_factory=lambda: list(RULER_FAMILIES))
+    ruler_seed: int = 0
+    ruler_max_new_tokens: int | None = None  # None: RULER's tokens to generate per family
     speed_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
     speed_new_tokens: int = 16
     max_new_tokens: int = 12  # 'The pass key is 12345' is 10 tokens; generation stops once correct
@@ -56,6 +64,8 @@ class BenchConfig:
             ppl_eval_tokens=128,
             speed_lengths=[512],
             speed_new_tokens=8,
+            ruler_contexts=[1024],
+            ruler_cases=1,
             budgets=list(QUICK_BUDGETS),
             quick=True,
         )
@@ -65,6 +75,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        unknown = [f for f in self.ruler_families if f not in RULER_FAMILIES]
+        if unknown or self.ruler_cases < 1:
+            raise ValueError(f"ruler families must be among {', '.join(RULER_FAMILIES)} and ruler_cases >= 1, got "
+                             f"{self.ruler_families!r} and {self.ruler_cases!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -184,6 +198,8 @@ def total_units(config: BenchConfig) -> int:
         total += ppl.units(config, n)
     if "speed" in config.suites:
         total += speed.units(config, config.methods)
+    if "ruler" in config.suites:
+        total += ruler_eval.units(config, n)
     return total
 
 
@@ -233,7 +249,7 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
     started = time.perf_counter()
     try:
         for suite in config.suites:
-            {"needle": needle.run_needle, "ppl": ppl.run_ppl, "speed": speed.run_speed}[suite](ctx)
+            {"needle": needle.run_needle, "ppl": ppl.run_ppl, "speed": speed.run_speed, "ruler": ruler_eval.run_ruler}[suite](ctx)
     finally:
         ctx.close()
     elapsed = time.perf_counter() - started
@@ -270,10 +286,25 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
         "plot": str(out / "quality_vs_ratio.png"),
     }
     markdown = markdown_report(meta, rows)
+    if "ruler" in config.suites:
+        paths.update(ruler_eval.write_summary(out, rows))
+        markdown = "\n\n".join(ruler_eval.markdown_tables(rows) + [markdown])
     write_json(paths["json"], meta, rows)
     Path(paths["markdown"]).write_text(markdown)
     plot_quality_vs_ratio(rows, paths["plot"], title=f"{fingerprint['name_or_path']}: quality vs stored bytes")
     return {"meta": meta, "rows": rows, "markdown": markdown, "paths": paths}
+
+
+def run_ruler_suite(methods: list[MethodSpec], model=None, tokenizer=None, *, contexts=(2048, 4096, 8192),
+                    cases: int = 5, families=RULER_FAMILIES, out_dir: str = "bench_out/ruler", **config) -> list[dict]:
+    """Run the RULER-style suite for `methods` and return `ruler_eval.summarize`'s rows
+    `{family, setting, context, method, cases, correct, score, ci_low, ci_high, ...}`.
+
+    `model`, `tokenizer` as in `run_bench`; other `BenchConfig` fields go in `config`.
+    """
+    bench = BenchConfig(suites=["ruler"], methods=list(methods), ruler_contexts=list(contexts), ruler_cases=cases,
+                        ruler_families=list(families), out_dir=out_dir, **config)
+    return ruler_eval.summarize(run_bench(bench, model, tokenizer)["rows"])
 
 
 def _grid_keys(config: BenchConfig, rid: str) -> list[str]:
@@ -289,4 +320,6 @@ def _grid_keys(config: BenchConfig, rid: str) -> list[str]:
     if "speed" in config.suites:
         for length in config.speed_lengths:
             keys += [f"{rid}|speed|{length}|{m.name}" for m in speed.speed_methods(config, config.methods)]
+    if "ruler" in config.suites:
+        keys += ruler_eval.grid_keys(config, rid)
     return keys
