@@ -22,6 +22,7 @@ def test_budget_override_fixes_those_layers_and_the_rest_share_what_is_left():
     config = SubTokenConfig(
         budget=0.25,
         window=16,
+        floor_tokens=0,  # the budget, not the short-context floor, sets every layer's bytes
         layer_budgets="uniform",
         overrides=[{"layers": "0-1", "budget": 0.4}],
     )
@@ -38,7 +39,7 @@ def test_budget_override_fixes_those_layers_and_the_rest_share_what_is_left():
 def test_budget_override_keeps_the_total_within_budget(layer_budgets):
     override = LayerOverride(first=3, last=3, budget=0.1)
     config = SubTokenConfig(
-        budget=0.25, window=16, layer_budgets=layer_budgets, overrides=[override]
+        budget=0.25, window=16, floor_tokens=0, layer_budgets=layer_budgets, overrides=[override]
     )
     cache = _prefill(4, config)
     report = cache.memory_report()
@@ -53,7 +54,9 @@ def test_budget_override_keeps_the_total_within_budget(layer_budgets):
 
 def test_scorer_override_takes_effect_on_its_layers_only():
     config = SubTokenConfig(
-        budget=0.3, overrides=[{"layers": 1, "token_scorer": "streaming", "router": "value_norm"}]
+        budget=0.3,
+        floor_tokens=0,
+        overrides=[{"layers": 1, "token_scorer": "streaming", "router": "value_norm"}],
     )
     model = make_tiny_model("llama", num_hidden_layers=3)
     cache = SubTokenCache(model, config)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_subtok import SubTokenCache
-from hf_subtok.presets import PRESETS
+from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.presets import PRESETS, resolve_config
 from tests.tiny_models import make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
@@ -15,7 +15,9 @@ _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_s
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_runs_within_its_budget(name):
     model = make_tiny_model("llama", **_WIDE)
-    cache = SubTokenCache(model, name)
+    assert resolve_config(name) == SubTokenConfig(**PRESETS[name])
+    # the budget, not the short-context floor, sets the bytes of this 300-token context
+    cache = SubTokenCache(model, SubTokenConfig(**PRESETS[name], floor_tokens=0))
     with torch.no_grad():
         out = model(input_ids=random_prompts(1, 300), past_key_values=cache)
         token = out.logits[:, -1:].argmax(-1)
