@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_subtok.packed import SubtokView
+
 
 @dataclass(frozen=True)
-class BatchRowsKV:
+class BatchRowsKV(SubtokView):
     """One attention call's view of a batch whose rows are stored separately.
 
     A batch of several prompts is stored row by row, each row holding only its own tokens

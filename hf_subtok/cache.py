@@ -137,7 +137,9 @@ class SubTokenCache(Cache):
             o.budget is not None and o.first <= layer_idx <= o.last for o in self.config.overrides
         )
         planner = None if budget_fixed else self.planner
-        return SubTokenLayer(config, self.keep_groups, scorer, token_scorer, planner, self.rope)
+        return SubTokenLayer(
+            config, self.keep_groups, scorer, token_scorer, planner, self.rope, layers_sharing=len(self.layer_configs)
+        )
 
     @classmethod
     def from_dense(

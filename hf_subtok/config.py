@@ -445,8 +445,9 @@ class SubTokenConfig:
 
     @property
     def evicts_tokens(self) -> bool:
-        """Whether tokens are evicted: a budget is set and `axes` lets it cut tokens."""
-        return self.budget is not None and self.axes != "groups"
+        """Whether tokens are evicted: a budget below 1 is set and `axes` lets it cut tokens
+        (`budget=1.0` keeps every token, as `DynamicCache` does)."""
+        return self.budget is not None and self.budget < 1.0 and self.axes != "groups"
 
     def to_dict(self) -> dict:
         """The fields as given, JSON-ready: `SubTokenConfig(**config.to_dict()) == config`."""

@@ -51,7 +51,8 @@ def _foreign_read(kind: str, operation: str) -> PackedStorageError:
         f"hf-subtok: this layer's keys and values are packed sub-token storage (a {kind} from a SubTokenCache "
         f"layer), readable only by the {_ATTENTION_NAME!r} attention function, but were read as a tensor "
         f"({operation}); the model's attention implementation {found}. Call hf_subtok.install_attention(model) "
-        f"(building a SubTokenCache does it) and keep the model on it, or use a DynamicCache."
+        f"(building a SubTokenCache does it) and keep the model on it, or use a DynamicCache. A SubTokenCache "
+        f"serves the model it was built for: build one cache per model."
     )
 
 

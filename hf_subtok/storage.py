@@ -86,9 +86,11 @@ class SubTokenLayer(CacheLayerMixin):
         token_scorer: TokenScorer | None = None,
         planner: PromptPlanner | None = None,
         rope: RopeInfo | None = None,
+        layers_sharing: int = 1,
     ):
         super().__init__()
         self.config = config
+        self.layers_sharing = layers_sharing  # layers sharing the rotation matrices (their bytes too)
         self.fixed_keep_groups = keep_groups
         self.scorer = scorer
         self.token_scorer = token_scorer
@@ -158,7 +160,7 @@ class SubTokenLayer(CacheLayerMixin):
                 row_keys, row_values = row_keys[:, :, real], row_values[:, :, real]
             row = SubTokenLayer(
                 self.config, self.fixed_keep_groups, self.scorer, self.token_scorer,
-                None if self.planner is None else self.planner.for_row(r), self.rope,
+                None if self.planner is None else self.planner.for_row(r), self.rope, self.layers_sharing,
             )
             view, _ = row.update(row_keys, row_values)
             if isinstance(view, PrefillKV):
@@ -566,7 +568,16 @@ class SubTokenLayer(CacheLayerMixin):
     def _row_budget(self, window_tokens: int) -> float:
         """Bytes one (batch, head) row may spend on packed tokens with `window_tokens` dense."""
         dense = self.storage.dense_token_bytes
-        return self.target_bytes() - window_tokens * (dense + SCORE_BYTES)
+        return self.target_bytes() - window_tokens * (dense + SCORE_BYTES) - self._shared_bytes_per_row()
+
+    def _shared_bytes_per_row(self) -> float:
+        """This layer's share, per (batch, head) row, of the rotation matrices all layers share
+        (`[D, D]` and `[C, C]` float32), when any format it may pick is rotated."""
+        formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
+        if not any(f.rotates for f in formats):
+            return 0.0
+        matrices = 4 * (self.head_dim**2 + self.storage.width**2)
+        return matrices / self.layers_sharing / (self.window_keys.shape[0] * self.num_heads)
 
     def _pack_selected(
         self,
