@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from hf_subtok import SubTokenCache, SubTokenConfig
 from tests.tiny_models import ARCHITECTURES, make_tiny_model, random_prompts
 
-LOSSLESS = SubTokenConfig(num_groups=8, keep_groups=8, window=8, pack_chunk=4)
+LOSSLESS = SubTokenConfig(num_groups=8, keep_groups=8, window=8, pack_chunk=4, floor_tokens=0)  # packs from the start
 NEW_TOKENS = 64
 
 
