@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok import SubTokenCache, SubTokenConfig, cache_kwargs
 from hf_subtok.bench.overrides import parse_overrides
 from hf_subtok.presets import resolve_config
 
@@ -77,7 +77,7 @@ def time_decode(model, cache, start: int, steps: int) -> tuple[float, float]:
     with torch.no_grad():
         for step in range(steps + 1):
             begin = time.perf_counter()
-            model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[start + step]]))
+            model(input_ids=token, **cache_kwargs(cache), position_ids=torch.tensor([[start + step]]))
             times.append(time.perf_counter() - begin)
     return times[0], sum(times[1:])
 
@@ -87,9 +87,9 @@ def time_prefill(model, tokens: int) -> float:
     logits of the last token only (as `generate()` computes them), after a short warm-up call."""
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(tokens))
     with torch.no_grad():
-        model(input_ids=ids[:, :16], past_key_values=DynamicCache(), logits_to_keep=1)
+        model(input_ids=ids[:, :16], **cache_kwargs(DynamicCache()), logits_to_keep=1)
         begin = time.perf_counter()
-        model(input_ids=ids, past_key_values=DynamicCache(), logits_to_keep=1)
+        model(input_ids=ids, **cache_kwargs(DynamicCache()), logits_to_keep=1)
         return time.perf_counter() - begin
 
 

@@ -17,6 +17,7 @@ import logging
 import torch
 from transformers import DynamicCache
 
+from hf_subtok.generate_args import cache_kwargs
 from hf_subtok.model_loading import load_model_and_tokenizer
 from hf_subtok.quant import extend_channels, quantize_channels
 from hf_subtok.quant.rotation import hadamard, rotate_groups
@@ -55,7 +56,7 @@ def model_key_blocks(tokens: int, block: int) -> list[torch.Tensor]:
     ids = torch.tensor([case.prefix_ids + case.eval_ids])
     cache = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     starts = (tokens - 2 * block, tokens - block)
     blocks = []
     for layer in range(0, len(cache.layers), 3):

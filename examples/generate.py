@@ -10,7 +10,7 @@ import argparse
 import torch
 from transformers import DynamicCache
 
-from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok import SubTokenCache, SubTokenConfig, cache_kwargs
 from hf_subtok.model_loading import load_model_and_tokenizer
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     }
     for name, cache in caches.items():
         with torch.no_grad():
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64, do_sample=False)
+            out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=64, do_sample=False)
         print(f"--- {name}")
         print(tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True))
         if isinstance(cache, SubTokenCache):

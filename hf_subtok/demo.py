@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from hf_subtok import PRESETS, SubTokenCache
+from hf_subtok import PRESETS, SubTokenCache, cache_kwargs
 from hf_subtok.bench.memory import PeakRSS
 
 logger = logging.getLogger(__name__)
@@ -74,14 +74,14 @@ def dynamic_cache_bytes(cache) -> int:
 
 @torch.no_grad()
 def run_generate(model, tokenizer, input_ids: torch.Tensor, cache, name: str, max_new_tokens: int, is_correct=None):
-    """`model.generate(input_ids, past_key_values=cache)` greedily, measured."""
+    """`model.generate(input_ids, cache=cache)` greedily, measured (`past_key_values=` before transformers 5.25)."""
     clock = _TokenClock()
     start = time.perf_counter()
     with PeakRSS() as peak:
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
+            **cache_kwargs(cache),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             streamer=clock,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hf_subtok.generate_args import cache_kwargs
+
 
 @dataclass
 class Generation:
@@ -39,7 +41,7 @@ def eos_ids(model) -> set[int]:
 def _forward(model, cache, ids: torch.Tensor, start: int, keep: int = 1) -> torch.Tensor:
     """Logits `[1, keep, V]` of `ids` `[1, Q]` placed at positions `start..start+Q-1`."""
     positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-    out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=keep)
+    out = model(input_ids=ids, **cache_kwargs(cache), position_ids=positions, use_cache=True, logits_to_keep=keep)
     return out.logits
 
 

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from hf_subtok.bench.methods import PRESSES
 from hf_subtok.bench.prefill import DensePrefill, attention_modules, dynamic_cache_from
+from hf_subtok.generate_args import cache_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def compress_hooked(model, press, input_ids: torch.Tensor) -> tuple[DynamicCache
     cache = DynamicCache()
     start = time.perf_counter()
     with press(model):
-        model.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        model.model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True)
     return cache, time.perf_counter() - start
 
 

@@ -16,6 +16,8 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from hf_subtok.generate_args import cache_kwargs
+
 # last prompt queries kept per layer (at least SubTokenConfig.obs_window)
 QUERY_WINDOW = 64
 
@@ -101,7 +103,7 @@ def dense_prefill(model, input_ids: torch.Tensor, *, capture_hidden: bool) -> De
     cache = DynamicCache()
     start = time.perf_counter()
     try:
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()

@@ -30,6 +30,7 @@ from hf_subtok.bench.memory import PeakRSS
 from hf_subtok.bench.methods import MethodSpec
 from hf_subtok.bench.quantized_bytes import quantized_cache_bytes
 from hf_subtok.bench.resume import skip_finished
+from hf_subtok.generate_args import cache_kwargs
 from hf_subtok.tasks import as_input_ids, build_needle_case
 
 
@@ -63,10 +64,10 @@ def _prefill(model, spec, ids, match, window):
         cache = DynamicCache()
         start = time.perf_counter()
         with press(model):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         return cache, out.logits[:, -1], time.perf_counter() - start, info
     start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1], time.perf_counter() - start, info
 
 
