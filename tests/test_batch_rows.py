@@ -6,11 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok import PRESETS, SubTokenCache, SubTokenConfig
 from tests.tiny_models import make_tiny_model
 
-NEW_TOKENS = 20
-LENGTHS = (260, 150, 40)  # above the short-prompt floor, above it too, below it
+NEW_TOKENS = 16
+FLOOR = 32  # a small short-context floor keeps the prompts short
+LENGTHS = (110, 70, 20)  # above the floor, above it too, below it
+
+
+def _config(name, **fields) -> SubTokenConfig:
+    base = PRESETS[name] if isinstance(name, str) else {}
+    return SubTokenConfig(**{**base, "floor_tokens": FLOOR, **fields})
 
 
 def _prompts(seed: int = 1) -> list[torch.Tensor]:
@@ -49,20 +55,21 @@ def _check_rows_match_alone(model, config) -> SubTokenCache:
 
 
 @pytest.mark.parametrize(
-    "config",
-    ["balanced", "compact", "groups-only", SubTokenConfig(budget=0.25), SubTokenConfig(budget=0.1, window=8, head_budgets="adaptive")],
+    "name, fields",
+    [("balanced", {}), ("compact", {}), ("groups-only", {}), (None, {"budget": 0.25}),
+     (None, {"budget": 0.1, "window": 8, "head_budgets": "adaptive"})],
     ids=["balanced", "compact", "groups-only", "budget0.25", "budget0.1-heads"],
 )
-def test_padded_rows_equal_prompt_alone(config):
+def test_padded_rows_equal_prompt_alone(name, fields):
     model = make_tiny_model("llama")
-    cache = _check_rows_match_alone(model, config)
+    cache = _check_rows_match_alone(model, _config(name, **fields))
     report = cache.memory_report()
     assert report["ratio"] < 1.0  # the long rows were compressed
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
 def test_padded_rows_equal_prompt_alone_architectures(arch):
-    _check_rows_match_alone(make_tiny_model(arch), "balanced")
+    _check_rows_match_alone(make_tiny_model(arch), _config("balanced"))
 
 
 def test_rows_hold_only_their_own_tokens():
@@ -70,7 +77,7 @@ def test_rows_hold_only_their_own_tokens():
     model = make_tiny_model("llama")
     prompts = _prompts()
     ids, mask = _left_padded(prompts)
-    cache = SubTokenCache(model, "lossless")
+    cache = SubTokenCache(model, _config("lossless"))
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
     layer = cache.layers[0]
@@ -84,13 +91,14 @@ def test_beam_search_and_return_sequences_on_rows():
     prompts = _prompts()[:2]
     ids, mask = _left_padded(prompts)
     for kwargs in ({"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}):
-        cache = SubTokenCache(model, "balanced")
+        cache = SubTokenCache(model, _config("balanced"))
         torch.manual_seed(0)
         with torch.no_grad():
             batch = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, **kwargs)
-        assert batch.shape[0] == 2 * (2 if "num_return_sequences" in kwargs else 1) or batch.shape[0] == 2
+        assert batch.shape[0] == (4 if "num_return_sequences" in kwargs else 2)
+        assert len(cache.layers[0].rows) == 4  # a row per beam or per returned sequence
         if "num_beams" in kwargs:
-            alone = model.generate(input_ids=prompts[1][None], past_key_values=SubTokenCache(model, "balanced"),
+            alone = model.generate(input_ids=prompts[1][None], past_key_values=SubTokenCache(model, _config("balanced")),
                                    max_new_tokens=8, num_beams=2)
             got = batch[1, ids.shape[1] :]
             assert torch.equal(got[: alone.shape[1] - len(prompts[1])], alone[0, len(prompts[1]) :])

@@ -12,7 +12,7 @@ from hf_subtok import PRESETS, SubTokenCache, SubTokenConfig
 pytestmark = pytest.mark.slow
 
 QUESTIONS = ("What is the capital of France?", "Name three colors.")
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 
 
 def _chat(tokenizer, question: str) -> dict:
@@ -46,18 +46,18 @@ def test_padded_batch_rows_answer_as_alone(smollm):
     from hf_subtok.tasks import load_text
 
     model, tokenizer = smollm
-    book = load_text("haystack")[:2400]
+    book = load_text("haystack")[:1400]
     questions = [
-        f"Read this passage.\n\n{book}\n\nWho is the narrator's family servant?",  # ~600 tokens
+        f"Read this passage.\n\n{book}\n\nWho is the narrator's family servant?",  # ~350 tokens
         "What is the capital of France?",  # below the floor
-        f"{book[:900]}\n\nSummarize the passage in one sentence.",  # ~250 tokens
+        f"{book[:700]}\n\nSummarize the passage in one sentence.",  # ~200 tokens
     ]
     chats = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
         for q in questions
     ]
     batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-    for config in ("balanced", SubTokenConfig(budget=0.25)):
+    for config in ("balanced",):
         rows = _greedy(model, SubTokenCache(model, config), batch)
         for row, chat in enumerate(chats):
             alone = tokenizer(chat, return_tensors="pt", add_special_tokens=False)
