@@ -183,6 +183,13 @@ class SubTokenCache(Cache):
                 view.observer(Observation(query, None, scaling))
         return cache
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` restores exactly the cache that never saw the cropped tokens: only
+        when every layer stores losslessly (transformers >= 5.25 refuses assisted decoding
+        otherwise; on 5.2 the layers' `crop` raises)."""
+        return all(layer.is_croppable for layer in self.layers)
+
     def memory_report(self) -> dict:
         """Bytes held, measured from the tensors' storages (see `hf_subtok.memory_report`):
         `stored_bytes`, `dense_bytes` (what a `DynamicCache` would hold), `ratio`, `target_bytes`
