@@ -151,22 +151,29 @@ def test_log_scales_save_a_byte_per_key_scale_and_per_value_scale(which):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_measured_bytes_match_the_format_with_log_scales(dtype, which):
     model = make_tiny_model("llama", dtype=dtype, **_WIDE)
-    cache = SubTokenCache(model, _config(window=0, log_scales=which))
+    # packed from the first token (a 100-token context is under the default floor)
+    cache = SubTokenCache(model, _config(window=0, log_scales=which, floor_tokens=0))
     tokens = 100
     with torch.no_grad():
         model(input_ids=random_prompts(2, tokens), past_key_values=cache)
-    layer = cache.layers[0]
-    assert (layer.packed_keys.scale.dtype == torch.uint8) == (which != "values")
-    assert (layer.packed_values.scale.dtype == torch.uint8) == (which != "keys")
+    rows = cache.layers[0].rows  # the batch is stored row by row
+    assert len(rows) == 2
+    for layer in rows:
+        assert layer.packed_keys.shape[-2] == tokens
+        assert (layer.packed_keys.scale.dtype == torch.uint8) == (which != "values")
+        assert (layer.packed_values.scale.dtype == torch.uint8) == (which != "keys")
     blocks = 4 + -(-(tokens - 4) // 32)
-    row = layer.storage.row_bytes(tokens, blocks, 1, scored=False)
-    assert cache.memory_report()["stored_bytes"] == 2 * 2 * row  # layers x batch
+    row = rows[0].storage.row_bytes(tokens, blocks, 1, scored=False)
+    # one float32 Hadamard matrix [64, 64] rotates keys and value groups (both 64 channels
+    # here); shared by every layer and row, it is counted once
+    rotation = 64 * 64 * 4
+    assert cache.memory_report()["stored_bytes"] == 2 * 2 * row + rotation  # layers x batch, the matrix
 
 
 @triton_only
 def test_greedy_tokens_match_whichever_path_reads_log_scales():
     model = make_tiny_model("llama", **_WIDE)
-    tokens = greedy_per_backend(model, _config(window=2, log_scales="both"), random_prompts(2, 40), 12)
+    tokens = greedy_per_backend(model, _config(window=2, log_scales="both", floor_tokens=0), random_prompts(2, 40), 12)
     assert torch.equal(tokens["torch"], tokens["triton"])
 
 

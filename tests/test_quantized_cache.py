@@ -22,7 +22,8 @@ def test_measured_bytes_match_the_storage_format(bits, dtype, keys):
     (per-channel keys: plus the tables of the blocks held, the last one partly filled)."""
     model = make_tiny_model("llama", dtype=dtype, **_WIDE)
     config = SubTokenConfig(
-        num_groups=4, keep_groups=2, window=0, bits=bits, quant_group_size=16, key_quantization=keys
+        num_groups=4, keep_groups=2, window=0, bits=bits, quant_group_size=16, key_quantization=keys,
+        floor_tokens=0,  # packed from the first token (a 100-token context is under the default floor)
     )
     cache = SubTokenCache(model, config)
     tokens = 100
@@ -32,6 +33,8 @@ def test_measured_bytes_match_the_storage_format(bits, dtype, keys):
     storage = StorageFormat(64, 4, dtype.itemsize, bits, 16, keys, 32)
     blocks = 4 + -(-(tokens - 4) // 32) if keys == "channel" else 0  # 4 sinks a block each
     row = storage.row_bytes(tokens, blocks, 2, scored=False)
+    for layer in cache.layers:  # the batch is stored row by row, each row the whole prompt
+        assert [r.packed_keys.shape[-2] for r in layer.rows] == [tokens, tokens]
     assert report["stored_bytes"] == 2 * 2 * row  # layers x batch
     if keys == "token":
         assert row == tokens * storage.token_bytes(2, scored=False)
@@ -49,7 +52,7 @@ def test_stored_keys_and_values_are_within_half_a_step(bits, keys):
         keys_seen.setdefault("k", output)
 
     hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(keep_keys, with_kwargs=True)
-    config = SubTokenConfig(num_groups=4, keep_groups=4, window=0, bits=bits, key_quantization=keys)
+    config = SubTokenConfig(num_groups=4, keep_groups=4, window=0, bits=bits, key_quantization=keys, floor_tokens=0)
     cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 50), past_key_values=cache)
@@ -83,7 +86,8 @@ def _roped_keys(model, projected: torch.Tensor, tokens: int) -> torch.Tensor:
 def test_budget_holds_with_quantized_storage_through_decoding(bits, budget, keys):
     model = make_tiny_model("qwen2", **_WIDE)
     config = SubTokenConfig(
-        budget=budget, bits=bits, num_groups=4, window=16, pack_chunk=8, key_quantization=keys
+        budget=budget, bits=bits, num_groups=4, window=16, pack_chunk=8, key_quantization=keys,
+        floor_tokens=0,  # the budget, not the short-context floor, sets the bytes of 400 tokens
     )
     try:
         cache = SubTokenCache(model, config)
@@ -105,7 +109,7 @@ def test_per_channel_key_tables_stay_bounded_while_decoding_evicts():
     """Decoding packs small blocks and evicts tokens from old ones: the tables never hold
     blocks no token uses, and the budget holds with them counted."""
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(budget=0.1, bits=2, num_groups=4, window=16, pack_chunk=8)
+    config = SubTokenConfig(budget=0.1, bits=2, num_groups=4, window=16, pack_chunk=8, floor_tokens=0)
     cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 300), past_key_values=cache)
@@ -134,7 +138,8 @@ def test_quantized_generation_stays_close_to_dense():
     model = make_tiny_model("llama", **_WIDE)
     ids = random_prompts(2, 120)
     dense = model.generate(ids, max_new_tokens=16, do_sample=False)
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=4, window=8, bits=8))
+    config = SubTokenConfig(num_groups=4, keep_groups=4, window=8, bits=8, floor_tokens=0)
+    cache = SubTokenCache(model, config)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
     assert (out[:, 120:] == dense[:, 120:]).float().mean() >= 0.9
 
@@ -200,7 +205,8 @@ def test_fidelity_orders_bit_widths():
 
 def test_auto_bits_picks_a_precision_per_layer_within_budget():
     model = make_tiny_model("llama", num_hidden_layers=3, **_WIDE)
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.15, bits="auto", num_groups=4, window=16))
+    config = SubTokenConfig(budget=0.15, bits="auto", num_groups=4, window=16, floor_tokens=0)
+    cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 400), past_key_values=cache)
     report = cache.memory_report()
@@ -230,7 +236,7 @@ def test_attention_sinks_get_a_block_each_and_come_back_near_exact():
         keys_seen.setdefault("k", output)
 
     hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(keep_keys, with_kwargs=True)
-    config = SubTokenConfig(num_groups=4, keep_groups=4, window=0, bits=2, key_sinks=3)
+    config = SubTokenConfig(num_groups=4, keep_groups=4, window=0, bits=2, key_sinks=3, floor_tokens=0)
     cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 70), past_key_values=cache)
@@ -252,7 +258,7 @@ def test_decoded_tokens_join_the_open_key_block_in_a_cache_that_never_evicts(log
     model = make_tiny_model("llama", **_WIDE)
     config = SubTokenConfig(
         axes="groups", num_groups=1, keep_groups=1, bits=2, value_codes=16, window=2, key_block=32,
-        key_sinks=1, log_scales=log_scales,
+        key_sinks=1, log_scales=log_scales, floor_tokens=0,
     )
     cache = SubTokenCache(model, config)
     with torch.no_grad():
@@ -264,24 +270,32 @@ def test_decoded_tokens_join_the_open_key_block_in_a_cache_that_never_evicts(log
     packed = 90 - 2  # all but the window
     blocks = 1 + -(-(packed - 1) // 32)  # the sink, then 32-token blocks
     for layer in cache.layers:
-        keys = layer.packed_keys
-        assert keys.shape[-2] == packed and keys.scale.shape[-2] == blocks
-        assert keys.run_length[0, 0].tolist() == [1, 32, 32, packed - 65]
-    row = cache.layers[0].storage.row_bytes(packed, blocks, 1, scored=False)
+        assert len(layer.rows) == 2  # the batch is stored row by row
+        for sequence in layer.rows:
+            keys = sequence.packed_keys
+            assert keys.shape[-2] == packed and keys.scale.shape[-2] == blocks
+            assert keys.run_length[0, 0].tolist() == [1, 32, 32, packed - 65]
+    row = cache.layers[0].rows[0].storage.row_bytes(packed, blocks, 1, scored=False)
     window = 2 * 2 * 64 * 4  # keys and values of 2 float32 tokens
     assert cache.memory_report()["stored_bytes"] == 2 * 2 * (row + window)  # layers x batch
     assert ratios[-1] <= ratios[0]
 
 
-def test_a_cache_cropped_into_its_packed_tokens_starts_a_new_key_block():
+def test_a_cache_with_quantized_key_blocks_refuses_to_crop():
+    """2-bit keys are lossy: the packed key blocks cannot be rolled back to what a cache that
+    never saw the cropped tokens would hold, so `crop` refuses and leaves the cache as it was."""
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(axes="groups", num_groups=1, keep_groups=1, bits=2, window=2, key_block=32, key_sinks=1)
+    config = SubTokenConfig(
+        axes="groups", num_groups=1, keep_groups=1, bits=2, window=2, key_block=32, key_sinks=1, floor_tokens=0
+    )
     cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 50), past_key_values=cache)
-        cache.crop(40 if _CROP_TAKES_LENGTH else -10)  # 40 of 50 tokens either way
-        model(input_ids=random_prompts(1, 5, seed=3), past_key_values=cache)
     keys = cache.layers[0].packed_keys
-    assert keys.run_length[0, 0].tolist() == [1, 32, 7, 3]  # the cut block closed, then a new one
-    assert cache.get_seq_length() == 45
-
+    runs = keys.run_length[0, 0].tolist()
+    assert runs == [1, 32, 15]  # packed into key blocks: the sink, a full block, the open one
+    assert not any(layer.is_croppable for layer in cache.layers)
+    with pytest.raises(ValueError, match="cannot roll back"):
+        cache.crop(40 if _CROP_TAKES_LENGTH else -10)  # 40 of 50 tokens either way
+    assert cache.get_seq_length() == 50
+    assert cache.layers[0].packed_keys is keys and keys.run_length[0, 0].tolist() == runs

@@ -80,7 +80,8 @@ def test_rotated_storage_lowers_the_two_bit_error_in_the_model():
         exact = model(ids).logits[:, -1]
     errors = {}
     for rotate in (False, True):
-        config = SubTokenConfig(num_groups=2, keep_groups=2, window=0, bits=2, rotate=rotate)
+        # packed from the first token (an 80-token context is under the default floor)
+        config = SubTokenConfig(num_groups=2, keep_groups=2, window=0, bits=2, rotate=rotate, floor_tokens=0)
         cache = SubTokenCache(model, config)
         with torch.no_grad():
             model(ids[:, :-1], past_key_values=cache)
@@ -108,6 +109,6 @@ def test_generation_is_the_same_through_the_triton_kernel():
 
     model = make_tiny_model("llama", **_WIDE).to(DEVICE)
     ids = random_prompts(1, 40).to(DEVICE)
-    config = SubTokenConfig(num_groups=2, keep_groups=2, window=8, bits=4, rotate=True)
+    config = SubTokenConfig(num_groups=2, keep_groups=2, window=8, bits=4, rotate=True, floor_tokens=0)
     outs = greedy_per_backend(model, config, ids, 12)
     assert torch.equal(outs["torch"], outs["triton"])

@@ -44,16 +44,21 @@ def test_measured_bytes_match_the_storage_format(groups, keep, dtype):
     """Every token kept, no window: held bytes are the format's row bytes (codes, scales,
     group indices, key tables of the blocks held, codebooks) for each layer and sequence."""
     model = make_tiny_model("llama", dtype=dtype, **_WIDE)
-    config = SubTokenConfig(num_groups=groups, keep_groups=keep, window=0, bits=2, value_codes=16)
+    config = SubTokenConfig(
+        num_groups=groups, keep_groups=keep, window=0, bits=2, value_codes=16,
+        floor_tokens=0,  # packed from the first token (a 100-token context is under the default floor)
+    )
     cache = SubTokenCache(model, config)
     tokens = 100
     with torch.no_grad():
         model(input_ids=random_prompts(2, tokens), past_key_values=cache)
     report = cache.memory_report()
-    layer = cache.layers[0]
-    assert isinstance(layer.packed_values, CodedTensor)
+    rows = cache.layers[0].rows  # the batch is stored row by row
+    assert len(rows) == 2
+    for layer in rows:
+        assert isinstance(layer.packed_values, CodedTensor) and layer.packed_values.shape[-2] == tokens
     blocks = 4 + -(-(tokens - 4) // 32)  # 4 sinks a block each, then 32-token blocks
-    row = layer.storage.row_bytes(tokens, blocks, keep, scored=False)
+    row = rows[0].storage.row_bytes(tokens, blocks, keep, scored=False)
     assert report["stored_bytes"] == 2 * 2 * row  # layers x batch
     assert report["parts"]["packed_values.codebook"] == 2 * 2 * keep * 16 * 4 * 2
     assert report["parts"]["packed_values.payload"] == 2 * 2 * keep * tokens * (64 // groups // 4) // 2
@@ -124,7 +129,7 @@ def test_triton_reads_only_inside_the_codes_scales_and_codebook():
 @triton_only
 def test_greedy_tokens_match_whichever_path_reads_the_codes():
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(num_groups=2, keep_groups=1, window=4, bits=2, value_codes=16)
+    config = SubTokenConfig(num_groups=2, keep_groups=1, window=4, bits=2, value_codes=16, floor_tokens=0)
     tokens = greedy_per_backend(model, config, random_prompts(2, 40), 16)
     assert torch.equal(tokens["torch"], tokens["triton"])
 
@@ -133,7 +138,7 @@ def test_the_prompts_codebook_codes_every_later_pack():
     """A small window packs a chunk every few steps: each is coded against the codebook fitted
     on the prompt (the same tensor), and generation runs to the end."""
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(num_groups=1, keep_groups=1, window=4, pack_chunk=2, bits=2, value_codes=16)
+    config = SubTokenConfig(num_groups=1, keep_groups=1, window=4, pack_chunk=2, bits=2, value_codes=16, floor_tokens=0)
     cache = SubTokenCache(model, config)
     prompt = random_prompts(1, 60)
     with torch.no_grad():
@@ -151,9 +156,10 @@ def test_an_evicting_cache_with_coded_values_uses_its_budget_and_stays_within_it
     """The plan counts each row's codebooks once (keys per channel or per token alike): the
     cache holds at most its budget while decoding, and after the prompt most of it."""
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(num_groups=2, budget=0.07, window=8, bits=bits, value_codes=16)
+    # the budget, not the short-context floor, sets the bytes of 300 tokens
+    config = SubTokenConfig(num_groups=2, budget=0.07, window=8, bits=bits, value_codes=16, floor_tokens=0)
     cache = decode_within_budget(model, config, prompt_tokens=300)
-    assert isinstance(cache.layers[0].packed_values, CodedTensor)
+    assert all(isinstance(row.packed_values, CodedTensor) for row in cache.layers[0].rows)
     fresh = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(2, 300), past_key_values=fresh)
@@ -164,7 +170,9 @@ def test_a_codebook_larger_than_the_budget_keeps_no_tokens_and_holds_no_words():
     """256 words of 8 channels (4 kB per row) do not fit a 60-token row at 15%: the plan keeps
     no packed token, and the empty store's codebook takes no memory of its own."""
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(num_groups=1, budget=0.15, window=8, bits=4, value_codes=256, code_piece=8)
+    config = SubTokenConfig(
+        num_groups=1, budget=0.15, window=8, bits=4, value_codes=256, code_piece=8, floor_tokens=0
+    )
     cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 60), past_key_values=cache)
@@ -174,26 +182,32 @@ def test_a_codebook_larger_than_the_budget_keeps_no_tokens_and_holds_no_words():
     assert report["parts"]["packed_values.codebook"] <= 2 * 8 * 2  # one word per layer
 
 
-def test_codebooks_follow_their_sequences_when_the_batch_is_reordered_and_cropped():
+def test_codebooks_follow_their_sequences_when_the_batch_is_reordered_and_stay_when_a_crop_is_refused():
+    """Each sequence is a row with its own codebook: reordering the batch reorders the rows,
+    codebooks with them; coded values are lossy, so `crop` refuses and changes nothing."""
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(num_groups=1, keep_groups=1, window=0, bits=2, value_codes=16)
+    config = SubTokenConfig(num_groups=1, keep_groups=1, window=0, bits=2, value_codes=16, floor_tokens=0)
     cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(2, 50), past_key_values=cache)
     layer = cache.layers[0]
-    before = layer.packed_values
-    assert not torch.equal(before.codebook[0], before.codebook[1])  # each sequence its own
+    before = [row.packed_values for row in layer.rows]
+    assert not torch.equal(before[0].codebook, before[1].codebook)  # each sequence its own
     cache.reorder_cache(torch.tensor([1, 0]))
-    assert torch.equal(layer.packed_values.codebook, before.codebook.flip(0))
-    assert torch.equal(layer.packed_values.dequantize(torch.float32), before.dequantize(torch.float32).flip(0))
-    cache.crop(30 if _CROP_TAKES_LENGTH else 30 - 50)
-    assert layer.packed_values.shape[-2] == 30
-    assert torch.equal(layer.packed_values.codebook, before.codebook.flip(0))
+    for row, source in zip(layer.rows, reversed(before), strict=True):
+        assert torch.equal(row.packed_values.codebook, source.codebook)
+        assert torch.equal(row.packed_values.dequantize(torch.float32), source.dequantize(torch.float32))
+    with pytest.raises(ValueError, match="cannot roll back"):
+        cache.crop(30 if _CROP_TAKES_LENGTH else 30 - 50)
+    assert cache.get_seq_length() == 50
+    for row, source in zip(layer.rows, reversed(before), strict=True):
+        assert row.packed_values.shape[-2] == 50
+        assert torch.equal(row.packed_values.codebook, source.codebook)
 
 
 def test_beam_search_runs_with_coded_values():
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(num_groups=1, keep_groups=1, window=4, bits=2, value_codes=16)
+    config = SubTokenConfig(num_groups=1, keep_groups=1, window=4, bits=2, value_codes=16, floor_tokens=0)
     out = model.generate(
         random_prompts(1, 40), past_key_values=SubTokenCache(model, config), max_new_tokens=6, num_beams=2, do_sample=False
     )
