@@ -187,20 +187,23 @@ def test_plan_widens_the_tokens_that_get_the_attention():
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.1])
 def test_adaptive_cache_stays_within_budget_and_bytes_match(budget, bits):
     config = SubTokenConfig(
-        budget=budget, num_groups=4, window=16, pack_chunk=8, span="adaptive", router="attention_value", bits=bits
+        budget=budget, num_groups=4, window=16, pack_chunk=8, span="adaptive", router="attention_value", bits=bits,
+        floor_tokens=0,  # the budget, not the short-context floor, sets the bytes of this 300-token context
     )
     cache = decode_within_budget(make_tiny_model("qwen2"), config, prompt_tokens=300)
     report = cache.memory_report()
     for layer in cache.layers:
-        if layer.wide_norms is None:
-            continue
-        wide = layer.wide_norms.shape[-1]
-        measured = sum(
-            t.numel() * t.element_size() for name, t in layer.stored_tensors().items() if name.startswith("wide_")
-        )
-        assert measured == 2 * 2 * wide * layer.storage.wide_bytes(layer.keep_groups)  # B=2, Hkv=2 rows
-    assert [row["wide_tokens"] for row in report["per_layer"]] == [
-        0 if layer.wide_norms is None else layer.wide_norms.shape[-1] for layer in cache.layers
+        assert len(layer.rows) == 2  # the batch is stored row by row, each [1, Hkv, ...]
+        for row in layer.rows:
+            if row.wide_norms is None:
+                continue
+            wide = row.wide_norms.shape[-1]
+            measured = sum(
+                t.numel() * t.element_size() for name, t in row.stored_tensors().items() if name.startswith("wide_")
+            )
+            assert measured == 2 * wide * row.storage.wide_bytes(row.keep_groups)  # Hkv=2 rows
+    assert [summary["wide_tokens"] for summary in report["per_layer"]] == [  # of the first batch row
+        0 if layer.rows[0].wide_norms is None else layer.rows[0].wide_norms.shape[-1] for layer in cache.layers
     ]
 
 
@@ -209,8 +212,8 @@ def test_wide_tokens_are_the_ones_attention_needs():
     (the attention path: SnapKV's observed mass, then the mass each decode step reports); the
     value groups of a wide token are stored exactly."""
     model = make_tiny_model("llama", num_hidden_layers=1)
-    config = SubTokenConfig(
-        budget=0.35, num_groups=4, window=8, pack_chunk=4, span="adaptive", router="attention_value"
+    config = SubTokenConfig(  # no floor: at 35% of 200 tokens it would set the bytes
+        budget=0.35, num_groups=4, window=8, pack_chunk=4, span="adaptive", router="attention_value", floor_tokens=0
     )
     cache = SubTokenCache(model, config)
     layer, attention = cache.layers[0], model.model.layers[0].self_attn
@@ -249,7 +252,8 @@ def test_wide_tokens_are_the_ones_attention_needs():
 
 def test_fixed_span_stores_no_wide_tokens():
     model = make_tiny_model("qwen2")
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.25, num_groups=4, window=16, router="attention_value"))
+    config = SubTokenConfig(budget=0.25, num_groups=4, window=16, router="attention_value", floor_tokens=0)
+    cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 200), past_key_values=cache)
     assert all(layer.wide_values is None for layer in cache.layers)

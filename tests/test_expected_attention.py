@@ -74,7 +74,8 @@ def test_key_aligned_with_the_future_queries_scores_highest():
 def test_cache_with_expected_attention_generates_within_budget():
     model = make_tiny_model("qwen2")
     cache = SubTokenCache(
-        model, SubTokenConfig(budget=0.3, window=16, token_scorer="expected_attention")
+        model,  # no floor: at 30% of 200 tokens it would set the bytes
+        SubTokenConfig(budget=0.3, window=16, token_scorer="expected_attention", floor_tokens=0),
     )
     out = model.generate(
         random_prompts(2, 200), past_key_values=cache, max_new_tokens=20, do_sample=False

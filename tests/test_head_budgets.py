@@ -95,7 +95,9 @@ def test_spread_heads_keep_more_tokens_than_focused_ones():
     """Head 0's queries all aim at one token, head 1's see no key (uniform attention): head 1
     keeps more tokens, head 0 at least its floor."""
     model = make_tiny_model("llama", num_hidden_layers=1)
-    config = SubTokenConfig(budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive")
+    config = SubTokenConfig(
+        budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive", floor_tokens=0
+    )  # at 30% of 300 tokens the floor would set the bytes
     cache = SubTokenCache(model, config)
     layer, attention = cache.layers[0], model.model.layers[0].self_attn
     generator = torch.Generator().manual_seed(0)
@@ -119,7 +121,10 @@ def test_spread_heads_keep_more_tokens_than_focused_ones():
 def test_decode_attention_adds_to_each_tokens_own_head():
     """While decoding, a stored token's score grows by the attention its own head gave it."""
     model = make_tiny_model("llama", num_hidden_layers=1)
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive"))
+    config = SubTokenConfig(
+        budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive", floor_tokens=0
+    )  # the 120-token prompt is packed, not held dense below the floor
+    cache = SubTokenCache(model, config)
     layer, attention = cache.layers[0], model.model.layers[0].self_attn
     generator = torch.Generator().manual_seed(1)
     keys, values = torch.randn(2, 1, 2, 120, 16, generator=generator)
@@ -150,14 +155,21 @@ def test_decode_attention_adds_to_each_tokens_own_head():
 )
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.1])
 def test_cache_with_head_budgets_stays_within_budget(budget, extra):
-    config = SubTokenConfig(budget=budget, num_groups=4, window=16, pack_chunk=8, head_budgets="adaptive", **extra)
+    config = SubTokenConfig(
+        budget=budget, num_groups=4, window=16, pack_chunk=8, head_budgets="adaptive", floor_tokens=0, **extra
+    )  # the budget, not the short-context floor, sets the bytes of this 400-token context
     cache = decode_within_budget(make_tiny_model("qwen2"), config, prompt_tokens=400)
     report = cache.memory_report()
-    for layer, row in zip(cache.layers, report["per_layer"], strict=True):
-        assert layer.packed_keys.shape[1] == 1 and layer.stored_heads.shape == layer.token_scores.shape
-        counts = [int((layer.stored_heads[0, 0] == h).sum()) for h in range(layer.num_heads)]
-        assert row["tokens_per_head"] == counts
-        assert min(counts) >= int(HEAD_FLOOR * sum(counts) / layer.num_heads)
+    for layer, summary in zip(cache.layers, report["per_layer"], strict=True):
+        assert len(layer.rows) == 2  # the batch is stored row by row
+        per_row = []
+        for row in layer.rows:
+            assert row.packed_keys.shape[:2] == (1, 1) and row.stored_heads.shape == row.token_scores.shape
+            counts = [int((row.stored_heads[0, 0] == h).sum()) for h in range(row.num_heads)]
+            assert row.tokens_per_head() == counts
+            assert min(counts) >= int(HEAD_FLOOR * sum(counts) / row.num_heads)
+            per_row.append(counts)
+        assert summary["tokens_per_head"] == per_row[0]  # the report describes the first row
 
 
 def test_shared_row_prompt_is_quantized_per_head_in_full_blocks():
@@ -166,7 +178,9 @@ def test_shared_row_prompt_is_quantized_per_head_in_full_blocks():
     kept = {}
     for head_budgets in ("uniform", "adaptive"):
         model = make_tiny_model("qwen2")
-        config = SubTokenConfig(budget=0.1, num_groups=2, window=16, bits=2, head_budgets=head_budgets)
+        config = SubTokenConfig(
+            budget=0.1, num_groups=2, window=16, bits=2, head_budgets=head_budgets, floor_tokens=0
+        )  # at 10% of 600 tokens the floor would set the bytes
         cache = SubTokenCache(model, config)
         with torch.no_grad():
             model(input_ids=random_prompts(1, 600), past_key_values=cache)
@@ -177,7 +191,8 @@ def test_shared_row_prompt_is_quantized_per_head_in_full_blocks():
 
 def test_generation_with_head_budgets_runs_and_stays_within_budget():
     model = make_tiny_model("qwen2")
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.3, num_groups=2, window=16, head_budgets="adaptive"))
+    config = SubTokenConfig(budget=0.3, num_groups=2, window=16, head_budgets="adaptive", floor_tokens=0)
+    cache = SubTokenCache(model, config)  # no floor: the budget sets the bytes of these 200-token rows
     ids = random_prompts(2, 200)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False)
     assert out.shape == (2, 240)

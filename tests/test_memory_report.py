@@ -37,7 +37,8 @@ def test_ratio_is_held_bytes_over_dense_bytes(dtype, window):
 def test_every_group_kept_stores_no_indices():
     """With K = G slot k holds group k: no index is stored, attention sees them implied."""
     model = make_tiny_model("llama", head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=4, window=0))
+    # no floor: these 64 tokens are packed, not held dense as a short context
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=4, keep_groups=4, window=0, floor_tokens=0))
     tokens = 64
     with torch.no_grad():
         model(input_ids=random_prompts(1, tokens), past_key_values=cache)
@@ -51,7 +52,8 @@ def test_every_group_kept_stores_no_indices():
 
 def test_report_grows_in_chunks_during_decoding():
     model = make_tiny_model("llama")
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=2, window=8, pack_chunk=4))
+    # no floor: a 32-token context is packed as it grows, not held dense
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=2, window=8, pack_chunk=4, floor_tokens=0))
     with torch.no_grad():
         model(input_ids=random_prompts(1, 20), past_key_values=cache)
         packed_counts = []
@@ -68,7 +70,8 @@ def test_report_grows_in_chunks_during_decoding():
 
 def test_no_dense_values_are_held():
     model = make_tiny_model("llama")
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=2, window=4))
+    # no floor: these 100 tokens are packed, not held dense as a short context
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=2, window=4, floor_tokens=0))
     with torch.no_grad():
         model(input_ids=random_prompts(1, 100), past_key_values=cache)
     for layer in cache.layers:

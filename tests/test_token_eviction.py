@@ -26,7 +26,10 @@ BUDGETS = [0.75, 0.5, 0.375, 0.25, 0.125, 0.06]
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_ratio_never_exceeds_budget(budget, axes, dtype, layer_budgets):
     model = make_tiny_model("qwen2", dtype=dtype)
-    config = SubTokenConfig(budget=budget, axes=axes, window=16, pack_chunk=8, layer_budgets=layer_budgets)
+    # the budget, not the short-context floor, sets the bytes of this 400-token context
+    config = SubTokenConfig(
+        budget=budget, axes=axes, window=16, pack_chunk=8, layer_budgets=layer_budgets, floor_tokens=0
+    )
     cache = SubTokenCache(model, config)
     ids = random_prompts(2, 400)
     with torch.no_grad():
@@ -105,7 +108,7 @@ def test_snapkv_keeps_the_token_the_queries_look_at():
 def test_overwhelming_token_survives_a_tiny_budget_in_the_model():
     """A token whose key dominates the attention of the last queries is never evicted."""
     model = make_tiny_model("llama", num_hidden_layers=1)
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.06, window=8, obs_window=8))
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.06, window=8, obs_window=8, floor_tokens=0))
     layer = cache.layers[0]
     keys = torch.randn(1, 2, 400, 16)
     values = torch.randn(1, 2, 400, 16)
@@ -143,46 +146,77 @@ def test_plan_prefers_groups_when_attention_is_spread_and_tokens_when_peaked():
     assert plan.keep_groups == 8 and plan.keep_tokens >= 10
 
 
-def test_left_padding_is_never_stored_as_a_valid_token():
+def _padded_generation(new_tokens: int = 4):
+    """A batch of 2 prompts of 60 and 10 real tokens (row 1 left-padded) generated greedily
+    through a cache that evicts (`floor_tokens=0`: the budget applies to these short rows)."""
     model = make_tiny_model("llama")
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=4, pack_chunk=2))
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=4, pack_chunk=2, floor_tokens=0))
     ids = random_prompts(2, 60)
     mask = torch.ones_like(ids)
     mask[1, :50] = 0  # row 1 has 10 real tokens
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
-    layer = cache.layers[0]
-    valid = layer.token_scores.isfinite()  # [B, Hkv, Ts]
-    assert valid[0].all()
-    assert valid[1].sum(-1).max() <= 10
+        model.generate(
+            input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False
+        )
+    return cache, mask
 
 
-def test_valid_slots_follow_a_batch_reorder():
-    """The mask of valid packed slots is kept between packs; a reorder must move it too."""
-    model = make_tiny_model("llama")
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=4, pack_chunk=2))
-    ids = random_prompts(2, 60)
-    mask = torch.ones_like(ids)
-    mask[1, :50] = 0  # row 1 holds fillers, row 0 none
-    with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
+def test_left_padding_is_never_stored_as_a_valid_token():
+    """Each row holds its real tokens only: as many seen as the attention mask counts (plus the
+    decoded ones), no more held (packed valid slots and window) than that."""
+    new_tokens = 4
+    cache, mask = _padded_generation(new_tokens)
+    decoded = new_tokens - 1  # the last token generated is never fed back
+    for layer in cache.layers:
+        assert len(layer.rows) == 2
+        for r, row in enumerate(layer.rows):
+            real = int(mask[r].sum()) + decoded
+            assert row.get_seq_length() == real, (r, row.get_seq_length(), real)
+            assert row.window_keys.shape[0] == 1 and row.token_scores.shape[0] == 1
+            held = row._valid_slots().sum(-1) + row.window_keys.shape[-2]  # [1, Hkv]
+            assert (held <= real).all(), (r, held, real)
+        assert layer.rows[1].packed_keys.shape[-2] > 0, "the short row packs too (no floor)"
+        assert layer.rows[0]._valid_slots().all(), "row 0 has no padding: no filler slot"
+        assert layer.get_seq_length() == mask.shape[1] + decoded
+
+
+def test_rows_follow_a_batch_reorder():
+    """A reorder moves each row with its tensors, so its valid slots (derived from them) too."""
+    cache, mask = _padded_generation(new_tokens=4)
     layer = cache.layers[0]
-    before = layer._valid_slots().clone()
+    before = [row._valid_slots().clone() for row in layer.rows]
+    held = {name: t.clone() for name, t in layer.stored_tensors().items()}  # rows.{r}.{name}
     assert not torch.equal(before[0], before[1])
     cache.reorder_cache(torch.tensor([1, 0]))
-    assert torch.equal(layer._valid_slots(), before.flip(0))
+    real = (mask.sum(-1) + 3).tolist()  # the real tokens of rows 0 and 1, and the 3 decoded
+    assert [row.get_seq_length() for row in layer.rows] == real[::-1]
+    for r, source in enumerate([1, 0]):
+        assert torch.equal(layer.rows[r]._valid_slots(), before[source])
+    after = layer.stored_tensors()
+    assert after.keys() == held.keys()
+    for name, tensor in after.items():
+        r, part = name.split(".", 2)[1:]
+        assert torch.equal(tensor, held[f"rows.{1 - int(r)}.{part}"]), name
 
 
-def test_crop_into_evicted_tokens_is_refused():
+def test_crop_is_refused_by_an_evicting_cache():
+    """A layer that evicts cannot roll back: what it packed or evicted because of the cropped
+    tokens is gone, so any crop (into evicted tokens or within the window) raises and leaves
+    the cache as it was."""
     model = make_tiny_model("llama")
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=8, pack_chunk=4))
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=8, pack_chunk=4, floor_tokens=0))
     with torch.no_grad():
         model(input_ids=random_prompts(1, 100), past_key_values=cache)
     seen = cache.get_seq_length()
-    with pytest.raises(ValueError, match="cannot crop"):
-        cache.crop(10 if _CROP_TAKES_LENGTH else 10 - seen)
-    cache.crop(seen - 2 if _CROP_TAKES_LENGTH else -2)
-    assert cache.get_seq_length() == seen - 2
+    held = {name: t.clone() for name, t in cache.layers[0].stored_tensors().items()}
+    assert not any(layer.is_croppable for layer in cache.layers)
+    for keep in (10, seen - 2):
+        with pytest.raises(ValueError, match="cannot roll back"):
+            cache.crop(keep if _CROP_TAKES_LENGTH else keep - seen)
+    assert cache.get_seq_length() == seen
+    after = cache.layers[0].stored_tensors()
+    assert after.keys() == held.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in held.items())
 
 
 def test_unknown_token_scorer_and_axes_are_refused():
