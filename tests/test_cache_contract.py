@@ -9,7 +9,6 @@ from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.storage import _CROP_TAKES_LENGTH
 from tests.tiny_models import make_tiny_model, random_prompts
 
-
 # K < G: lossy, so `crop` is refused; no floor, so these short prompts are packed
 LOSSY = SubTokenConfig(num_groups=8, keep_groups=3, window=8, pack_chunk=4, floor_tokens=0)
 # every group of every token in the model's dtype: lossless, so `crop` rolls back exactly
