@@ -64,7 +64,12 @@ def decode_within_budget(model, config, prompt_tokens: int, steps: int = 40):
             model(input_ids=random_prompts(2, 1, seed=step), past_key_values=cache)
             ratios.append(cache.memory_report()["ratio"])
     assert max(ratios) <= config.budget * 1.01, ratios
-    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.stored_tensors().values())
+    storages = {  # each storage once: the layers share their rotation matrices
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for layer in cache.layers
+        for t in layer.stored_tensors().values()
+    }
+    held = sum(storages.values())
     assert cache.memory_report()["stored_bytes"] == held
     return cache
 
