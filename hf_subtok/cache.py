@@ -9,14 +9,14 @@ import weakref
 import torch
 from transformers.cache_utils import Cache
 
+from hf_subtok.allocation.planner import PromptPlanner
 from hf_subtok.attention import check_supported, install_attention
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.memory_report import memory_report
-from hf_subtok.packed import PrefillKV
 from hf_subtok.presets import resolve_config
-from hf_subtok.prompt_planner import PromptPlanner
 from hf_subtok.scorers import Observation, RopeInfo, get_group_scorer, get_token_scorer
-from hf_subtok.storage import SubTokenLayer
+from hf_subtok.storage.layer import SubTokenLayer
+from hf_subtok.views import PrefillKV
 
 logger = logging.getLogger(__name__)
 

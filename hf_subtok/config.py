@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from hf_subtok.accounting import (
+from hf_subtok.formats import (
     KEY_LAYOUTS,
     LOG_SCALES,
     VALUE_CLIPS,
@@ -117,7 +117,7 @@ class SubTokenConfig:
 
     `span="adaptive"` lets the number of groups vary per token: a layer keeping K < G groups
     also stores the other groups of the tokens most worth it (attention times the norm of the
-    groups dropped), as many as its plan finds worth their bytes (`hf_subtok.span`);
+    groups dropped), as many as its plan finds worth their bytes (`hf_subtok.storage.wide`);
     `"fixed"` keeps K groups for every token of a layer.
 
     `head_budgets="adaptive"` lets the KV heads of a layer keep different numbers of tokens:
@@ -126,7 +126,7 @@ class SubTokenConfig:
     byte; `"uniform"` keeps as many tokens in every head (each head its own best).
 
     `layer_budgets="adaptive"` shares the bytes among layers by the attention the prompt
-    showed (see `hf_subtok.prompt_planner`); `"uniform"` gives every layer `budget`.
+    showed (see `hf_subtok.allocation.planner`); `"uniform"` gives every layer `budget`.
     `overrides` give layer ranges another budget, token scorer or router (`LayerOverride`).
     """
 

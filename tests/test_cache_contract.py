@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.storage import _CROP_TAKES_LENGTH
+from hf_subtok.storage.layer import _CROP_TAKES_LENGTH
 from tests.tiny_models import make_tiny_model, random_prompts
 
 

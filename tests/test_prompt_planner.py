@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.accounting import StorageFormat
 from hf_subtok.allocation import LayerEvidence, StorageChoice, split_layer_budgets
+from hf_subtok.formats import StorageFormat
 from tests.tiny_models import make_tiny_model, random_prompts
 
 FORMAT = StorageFormat(head_dim=16, num_groups=4, elem_bytes=4)

@@ -24,10 +24,10 @@ import sys
 import torch
 
 from hf_subtok.kernels._dispatch import records_grad
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor, unpack_bits
 from hf_subtok.quant.channel import rows_by_block
 from hf_subtok.quant.logscale import scale_values
+from hf_subtok.views import PackedKV
 
 StoredKeys = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
 BLOCK_TOKENS = 1024  # packed tokens unpacked at once (read at call time: tests lower it)

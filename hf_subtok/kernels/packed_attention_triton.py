@@ -40,10 +40,10 @@ import triton
 import triton.language as tl
 
 from hf_subtok.kernels._dispatch import MAX_GRID_Y, on_device
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
 from hf_subtok.quant.channel import BLOCK_INDEX_DTYPE
 from hf_subtok.quant.logscale import LOG_BIAS, LOG_STEPS
+from hf_subtok.views import PackedKV
 
 _LOG2E = 1.4426950408889634
 _LOG_BIAS = tl.constexpr(float(LOG_BIAS))  # 8-bit logarithmic scales (`quant.logscale`)

@@ -9,25 +9,17 @@ import inspect
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from hf_subtok.accounting import SCORE_BYTES, StorageFormat
-from hf_subtok.allocation import (
-    LayerEvidence,
-    StorageChoice,
-    floor_heads,
-    plan_layer,
-    quantization_fidelity,
-    select_tokens,
-)
-from hf_subtok.batch_view import BatchRowsKV
+from hf_subtok.allocation.plan import StorageChoice, plan_layer
+from hf_subtok.allocation.planner import PromptEvidence, PromptPlanner
+from hf_subtok.allocation.select import floor_heads, select_tokens, wide_first
+from hf_subtok.allocation.split import LayerEvidence
 from hf_subtok.config import SubTokenConfig
+from hf_subtok.formats import SCORE_BYTES, StorageFormat
 from hf_subtok.kernels import pack_value_groups
-from hf_subtok.packed import PackedKV, PrefillKV
-from hf_subtok.prompt_planner import PromptEvidence, PromptPlanner
 from hf_subtok.quant import CodedTensor, extend_channels
-from hf_subtok.rows import take_rows
+from hf_subtok.quant.gather import take_rows
 from hf_subtok.scorers import GroupScorer, Observation, RopeInfo, TokenScorer
-from hf_subtok.span import NORM_DTYPE, WIDE_FRACTIONS, WideGroups, other_groups, wide_first
-from hf_subtok.stored import (
+from hf_subtok.storage.tensors import (
     Stored,
     cat_stored,
     first_tokens,
@@ -36,12 +28,15 @@ from hf_subtok.stored import (
     key_tables,
     keys_as_stored,
     map_stored,
+    quantization_fidelity,
     store_keys,
     store_values,
     stored_parts,
     take_tokens,
     value_rotation,
 )
+from hf_subtok.storage.wide import NORM_DTYPE, WIDE_FRACTIONS, WideGroups, other_groups
+from hf_subtok.views import BatchRowsKV, PackedKV, PrefillKV
 
 # transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
 # end); later releases call `crop(tokens_to_remove)` with a negative count.
@@ -72,7 +67,7 @@ class SubTokenLayer(CacheLayerMixin):
     With `head_budgets="adaptive"` the heads' packed tokens share one row, `[B, 1, Ts, ...]`,
     each naming its head in `stored_heads` `[B, 1, Ts]`, so heads keep different numbers of
     tokens. With `span="adaptive"` the first W packed tokens of a row also hold their other
-    G-K groups (`wide_values`, `hf_subtok.span`).
+    G-K groups (`wide_values`, `hf_subtok.storage.wide`).
     """
 
     is_sliding = False
@@ -108,7 +103,7 @@ class SubTokenLayer(CacheLayerMixin):
         self.window_keys: torch.Tensor | None = None
         self.window_values: torch.Tensor | None = None
         self.token_scores: torch.Tensor | None = None
-        # adaptive span: the other groups of the first W packed tokens (`hf_subtok.span`)
+        # adaptive span: the other groups of the first W packed tokens (`hf_subtok.storage.wide`)
         self.wide_values: Stored | None = None  # [B, Hkv, G-K, W, C]
         self.wide_idx: torch.Tensor | None = None  # [B, Hkv, G-K, W] uint8
         self.wide_norms: torch.Tensor | None = None  # [B, Hkv, W] float16

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hf_subtok.allocation import split_layer_budgets
+from hf_subtok.allocation.split import split_layer_budgets
 
 if TYPE_CHECKING:
-    from hf_subtok.storage import SubTokenLayer
+    from hf_subtok.storage.layer import SubTokenLayer
 
 # No layer gets less than this fraction of the bytes an equal split would give it.
 LAYER_FLOOR = 0.25
