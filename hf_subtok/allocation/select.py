@@ -1,8 +1,11 @@
-"""Selection: which tokens a row keeps, as pure functions of scores."""
+"""Selection: which tokens a row keeps and how many fit its bytes, as pure functions of
+scores, a storage format and a byte count (`row_bytes`: bytes per `(batch, KV head)` row)."""
 
 from __future__ import annotations
 
 import torch
+
+from hf_subtok.formats import StorageFormat
 
 # Each KV head keeps at least this share of an equal split of a shared row (per-head budgets)
 HEAD_FLOOR = 0.25
@@ -74,3 +77,92 @@ def _top_unpicked(scores: torch.Tensor, picked: torch.Tensor, count: int) -> tor
     ranked = scores.masked_fill(taken, float("-inf")).nan_to_num(neginf=torch.finfo(torch.float32).min)
     ranked = ranked.masked_fill(taken, float("-inf"))
     return select_tokens(ranked, count)
+
+
+def tokens_within(
+    storage: StorageFormat, keep_groups: int, row_bytes: float, tokens: int, tables: tuple[int, int], extra: float = 0.0
+) -> int:
+    """How many of `tokens` packed tokens of `storage` with `keep_groups` groups fit `row_bytes`
+    bytes per row, with `tables` (blocks, runs) of per-channel keys (no blocks: count each
+    token's share of full blocks), each token costing `extra` more bytes (its share of wide
+    tokens' other groups)."""
+    blocks, runs = tables
+    if blocks == 0:  # the row's fixed bytes: its value codebooks, if any
+        per_token = storage.token_bytes(keep_groups, scored=True) + extra
+        room = row_bytes - storage.codebook_bytes(keep_groups)
+        return max(0, min(tokens, int(room // per_token)))
+    if storage.row_bytes(tokens, blocks, keep_groups, scored=True, key_runs=runs) + tokens * extra <= row_bytes:
+        return tokens
+    base = storage.row_bytes(0, blocks, keep_groups, scored=True, key_runs=runs)  # tables, runs, codebooks
+    per_token = storage.row_bytes(1, 0, keep_groups, scored=True) - storage.row_bytes(0, 0, keep_groups, scored=True) + extra
+    # at least one token fewer, so that the tables shrink or the loop ends at 0
+    return max(0, min(tokens - 1, int((row_bytes - base) // per_token)))
+
+
+def fit_tokens(
+    storage: StorageFormat,
+    keep_groups: int,
+    row_bytes: float,
+    scores: torch.Tensor,
+    tables: tuple[int, int],
+    wide_worth: torch.Tensor | None = None,
+    wide_fraction: float = 0.0,
+) -> tuple[int, int]:
+    """(tokens kept, of which wide) of the `[B, Hkv, T]`-scored candidates that fit `row_bytes`
+    bytes per row, with `tables` (blocks, runs) of per-channel keys (see `tokens_within`).
+
+    Args:
+        wide_worth: `[B, Hkv, T]` what widening each candidate is worth (-inf: it cannot be
+            wide), or None when the layer keeps no wide tokens.
+        wide_fraction: share of the kept tokens the layer's plan widens.
+    """
+    count = scores.shape[-1]
+    if wide_worth is None:
+        return tokens_within(storage, keep_groups, row_bytes, count, tables), 0
+    extra = storage.wide_bytes(keep_groups)
+    keep = tokens_within(storage, keep_groups, row_bytes, count, tables, wide_fraction * extra)
+    wanted = int(wide_fraction * keep)
+    eligible = int(wide_worth.isfinite().sum(-1).min().item()) if scores.numel() else 0
+    widened = min(wanted, eligible)
+    if widened < wanted:  # too few tokens can be widened: spend the rest on tokens
+        keep = tokens_within(storage, keep_groups, row_bytes - widened * extra, count, tables)
+    return keep, min(widened, keep)
+
+
+def choose_tokens(
+    scores: torch.Tensor,
+    keep: int,
+    heads: torch.Tensor | None = None,
+    num_heads: int = 1,
+    wide_worth: torch.Tensor | None = None,
+    widened: int = 0,
+) -> torch.Tensor:
+    """`[B, Hkv or 1, keep]` indices of the `[B, Hkv or 1, T]`-scored tokens to keep (the
+    `widened` worth widening most first, see `wide_first`); with shared rows (`heads`: the
+    `[B, 1, T]` head of each token) every one of `num_heads` heads keeps its floor."""
+    ranked = scores if heads is None else floor_heads(scores, heads, num_heads, keep)
+    if wide_worth is None:
+        return select_tokens(ranked, keep)
+    return wide_first(ranked, wide_worth, keep, widened)
+
+
+def per_head_survivors(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens a shared row of `keep` would take from `[B, Hkv, T]` candidates, per head:
+    `[B, Hkv, Cmax]` indices (each head's survivors ascending, then its last survivor
+    repeated up to the longest head's count, so quantizing them per head sees no other
+    values) and which entries are survivors rather than repeats."""
+    batch, heads, tokens = scores.shape
+    flat = scores.reshape(batch, 1, heads * tokens)  # [B, 1, Hkv*T], head-major
+    owner = torch.arange(heads, dtype=torch.uint8, device=scores.device).repeat_interleave(tokens)
+    chosen = choose_tokens(flat, keep, owner.expand(batch, 1, -1), heads)  # [B, 1, keep]
+    kept = torch.zeros(batch, heads * tokens, dtype=torch.bool, device=scores.device)
+    kept.scatter_(1, chosen[:, 0], True)
+    kept = kept.view(batch, heads, tokens)  # [B, Hkv, T]
+    counts = kept.sum(-1, keepdim=True)  # [B, Hkv, 1]
+    position = torch.arange(tokens, device=scores.device)
+    order = torch.where(kept, position, tokens + position).argsort(dim=-1)  # survivors first, ascending
+    longest = max(int(counts.max()), 1)
+    slots = torch.arange(longest, device=scores.device).view(1, 1, longest)
+    last = (counts - 1).clamp_min(0)
+    index = order.gather(2, torch.minimum(slots, last).expand(batch, heads, longest))  # [B, Hkv, Cmax]
+    return index, slots < counts

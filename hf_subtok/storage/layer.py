@@ -9,16 +9,11 @@ import inspect
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from hf_subtok.allocation.plan import StorageChoice, plan_layer
-from hf_subtok.allocation.planner import PromptEvidence, PromptPlanner
-from hf_subtok.allocation.select import floor_heads, select_tokens, wide_first
-from hf_subtok.allocation.split import LayerEvidence
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.formats import SCORE_BYTES, StorageFormat
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.quant import CodedTensor, extend_channels
 from hf_subtok.quant.gather import take_rows
-from hf_subtok.scorers import GroupScorer, Observation, RopeInfo, TokenScorer
 from hf_subtok.storage.tensors import (
     Stored,
     cat_stored,
@@ -37,6 +32,19 @@ from hf_subtok.storage.tensors import (
 )
 from hf_subtok.storage.wide import NORM_DTYPE, WIDE_FRACTIONS, WideGroups, other_groups
 from hf_subtok.views import BatchRowsKV, PackedKV, PrefillKV
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEvidence:
+    """A layer's scored prompt: `[B, Hkv, T, D]` keys/values, `[B, Hkv, T]` token scores,
+    `[B, Hkv, n_pack, G]` group scores of the `n_pack` oldest tokens (those to pack)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    group_scores: torch.Tensor
+    n_pack: int
+
 
 # transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
 # end); later releases call `crop(tokens_to_remove)` with a negative count.
@@ -77,20 +85,20 @@ class SubTokenLayer(CacheLayerMixin):
         self,
         config: SubTokenConfig,
         keep_groups: int | None,
-        scorer: GroupScorer,
-        token_scorer: TokenScorer | None = None,
-        planner: PromptPlanner | None = None,
-        rope: RopeInfo | None = None,
+        policy,
+        planner=None,
         layers_sharing: int = 1,
     ):
         super().__init__()
         self.config = config
         self.layers_sharing = layers_sharing  # layers sharing the rotation matrices (their bytes too)
         self.fixed_keep_groups = keep_groups
-        self.scorer = scorer
-        self.token_scorer = token_scorer
+        # what to keep: `hf_subtok.allocation.policy` (`KeepAll`, or `TokenPolicy` when tokens
+        # are evicted), built by the cache; called by duck typing
+        self.policy = policy
+        # the cache's cross-layer plan (`SubTokenCache`'s `PromptPlans`): `submit(layer)` a scored
+        # prompt, `flush()` what waits, `for_row(r)`; it calls `pack_prompt` (None: no plan)
         self.planner = planner
-        self.rope = rope
         self._clear()
 
     def _clear(self) -> None:
@@ -127,7 +135,7 @@ class SubTokenLayer(CacheLayerMixin):
     def shares_rows(self) -> bool:
         """Whether the KV heads' packed tokens share one row per sequence (`head_budgets=
         'adaptive'`): packed tensors are then `[B, 1, Ts, ...]` and heads keep different counts."""
-        return self.config.head_budgets == "adaptive" and self.token_scorer is not None
+        return self.config.head_budgets == "adaptive" and self.policy.evicts
 
     def _start_rows(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """The prompt of a batch: exact attention over the `[B, Hkv, T, D]` padded prompt, then
@@ -142,7 +150,7 @@ class SubTokenLayer(CacheLayerMixin):
         view = PrefillKV(key_states, value_states, self._split_rows, self.config.obs_window)
         return view, view
 
-    def _split_rows(self, observation: Observation | None) -> None:
+    def _split_rows(self, observation) -> None:
         """Give each batch row its real tokens (the `key_valid` ones: left padding dropped) and
         the queries over them, so it is budgeted, scored and packed as if it ran alone."""
         keys, values = self._rows_prompt
@@ -154,8 +162,8 @@ class SubTokenLayer(CacheLayerMixin):
                 real = observation.key_valid[r]  # [T]
                 row_keys, row_values = row_keys[:, :, real], row_values[:, :, real]
             row = SubTokenLayer(
-                self.config, self.fixed_keep_groups, self.scorer, self.token_scorer,
-                None if self.planner is None else self.planner.for_row(r), self.rope, self.layers_sharing,
+                self.config, self.fixed_keep_groups, self.policy,
+                None if self.planner is None else self.planner.for_row(r), self.layers_sharing,
             )
             view, _ = row.update(row_keys, row_values)
             if isinstance(view, PrefillKV):
@@ -197,7 +205,7 @@ class SubTokenLayer(CacheLayerMixin):
         self.window_keys = key_states.new_empty(batch, heads, 0, head_dim)
         self.window_values = value_states.new_empty(batch, heads, 0, head_dim)
         self.num_heads = heads
-        if self.token_scorer is not None:
+        if self.policy.evicts:
             rows = 1 if self.shares_rows else heads
             self.token_scores = torch.empty(
                 batch, rows, 0, dtype=torch.float32, device=self.device
@@ -221,7 +229,7 @@ class SubTokenLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._flush()
-        if self.token_scorer is not None:
+        if self.policy.evicts:
             return self._update_evicting(key_states, value_states)
         first = self.seen_tokens == 0
         tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
@@ -314,7 +322,7 @@ class SubTokenLayer(CacheLayerMixin):
             return self.rows[0].tokens_per_head()
         if not self.is_initialized:
             return []
-        if self.token_scorer is None:
+        if not self.policy.evicts:
             return [self.packed_keys.shape[-2]] * self.num_heads
         return [int(n) for n in self._valid_slots()[0].sum(-1)]
 
@@ -412,27 +420,17 @@ class SubTokenLayer(CacheLayerMixin):
         else:
             self._finish_step(None)
 
-    def _hold_dense(self, observation: Observation | None) -> None:
+    def _hold_dense(self, observation) -> None:
         """Keep a context of at most `floor_tokens` dense, holding nothing else (its ratio is
         exactly 1): when it grows past the floor, the queries of that call score its tokens."""
         self.window_keys, self.window_values = self._pending
         self._pending = None
 
-    def _finish_prefill(self, observation: Observation | None) -> None:
+    def _finish_prefill(self, observation) -> None:
         """Score the prompt's tokens and groups, plan this layer's budget, pack."""
         keys, values = self._pending
         self._pending = None
-        if self.token_scorer.needs_queries and observation is None:
-            raise ValueError(
-                f"token_scorer {self.token_scorer.name!r} needs the prompt's queries; "
-                "run the prompt through the model with the hf_subtok attention installed"
-            )
-        if observation is not None and observation.rope is None:
-            observation = dataclasses.replace(observation, rope=self.rope)
-        scores = self.token_scorer.score_tokens(keys, values, observation)  # [B, Hkv, T]
-        if observation is not None and observation.key_valid is not None:
-            invalid = ~observation.key_valid.view(keys.shape[0], 1, -1)
-            scores = scores.masked_fill(invalid, float("-inf"))
+        scores = self.policy.score_tokens(keys, values, observation)  # [B, Hkv, T]
         n_pack = self._tokens_to_pack(keys.shape[-2])
         group_scores = self._score_groups(
             keys[..., :n_pack, :], values[..., :n_pack, :], scores[..., :n_pack]
@@ -444,10 +442,10 @@ class SubTokenLayer(CacheLayerMixin):
         else:
             self.planner.submit(self)
 
-    def prompt_evidence(self) -> LayerEvidence:
-        """What the scored prompt tells the cross-layer split (see `PromptPlanner`)."""
+    def prompt_evidence(self):
+        """What the scored prompt tells the cross-layer split (the policy's `LayerEvidence`)."""
         prompt = self._prompt
-        return LayerEvidence(
+        return self.policy.evidence(
             prompt.scores[..., : prompt.n_pack],
             prompt.group_scores,
             self._storage_choices(
@@ -517,7 +515,7 @@ class SubTokenLayer(CacheLayerMixin):
 
     def _tokens_to_pack(self, tokens: int) -> int:
         """How many of the `tokens` oldest dense tokens to pack now (whole chunks)."""
-        if self.token_scorer is None:
+        if not self.policy.evicts:
             overflow = tokens - self.config.window
         elif self._window_cap is None or tokens > self._window_cap:  # a pack is due: new cap
             first = self._window_cap is None
@@ -529,7 +527,7 @@ class SubTokenLayer(CacheLayerMixin):
         if overflow <= 0:
             return 0
         chunk = self.config.chunk_tokens
-        if self.token_scorer is not None:  # a cap shrunk by a small budget packs smaller chunks
+        if self.policy.evicts:  # a cap shrunk by a small budget packs smaller chunks
             chunk = max(1, min(chunk, self._window_cap // 2))
         return min(tokens, -(-overflow // chunk) * chunk)
 
@@ -589,14 +587,13 @@ class SubTokenLayer(CacheLayerMixin):
         # room for a full window: it refills up to the cap before the next pack
         budget = self._row_budget(self._window_cap)
         if plan:
-            choices = self._storage_choices(keys, values)
-            layer_plan = plan_layer(
+            layer_plan = self.policy.plan(
                 scores,
                 group_scores,
                 budget,
-                choices=choices,
-                candidate_groups=self._plan_candidates(),
-                wide_fractions=WIDE_FRACTIONS if self.config.span == "adaptive" else (),
+                self._storage_choices(keys, values),
+                self._plan_candidates(),
+                WIDE_FRACTIONS if self.config.span == "adaptive" else (),
             )
             self.keep_groups, self.storage = layer_plan.keep_groups, layer_plan.storage
             self.wide_fraction = layer_plan.wide_fraction
@@ -614,7 +611,7 @@ class SubTokenLayer(CacheLayerMixin):
             # key blocks are then full blocks of kept tokens)
             if self.shares_rows:  # chosen across heads, each head's survivors quantized together
                 limit, _ = self._fit(budget * new_scores.shape[1], flatten_heads(new_scores, 2), (0, 0), None)
-                index, real = self._per_head_survivors(new_scores, limit)  # [B, Hkv, Cmax]
+                index, real = self.policy.per_head_survivors(new_scores, limit)  # [B, Hkv, Cmax]
                 wide = index.shape[-1]  # every survivor stays a candidate for widening
             else:
                 keep, wide = self._fit(budget, new_scores, (0, 0), new_wide)
@@ -672,32 +669,11 @@ class SubTokenLayer(CacheLayerMixin):
             self.wide_norms = wide_groups.norms
         self.packed_positions = behind_window
 
-    def _per_head_survivors(self, scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens a shared row of `keep` would take from `[B, Hkv, T]` candidates, per head:
-        `[B, Hkv, Cmax]` indices (each head's survivors ascending, then its last survivor
-        repeated up to the longest head's count, so quantizing them per head sees no other
-        values) and which entries are survivors rather than repeats."""
-        batch, heads, tokens = scores.shape
-        flat = flatten_heads(scores, 2)  # [B, 1, Hkv*T]
-        owner = torch.arange(heads, dtype=torch.uint8, device=scores.device).repeat_interleave(tokens)
-        chosen = self._choose(flat, owner.expand(batch, 1, -1), None, keep, 0)  # [B, 1, keep]
-        kept = torch.zeros(batch, heads * tokens, dtype=torch.bool, device=scores.device)
-        kept.scatter_(1, chosen[:, 0], True)
-        kept = kept.view(batch, heads, tokens)  # [B, Hkv, T]
-        counts = kept.sum(-1, keepdim=True)  # [B, Hkv, 1]
-        position = torch.arange(tokens, device=scores.device)
-        order = torch.where(kept, position, tokens + position).argsort(dim=-1)  # survivors first, ascending
-        longest = max(int(counts.max()), 1)
-        slots = torch.arange(longest, device=scores.device).view(1, 1, longest)
-        last = (counts - 1).clamp_min(0)
-        index = order.gather(2, torch.minimum(slots, last).expand(batch, heads, longest))  # [B, Hkv, Cmax]
-        return index, slots < counts
-
     def _score_groups(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """`[B, Hkv, T, G]` group scores of `[B, Hkv, T, D]` candidates, their `[B, Hkv, T]`
         token scores (attention evidence) passed on as weights for query-aware scorers."""
         weights = _finite_top(scores).clamp_min(0)
-        return self.scorer.score_groups(keys, values, self.config.num_groups, token_weights=weights)
+        return self.policy.score_groups(keys, values, token_weights=weights)
 
     def _widens(self) -> bool:
         """Whether this layer keeps the other groups of some tokens (adaptive span, K < G)."""
@@ -724,47 +700,20 @@ class SubTokenLayer(CacheLayerMixin):
         return WideGroups.of_stored(other, other_idx, norms, values.shape[-2])
 
     def _fit(
-        self, budget: float, scores: torch.Tensor, tables: tuple[int, int], wide: WideGroups | None
+        self, row_bytes: float, scores: torch.Tensor, tables: tuple[int, int], wide: WideGroups | None
     ) -> tuple[int, int]:
-        """(tokens kept, of which wide) of the `[B, Hkv, T]`-scored candidates that fit `budget`
-        bytes per row, with `tables` (blocks, runs) of per-channel keys (see `_tokens_within`)."""
-        count = scores.shape[-1]
-        if wide is None:
-            return self._tokens_within(budget, count, tables), 0
-        extra = self.storage.wide_bytes(self.keep_groups)
-        keep = self._tokens_within(budget, count, tables, self.wide_fraction * extra)
-        wanted = int(self.wide_fraction * keep)
-        widened = min(wanted, wide.eligible(scores))
-        if widened < wanted:  # too few tokens can be widened: spend the rest on tokens
-            keep = self._tokens_within(budget - widened * extra, count, tables)
-        return keep, min(widened, keep)
+        """(tokens kept, of which wide) of the `[B, Hkv, T]`-scored candidates that fit `row_bytes`
+        bytes per row, with `tables` (blocks, runs) of per-channel keys (`allocation.select.fit_tokens`)."""
+        worth = None if wide is None else wide.worth(scores)
+        return self.policy.fit(self.storage, self.keep_groups, row_bytes, scores, tables, worth, self.wide_fraction)
 
     def _choose(
         self, scores: torch.Tensor, heads: torch.Tensor | None, wide: WideGroups | None, keep: int, widened: int
     ) -> torch.Tensor:
         """`[B, Hkv or 1, keep]` indices of the tokens to keep (the `widened` wide ones first);
         with shared rows (`heads`: the head of each token) every head keeps its floor."""
-        ranked = scores if heads is None else floor_heads(scores, heads, self.num_heads, keep)
-        if wide is None:
-            return select_tokens(ranked, keep)
-        return wide_first(ranked, wide.worth(scores), keep, widened)
-
-    def _tokens_within(self, budget: float, tokens: int, tables: tuple[int, int], extra: float = 0.0) -> int:
-        """How many of `tokens` packed tokens fit `budget` bytes per row, with `tables` (blocks,
-        runs) of per-channel keys (no blocks: count each token's share of full blocks), each
-        token costing `extra` more bytes (its share of wide tokens' other groups)."""
-        keep_groups = self.keep_groups
-        blocks, runs = tables
-        if blocks == 0:  # the row's fixed bytes: its value codebooks, if any
-            per_token = self.storage.token_bytes(keep_groups, scored=True) + extra
-            room = budget - self.storage.codebook_bytes(keep_groups)
-            return max(0, min(tokens, int(room // per_token)))
-        if self.storage.row_bytes(tokens, blocks, keep_groups, scored=True, key_runs=runs) + tokens * extra <= budget:
-            return tokens
-        base = self.storage.row_bytes(0, blocks, keep_groups, scored=True, key_runs=runs)  # tables, runs, codebooks
-        per_token = self.storage.row_bytes(1, 0, keep_groups, scored=True) - self.storage.row_bytes(0, 0, keep_groups, scored=True) + extra
-        # at least one token fewer, so that the tables shrink or the loop ends at 0
-        return max(0, min(tokens - 1, int((budget - base) // per_token)))
+        worth = None if wide is None else wide.worth(scores)
+        return self.policy.choose(scores, keep, heads, self.num_heads, worth, widened)
 
     def _take(
         self,
@@ -787,12 +736,12 @@ class SubTokenLayer(CacheLayerMixin):
             None if heads is None else heads.gather(2, index),
         )
 
-    def _storage_choices(self, keys: torch.Tensor, values: torch.Tensor) -> list[StorageChoice]:
+    def _storage_choices(self, keys: torch.Tensor, values: torch.Tensor) -> list[tuple[StorageFormat, float]]:
         """The precisions the plan may pick, each with its fidelity on these keys and values."""
         formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
         if len(formats) == 1:
-            return [StorageChoice(formats[0])]
-        return [StorageChoice(f, quantization_fidelity(keys, values, f)) for f in formats]
+            return [(formats[0], 1.0)]
+        return [(f, quantization_fidelity(keys, values, f)) for f in formats]
 
     def _plan_candidates(self) -> list[int]:
         if self.fixed_keep_groups:
@@ -813,7 +762,7 @@ class SubTokenLayer(CacheLayerMixin):
         self.window_values = tail_values[..., n_pack:, :].clone()
 
     def _append_packed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        scores = self.scorer.score_groups(keys, values, self.config.num_groups)  # [B, Hkv, T, G]
+        scores = self.policy.score_groups(keys, values)  # [B, Hkv, T, G]
         packed, group_idx = pack_value_groups(
             values, scores, self.keep_groups, backend=self.config.backend
         )
@@ -914,7 +863,7 @@ class SubTokenLayer(CacheLayerMixin):
         have packed, evicted or re-selected tokens because of the tokens to crop, so assisted
         decoding and prompt lookup are refused with it (transformers checks this flag)."""
         lossy = (
-            self.token_scorer is not None
+            self.policy.evicts
             or self.config.bits is not None
             or (self.fixed_keep_groups or 0) < self.config.num_groups
         )
