@@ -112,7 +112,7 @@ class SubTokenConfig:
     channel and block of `key_block` tokens, the first `key_sinks` tokens of the prompt a block
     each (attention sinks, kept near exact) (`"channel"`, `hf_subtok.quant.channel`); the
     default `"auto"` takes channel at 2 bits and token at 4 and 8, as measured best
-    (`accounting.CHANNEL_KEYS_AT_BITS`). `key_clip` codes each such (channel, block) over the
+    (`formats.CHANNEL_KEYS_AT_BITS`). `key_clip` codes each such (channel, block) over the
     range of least squared error instead of its min/max range. With `value_codes`, value
     groups are stored below one bit per element: each token's group scaled by one number and
     cut into pieces of `code_piece` channels, each piece the index of the nearest of

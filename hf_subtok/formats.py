@@ -18,7 +18,7 @@ LOG_SCALE_BYTES = 1  # a scale as an 8-bit logarithm (`log_scales`, `quant.logsc
 LOG_SCALES = ("none", "keys", "values", "both")  # which scales `log_scales` stores as logarithms
 RUN_BYTES = 6  # int16 block and int32 length of a run of per-channel keys' tokens (`quant.channel`)
 HEAD_INDEX_BYTES = 1  # uint8 KV head of a token when heads share one row (per-head budgets)
-WIDE_NORM_BYTES = 2  # float16 norm of a wide token's other value groups (`span`)
+WIDE_NORM_BYTES = 2  # float16 norm of a wide token's other value groups (`storage.wide`)
 KEY_LAYOUTS = ("channel", "token")
 # keys per channel where it measures better: at 2 bits (ppl of 512 tokens after a 4k prefix on
 # SmolLM2-135M-Instruct, every token kept: +16% per channel against +43% per token; withheld

@@ -26,7 +26,7 @@ class LayerPlan:
     keep_tokens: int
     keep_groups: int
     storage: StorageFormat
-    wide_fraction: float = 0.0  # share of the kept tokens that keep every group (`span`)
+    wide_fraction: float = 0.0  # share of the kept tokens that keep every group (`storage.wide`)
 
 
 @dataclass(frozen=True)
