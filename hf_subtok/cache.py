@@ -214,7 +214,7 @@ class PromptPlans:
     def submit(self, layer: SubTokenLayer) -> None:
         """A layer's scored prompt: its own bytes per row and its evidence go to the planner;
         once every expected layer submitted, each packs within its share."""
-        self._pack(self.planner.submit(layer, layer.prompt_row_budget(), layer.prompt_evidence()))
+        self._pack(self.planner.submit(layer, layer.prompt_row_bytes(), layer.prompt_evidence()))
 
     def flush(self) -> None:
         """Split among the layers that submitted so far and pack them (a forward cut short)."""

@@ -116,17 +116,17 @@ class Eviction:
             self._plan_candidates(),
         )
 
-    def prompt_row_budget(self) -> float:
+    def prompt_row_bytes(self) -> float:
         """Bytes per (batch, head) row this layer's own budget gives its packed prompt tokens."""
-        return self._row_budget(self._window_cap)
+        return self._packed_row_bytes(self._window_cap)
 
-    def pack_prompt(self, row_budget: float | None) -> None:
-        """Pack the scored prompt within `row_budget` bytes per row (None: this layer's budget);
+    def pack_prompt(self, row_bytes: float | None) -> None:
+        """Pack the scored prompt within `row_bytes` bytes per row (None: this layer's budget);
         the layer's budget then becomes the share it was given."""
         prompt, self._prompt = self._prompt, None
-        if row_budget is not None:
+        if row_bytes is not None:
             dense = self.storage.dense_token_bytes
-            self.budget = (row_budget + self._window_cap * (dense + SCORE_BYTES)) / (
+            self.budget = (row_bytes + self._window_cap * (dense + SCORE_BYTES)) / (
                 dense * self.seen_tokens
             )
         n_pack = prompt.n_pack
@@ -220,7 +220,7 @@ class Eviction:
                 f"KV head at {self.seen_tokens} tokens, less than one packed token ({cheapest} bytes): raise budget"
             )
 
-    def _row_budget(self, window_tokens: int) -> float:
+    def _packed_row_bytes(self, window_tokens: int) -> float:
         """Bytes one (batch, head) row may spend on packed tokens with `window_tokens` dense."""
         dense = self.storage.dense_token_bytes
         return self.target_bytes() - window_tokens * (dense + SCORE_BYTES) - self._shared_bytes_per_row()

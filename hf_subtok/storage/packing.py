@@ -122,12 +122,12 @@ class Packing:
             group_scores = self._score_groups(keys, values, scores)  # [B, Hkv, T, G]
         behind_window = self.packed_positions + keys.shape[-2]
         # room for a full window: it refills up to the cap before the next pack
-        budget = self._row_budget(self._window_cap)
+        row_bytes = self._packed_row_bytes(self._window_cap)
         if plan:
             layer_plan = self.policy.plan(
                 scores,
                 group_scores,
-                budget,
+                row_bytes,
                 self._storage_choices(keys, values),
                 self._plan_candidates(),
                 WIDE_FRACTIONS if self.config.span == "adaptive" else (),
@@ -147,11 +147,11 @@ class Packing:
             # nothing stored yet: choose first, then quantize the survivors together (per-channel
             # key blocks are then full blocks of kept tokens)
             if self.shares_rows:  # chosen across heads, each head's survivors quantized together
-                limit, _ = self._fit(budget * new_scores.shape[1], flatten_heads(new_scores, 2), (0, 0), None)
+                limit, _ = self._fit(row_bytes * new_scores.shape[1], flatten_heads(new_scores, 2), (0, 0), None)
                 index, real = self.policy.per_head_survivors(new_scores, limit)  # [B, Hkv, Cmax]
                 wide = index.shape[-1]  # every survivor stays a candidate for widening
             else:
-                keep, wide = self._fit(budget, new_scores, (0, 0), new_wide)
+                keep, wide = self._fit(row_bytes, new_scores, (0, 0), new_wide)
                 index = self._choose(new_scores, None, new_wide, keep, wide)  # [B, Hkv, keep]
                 real = None
             keys, packed, group_idx, new_scores = _take_candidates(keys, packed, group_idx, new_scores, index)
@@ -165,7 +165,7 @@ class Packing:
             heads = torch.arange(num_heads, dtype=torch.uint8, device=self.device)
             heads = torch.cat([self.stored_heads, heads.repeat_interleave(count).expand(batch, 1, -1)], dim=-1)
             group_idx, new_scores = flatten_heads(group_idx, 3), flatten_heads(new_scores, 2)
-            budget *= num_heads  # the row holds every head's tokens
+            row_bytes *= num_heads  # the row holds every head's tokens
             if new_wide is not None:
                 new_wide = WideGroups.of_stored(
                     new_wide.values, flatten_heads(new_wide.group_idx, 3),
@@ -188,7 +188,7 @@ class Packing:
         ordered = wide_groups is None  # wide tokens must come first: select at least once
         while True:  # per-channel key tables may hold more blocks than full ones would need
             count = stored[3].shape[-1]
-            keep, wide = self._fit(budget, stored[3], key_tables(stored[0]), wide_groups)
+            keep, wide = self._fit(row_bytes, stored[3], key_tables(stored[0]), wide_groups)
             if limit is not None and keep > limit:
                 keep, wide = limit, min(wide, limit)
             if keep >= count and ordered:
