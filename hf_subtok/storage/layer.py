@@ -37,7 +37,13 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
     later updates return a `PackedKV` for the attention function registered by
     `hf_subtok.attention`.
 
-    With a token scorer (a budget that may cut tokens), each KV head keeps its own best
+    The layer owns the bytes and the layout; what to keep it asks its `policy` (scores,
+    plans, which tokens fit), and its prompt's share of the cross-layer plan comes from the
+    cache. The methods are grouped by role: `storage.packing` (store, pack, re-select),
+    `storage.eviction` (an evicting layer's prompt and window chunks), `storage.rows` (a batch
+    stored row by row); this class keeps transformers' `CacheLayerMixin` contract.
+
+    With an evicting policy (a budget that may cut tokens), each KV head keeps its own best
     tokens in a uniform `[B, Hkv, Ts, ...]` layout (composite tokens), with their float32
     scores `[B, Hkv, Ts]` (-inf marks a filler slot); the window's scores `[B, Hkv, Tw]`
     accumulate the attention they receive while decoding. The prompt is packed after its
