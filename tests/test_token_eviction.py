@@ -193,7 +193,7 @@ def test_unknown_token_scorer_and_axes_are_refused():
 
 
 def test_plans_keep_a_share_of_uniform_weight_for_unseen_queries():
-    from hf_subtok import allocation
+    from hf_subtok.allocation import plan as allocation
 
     scores = torch.zeros(1, 1, 10)
     scores[..., 3] = 1.0
