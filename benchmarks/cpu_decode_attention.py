@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hf_subtok.accounting import StorageFormat
+from hf_subtok.formats import StorageFormat
 from hf_subtok.kernels import pack_value_groups, packed_attention
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import quantize
+from hf_subtok.views import PackedKV
 
 KV_HEADS, Q_HEADS, HEAD_DIM, WINDOW, QUANT_GROUP = 3, 9, 64, 64, 32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

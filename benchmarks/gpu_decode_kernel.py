@@ -46,10 +46,10 @@ import torch
 from hf_subtok import SubTokenConfig
 from hf_subtok.kernels import pack_value_groups, packed_attention
 from hf_subtok.kernels._dispatch import triton_available
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor
 from hf_subtok.quant.channel import BLOCK_INDEX_DTYPE
-from hf_subtok.stored import Stored, store_keys, store_values, stored_parts
+from hf_subtok.storage.tensors import Stored, store_keys, store_values, stored_parts
+from hf_subtok.views import PackedKV
 
 logger = logging.getLogger("kernels_bench")
 PROVIDERS = ("sdpa", "torch", "triton")

@@ -26,11 +26,10 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from hf_subtok.batch_view import BatchRowsKV
 from hf_subtok.kernels import packed_attention
-from hf_subtok.packed import PackedKV, PrefillKV
 from hf_subtok.quant.rotation import rotate_groups
 from hf_subtok.scorers import Observation
+from hf_subtok.views import BatchRowsKV, PackedKV, PrefillKV
 
 logger = logging.getLogger(__name__)
 

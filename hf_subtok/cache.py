@@ -9,14 +9,15 @@ import weakref
 import torch
 from transformers.cache_utils import Cache
 
+from hf_subtok.allocation.planner import PromptPlanner
+from hf_subtok.allocation.policy import KeepAll, TokenPolicy
 from hf_subtok.attention import check_supported, install_attention
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.memory_report import memory_report
-from hf_subtok.packed import PrefillKV
 from hf_subtok.presets import resolve_config
-from hf_subtok.prompt_planner import PromptPlanner
 from hf_subtok.scorers import Observation, RopeInfo, get_group_scorer, get_token_scorer
-from hf_subtok.storage import SubTokenLayer
+from hf_subtok.storage.layer import SubTokenLayer
+from hf_subtok.views import PrefillKV
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class SubTokenCache(Cache):
                 "running it; build one cache per model"
             )
 
-    def _planner(self, num_layers: int) -> PromptPlanner | None:
+    def _planner(self, num_layers: int) -> PromptPlans | None:
         """The cross-layer planner, for adaptive budgets over the layers without a fixed one."""
         if not self.config.evicts_tokens or self.config.layer_budgets != "adaptive":
             return None
@@ -120,7 +121,7 @@ class SubTokenCache(Cache):
             for i in range(o.first, o.last + 1)
         }
         shared = num_layers - len(fixed)
-        return PromptPlanner(shared) if shared > 1 else None
+        return PromptPlans(PromptPlanner(shared)) if shared > 1 else None
 
     def _layer(self, layer_idx: int, router) -> SubTokenLayer:
         config = self.layer_configs[layer_idx]
@@ -137,9 +138,12 @@ class SubTokenCache(Cache):
             o.budget is not None and o.first <= layer_idx <= o.last for o in self.config.overrides
         )
         planner = None if budget_fixed else self.planner
-        return SubTokenLayer(
-            config, self.keep_groups, scorer, token_scorer, planner, self.rope, layers_sharing=len(self.layer_configs)
+        policy = (
+            TokenPolicy(scorer, config.num_groups, token_scorer, self.rope)
+            if token_scorer is not None
+            else KeepAll(scorer, config.num_groups)
         )
+        return SubTokenLayer(config, self.keep_groups, policy, planner, layers_sharing=len(self.layer_configs))
 
     @classmethod
     def from_dense(
@@ -195,6 +199,38 @@ class SubTokenCache(Cache):
         `stored_bytes`, `dense_bytes` (what a `DynamicCache` would hold), `ratio`, `target_bytes`
         (what the budget or the short-context floor allows), `parts` and `per_layer` rows."""
         return memory_report(self)
+
+
+class PromptPlans:
+    """The cache's cross-layer allocator call: layers submit their scored prompts here; the
+    planner (`allocation.planner.PromptPlanner`) splits the bytes from their evidence, and each
+    layer is handed its share to pack. The planner sees numbers and tensors, never a layer."""
+
+    def __init__(self, planner: PromptPlanner):
+        self.planner = planner
+        self._rows: dict[int, PromptPlans] = {0: self}
+
+    def for_row(self, row: int) -> PromptPlans:
+        """The plans of batch row `row` (each row planned on its own prompt, as if alone)."""
+        if row not in self._rows:
+            plans = PromptPlans(self.planner.for_row(row))
+            plans._rows = self._rows
+            self._rows[row] = plans
+        return self._rows[row]
+
+    def submit(self, layer: SubTokenLayer) -> None:
+        """A layer's scored prompt: its own bytes per row and its evidence go to the planner;
+        once every expected layer submitted, each packs within its share."""
+        self._pack(self.planner.submit(layer, layer.prompt_row_bytes(), layer.prompt_evidence()))
+
+    def flush(self) -> None:
+        """Split among the layers that submitted so far and pack them (a forward cut short)."""
+        self._pack(self.planner.flush())
+
+    @staticmethod
+    def _pack(shares: list[tuple[SubTokenLayer, float]]) -> None:
+        for layer, row_bytes in shares:
+            layer.pack_prompt(row_bytes)
 
 
 def _without_query_scorers(config: SubTokenConfig) -> SubTokenConfig:

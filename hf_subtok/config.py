@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from hf_subtok.accounting import (
+from hf_subtok.config_checks import (
+    check_backend,
+    check_budget,
+    check_int,
+    check_log_scales,
+    check_value_codes,
+    parse_layer_range,
+)
+from hf_subtok.formats import (
     KEY_LAYOUTS,
-    LOG_SCALES,
     VALUE_CLIPS,
     StorageFormat,
-    clips_values,
+    keep_groups_for,
     key_layout_for,
+    storage_format,
+    storage_formats,
 )
 from hf_subtok.quant import SUPPORTED_BITS
-from hf_subtok.quant.codebook import code_bits
 from hf_subtok.scorers import available_group_scorers, available_token_scorers
 
 MAX_GROUPS = 256
-BACKENDS = ("auto", "torch", "triton")
 AXES = ("both", "tokens", "groups")
 LAYER_BUDGETS = ("adaptive", "uniform")
 SPANS = ("fixed", "adaptive")
@@ -40,10 +46,10 @@ class LayerOverride:
     router: str | None = None
 
     def __post_init__(self) -> None:
-        _check_int("first", self.first, 0, None)
-        _check_int("last", self.last, self.first, None)
+        check_int("first", self.first, 0, None)
+        check_int("last", self.last, self.first, None)
         if self.budget is not None:
-            _check_budget("override budget", self.budget)
+            check_budget("override budget", self.budget)
         if self.token_scorer is not None and self.token_scorer not in available_token_scorers():
             raise ValueError(
                 f"override token_scorer must be one of {sorted(available_token_scorers())}, got {self.token_scorer!r}"
@@ -62,7 +68,7 @@ class LayerOverride:
             raise ValueError(f"overrides items must be LayerOverride or dict, got {item!r}")
         item = dict(item)
         if "layers" in item:
-            first, last = _parse_layer_range(item.pop("layers"))
+            first, last = parse_layer_range(item.pop("layers"))
             item.setdefault("first", first)
             item.setdefault("last", last)
         known = {f.name for f in fields(cls)}
@@ -106,7 +112,7 @@ class SubTokenConfig:
     channel and block of `key_block` tokens, the first `key_sinks` tokens of the prompt a block
     each (attention sinks, kept near exact) (`"channel"`, `hf_subtok.quant.channel`); the
     default `"auto"` takes channel at 2 bits and token at 4 and 8, as measured best
-    (`accounting.CHANNEL_KEYS_AT_BITS`). `key_clip` codes each such (channel, block) over the
+    (`formats.CHANNEL_KEYS_AT_BITS`). `key_clip` codes each such (channel, block) over the
     range of least squared error instead of its min/max range. With `value_codes`, value
     groups are stored below one bit per element: each token's group scaled by one number and
     cut into pieces of `code_piece` channels, each piece the index of the nearest of
@@ -117,7 +123,7 @@ class SubTokenConfig:
 
     `span="adaptive"` lets the number of groups vary per token: a layer keeping K < G groups
     also stores the other groups of the tokens most worth it (attention times the norm of the
-    groups dropped), as many as its plan finds worth their bytes (`hf_subtok.span`);
+    groups dropped), as many as its plan finds worth their bytes (`hf_subtok.storage.wide`);
     `"fixed"` keeps K groups for every token of a layer.
 
     `head_budgets="adaptive"` lets the KV heads of a layer keep different numbers of tokens:
@@ -126,7 +132,7 @@ class SubTokenConfig:
     byte; `"uniform"` keeps as many tokens in every head (each head its own best).
 
     `layer_budgets="adaptive"` shares the bytes among layers by the attention the prompt
-    showed (see `hf_subtok.prompt_planner`); `"uniform"` gives every layer `budget`.
+    showed (see `hf_subtok.allocation.planner`); `"uniform"` gives every layer `budget`.
     `overrides` give layer ranges another budget, token scorer or router (`LayerOverride`).
     """
 
@@ -271,15 +277,15 @@ class SubTokenConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_int("num_groups", self.num_groups, 1, MAX_GROUPS)
+        check_int("num_groups", self.num_groups, 1, MAX_GROUPS)
         if self.keep_groups is not None:
-            _check_int("keep_groups", self.keep_groups, 1, self.num_groups)
+            check_int("keep_groups", self.keep_groups, 1, self.num_groups)
         if self.budget is not None:
-            _check_budget("budget", self.budget)
-        _check_int("window", self.window, 0, None)
-        _check_int("floor_tokens", self.floor_tokens, 0, None)
+            check_budget("budget", self.budget)
+        check_int("window", self.window, 0, None)
+        check_int("floor_tokens", self.floor_tokens, 0, None)
         if self.pack_chunk is not None:
-            _check_int("pack_chunk", self.pack_chunk, 1, None)
+            check_int("pack_chunk", self.pack_chunk, 1, None)
             if self.window > 0 and self.pack_chunk > self.window:
                 raise ValueError(
                     f"pack_chunk must be at most window={self.window}, got {self.pack_chunk}"
@@ -294,24 +300,24 @@ class SubTokenConfig:
             )
         if self.axes not in AXES:
             raise ValueError(f"axes must be one of {AXES}, got {self.axes!r}")
-        _check_int("obs_window", self.obs_window, 1, None)
-        _check_backend(self.backend)
+        check_int("obs_window", self.obs_window, 1, None)
+        check_backend(self.backend)
         if self.bits not in (None, "auto") and (
             isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS
         ):
             raise ValueError(
                 f"bits must be one of {SUPPORTED_BITS}, 'auto' or None, got {self.bits!r}"
             )
-        _check_int("quant_group_size", self.quant_group_size, 1, None)
+        check_int("quant_group_size", self.quant_group_size, 1, None)
         if self.key_quantization not in ("auto", *KEY_LAYOUTS):
             raise ValueError(
                 f"key_quantization must be one of {('auto', *KEY_LAYOUTS)}, got {self.key_quantization!r}"
             )
-        _check_int("key_block", self.key_block, 1, None)
+        check_int("key_block", self.key_block, 1, None)
         if self.value_clip not in VALUE_CLIPS:
             raise ValueError(f"value_clip must be one of {VALUE_CLIPS}, got {self.value_clip!r}")
-        _check_int("key_sinks", self.key_sinks, 0, None)
-        self._check_value_codes()
+        check_int("key_sinks", self.key_sinks, 0, None)
+        check_value_codes(self)
         if not isinstance(self.key_clip, bool):
             raise ValueError(f"key_clip must be True or False, got {self.key_clip!r}")
         per_channel = self.bits == "auto" or key_layout_for(self.key_quantization, self.bits) == "channel"
@@ -320,7 +326,7 @@ class SubTokenConfig:
                 "key_clip=True needs keys quantized per channel (bits=2 or 'auto', or key_quantization="
                 f"'channel'), got bits={self.bits!r}, key_quantization={self.key_quantization!r}"
             )
-        self._check_log_scales(per_channel)
+        check_log_scales(self, per_channel)
         if not isinstance(self.rotate, bool):
             raise ValueError(f"rotate must be True or False, got {self.rotate!r}")
         if self.rotate and self.bits is None:
@@ -374,35 +380,6 @@ class SubTokenConfig:
         `max(1, window // 2)`."""
         return self.pack_chunk if self.pack_chunk is not None else max(1, self.window // 2)
 
-    def _check_log_scales(self, per_channel: bool) -> None:
-        if self.log_scales not in LOG_SCALES:
-            raise ValueError(f"log_scales must be one of {LOG_SCALES}, got {self.log_scales!r}")
-        if self.log_scales in ("keys", "both") and (self.bits is None or not per_channel):
-            raise ValueError(
-                f"log_scales={self.log_scales!r} needs keys quantized per channel (bits=2 or key_quantization="
-                f"'channel'), got bits={self.bits!r}, key_quantization={self.key_quantization!r}"
-            )
-        if self.log_scales in ("values", "both") and (self.bits is None or self.value_codes is None):
-            raise ValueError(
-                f"log_scales={self.log_scales!r} needs value_codes (values with one scale per token), "
-                f"got value_codes={self.value_codes!r}, bits={self.bits!r}"
-            )
-
-    def _check_value_codes(self) -> None:
-        _check_int("code_piece", self.code_piece, 1, None)
-        if self.value_codes is None:
-            return
-        _check_int("value_codes", self.value_codes, 2, 256)
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(
-                f"value_codes needs bits= one of {SUPPORTED_BITS} (the keys' precision), got bits={self.bits!r}"
-            )
-        if self.span == "adaptive" or self.head_budgets == "adaptive":
-            raise ValueError(
-                "value_codes works with span='fixed' and head_budgets='uniform' (one codebook per KV head), "
-                f"got span={self.span!r}, head_budgets={self.head_budgets!r}"
-            )
-
     def layer_settings(self, num_layers: int) -> list[SubTokenConfig]:
         """The config each of `num_layers` layers runs with, overrides applied (a later
         override wins). `budget` of a layer without a budget override is what the
@@ -454,134 +431,14 @@ class SubTokenConfig:
         return {**asdict(self), "overrides": [o.to_dict() for o in self.overrides]}
 
     def storage_formats(self, head_dim: int, elem_bytes: int) -> list[StorageFormat]:
-        """The formats a layer may store packed tokens in: `bits`'s, or with `bits='auto'` the
-        model's dtype and every bit width that fits (highest precision first)."""
-        if self.bits != "auto":
-            return [self.storage_format(head_dim, elem_bytes)]
-        formats = [self.storage_format(head_dim, elem_bytes, None)]
-        for bits in sorted(SUPPORTED_BITS, reverse=True):
-            try:
-                formats.append(self.storage_format(head_dim, elem_bytes, bits))
-            except ValueError:
-                continue  # this width does not pack the groups into whole bytes
-        return formats
+        """The formats a layer may store packed tokens in (`formats.storage_formats`)."""
+        return storage_formats(self, head_dim, elem_bytes)
 
-    def storage_format(
-        self, head_dim: int, elem_bytes: int, bits: int | str | None = "config"
-    ) -> StorageFormat:
-        """How a packed token is stored for a model with this `head_dim` and element size,
-        in `bits` (default: the config's; 'auto' stores in the model's dtype until a plan picks).
-
-        Raises `ValueError` if `num_groups` does not divide `head_dim`, or (with bits) if
-        the quantization group does not divide the key or a value group.
-        """
-        if head_dim % self.num_groups:
-            raise ValueError(f"num_groups must divide head_dim={head_dim}, got {self.num_groups}")
-        bits = self.bits if bits == "config" else bits
-        bits = None if bits == "auto" else bits
-        storage = StorageFormat(
-            head_dim,
-            self.num_groups,
-            elem_bytes,
-            bits,
-            self.quant_group_size,
-            key_layout_for(self.key_quantization, bits),
-            self.key_block,
-            self.rotate,
-            self.head_budgets == "adaptive",
-            clips_values(self.value_clip, bits),
-            self.key_clip,
-            self.value_codes,
-            self.code_piece,
-            self.log_scales,
-        )
-        if bits is not None:  # coded value groups are checked below, scalar ones here
-            checks = [] if storage.coded_values else [("value group width", storage.width, storage.value_group_size)]
-            key_group = 1 if storage.channel_keys else storage.key_group_size  # per channel: whole bytes
-            checks.append(("head_dim", head_dim, key_group))
-            if self.rotate:
-                for name, channels in (("head_dim", head_dim), ("value group width", storage.width)):
-                    if channels & (channels - 1):
-                        raise ValueError(
-                            f"rotate=True needs {name}={channels} to be a power of two (Hadamard rotation)"
-                        )
-            if storage.coded_values:
-                pieces = storage.width // self.code_piece
-                if storage.width % self.code_piece or pieces * code_bits(self.value_codes) % 8:
-                    raise ValueError(
-                        f"code_piece={self.code_piece} with value_codes={self.value_codes} does not fit value groups "
-                        f"of {storage.width} channels (it must divide them into pieces whose codes fill whole bytes)"
-                    )
-            for name, channels, size in checks:
-                if channels % size or channels * bits % 8:
-                    raise ValueError(
-                        f"quant_group_size={self.quant_group_size} at bits={bits} does not fit "
-                        f"{name}={channels} (it must divide it into whole bytes)"
-                    )
-        return storage
+    def storage_format(self, head_dim: int, elem_bytes: int, bits: int | str | None = "config") -> StorageFormat:
+        """How a packed token is stored for a model with this `head_dim` and element size
+        (`formats.storage_format`; `ValueError` if it does not fit)."""
+        return storage_format(self, head_dim, elem_bytes, bits)
 
     def resolve_keep_groups(self, head_dim: int, elem_bytes: int) -> int:
-        """`keep_groups` for a model with this `head_dim` and element size.
-
-        Raises `ValueError` as `storage_format` does, or if no `keep_groups` meets `budget`
-        for packed tokens.
-        """
-        storage = self.storage_format(head_dim, elem_bytes)
-        dense = storage.dense_token_bytes
-        if self.groups_kept is not None:
-            if self.budget is not None:
-                ratio = storage.token_bytes(self.keep_groups, scored=False) / dense
-                if ratio > self.budget:
-                    raise ValueError(
-                        f"keep_groups={self.keep_groups} stores {ratio:.4f} of the dense bytes, "
-                        f"above budget={self.budget}"
-                    )
-            return self.groups_kept
-        fitting = [
-            k
-            for k in range(1, self.num_groups + 1)
-            if storage.token_bytes(k, scored=False) / dense <= self.budget
-        ]
-        if not fitting:
-            lowest = storage.token_bytes(1, scored=False) / dense
-            raise ValueError(
-                f"budget={self.budget} is below {lowest:.4f}, the smallest ratio reachable with whole "
-                f"keys and num_groups={self.num_groups} (axes='both' or 'tokens' also evicts tokens)"
-            )
-        return max(fitting)
-
-
-def _check_budget(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-
-
-def _check_backend(backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        raise ValueError(
-            "backend='triton' needs the triton package, which is not installed "
-            "(pip install triton, or use backend='auto' or 'torch')"
-        )
-
-
-def _parse_layer_range(text) -> tuple[int, int]:
-    """`3` or `"3"` -> (3, 3); `"0-5"` -> (0, 5)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text, text
-    first, sep, last = str(text).partition("-")
-    try:
-        return int(first), int(last if sep else first)
-    except ValueError:
-        raise ValueError(f"overrides layers must be 'N' or 'FIRST-LAST', got {text!r}") from None
-
-
-def _check_int(name: str, value, low: int, high: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
+        """`keep_groups` for a model with this `head_dim` and element size (`formats.keep_groups_for`)."""
+        return keep_groups_for(self, head_dim, elem_bytes)

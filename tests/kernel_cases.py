@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.kernels.pack_reference import pack_value_groups, unpack_value_groups
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import quantize
-from hf_subtok.span import other_groups
+from hf_subtok.storage.wide import other_groups
+from hf_subtok.views import PackedKV
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.accounting import StorageFormat
 from hf_subtok.allocation import StorageChoice, plan_layer
+from hf_subtok.allocation.select import wide_first
 from hf_subtok.attention import subtok_attention
+from hf_subtok.formats import StorageFormat
 from hf_subtok.kernels import packed_attention, packed_attention_lse
 from hf_subtok.kernels.pack_reference import unpack_value_groups
 from hf_subtok.scorers import get_group_scorer
-from hf_subtok.span import WideGroups, other_groups, wide_first
+from hf_subtok.storage.wide import WideGroups, other_groups
 from tests.kernel_cases import DEVICE, DTYPES, TOLERANCE, Shape, with_wide_tokens
 from tests.tiny_models import decode_within_budget, make_tiny_model, random_prompts
 

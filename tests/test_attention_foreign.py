@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.packed import PackedKV, PackedStorageError, PrefillKV
+from hf_subtok.views import PackedKV, PackedStorageError, PrefillKV
 from tests.kernel_cases import Shape, make_packed
 from tests.tiny_models import make_tiny_model, random_prompts
 

@@ -20,7 +20,7 @@ from hf_subtok.allocation import HEAD_FLOOR, floor_heads, select_tokens
 from hf_subtok.attention import subtok_attention
 from hf_subtok.kernels import packed_attention, packed_attention_reference
 from hf_subtok.quant import quantize, quantize_channels
-from hf_subtok.stored import flatten_heads
+from hf_subtok.storage.tensors import flatten_heads
 from tests.kernel_cases import DEVICE, shared_row
 from tests.tiny_models import decode_within_budget, make_tiny_model, random_prompts
 

@@ -24,13 +24,13 @@ MAX_LINES = 450
 # it (`hf_subtok.storage` also covers a future `hf_subtok/storage/` package). Update these
 # lists when files move.
 SCORERS = ["hf_subtok.scorers"]
-ALLOCATOR = ["hf_subtok.allocation", "hf_subtok.prompt_planner"]
-PLANNER = ["hf_subtok.prompt_planner"]
-STORAGE_LAYER = ["hf_subtok.storage"]  # the layer (transformers' CacheLayerMixin contract)
-STORAGE_ENCODERS = ["hf_subtok.stored"]  # how kept units become stored tensors
+ALLOCATOR = ["hf_subtok.allocation"]
+PLANNER = ["hf_subtok.allocation.planner"]
+STORAGE_LAYER = ["hf_subtok.storage.layer"]  # the layer (transformers' CacheLayerMixin contract)
+STORAGE_ENCODERS = ["hf_subtok.storage.tensors"]  # how kept units become stored tensors
 # what a layer hands to attention; kernels take these as their input
-KV_VIEWS = ["hf_subtok.packed", "hf_subtok.batch_view"]
-STORAGE = STORAGE_LAYER + STORAGE_ENCODERS + KV_VIEWS + ["hf_subtok.rows", "hf_subtok.span"]
+KV_VIEWS = ["hf_subtok.views"]
+STORAGE = ["hf_subtok.storage"] + KV_VIEWS
 KERNELS = ["hf_subtok.kernels"]
 CACHE = ["hf_subtok.cache", "hf_subtok.attention"]
 
@@ -50,12 +50,6 @@ NEVER_RULES = {
 # Checks the current code fails, each expected to fail until the refactor fixes it; strict, so
 # a fixed check fails here until its mark is removed.
 KNOWN_VIOLATIONS = {
-    "kernels-never-import-transformers-or-the-cache": "kernels/__init__.py imports hf_subtok.stored",
-    "storage-never-imports-scorers-or-the-allocator": "storage.py imports scorers, allocation, "
-    "prompt_planner; span.py imports allocation",
-    "allocator-never-imports-storage-encoders": "allocation.py imports hf_subtok.stored",
-    "planner-never-imports-the-layer": "prompt_planner.py imports storage.SubTokenLayer (TYPE_CHECKING)",
-    "file-sizes": "storage.py, config.py, kernels/packed_attention_{reference,triton}.py",
 }
 
 

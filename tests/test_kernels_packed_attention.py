@@ -18,7 +18,7 @@ from hf_subtok.kernels import (
 from hf_subtok.kernels.merge import merge_splits, packed_attention_lse_reference
 from hf_subtok.kernels.pack_reference import unpack_value_groups
 from hf_subtok.kernels.packed_attention_reference import packed_attention as reference_attention
-from hf_subtok.packed import PackedKV
+from hf_subtok.views import PackedKV
 from tests.kernel_cases import DEVICE, DTYPES, TOLERANCE, Shape, make_packed
 
 pytest.importorskip("triton")

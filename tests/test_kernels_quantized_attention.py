@@ -17,8 +17,8 @@ import torch
 
 from hf_subtok.kernels import packed_attention, packed_attention_lse, packed_attention_reference
 from hf_subtok.kernels.merge import packed_attention_lse_reference
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import QuantizedTensor, unpack_bits
+from hf_subtok.views import PackedKV
 from tests.kernel_cases import DEVICE, DTYPES, TOLERANCE, Shape, make_packed, quantize_packed
 
 pytestmark = pytest.mark.usefixtures("nan_empty")

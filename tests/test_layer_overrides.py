@@ -60,7 +60,7 @@ def test_scorer_override_takes_effect_on_its_layers_only():
     )
     model = make_tiny_model("llama", num_hidden_layers=3)
     cache = SubTokenCache(model, config)
-    assert [layer.token_scorer.name for layer in cache.layers] == ["snapkv", "streaming", "snapkv"]
+    assert [layer.policy.token_scorer.name for layer in cache.layers] == ["snapkv", "streaming", "snapkv"]
     with torch.no_grad():
         model(input_ids=random_prompts(1, 200), past_key_values=cache)
     kept = [layer.token_scores for layer in cache.layers]

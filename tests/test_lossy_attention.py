@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.kernels import packed_attention, packed_attention_reference
 from hf_subtok.kernels.pack_reference import pack_value_groups, unpack_value_groups
-from hf_subtok.packed import PackedKV
+from hf_subtok.views import PackedKV
 from tests.tiny_models import make_tiny_model, random_prompts
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}

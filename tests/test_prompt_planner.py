@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.accounting import StorageFormat
 from hf_subtok.allocation import LayerEvidence, StorageChoice, split_layer_budgets
+from hf_subtok.formats import StorageFormat
 from tests.tiny_models import make_tiny_model, random_prompts
 
 FORMAT = StorageFormat(head_dim=16, num_groups=4, elem_bytes=4)
@@ -62,3 +62,17 @@ def test_adaptive_cache_moves_bytes_between_layers_within_the_budget():
     assert min(adaptive) >= 0.2 * 0.25 * 0.9, "no layer below its floor"
     assert reports["adaptive"]["ratio"] <= 0.2 * 1.01
     assert reports["adaptive"]["ratio"] >= 0.2 * 0.9
+
+
+def test_planner_hands_the_split_back_without_calling_into_layers():
+    from hf_subtok.allocation.planner import PromptPlanner
+
+    planner = PromptPlanner(expected=2)
+    concentrated = torch.full((100,), 1e-4)
+    concentrated[7] = 1.0
+    own = 30 * FORMAT.token_bytes(4, scored=True)
+    assert planner.submit("layer 0", own, _evidence(concentrated)) == []  # keys: anything
+    shares = planner.submit("layer 1", own, _evidence(torch.full((100,), 0.01)))
+    assert [key for key, _ in shares] == ["layer 0", "layer 1"]
+    assert sum(row_bytes for _, row_bytes in shares) == pytest.approx(2 * own)
+    assert shares[1][1] > shares[0][1] and planner.flush() == []

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.accounting import StorageFormat
+from hf_subtok.formats import StorageFormat
 from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor
-from hf_subtok.storage import _CROP_TAKES_LENGTH
+from hf_subtok.storage.layer import _CROP_TAKES_LENGTH
 from tests.tiny_models import make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
@@ -195,7 +195,7 @@ def test_plan_trades_precision_for_tokens():
 
 
 def test_fidelity_orders_bit_widths():
-    from hf_subtok.allocation import quantization_fidelity
+    from hf_subtok.storage.tensors import quantization_fidelity
 
     keys, values = torch.randn(2, 1, 2, 300, 64)
     fidelity = {bits: quantization_fidelity(keys, values, StorageFormat(64, 4, 4, bits)) for bits in (None, 8, 4, 2)}

@@ -9,9 +9,9 @@ import torch
 from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.attention import subtok_attention
 from hf_subtok.kernels import packed_attention_reference
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import quantize, quantize_channels
 from hf_subtok.quant.rotation import hadamard, rotate_groups
+from hf_subtok.views import PackedKV
 from tests.tiny_models import greedy_per_backend, make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)

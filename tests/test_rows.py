@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_subtok.rows import take_rows
+from hf_subtok.quant.gather import take_rows
 
 CASES = {
     # name: (shape of x, dim, index count, dtype)

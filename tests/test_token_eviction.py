@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.accounting import StorageFormat
 from hf_subtok.allocation import StorageChoice, plan_layer
 from hf_subtok.attention import subtok_attention
+from hf_subtok.formats import StorageFormat
 from hf_subtok.scorers import Observation, get_token_scorer
-from hf_subtok.storage import _CROP_TAKES_LENGTH
+from hf_subtok.storage.layer import _CROP_TAKES_LENGTH
 from tests.tiny_models import make_tiny_model, random_prompts
 
 FORMAT = StorageFormat(head_dim=64, num_groups=8, elem_bytes=4)
@@ -227,7 +227,7 @@ def test_unknown_token_scorer_and_axes_are_refused():
 
 
 def test_plans_keep_a_share_of_uniform_weight_for_unseen_queries():
-    from hf_subtok import allocation
+    from hf_subtok.allocation import plan as allocation
 
     scores = torch.zeros(1, 1, 10)
     scores[..., 3] = 1.0

@@ -12,8 +12,8 @@ from hf_subtok.bench import kvpress_methods as kvp
 from hf_subtok.bench import quantized_methods as quantized
 from hf_subtok.bench.methods import MethodSpec
 from hf_subtok.bench.prefill import DensePrefill, attention_modules
-from hf_subtok.packed import PrefillKV
 from hf_subtok.scorers import Observation
+from hf_subtok.views import PrefillKV
 
 UNREACHABLE = "not reachable without token eviction"
 

@@ -37,8 +37,8 @@ from hf_subtok.kernels._dispatch import (
 )
 from hf_subtok.kernels.merge import merge_attention_states, packed_attention_lse_reference
 from hf_subtok.kernels.packed_attention_reference import packed_value_matmul
-from hf_subtok.packed import PackedKV
-from hf_subtok.stored import map_stored, token_prefix
+from hf_subtok.quant.stored import map_stored, token_prefix
+from hf_subtok.views import PackedKV
 
 __all__ = [
     "merge_attention_states",

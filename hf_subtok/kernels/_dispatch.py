@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from hf_subtok.packed import PackedKV
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
 from hf_subtok.quant.tensor import PackedCodes
+from hf_subtok.views import PackedKV
 
 BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

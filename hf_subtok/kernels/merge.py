@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from hf_subtok.kernels.packed_attention_reference import masked_scores, stored_value_matmul
-from hf_subtok.packed import PackedKV
+from hf_subtok.views import PackedKV
 
 
 def merge_attention_states(

@@ -24,10 +24,11 @@ import sys
 import torch
 
 from hf_subtok.kernels._dispatch import records_grad
-from hf_subtok.packed import PackedKV
+from hf_subtok.kernels.masks import blocked_columns
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor, unpack_bits
 from hf_subtok.quant.channel import rows_by_block
 from hf_subtok.quant.logscale import scale_values
+from hf_subtok.views import PackedKV
 
 StoredKeys = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
 BLOCK_TOKENS = 1024  # packed tokens unpacked at once (read at call time: tests lower it)
@@ -441,47 +442,6 @@ def masked_scores(
     scores = scores.float().mul_(scale)  # the concatenation is a fresh tensor: scaled in place
     scores = scores.view(batch, kv_heads, group, q_len, kv.num_tokens)  # [B, Hkv, R, Q, T]
     lowest = torch.finfo(scores.dtype).min
-    for columns, blocked in _blocked_columns(kv, attention_mask, q_len, query.device):
+    for columns, blocked in blocked_columns(kv, attention_mask, q_len, query.device):
         scores[..., columns].masked_fill_(blocked, lowest)
     return scores
-
-
-def _blocked_columns(
-    kv: PackedKV, attention_mask: torch.Tensor | None, q_len: int, device
-) -> list[tuple[slice, torch.Tensor]]:
-    """The masked keys, part by part: `(columns, blocked)` with `blocked` a `[B|1, Hkv|1, 1,
-    Q|1, n]` bool (True: not attended) over `n` columns of the packed-then-tail keys. Each part
-    is masked where it lies, so no mask over every key is built or concatenated: a decode step
-    of an evicting cache (`stored_valid` given, no attention mask) masks the packed tokens with
-    `[B, Hkv, 1, 1, Ts]` and nothing else."""
-    stored, tail = kv.keys.shape[-2], kv.tail_keys.shape[-2]
-    total = stored + tail
-    parts = []
-    if attention_mask is not None:
-        if attention_mask.shape[-2] != q_len or attention_mask.shape[-1] < tail:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match Q={q_len}, T={total}")
-        allowed = attention_mask
-        if allowed.dtype != torch.bool:
-            allowed = allowed > torch.finfo(allowed.dtype).min / 2
-        allowed = allowed.reshape(allowed.shape[0], 1, 1, q_len, allowed.shape[-1])  # [B|1, 1, 1, Q, T']
-        if kv.stored_valid is None:  # packed tokens in position order: the mask covers them
-            if allowed.shape[-1] != total:
-                raise ValueError(f"attention_mask covers {allowed.shape[-1]} keys, the cache holds {total}")
-            return [(slice(0, total), allowed.logical_not())]
-        if tail:
-            parts.append((slice(stored, total), allowed[..., allowed.shape[-1] - tail :].logical_not()))
-    else:
-        causal = _causal_mask(q_len, tail, device)  # [1, 1, Q, Tt] or None
-        if causal is not None:
-            parts.append((slice(stored, total), causal.view(1, 1, 1, q_len, tail).logical_not()))
-    if kv.stored_valid is not None:
-        batch, kv_heads = kv.stored_valid.shape[:2]
-        parts.append((slice(0, stored), kv.stored_valid.view(batch, kv_heads, 1, 1, stored).logical_not()))
-    return parts
-
-
-def _causal_mask(q_len: int, total: int, device: torch.device) -> torch.Tensor | None:
-    if q_len == 1:
-        return None
-    query_pos = torch.arange(total - q_len, total, device=device).view(q_len, 1)
-    return (torch.arange(total, device=device).view(1, total) <= query_pos).view(1, 1, q_len, total)  # [1, 1, Q, T]

@@ -40,10 +40,10 @@ import triton
 import triton.language as tl
 
 from hf_subtok.kernels._dispatch import MAX_GRID_Y, on_device
-from hf_subtok.packed import PackedKV
-from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
-from hf_subtok.quant.channel import BLOCK_INDEX_DTYPE
+from hf_subtok.kernels.triton_operands import allowed_bytes, block_index, storage_operands
+from hf_subtok.quant import CodedTensor
 from hf_subtok.quant.logscale import LOG_BIAS, LOG_STEPS
+from hf_subtok.views import PackedKV
 
 _LOG2E = 1.4426950408889634
 _LOG_BIAS = tl.constexpr(float(LOG_BIAS))  # 8-bit logarithmic scales (`quant.logscale`)
@@ -277,37 +277,6 @@ def is_interpreted() -> bool:
     return not isinstance(_packed_decode_kernel, triton.runtime.JITFunction)
 
 
-def _allowed_bytes(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """`[B|1, 1, 1, T']` bool (True attends) or additive float (attends where above
-    finfo.min / 2, as in the reference) -> `[B|1, T']` uint8, 1 where the key may be attended."""
-    if attention_mask is None:
-        return None
-    mask = attention_mask.reshape(attention_mask.shape[0], attention_mask.shape[-1])  # [B|1, T']
-    if mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
-    return mask.to(torch.uint8).contiguous()
-
-
-def _storage(x: torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor):
-    """`(data, scale, zero, bits, group_size)`: a plain tensor is its own (never read) scale and
-    zero with bits 0; a quantized one gives its payload, scale and zero (equal strides); a
-    per-channel one has one channel per group (its rows are picked by `_block_index`); a coded
-    one its payload, its scale twice (no zero) and its channels per codeword."""
-    if isinstance(x, CodedTensor):
-        return x.payload, x.scale, x.scale, x.bits, x.piece
-    if isinstance(x, QuantizedTensor):
-        return x.payload, x.scale, x.zero, x.bits, x.group_size
-    if isinstance(x, ChannelQuantizedTensor):
-        return x.payload, x.scale, x.zero, x.bits, 1
-    return x, x, x, 0, 1
-
-
-def _block_index(x: torch.Tensor | QuantizedTensor | ChannelQuantizedTensor) -> torch.Tensor | None:
-    """The `[B, Hkv, Ts]` int16 block of each token of per-channel keys (expanded from their
-    runs for this call), else None."""
-    return x.token_blocks().to(BLOCK_INDEX_DTYPE) if isinstance(x, ChannelQuantizedTensor) else None
-
-
 def _default_split_tokens(batch_heads: int, total: int, block_t: int, device: torch.device) -> int:
     """Tokens per program: one split unless the (batch, KV head) grid would leave the GPU idle."""
     if device.type != "cuda" or is_interpreted():
@@ -378,7 +347,7 @@ def packed_decode_attention_triton(
     if splits > MAX_GRID_Y:
         raise ValueError(f"split_tokens={split_tokens} gives {splits} splits of {total} tokens; at most {MAX_GRID_Y}")
 
-    mask = _allowed_bytes(attention_mask)
+    mask = allowed_bytes(attention_mask)
     stride_mb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     tail_offset = 0 if mask is None else mask.shape[-1] - tail  # mask columns of the tail
     valid = kv.stored_valid  # [B, Hkv, Ts] bool or None
@@ -390,9 +359,9 @@ def packed_decode_attention_triton(
     lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=query.device)
     scores = torch.empty(batch, q_heads, total, dtype=torch.float32, device=query.device) if return_scores else lse
     # empty packed or tail parts: any valid pointer does, the loops never read it
-    keys, key_scale, key_zero, key_bits, key_group_size = _storage(kv.keys)
-    values, value_scale, value_zero, value_bits, value_group_size = _storage(kv.values)
-    key_block = _block_index(kv.keys)  # [B, Hkv, Ts] int16 or None
+    keys, key_scale, key_zero, key_bits, key_group_size = storage_operands(kv.keys)
+    values, value_scale, value_zero, value_bits, value_group_size = storage_operands(kv.values)
+    key_block = block_index(kv.keys)  # [B, Hkv, Ts] int16 or None
     block_strides = (0, 0, 0) if key_block is None else key_block.stride()
     codebook = kv.values.codebook if isinstance(kv.values, CodedTensor) else None  # [B, Hkv, K, W, d]
     codebook_strides = (0, 0, 0, 0) if codebook is None else codebook.stride()[:4]

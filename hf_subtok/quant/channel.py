@@ -39,10 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.quant.bits import check_bits, pack_bits, unpack_bits
+from hf_subtok.quant.gather import take_rows
 from hf_subtok.quant.logscale import LOG_SCALE_DTYPE, scale_values
 from hf_subtok.quant.reference import default_scale_dtype, fit_grid
 from hf_subtok.quant.tensor import SCALE_DTYPES, PackedCodes
-from hf_subtok.rows import take_rows
 
 BLOCK_INDEX_DTYPE = torch.int16
 MAX_BLOCKS = torch.iinfo(BLOCK_INDEX_DTYPE).max + 1

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.quant.bits import SUPPORTED_BITS, pack_bits, unpack_bits
+from hf_subtok.quant.gather import take_rows
 from hf_subtok.quant.logscale import LOG_SCALE_DTYPE, encode_log_scale, scale_values
 from hf_subtok.quant.reference import default_scale_dtype
 from hf_subtok.quant.tensor import SCALE_DTYPES, PackedCodes, check_one_device
-from hf_subtok.rows import take_rows
 
 KMEANS_STEPS = 15  # Lloyd steps after seeding (the distortion has stopped moving by then)
 MAX_WORDS = 1 << max(SUPPORTED_BITS)

@@ -10,11 +10,11 @@ codes and scales and leaves its codebook in place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from hf_subtok.accounting import StorageFormat
+from hf_subtok.formats import StorageFormat
 from hf_subtok.quant import (
     ChannelQuantizedTensor,
     CodedTensor,
@@ -23,16 +23,9 @@ from hf_subtok.quant import (
     quantize_channels,
     quantize_vectors,
 )
+from hf_subtok.quant.gather import take_rows
 from hf_subtok.quant.rotation import rotate_groups, shared_hadamard
-from hf_subtok.rows import take_rows
-
-Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor
-
-
-def map_stored(x: Stored, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stored:
-    """`fn(x)`, or `fn` on each component of a quantized tensor; `fn` may only act on the
-    dims before the token dim (batch reorders, device moves)."""
-    return fn(x) if isinstance(x, torch.Tensor) else x.apply(fn)
+from hf_subtok.quant.stored import Stored, map_stored
 
 
 def cat_stored(parts: Sequence[Stored], dim: int) -> Stored:
@@ -90,16 +83,6 @@ def flatten_heads(x: Stored, token_dim: int) -> Stored:
         return merged.unsqueeze(1)
 
     return map_stored(x, flat)
-
-
-def token_prefix(x: Stored, stop: int) -> Stored:
-    """A view of the first `stop` tokens of `[..., T, N]` storage (no copy; per-channel key
-    tables are shared, not compacted)."""
-    if isinstance(x, ChannelQuantizedTensor):
-        return x.token_prefix(stop)
-    if isinstance(x, CodedTensor):
-        return x.slice_tokens(0, stop)
-    return map_stored(x, lambda t: t[..., :stop, :])
 
 
 def key_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
@@ -183,3 +166,27 @@ def stored_parts(name: str, x: Stored) -> dict[str, torch.Tensor]:
 def _device(device) -> torch.device:
     """A hashable, canonical device for the shared rotations (None: the CPU)."""
     return torch.device("cpu") if device is None else torch.device(device)
+
+
+def quantization_fidelity(
+    keys: torch.Tensor, values: torch.Tensor, storage: StorageFormat, sample: int = 1024
+) -> float:
+    """`1 - mean(|x - Q(x)| / |x|)` over `[B, Hkv, T, D]` keys and values (at most `sample`
+    tokens), quantized as `storage` would; 1.0 for unquantized storage.
+
+    The relative error itself, not its square: an error in a key moves every attention logit
+    it enters, so 2-bit storage (about 0.4 relative error) must keep far more tokens than 4-bit
+    (about 0.08) to be worth it, as measured on SmolLM2 (BENCHMARKS.md)."""
+    if storage.bits is None or keys.shape[-2] == 0:
+        return 1.0
+    keys, values = keys[..., -sample:, :].float(), values[..., -sample:, :].float()
+    errors = []
+    for x, restored in (  # compared where they are stored (a rotation keeps every norm)
+        (keys_as_stored(keys, storage), store_keys(keys, storage).dequantize(torch.float32)),
+        (values_as_stored(values, storage), store_values(values, storage).dequantize(torch.float32)),
+    ):
+        errors.append(
+            torch.linalg.vector_norm(restored - x).item()
+            / max(torch.linalg.vector_norm(x).item(), 1e-12)
+        )
+    return max(0.0, 1.0 - sum(errors) / len(errors))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hf_subtok.quant import SUPPORTED_BITS
 from hf_subtok.quant.codebook import code_bits
 
 INDEX_BYTES = 1  # uint8 group index per kept value group
@@ -17,7 +18,7 @@ LOG_SCALE_BYTES = 1  # a scale as an 8-bit logarithm (`log_scales`, `quant.logsc
 LOG_SCALES = ("none", "keys", "values", "both")  # which scales `log_scales` stores as logarithms
 RUN_BYTES = 6  # int16 block and int32 length of a run of per-channel keys' tokens (`quant.channel`)
 HEAD_INDEX_BYTES = 1  # uint8 KV head of a token when heads share one row (per-head budgets)
-WIDE_NORM_BYTES = 2  # float16 norm of a wide token's other value groups (`span`)
+WIDE_NORM_BYTES = 2  # float16 norm of a wide token's other value groups (`storage.wide`)
 KEY_LAYOUTS = ("channel", "token")
 # keys per channel where it measures better: at 2 bits (ppl of 512 tokens after a 4k prefix on
 # SmolLM2-135M-Instruct, every token kept: +16% per channel against +43% per token; withheld
@@ -181,3 +182,104 @@ class StorageFormat:
     def dense_token_bytes(self) -> int:
         """What a dense cache holds per token and head: key and value in the model's dtype."""
         return 2 * self.head_dim * self.elem_bytes
+
+
+# --- a config's formats (`SubTokenConfig.storage_format` and friends call these) ---
+
+
+def storage_formats(config, head_dim: int, elem_bytes: int) -> list[StorageFormat]:
+    """The formats a layer may store packed tokens in: `bits`'s, or with `bits='auto'` the
+    model's dtype and every bit width that fits (highest precision first)."""
+    if config.bits != "auto":
+        return [storage_format(config, head_dim, elem_bytes)]
+    formats = [storage_format(config, head_dim, elem_bytes, None)]
+    for bits in sorted(SUPPORTED_BITS, reverse=True):
+        try:
+            formats.append(storage_format(config, head_dim, elem_bytes, bits))
+        except ValueError:
+            continue  # this width does not pack the groups into whole bytes
+    return formats
+
+def storage_format(
+    config, head_dim: int, elem_bytes: int, bits: int | str | None = "config"
+) -> StorageFormat:
+    """How a packed token is stored for a model with this `head_dim` and element size,
+    in `bits` (default: the config's; 'auto' stores in the model's dtype until a plan picks).
+
+    Raises `ValueError` if `num_groups` does not divide `head_dim`, or (with bits) if
+    the quantization group does not divide the key or a value group.
+    """
+    if head_dim % config.num_groups:
+        raise ValueError(f"num_groups must divide head_dim={head_dim}, got {config.num_groups}")
+    bits = config.bits if bits == "config" else bits
+    bits = None if bits == "auto" else bits
+    storage = StorageFormat(
+        head_dim,
+        config.num_groups,
+        elem_bytes,
+        bits,
+        config.quant_group_size,
+        key_layout_for(config.key_quantization, bits),
+        config.key_block,
+        config.rotate,
+        config.head_budgets == "adaptive",
+        clips_values(config.value_clip, bits),
+        config.key_clip,
+        config.value_codes,
+        config.code_piece,
+        config.log_scales,
+    )
+    if bits is not None:  # coded value groups are checked below, scalar ones here
+        checks = [] if storage.coded_values else [("value group width", storage.width, storage.value_group_size)]
+        key_group = 1 if storage.channel_keys else storage.key_group_size  # per channel: whole bytes
+        checks.append(("head_dim", head_dim, key_group))
+        if config.rotate:
+            for name, channels in (("head_dim", head_dim), ("value group width", storage.width)):
+                if channels & (channels - 1):
+                    raise ValueError(
+                        f"rotate=True needs {name}={channels} to be a power of two (Hadamard rotation)"
+                    )
+        if storage.coded_values:
+            pieces = storage.width // config.code_piece
+            if storage.width % config.code_piece or pieces * code_bits(config.value_codes) % 8:
+                raise ValueError(
+                    f"code_piece={config.code_piece} with value_codes={config.value_codes} does not fit value groups "
+                    f"of {storage.width} channels (it must divide them into pieces whose codes fill whole bytes)"
+                )
+        for name, channels, size in checks:
+            if channels % size or channels * bits % 8:
+                raise ValueError(
+                    f"quant_group_size={config.quant_group_size} at bits={bits} does not fit "
+                    f"{name}={channels} (it must divide it into whole bytes)"
+                )
+    return storage
+
+def keep_groups_for(config, head_dim: int, elem_bytes: int) -> int:
+    """`keep_groups` for a model with this `head_dim` and element size.
+
+    Raises `ValueError` as `storage_format` does, or if no `keep_groups` meets `budget`
+    for packed tokens.
+    """
+    storage = storage_format(config, head_dim, elem_bytes)
+    dense = storage.dense_token_bytes
+    if config.groups_kept is not None:
+        if config.budget is not None:
+            ratio = storage.token_bytes(config.keep_groups, scored=False) / dense
+            if ratio > config.budget:
+                raise ValueError(
+                    f"keep_groups={config.keep_groups} stores {ratio:.4f} of the dense bytes, "
+                    f"above budget={config.budget}"
+                )
+        return config.groups_kept
+    fitting = [
+        k
+        for k in range(1, config.num_groups + 1)
+        if storage.token_bytes(k, scored=False) / dense <= config.budget
+    ]
+    if not fitting:
+        lowest = storage.token_bytes(1, scored=False) / dense
+        raise ValueError(
+            f"budget={config.budget} is below {lowest:.4f}, the smallest ratio reachable with whole "
+            f"keys and num_groups={config.num_groups} (axes='both' or 'tokens' also evicts tokens)"
+        )
+    return max(fitting)

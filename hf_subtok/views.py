@@ -1,5 +1,5 @@
-"""`PackedKV` and `PrefillKV`: what a `SubTokenLayer` hands to attention instead of dense keys
-and values.
+"""`PackedKV`, `PrefillKV` and `BatchRowsKV`: what a `SubTokenLayer` hands to attention instead
+of dense keys and values (the kernels' and attention's view of storage).
 
 Only the attention function `hf_subtok.attention` registers reads them. Any other code that
 takes one for a tensor (another attention implementation: `sdpa` called directly, a function
@@ -99,7 +99,7 @@ class PackedKV(SubtokView):
             each packed value group were multiplied by before quantizing, or None. Attention
             then runs in the rotated space (`rotated_attention_inputs`).
         wide_values: `[B, Hkv, G-K, W, C]` the other value groups of the first W packed tokens
-            (adaptive span, `hf_subtok.span`), plain or quantized like `values`, or None.
+            (adaptive span, `hf_subtok.storage.wide`), plain or quantized like `values`, or None.
         wide_group_idx: `[B, Hkv, G-K, W]` uint8 their groups, ascending over slots, or None.
 
     With per-head budgets the packed tokens of all KV heads share one row: `keys` is
@@ -153,3 +153,27 @@ class PrefillKV(SubtokView):
     values: torch.Tensor
     observer: Callable
     obs_window: int = 32
+
+
+@dataclass(frozen=True)
+class BatchRowsKV(SubtokView):
+    """One attention call's view of a batch whose rows are stored separately.
+
+    A batch of several prompts is stored row by row, each row holding only its own tokens
+    (left padding dropped), budgeted, scored and packed exactly as if its prompt ran alone.
+    Attention runs row by row: row `r` reads `keys[r]` / `values[r]` (dense `[1, Hkv, T_r, D]`
+    tensors, a `PrefillKV` or a `PackedKV`, each as its own layer returned it) with query row
+    `r` and the last `T_r` columns of that row of the attention mask (its real tokens).
+    """
+
+    keys: tuple
+    values: tuple
+
+    @staticmethod
+    def tokens(kv) -> int:
+        """Tokens of one row's view (keys of a dense tensor, `PrefillKV` or `PackedKV`)."""
+        if torch.is_tensor(kv):
+            return kv.shape[-2]
+        if hasattr(kv, "num_tokens"):
+            return kv.num_tokens
+        return kv.keys.shape[-2]

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_subtok.allocation import select_tokens
-from hf_subtok.stored import Stored, cat_stored, take_tokens
+from hf_subtok.storage.tensors import Stored, cat_stored, take_tokens
 
 NORM_DTYPE = torch.float16  # the stored norm of a wide token's other groups
 # shares of a layer's packed tokens its plan may widen (besides none)
@@ -124,29 +123,3 @@ class WideGroups:
     def eligible(self, scores: torch.Tensor) -> int:
         """How many tokens every row could widen (those with other groups and a finite score)."""
         return int(self.worth(scores).isfinite().sum(-1).min().item()) if scores.numel() else 0
-
-
-def wide_first(scores: torch.Tensor, worth: torch.Tensor, keep: int, wide: int) -> torch.Tensor:
-    """Which tokens to keep, the `wide` worth widening most first.
-
-    Args:
-        scores: `[B, Hkv, T]` token scores (higher kept; -inf marks fillers).
-        worth: `[B, Hkv, T]` what widening each token is worth (-inf: it cannot be wide).
-        keep: tokens kept per row; `wide <= keep` and at most the finite `worth` of a row.
-
-    Returns:
-        `[B, Hkv, keep]` token indices: the wide ones, then the best-scored others, each part
-        in ascending order.
-    """
-    wide_idx = worth.topk(wide, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, W]
-    narrow_idx = _top_unpicked(scores, wide_idx, keep - wide)
-    return torch.cat([wide_idx, narrow_idx], dim=-1)
-
-
-def _top_unpicked(scores: torch.Tensor, picked: torch.Tensor, count: int) -> torch.Tensor:
-    """`[B, Hkv, count]` ascending indices of the best-scored tokens not in `picked`."""
-    taken = torch.zeros_like(scores, dtype=torch.bool).scatter(2, picked, True)
-    # -inf fillers still rank above the picked tokens (pushed to the float minimum below it)
-    ranked = scores.masked_fill(taken, float("-inf")).nan_to_num(neginf=torch.finfo(torch.float32).min)
-    ranked = ranked.masked_fill(taken, float("-inf"))
-    return select_tokens(ranked, count)

@@ -1,0 +1,78 @@
+"""Validation helpers of `SubTokenConfig`: each raises `ValueError` naming the field and the
+value received."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from hf_subtok.formats import LOG_SCALES
+from hf_subtok.quant import SUPPORTED_BITS
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_budget(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError(
+            "backend='triton' needs the triton package, which is not installed "
+            "(pip install triton, or use backend='auto' or 'torch')"
+        )
+
+
+def parse_layer_range(text) -> tuple[int, int]:
+    """`3` or `"3"` -> (3, 3); `"0-5"` -> (0, 5)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text, text
+    first, sep, last = str(text).partition("-")
+    try:
+        return int(first), int(last if sep else first)
+    except ValueError:
+        raise ValueError(f"overrides layers must be 'N' or 'FIRST-LAST', got {text!r}") from None
+
+
+def check_int(name: str, value, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+def check_log_scales(config, per_channel: bool) -> None:
+    if config.log_scales not in LOG_SCALES:
+        raise ValueError(f"log_scales must be one of {LOG_SCALES}, got {config.log_scales!r}")
+    if config.log_scales in ("keys", "both") and (config.bits is None or not per_channel):
+        raise ValueError(
+            f"log_scales={config.log_scales!r} needs keys quantized per channel (bits=2 or key_quantization="
+            f"'channel'), got bits={config.bits!r}, key_quantization={config.key_quantization!r}"
+        )
+    if config.log_scales in ("values", "both") and (config.bits is None or config.value_codes is None):
+        raise ValueError(
+            f"log_scales={config.log_scales!r} needs value_codes (values with one scale per token), "
+            f"got value_codes={config.value_codes!r}, bits={config.bits!r}"
+        )
+
+
+def check_value_codes(config) -> None:
+    check_int("code_piece", config.code_piece, 1, None)
+    if config.value_codes is None:
+        return
+    check_int("value_codes", config.value_codes, 2, 256)
+    if config.bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"value_codes needs bits= one of {SUPPORTED_BITS} (the keys' precision), got bits={config.bits!r}"
+        )
+    if config.span == "adaptive" or config.head_budgets == "adaptive":
+        raise ValueError(
+            "value_codes works with span='fixed' and head_budgets='uniform' (one codebook per KV head), "
+            f"got span={config.span!r}, head_budgets={config.head_budgets!r}"
+        )

@@ -1,0 +1,31 @@
+"""`Stored`: what a layer stores for keys or values (a plain tensor, or one of the quantized
+tensors), and the operations on it that need nothing but the quantized tensors themselves (the
+kernels use them too)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hf_subtok.quant.channel import ChannelQuantizedTensor
+from hf_subtok.quant.codebook import CodedTensor
+from hf_subtok.quant.tensor import QuantizedTensor
+
+Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor
+
+
+def map_stored(x: Stored, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stored:
+    """`fn(x)`, or `fn` on each component of a quantized tensor; `fn` may only act on the
+    dims before the token dim (batch reorders, device moves)."""
+    return fn(x) if isinstance(x, torch.Tensor) else x.apply(fn)
+
+
+def token_prefix(x: Stored, stop: int) -> Stored:
+    """A view of the first `stop` tokens of `[..., T, N]` storage (no copy; per-channel key
+    tables are shared, not compacted)."""
+    if isinstance(x, ChannelQuantizedTensor):
+        return x.token_prefix(stop)
+    if isinstance(x, CodedTensor):
+        return x.slice_tokens(0, stop)
+    return map_stored(x, lambda t: t[..., :stop, :])

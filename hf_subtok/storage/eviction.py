@@ -1,0 +1,249 @@
+"""Eviction over time: a `SubTokenLayer` that evicts tokens scores its prompt after the exact
+prefill attention, packs it within its bytes (or its share of the cross-layer plan), then
+accumulates attention while decoding and packs window chunks (`SubTokenLayer` inherits these
+methods; what to keep its policy says)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from hf_subtok.formats import SCORE_BYTES, StorageFormat
+from hf_subtok.storage.packing import _finite_top
+from hf_subtok.storage.tensors import quantization_fidelity
+from hf_subtok.views import PrefillKV
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEvidence:
+    """A layer's scored prompt: `[B, Hkv, T, D]` keys/values, `[B, Hkv, T]` token scores,
+    `[B, Hkv, n_pack, G]` group scores of the `n_pack` oldest tokens (those to pack)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    group_scores: torch.Tensor
+    n_pack: int
+
+
+class Eviction:
+    """The `SubTokenLayer` methods of a layer whose policy evicts tokens (and the byte
+    arithmetic of its budget)."""
+
+    def _update_evicting(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        new = key_states.shape[-2]
+        self.seen_tokens += new
+        if self._window_cap is None:  # nothing packed yet: exact attention, then score
+            tail_keys = key_states
+            if self.window_keys.shape[-2]:
+                tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
+                value_states = torch.cat([self.window_values, value_states], dim=-2)
+            self._pending = (tail_keys, value_states)
+            # a context up to `floor_tokens` stays dense; past it the whole context is scored
+            # and packed as a prompt of that length would be
+            short = self.seen_tokens <= self.config.floor_tokens
+            observer = self._hold_dense if short else self._finish_prefill
+            view = PrefillKV(tail_keys, value_states, observer, self.config.obs_window)
+            return view, view
+        tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
+        tail_values = torch.cat([self.window_values, value_states], dim=-2)
+        self._pending = (tail_keys, tail_values)
+        view = self._view(
+            tail_keys,
+            tail_values,
+            stored_valid=self._valid_slots(),
+            observer=self._finish_step,
+        )
+        return view, view
+
+    def _valid_slots(self) -> torch.Tensor:
+        """`[B, Hkv, Ts]` bool: which packed slots hold a token (not a filler) of each head.
+        Derived when asked, not held: a held mask would be bytes outside the budget. With
+        shared rows, a head's slots are the tokens naming it."""
+        valid = self.token_scores.isfinite()  # [B, 1 or Hkv, Ts]
+        if self.shares_rows:
+            heads = torch.arange(self.num_heads, device=self.device).view(1, -1, 1)
+            valid = valid & (self.stored_heads.long() == heads)  # [B, Hkv, Ts]
+        return valid
+
+    def _flush(self) -> None:
+        """Store a pending tail whose attention never reported back (another attention path)."""
+        if self._prompt is not None:
+            self.planner.flush()
+        if self._pending is None:
+            return
+        if self._window_cap is None and self.seen_tokens <= self.config.floor_tokens:
+            self._hold_dense(None)
+        elif self._window_cap is None:
+            self._finish_prefill(None)
+            if self._prompt is not None:
+                self.planner.flush()
+        else:
+            self._finish_step(None)
+
+    def _hold_dense(self, observation) -> None:
+        """Keep a context of at most `floor_tokens` dense, holding nothing else (its ratio is
+        exactly 1): when it grows past the floor, the queries of that call score its tokens."""
+        self.window_keys, self.window_values = self._pending
+        self._pending = None
+
+    def _finish_prefill(self, observation) -> None:
+        """Score the prompt's tokens and groups, plan this layer's budget, pack."""
+        keys, values = self._pending
+        self._pending = None
+        scores = self.policy.score_tokens(keys, values, observation)  # [B, Hkv, T]
+        n_pack = self._tokens_to_pack(keys.shape[-2])
+        group_scores = self._score_groups(
+            keys[..., :n_pack, :], values[..., :n_pack, :], scores[..., :n_pack]
+        )
+        self._prompt = PromptEvidence(keys, values, scores, group_scores, n_pack)
+        self._check_budget_affords_a_token()
+        if self.planner is None or self._floor_binds():
+            self.pack_prompt(None)
+        else:
+            self.planner.submit(self)
+
+    def prompt_evidence(self):
+        """What the scored prompt tells the cross-layer split (the policy's `LayerEvidence`)."""
+        prompt = self._prompt
+        return self.policy.evidence(
+            prompt.scores[..., : prompt.n_pack],
+            prompt.group_scores,
+            self._storage_choices(
+                prompt.keys[..., : prompt.n_pack, :], prompt.values[..., : prompt.n_pack, :]
+            ),
+            self._plan_candidates(),
+        )
+
+    def prompt_row_bytes(self) -> float:
+        """Bytes per (batch, head) row this layer's own budget gives its packed prompt tokens."""
+        return self._packed_row_bytes(self._window_cap)
+
+    def pack_prompt(self, row_bytes: float | None) -> None:
+        """Pack the scored prompt within `row_bytes` bytes per row (None: this layer's budget);
+        the layer's budget then becomes the share it was given."""
+        prompt, self._prompt = self._prompt, None
+        if row_bytes is not None:
+            dense = self.storage.dense_token_bytes
+            self.budget = (row_bytes + self._window_cap * (dense + SCORE_BYTES)) / (
+                dense * self.seen_tokens
+            )
+        n_pack = prompt.n_pack
+        keys, values, scores = prompt.keys, prompt.values, prompt.scores
+        self._pack_selected(
+            keys[..., :n_pack, :],
+            values[..., :n_pack, :],
+            scores[..., :n_pack],
+            prompt.group_scores,
+            plan=True,
+        )
+        self.window_keys = keys[..., n_pack:, :].clone()
+        self.window_values = values[..., n_pack:, :].clone()
+        self.window_scores = _finite_top(scores[..., n_pack:])
+
+    def _finish_step(self, mass: torch.Tensor | None) -> None:
+        """Accumulate this step's attention mass, then keep the budget while packing overflow."""
+        tail_keys, tail_values = self._pending
+        self._pending = None
+        stored = self.packed_keys.shape[-2]
+        batch, heads, window = self.window_scores.shape
+        new_scores = self.window_scores.new_zeros(batch, heads, tail_keys.shape[-2] - window)
+        tail_scores = torch.cat([self.window_scores, new_scores], dim=-1)  # [B, Hkv, Tw + T]
+        if mass is not None:
+            stored_mass = mass[..., :stored]  # [B, Hkv, Ts]
+            if self.shares_rows:  # each token's own head
+                stored_mass = stored_mass.gather(1, self.stored_heads.long())  # [B, 1, Ts]
+            # out of place: rows of a batch copied for beams share their tensors, and a cache
+            # filled under inference_mode continues under no_grad
+            self.token_scores = self.token_scores + stored_mass
+            tail_scores = tail_scores + mass[..., stored:]
+        n_pack = self._tokens_to_pack(tail_keys.shape[-2])
+        if n_pack:
+            head_scores = tail_scores[..., :n_pack]
+            self._pack_selected(
+                tail_keys[..., :n_pack, :],
+                tail_values[..., :n_pack, :],
+                head_scores,
+                None,
+                plan=False,
+            )
+            tail_keys, tail_values = (
+                tail_keys[..., n_pack:, :].clone(),
+                tail_values[..., n_pack:, :].clone(),
+            )
+        self.window_keys, self.window_values = tail_keys, tail_values
+        self.window_scores = tail_scores[..., n_pack:].clone()
+
+    def _tokens_to_pack(self, tokens: int) -> int:
+        """How many of the `tokens` oldest dense tokens to pack now (whole chunks)."""
+        if not self.policy.evicts:
+            overflow = tokens - self.config.window
+        elif self._window_cap is None or tokens > self._window_cap:  # a pack is due: new cap
+            first = self._window_cap is None
+            self._window_cap = self._window_limit()
+            # once packing, always pack: the packed budget must be re-planned for the new cap
+            overflow = tokens - self._window_cap if first else max(tokens - self._window_cap, 1)
+        else:
+            overflow = 0
+        if overflow <= 0:
+            return 0
+        chunk = self.config.chunk_tokens
+        if self.policy.evicts:  # a cap shrunk by a small budget packs smaller chunks
+            chunk = max(1, min(chunk, self._window_cap // 2))
+        return min(tokens, -(-overflow // chunk) * chunk)
+
+    def _window_limit(self) -> int:
+        """Dense tokens allowed: `window`, shrunk so it never takes more than half the budget."""
+        dense = self.storage.dense_token_bytes
+        affordable = int(0.5 * self.target_bytes() // (dense + SCORE_BYTES))
+        return min(self.config.window, affordable)
+
+    def target_bytes(self) -> float:
+        """Bytes one (batch, head) row of this layer may hold: `budget` of the dense bytes of
+        the tokens seen, and never less than `floor_tokens` dense tokens' bytes."""
+        dense = self.storage.dense_token_bytes
+        return max(self.budget * dense * self.seen_tokens, self.config.floor_tokens * dense)
+
+    def _floor_binds(self) -> bool:
+        """Whether `floor_tokens`, not `budget`, sets this layer's bytes now."""
+        return self.budget * self.seen_tokens < self.config.floor_tokens
+
+    def _check_budget_affords_a_token(self) -> None:
+        """Refuse a budget that leaves less than one packed token per KV head."""
+        dense = self.storage.dense_token_bytes
+        formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
+        cheapest = min(f.token_bytes(min(self._plan_candidates()), scored=True) for f in formats)
+        if self.config.budget * dense * self.seen_tokens < cheapest:
+            raise ValueError(
+                f"budget={self.config.budget} leaves {self.config.budget * dense * self.seen_tokens:.1f} bytes per "
+                f"KV head at {self.seen_tokens} tokens, less than one packed token ({cheapest} bytes): raise budget"
+            )
+
+    def _packed_row_bytes(self, window_tokens: int) -> float:
+        """Bytes one (batch, head) row may spend on packed tokens with `window_tokens` dense."""
+        dense = self.storage.dense_token_bytes
+        return self.target_bytes() - window_tokens * (dense + SCORE_BYTES) - self._shared_bytes_per_row()
+
+    def _shared_bytes_per_row(self) -> float:
+        """This layer's share, per (batch, head) row, of the rotation matrices all layers share
+        (`[D, D]` and `[C, C]` float32), when any format it may pick is rotated."""
+        formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
+        if not any(f.rotates for f in formats):
+            return 0.0
+        matrices = 4 * (self.head_dim**2 + self.storage.width**2)
+        return matrices / self.layers_sharing / (self.window_keys.shape[0] * self.num_heads)
+
+    def _storage_choices(self, keys: torch.Tensor, values: torch.Tensor) -> list[tuple[StorageFormat, float]]:
+        """The precisions the plan may pick, each with its fidelity on these keys and values."""
+        formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
+        if len(formats) == 1:
+            return [(formats[0], 1.0)]
+        return [(f, quantization_fidelity(keys, values, f)) for f in formats]
+
+    def _plan_candidates(self) -> list[int]:
+        if self.fixed_keep_groups:
+            return [self.fixed_keep_groups]
+        if self.config.axes == "tokens":
+            return [self.config.num_groups]
+        return list(range(1, self.config.num_groups + 1))

@@ -1,0 +1,411 @@
+"""`SubTokenLayer`: one layer's packed KV storage, on transformers' `CacheLayerMixin` contract."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+from hf_subtok.config import SubTokenConfig
+from hf_subtok.formats import StorageFormat
+from hf_subtok.storage.eviction import Eviction, PromptEvidence
+from hf_subtok.storage.packing import Packing
+from hf_subtok.storage.rows import BatchRows
+from hf_subtok.storage.tensors import (
+    Stored,
+    first_tokens,
+    map_stored,
+    stored_parts,
+)
+
+# transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
+# end); later releases call `crop(tokens_to_remove)` with a negative count.
+_CROP_TAKES_LENGTH = "max_length" in inspect.signature(DynamicLayer.crop).parameters
+
+
+class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
+    """Packed storage of one attention layer.
+
+    Holds, for the oldest tokens, whole keys `[B, Hkv, Ts, D]`, the kept value groups
+    `[B, Hkv, K, Ts, C]` and their uint8 group indices `[B, Hkv, K, Ts]`; for the newest tokens,
+    a dense window `[B, Hkv, Tw, D]` of keys and values (`Tw <= window`). When the window
+    overflows, its oldest tokens are packed `pack_chunk` at a time. No dense copy of packed
+    values exists anywhere.
+
+    The first `update` (empty cache) returns the dense prompt so prefill attention is exact;
+    later updates return a `PackedKV` for the attention function registered by
+    `hf_subtok.attention`.
+
+    The layer owns the bytes and the layout; what to keep it asks its `policy` (scores,
+    plans, which tokens fit), and its prompt's share of the cross-layer plan comes from the
+    cache. The methods are grouped by role: `storage.packing` (store, pack, re-select),
+    `storage.eviction` (an evicting layer's prompt and window chunks), `storage.rows` (a batch
+    stored row by row); this class keeps transformers' `CacheLayerMixin` contract.
+
+    With an evicting policy (a budget that may cut tokens), each KV head keeps its own best
+    tokens in a uniform `[B, Hkv, Ts, ...]` layout (composite tokens), with their float32
+    scores `[B, Hkv, Ts]` (-inf marks a filler slot); the window's scores `[B, Hkv, Tw]`
+    accumulate the attention they receive while decoding. The prompt is packed after its
+    attention ran (the attention function hands over the last queries), and every later
+    window chunk is packed after the step's attention, re-selecting tokens so the layer
+    never holds more than `budget` of the dense bytes of the tokens seen.
+
+    With `head_budgets="adaptive"` the heads' packed tokens share one row, `[B, 1, Ts, ...]`,
+    each naming its head in `stored_heads` `[B, 1, Ts]`, so heads keep different numbers of
+    tokens. With `span="adaptive"` the first W packed tokens of a row also hold their other
+    G-K groups (`wide_values`, `hf_subtok.storage.wide`).
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(
+        self,
+        config: SubTokenConfig,
+        keep_groups: int | None,
+        policy,
+        planner=None,
+        layers_sharing: int = 1,
+    ):
+        super().__init__()
+        self.config = config
+        self.layers_sharing = layers_sharing  # layers sharing the rotation matrices (their bytes too)
+        self.fixed_keep_groups = keep_groups
+        # what to keep: `hf_subtok.allocation.policy` (`KeepAll`, or `TokenPolicy` when tokens
+        # are evicted), built by the cache; called by duck typing
+        self.policy = policy
+        # the cache's cross-layer plan (`SubTokenCache`'s `PromptPlans`): `submit(layer)` a scored
+        # prompt, `flush()` what waits, `for_row(r)`; it calls `pack_prompt` (None: no plan)
+        self.planner = planner
+        self._clear()
+
+    def _clear(self) -> None:
+        # a batch of several prompts: each row stored by a layer of its own (`_split_rows`)
+        self.rows: list[SubTokenLayer] | None = None
+        self._rows_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.packed_keys: Stored | None = None  # a `QuantizedTensor` with `config.bits`
+        self.packed_values: Stored | None = None
+        self.group_idx: torch.Tensor | None = None
+        self.window_keys: torch.Tensor | None = None
+        self.window_values: torch.Tensor | None = None
+        self.token_scores: torch.Tensor | None = None
+        # adaptive span: the other groups of the first W packed tokens (`hf_subtok.storage.wide`)
+        self.wide_values: Stored | None = None  # [B, Hkv, G-K, W, C]
+        self.wide_idx: torch.Tensor | None = None  # [B, Hkv, G-K, W] uint8
+        self.wide_norms: torch.Tensor | None = None  # [B, Hkv, W] float16
+        self.wide_fraction = 0.0  # share of the packed tokens the plan widens
+        # per-head budgets: packed tokens of all heads share one row, each naming its head
+        self.stored_heads: torch.Tensor | None = None  # [B, 1, Ts] uint8
+        self.window_scores: torch.Tensor | None = None
+        self.keep_groups = self.fixed_keep_groups
+        self.budget = self.config.budget  # this layer's share of the dense bytes (plans move it)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prompt: PromptEvidence | None = None  # scored prompt waiting for the cross-layer plan
+        self.packed_positions = 0  # seen tokens behind the window (packed or evicted)
+        self._window_cap: int | None = None  # dense tokens allowed until the next pack
+        self._open_key_tokens = 0  # tokens in the last per-channel key block, if it has room (never-evicting layers)
+        self.seen_tokens = 0
+        self._rotation_for: StorageFormat | None = None  # the format `_rotation_matrices` serve
+        self._rotation_matrices: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.is_initialized = False
+
+    @property
+    def shares_rows(self) -> bool:
+        """Whether the KV heads' packed tokens share one row per sequence (`head_budgets=
+        'adaptive'`): packed tensors are then `[B, 1, Ts, ...]` and heads keep different counts."""
+        return self.config.head_budgets == "adaptive" and self.policy.evicts
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = head_dim
+        self.storage: StorageFormat = self.config.storage_format(
+            head_dim, key_states.element_size()
+        )
+        if self.keep_groups is None:
+            self.keep_groups = self.config.num_groups  # until the prefill plan picks K
+        self.packed_keys = self._store_keys(key_states.new_empty(batch, heads, 0, head_dim))
+        self._reset_packed_values(value_states)
+        self.window_keys = key_states.new_empty(batch, heads, 0, head_dim)
+        self.window_values = value_states.new_empty(batch, heads, 0, head_dim)
+        self.num_heads = heads
+        if self.policy.evicts:
+            rows = 1 if self.shares_rows else heads
+            self.token_scores = torch.empty(
+                batch, rows, 0, dtype=torch.float32, device=self.device
+            )
+            if self.shares_rows:
+                self.stored_heads = torch.empty(batch, 1, 0, dtype=torch.uint8, device=self.device)
+            self.window_scores = torch.empty(
+                batch, heads, 0, dtype=torch.float32, device=self.device
+            )
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store `[B, Hkv, T, D]` new keys/values; return what attention needs for this call:
+        dense tensors while the context is at most `floor_tokens` (or for the prompt of a layer
+        that never evicts), a `PrefillKV` when the prompt is scored from its queries, a
+        `PackedKV` once tokens are packed, a `BatchRowsKV` for a batch stored row by row."""
+        if self.rows is not None:
+            return self._update_rows(key_states, value_states)
+        if not self.is_initialized and key_states.shape[0] > 1:
+            return self._start_rows(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._flush()
+        if self.policy.evicts:
+            return self._update_evicting(key_states, value_states)
+        first = self.seen_tokens == 0
+        tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
+        tail_values = torch.cat([self.window_values, value_states], dim=-2)
+        self.seen_tokens += key_states.shape[-2]
+        if self.seen_tokens <= self.config.floor_tokens and self.packed_keys.shape[-2] == 0:
+            self.window_keys, self.window_values = tail_keys, tail_values  # short: kept exactly
+            return tail_keys, tail_values
+        view = None if first else self._view(tail_keys, tail_values)
+        self._store_tail(tail_keys, tail_values)
+        if first:
+            return key_states, value_states
+        return view, view
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """`[B, Hkv, T, D]` dense keys, as a `DynamicLayer` has them, while this layer holds
+        every token dense (nothing packed yet: a context up to `floor_tokens`); None before the
+        first token. Once tokens are packed, reading it raises `AttributeError` saying so: the
+        packed storage is read by the 'hf_subtok' attention function (`stored_tensors()` lists it)."""
+        return self._dense_part("keys", "window_keys")
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:  # transformers' `CacheLayerMixin.__init__` sets None
+            raise AttributeError("SubTokenLayer.keys is read-only: store tokens with update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """`[B, Hkv, T, D]` dense values while nothing is packed (see `keys`)."""
+        return self._dense_part("values", "window_values")
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("SubTokenLayer.values is read-only: store tokens with update()")
+
+    def _dense_part(self, name: str, window: str) -> torch.Tensor | None:
+        if not self.is_initialized:
+            return None
+        packed = self.rows is not None or self._rows_prompt is not None or self.packed_keys.shape[-2] > 0
+        if packed or self._pending is not None:
+            raise AttributeError(
+                f"SubTokenLayer.{name}: this layer holds packed sub-token storage (whole keys, kept value groups"
+                f"{', a row per batch sequence' if self.rows is not None else ''}), not a dense tensor of every token; "
+                "only the 'hf_subtok' attention function reads it (hf_subtok.install_attention). "
+                "stored_tensors() lists what it holds; use a DynamicCache to read dense keys and values."
+            )
+        return getattr(self, window)
+
+    def tokens_per_head(self) -> list[int]:
+        """Packed tokens each KV head holds in the first sequence of the batch (fillers aside)."""
+        if self.rows is not None:
+            return self.rows[0].tokens_per_head()
+        if not self.is_initialized:
+            return []
+        if not self.policy.evicts:
+            return [self.packed_keys.shape[-2]] * self.num_heads
+        return [int(n) for n in self._valid_slots()[0].sum(-1)]
+
+    _HELD = (
+        "packed_keys",
+        "packed_values",
+        "group_idx",
+        "wide_values",
+        "wide_idx",
+        "wide_norms",
+        "stored_heads",
+        "window_keys",
+        "window_values",
+        "token_scores",
+        "window_scores",
+    )
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this layer holds, by name (a quantized part as `name.payload`, ...)."""
+        tensors = {}
+        if self.rows is not None or self._rows_prompt is not None:
+            for r, row in enumerate(self.rows or []):
+                tensors.update({f"rows.{r}.{name}": t for name, t in row.stored_tensors().items()})
+            return tensors
+        if not self.is_initialized:
+            return {}
+        for name in self._HELD:
+            held = getattr(self, name)
+            if held is not None:
+                tensors.update(stored_parts(name, held))
+        if self._rotation_matrices is not None:  # shared by the layers: counted once by storage
+            tensors["rotation.keys"], tensors["rotation.values"] = self._rotation_matrices
+        return tensors
+
+    def summary(self) -> dict:
+        """What this layer keeps (of the first batch row when stored row by row): K, bits,
+        packed tokens, tokens per KV head, wide tokens, and whether the context is still at
+        most `floor_tokens` (held dense, exactly)."""
+        layer = self.rows[0] if self.rows else self
+        held = layer.is_initialized and layer._rows_prompt is None
+        return {
+            "keep_groups": layer.keep_groups,
+            "bits": layer.storage.bits if held else None,
+            "tokens_stored": layer.packed_keys.shape[-2] if held else 0,
+            "tokens_per_head": layer.tokens_per_head() if held else [],
+            # packed tokens per row that keep every group (adaptive span)
+            "wide_tokens": 0 if layer.wide_norms is None else layer.wide_norms.shape[-1],
+            "below_floor": held and layer.seen_tokens <= layer.config.floor_tokens,
+        }
+
+    def target_bytes_held(self) -> float:
+        """Bytes this layer aims to hold at most: `budget` (or the `floor_tokens` floor) of the
+        dense bytes of every row and KV head; the dense bytes without a budget."""
+        if self.config.budget is None:
+            return float(self.dense_bytes())
+        rows = self.rows if self.rows is not None else [self]
+        total = 0.0
+        for row in rows:
+            if not row.is_initialized:
+                continue
+            dense = row.storage.dense_token_bytes
+            per_row = max(row.budget * dense * row.seen_tokens, row.config.floor_tokens * dense)
+            total += min(per_row, dense * row.seen_tokens) * row.window_keys.shape[0] * row.num_heads
+        return total
+
+    def dense_bytes(self) -> int:
+        """What a `DynamicCache` would hold for this layer's tokens (keys and values; with a
+        padded batch, the padding too)."""
+        if not self.is_initialized:
+            return 0
+        batch = self.batch_size if self.rows is not None or self._rows_prompt is not None else self.window_keys.shape[0]
+        return batch * self.num_heads * self.seen_tokens * self.storage.dense_token_bytes
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` restores exactly the cache that never saw the cropped tokens: only
+        with lossless storage (every token, every group, the model's dtype). A lossy layer may
+        have packed, evicted or re-selected tokens because of the tokens to crop, so assisted
+        decoding and prompt lookup are refused with it (transformers checks this flag)."""
+        lossy = (
+            self.policy.evicts
+            or self.config.bits is not None
+            or (self.fixed_keep_groups or 0) < self.config.num_groups
+        )
+        return not lossy
+
+    def _apply(self, fn) -> None:
+        """Replace every held tensor `t` (batch first) by `fn(t)`."""
+        if self.rows is not None:
+            raise RuntimeError("a layer stored row by row moves its rows, not its tensors")
+        if not self.is_initialized:
+            return
+        self._flush()
+        for name in self._HELD:
+            held = getattr(self, name)
+            if held is not None:
+                setattr(self, name, map_stored(held, fn))
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (position count), not tokens stored."""
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        # transformers 5.2 passes `cache_position`, later releases the query length
+        query_length = query.shape[0] if torch.is_tensor(query) else int(query)
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def offload(self) -> None:
+        if self.rows is not None:
+            for row in self.rows:
+                row.offload()
+            return
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.rows is not None:
+            for row in self.rows:
+                row.prefetch()
+            return
+        if self.is_initialized and self.packed_keys.device != self.device:
+            self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.rows is not None:
+            return self._pick_rows(beam_idx.tolist())
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.rows is not None:
+            return self._pick_rows([r for r in range(len(self.rows)) for _ in range(repeats)])
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.rows is not None:
+            return self._pick_rows(torch.arange(len(self.rows))[indices.cpu()].tolist())
+        self._apply(lambda t: t[indices, ...])
+
+    def crop(self, length_or_removed: int) -> None:
+        """Drop the newest tokens (assisted decoding); see `_CROP_TAKES_LENGTH` for the argument.
+
+        Raises `ValueError` for a lossy layer (`is_croppable` is False): what it packed or
+        evicted because of the cropped tokens cannot be restored."""
+        if not self.is_croppable:
+            raise ValueError(
+                "this SubTokenCache's config is lossy, so it cannot roll back (crop) the tokens assisted "
+                "decoding or prompt lookup rejected; use the 'lossless' preset or a DynamicCache for them"
+            )
+        if self.rows is not None:
+            removed = self.seen_tokens - self._crop_keep(length_or_removed)
+            for row in self.rows:
+                row.crop(row.seen_tokens - removed if _CROP_TAKES_LENGTH else -removed)
+            self.seen_tokens -= removed
+            return
+        self._flush()
+        keep = self._crop_keep(length_or_removed)
+        if keep >= self.seen_tokens or not self.is_initialized:
+            return
+        stored = self.packed_keys.shape[-2]
+        if keep >= stored:
+            self.window_keys = self.window_keys[..., : keep - stored, :].clone()
+            self.window_values = self.window_values[..., : keep - stored, :].clone()
+        else:
+            self.packed_keys = first_tokens(self.packed_keys, keep)
+            self._open_key_tokens = 0  # the cut block stays as it is; new tokens start a block
+            self.packed_values = first_tokens(self.packed_values, keep)
+            if self.group_idx is not None:
+                self.group_idx = self.group_idx[..., :keep].clone()
+            self.window_keys = self.window_keys[..., :0, :].clone()
+            self.window_values = self.window_values[..., :0, :].clone()
+        self.seen_tokens = keep
+
+    def _crop_keep(self, length_or_removed: int) -> int:
+        """Tokens `crop(length_or_removed)` keeps."""
+        if _CROP_TAKES_LENGTH:
+            keep = (
+                length_or_removed
+                if length_or_removed >= 0
+                else self.seen_tokens + length_or_removed
+            )
+        else:
+            if length_or_removed > 0:
+                raise ValueError(
+                    f"crop takes a negative number of tokens to remove, got {length_or_removed}"
+                )
+            keep = self.seen_tokens + length_or_removed
+        if keep < 0:
+            raise ValueError(f"cannot crop {self.seen_tokens} tokens to {keep}")
+        return keep
