@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_subtok import SubTokenCache, SubTokenConfig, storage
+from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.kernels import pack_value_groups
+from hf_subtok.storage import packing
 from tests.kernel_cases import DEVICE
 from tests.tiny_models import make_tiny_model, random_prompts
 
@@ -48,7 +49,7 @@ def test_greedy_tokens_match_torch_backend(padded, keep_groups, monkeypatch):
     def pack_with_triton(values, scores, keep_groups, **kwargs):
         return pack_value_groups(values, scores, keep_groups, backend="triton")
 
-    monkeypatch.setattr(storage, "pack_value_groups", pack_with_triton)
+    monkeypatch.setattr(packing, "pack_value_groups", pack_with_triton)
     launches = []
     launcher = packed_attention_triton.packed_decode_attention_triton
 
