@@ -180,7 +180,7 @@ def test_a_codebook_larger_than_the_budget_keeps_no_tokens_and_holds_no_words():
     report = cache.memory_report()
     assert cache.layers[0].packed_values.shape[-2] == 0
     assert report["ratio"] <= config.budget
-    assert report["parts"]["packed_values.codebook"] <= 2 * 8 * 2  # one word per layer
+    assert report["parts"].get("packed_values.codebook", 0) == 0  # an empty store holds no words
 
 
 def test_codebooks_follow_their_sequences_when_the_batch_is_reordered_and_stay_when_a_crop_is_refused():

@@ -156,17 +156,17 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         self._flush()
         if self.policy.evicts:
             return self._update_evicting(key_states, value_states)
-        first = self.seen_tokens == 0
         tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
         tail_values = torch.cat([self.window_values, value_states], dim=-2)
         self.seen_tokens += key_states.shape[-2]
         if self.seen_tokens <= self.config.floor_tokens and self.packed_keys.shape[-2] == 0:
             self.window_keys, self.window_values = tail_keys, tail_values  # short: kept exactly
             return tail_keys, tail_values
-        view = None if first else self._view(tail_keys, tail_values)
+        # nothing packed yet (the prompt, or a context crossing the floor): exact dense attention
+        view = None if self.packed_keys.shape[-2] == 0 else self._view(tail_keys, tail_values)
         self._store_tail(tail_keys, tail_values)
-        if first:
-            return key_states, value_states
+        if view is None:
+            return tail_keys, tail_values
         return view, view
 
     @property

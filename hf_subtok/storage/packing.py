@@ -42,6 +42,8 @@ class Packing:
     def _store_values(self, packed: torch.Tensor) -> Stored:
         """`[B, Hkv, K, T, C]` kept value groups as stored (quantized per token, or as indices
         into the codebook of the values already packed, fitted on these if there are none)."""
+        if packed.shape[-2] == 0 and self.storage.coded_values:
+            return packed  # an empty store holds no codebook (its bytes would be held for nothing)
         held = self.packed_values
         codebook = held.codebook if isinstance(held, CodedTensor) and held.shape[-2] else None
         rotation = self._value_rotation() if packed.shape[-2] else None

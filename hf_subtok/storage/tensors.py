@@ -29,7 +29,11 @@ from hf_subtok.quant.stored import Stored, map_stored
 
 
 def cat_stored(parts: Sequence[Stored], dim: int) -> Stored:
-    """`torch.cat` along the token dim `dim` (a leading dim of the logical shape)."""
+    """`torch.cat` along the token dim `dim` (a leading dim of the logical shape). Parts without
+    tokens are left out (an empty store may be a plain placeholder of another kind)."""
+    held = [p for p in parts if p.shape[dim]]
+    if held and any(type(p) is not type(held[0]) for p in parts):  # an empty placeholder of another kind
+        parts = held
     if isinstance(parts[0], ChannelQuantizedTensor):
         return ChannelQuantizedTensor.cat(parts)
     if isinstance(parts[0], CodedTensor):
