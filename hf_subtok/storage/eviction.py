@@ -154,9 +154,9 @@ class Eviction:
             stored_mass = mass[..., :stored]  # [B, Hkv, Ts]
             if self.shares_rows:  # each token's own head
                 stored_mass = stored_mass.gather(1, self.stored_heads.long())  # [B, 1, Ts]
-            # out of place: rows of a batch copied for beams share their tensors, and a cache
-            # filled under inference_mode continues under no_grad
-            self.token_scores = self.token_scores + stored_mass
+            if self.token_scores.is_inference() and not torch.is_inference_mode_enabled():
+                self.token_scores = self.token_scores.clone()  # once: a cache filled under inference_mode
+            self.token_scores.add_(stored_mass)  # in place: no copy of the scores per step
             tail_scores = tail_scores + mass[..., stored:]
         n_pack = self._tokens_to_pack(tail_keys.shape[-2])
         if n_pack:

@@ -69,14 +69,22 @@ class BatchRows:
         return self.rows
 
     def _pick_rows(self, order: list[int]) -> None:
-        """Rows in `order` (repeats allowed): a repeated row is a shallow copy, sharing tensors
-        that no layer changes in place."""
+        """Rows in `order` (repeats allowed): a repeated row is a shallow copy sharing the
+        tensors layers replace, with its own copy of the token scores (updated in place)."""
         if self._rows_prompt is not None:
             self._split_rows(None)
         seen: set[int] = set()
         rows = []
         for i in order:
-            rows.append(copy.copy(self.rows[i]) if i in seen else self.rows[i])
+            rows.append(_copy_row(self.rows[i]) if i in seen else self.rows[i])
             seen.add(i)
         self.rows = rows
         self.batch_size = len(rows)
+
+
+def _copy_row(row):
+    """A shallow copy of a row's layer whose in-place state (the token scores) is its own."""
+    twin = copy.copy(row)
+    if twin.token_scores is not None:
+        twin.token_scores = twin.token_scores.clone()
+    return twin
