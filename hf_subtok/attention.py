@@ -74,7 +74,7 @@ def subtok_attention(module, query, key, value, attention_mask, scaling=None, dr
         if kv.observer is None:
             out = packed_attention(query, kv, attention_mask, scaling)  # [B, Hq, Q, D]
         else:  # the layer re-allocates by the attention mass each token got
-            out, mass = packed_attention(query, kv, attention_mask, scaling, return_mass=True)
+            out, mass = _attention_and_mass(query, kv, attention_mask, scaling)
             kv.observer(mass.detach())  # a score for the cache, never differentiated
         if rotation is not None:
             out = rotate_groups(out, rotation[1].T)  # each value group back from its rotation
@@ -87,6 +87,20 @@ def subtok_attention(module, query, key, value, attention_mask, scaling=None, dr
         key.observer(_observe(query, attention_mask, scaling, key.obs_window))
         return result
     return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _attention_and_mass(query, kv: PackedKV, attention_mask, scaling):
+    """`[B, Hq, Q, D]` attention output and the `[B, Hkv, T]` mass each key got from the last
+    `kv.mass_queries` queries (all of them when Q is not larger). A prompt chunk's tokens are
+    scored by its last queries, as a whole prompt is: its earlier queries cannot see its later
+    tokens, so a mean over every query would rank a chunk's newest tokens low."""
+    last = kv.mass_queries
+    if last is None or query.shape[2] <= last:
+        return packed_attention(query, kv, attention_mask, scaling, return_mass=True)
+    out = packed_attention(query, kv, attention_mask, scaling)
+    mask = None if attention_mask is None else attention_mask[..., -last:, :]
+    _, mass = packed_attention(query[:, :, -last:], kv, mask, scaling, return_mass=True)
+    return out, mass
 
 
 def _rows_attention(module, query, rows: BatchRowsKV, attention_mask, scaling, dropout, **kwargs):

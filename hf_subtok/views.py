@@ -94,7 +94,8 @@ class PackedKV(SubtokView):
             positions no longer line up with the attention mask, whose last Tt columns still
             cover the tail); None when every token is stored in position order.
         observer: called by attention with the `[B, Hkv, T]` attention mass each token got
-            (mean over the query heads and queries), when the layer re-allocates by it.
+            (mean over the query heads and the last `mass_queries` queries), when the layer
+            re-allocates by it.
         rotation: `(keys [D, D], values [C, C])` float32 orthonormal matrices the packed keys and
             each packed value group were multiplied by before quantizing, or None. Attention
             then runs in the rotated space (`rotated_attention_inputs`).
@@ -119,6 +120,9 @@ class PackedKV(SubtokView):
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None
     wide_values: torch.Tensor | QuantizedTensor | None = None
     wide_group_idx: torch.Tensor | None = None
+    # the observer's mass averages the last `mass_queries` queries (a prompt chunk's last ones,
+    # as the prompt is scored: every token of the chunk is visible to them); None: every query
+    mass_queries: int | None = None
 
     @property
     def kv_heads(self) -> int:

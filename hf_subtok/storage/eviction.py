@@ -34,26 +34,22 @@ class Eviction:
     def _update_evicting(self, key_states: torch.Tensor, value_states: torch.Tensor):
         new = key_states.shape[-2]
         self.seen_tokens += new
+        # `[B, Hkv, Tw + T, D]`, written into the window in place while it has room
+        tail_keys, tail_values, tail_scores = self.window.extend(key_states, value_states)
+        self._pending = (tail_keys, tail_values, tail_scores)
         if self._window_cap is None:  # nothing packed yet: exact attention, then score
-            tail_keys = key_states
-            if self.window_keys.shape[-2]:
-                tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
-                value_states = torch.cat([self.window_values, value_states], dim=-2)
-            self._pending = (tail_keys, value_states)
             # a context up to `floor_tokens` stays dense; past it the whole context is scored
             # and packed as a prompt of that length would be
             short = self.seen_tokens <= self.config.floor_tokens
             observer = self._hold_dense if short else self._finish_prefill
-            view = PrefillKV(tail_keys, value_states, observer, self.config.obs_window)
+            view = PrefillKV(tail_keys, tail_values, observer, self.config.obs_window)
             return view, view
-        tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
-        tail_values = torch.cat([self.window_values, value_states], dim=-2)
-        self._pending = (tail_keys, tail_values)
         view = self._view(
             tail_keys,
             tail_values,
             stored_valid=self._valid_slots(),
             observer=self._finish_step,
+            mass_queries=self.config.obs_window,
         )
         return view, view
 
@@ -85,12 +81,13 @@ class Eviction:
     def _hold_dense(self, observation) -> None:
         """Keep a context of at most `floor_tokens` dense, holding nothing else (its ratio is
         exactly 1): when it grows past the floor, the queries of that call score its tokens."""
-        self.window_keys, self.window_values = self._pending
+        keys, values, _ = self._pending
         self._pending = None
+        self.window.hold(keys, values)
 
     def _finish_prefill(self, observation) -> None:
         """Score the prompt's tokens and groups, plan this layer's budget, pack."""
-        keys, values = self._pending
+        keys, values, _ = self._pending
         self._pending = None
         scores = self.policy.score_tokens(keys, values, observation)  # [B, Hkv, T]
         n_pack = self._tokens_to_pack(keys.shape[-2])
@@ -138,18 +135,14 @@ class Eviction:
             prompt.group_scores,
             plan=True,
         )
-        self.window_keys = keys[..., n_pack:, :].clone()
-        self.window_values = values[..., n_pack:, :].clone()
-        self.window_scores = _finite_top(scores[..., n_pack:])
+        self.window.reserve(self._window_cap)  # decode steps write the window in place
+        self.window.hold(keys[..., n_pack:, :], values[..., n_pack:, :], _finite_top(scores[..., n_pack:]))
 
     def _finish_step(self, mass: torch.Tensor | None) -> None:
         """Accumulate this step's attention mass, then keep the budget while packing overflow."""
-        tail_keys, tail_values = self._pending
+        tail_keys, tail_values, tail_scores = self._pending  # tail scores: zero for the new tokens
         self._pending = None
         stored = self.packed_keys.shape[-2]
-        batch, heads, window = self.window_scores.shape
-        new_scores = self.window_scores.new_zeros(batch, heads, tail_keys.shape[-2] - window)
-        tail_scores = torch.cat([self.window_scores, new_scores], dim=-1)  # [B, Hkv, Tw + T]
         if mass is not None:
             stored_mass = mass[..., :stored]  # [B, Hkv, Ts]
             if self.shares_rows:  # each token's own head
@@ -157,23 +150,18 @@ class Eviction:
             if self.token_scores.is_inference() and not torch.is_inference_mode_enabled():
                 self.token_scores = self.token_scores.clone()  # once: a cache filled under inference_mode
             self.token_scores.add_(stored_mass)  # in place: no copy of the scores per step
-            tail_scores = tail_scores + mass[..., stored:]
+            tail_scores.add_(mass[..., stored:])  # the window's own scores when written in place
         n_pack = self._tokens_to_pack(tail_keys.shape[-2])
         if n_pack:
-            head_scores = tail_scores[..., :n_pack]
             self._pack_selected(
                 tail_keys[..., :n_pack, :],
                 tail_values[..., :n_pack, :],
-                head_scores,
+                tail_scores[..., :n_pack],
                 None,
                 plan=False,
             )
-            tail_keys, tail_values = (
-                tail_keys[..., n_pack:, :].clone(),
-                tail_values[..., n_pack:, :].clone(),
-            )
-        self.window_keys, self.window_values = tail_keys, tail_values
-        self.window_scores = tail_scores[..., n_pack:].clone()
+            self.window.reserve(self._window_cap)
+        self.window.hold(tail_keys[..., n_pack:, :], tail_values[..., n_pack:, :], tail_scores[..., n_pack:])
 
     def _tokens_to_pack(self, tokens: int) -> int:
         """How many of the `tokens` oldest dense tokens to pack now (whole chunks)."""
@@ -194,9 +182,12 @@ class Eviction:
         return min(tokens, -(-overflow // chunk) * chunk)
 
     def _window_limit(self) -> int:
-        """Dense tokens allowed: `window`, shrunk so it never takes more than half the budget."""
+        """Dense tokens allowed: `window`, shrunk so it never takes more than half of what the
+        budget leaves after the shared rotation matrices (the window's buffers hold this many
+        tokens whether full or not)."""
         dense = self.storage.dense_token_bytes
-        affordable = int(0.5 * self.target_bytes() // (dense + SCORE_BYTES))
+        own = max(self.target_bytes() - self._shared_bytes_per_row(), 0.0)
+        affordable = int(0.5 * own // (dense + SCORE_BYTES))
         return min(self.config.window, affordable)
 
     def target_bytes(self) -> float:

@@ -12,6 +12,7 @@ from hf_subtok.formats import StorageFormat
 from hf_subtok.storage.eviction import Eviction, PromptEvidence
 from hf_subtok.storage.packing import Packing
 from hf_subtok.storage.rows import BatchRows
+from hf_subtok.storage.window import DenseWindow
 from hf_subtok.storage.tensors import (
     Stored,
     first_tokens,
@@ -87,8 +88,7 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         self.packed_keys: Stored | None = None  # a `QuantizedTensor` with `config.bits`
         self.packed_values: Stored | None = None
         self.group_idx: torch.Tensor | None = None
-        self.window_keys: torch.Tensor | None = None
-        self.window_values: torch.Tensor | None = None
+        self.window: DenseWindow | None = None  # the newest tokens, dense (`storage.window`)
         self.token_scores: torch.Tensor | None = None
         # adaptive span: the other groups of the first W packed tokens (`hf_subtok.storage.wide`)
         self.wide_values: Stored | None = None  # [B, Hkv, G-K, W, C]
@@ -97,7 +97,6 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         self.wide_fraction = 0.0  # share of the packed tokens the plan widens
         # per-head budgets: packed tokens of all heads share one row, each naming its head
         self.stored_heads: torch.Tensor | None = None  # [B, 1, Ts] uint8
-        self.window_scores: torch.Tensor | None = None
         self.keep_groups = self.fixed_keep_groups
         self.budget = self.config.budget  # this layer's share of the dense bytes (plans move it)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -127,8 +126,7 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
             self.keep_groups = self.config.num_groups  # until the prefill plan picks K
         self.packed_keys = self._store_keys(key_states.new_empty(batch, heads, 0, head_dim))
         self._reset_packed_values(value_states)
-        self.window_keys = key_states.new_empty(batch, heads, 0, head_dim)
-        self.window_values = value_states.new_empty(batch, heads, 0, head_dim)
+        window_scores = None
         self.num_heads = heads
         if self.policy.evicts:
             rows = 1 if self.shares_rows else heads
@@ -137,9 +135,10 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
             )
             if self.shares_rows:
                 self.stored_heads = torch.empty(batch, 1, 0, dtype=torch.uint8, device=self.device)
-            self.window_scores = torch.empty(
-                batch, heads, 0, dtype=torch.float32, device=self.device
-            )
+            window_scores = torch.empty(batch, heads, 0, dtype=torch.float32, device=self.device)
+        self.window = DenseWindow(
+            key_states.new_empty(batch, heads, 0, head_dim), value_states.new_empty(batch, heads, 0, head_dim), window_scores
+        )
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -156,11 +155,13 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         self._flush()
         if self.policy.evicts:
             return self._update_evicting(key_states, value_states)
-        tail_keys = torch.cat([self.window_keys, key_states], dim=-2)  # [B, Hkv, Tw + T, D]
-        tail_values = torch.cat([self.window_values, value_states], dim=-2)
-        self.seen_tokens += key_states.shape[-2]
+        new = key_states.shape[-2]
+        # written in place unless a pack is due (the packed tokens leave the window before attention reads it)
+        packs = self._tokens_to_pack(self.window.length + new) > 0
+        tail_keys, tail_values, _ = self.window.extend(key_states, value_states, in_place=not packs)  # [B, Hkv, Tw + T, D]
+        self.seen_tokens += new
         if self.seen_tokens <= self.config.floor_tokens and self.packed_keys.shape[-2] == 0:
-            self.window_keys, self.window_values = tail_keys, tail_values  # short: kept exactly
+            self.window.hold(tail_keys, tail_values)  # short: kept exactly
             return tail_keys, tail_values
         # nothing packed yet (the prompt, or a context crossing the floor): exact dense attention
         view = None if self.packed_keys.shape[-2] == 0 else self._view(tail_keys, tail_values)
@@ -175,7 +176,7 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         every token dense (nothing packed yet: a context up to `floor_tokens`); None before the
         first token. Once tokens are packed, reading it raises `AttributeError` saying so: the
         packed storage is read by the 'hf_subtok' attention function (`stored_tensors()` lists it)."""
-        return self._dense_part("keys", "window_keys")
+        return self._dense_part("keys")
 
     @keys.setter
     def keys(self, value) -> None:
@@ -185,14 +186,14 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
     @property
     def values(self) -> torch.Tensor | None:
         """`[B, Hkv, T, D]` dense values while nothing is packed (see `keys`)."""
-        return self._dense_part("values", "window_values")
+        return self._dense_part("values")
 
     @values.setter
     def values(self, value) -> None:
         if value is not None:
             raise AttributeError("SubTokenLayer.values is read-only: store tokens with update()")
 
-    def _dense_part(self, name: str, window: str) -> torch.Tensor | None:
+    def _dense_part(self, name: str) -> torch.Tensor | None:
         if not self.is_initialized:
             return None
         packed = self.rows is not None or self._rows_prompt is not None or self.packed_keys.shape[-2] > 0
@@ -203,7 +204,21 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
                 "only the 'hf_subtok' attention function reads it (hf_subtok.install_attention). "
                 "stored_tensors() lists what it holds; use a DynamicCache to read dense keys and values."
             )
-        return getattr(self, window)
+        return getattr(self.window, name)
+
+    @property
+    def window_keys(self) -> torch.Tensor | None:
+        """`[B, Hkv, Tw, D]` keys of the dense window (a view of its buffer), None before the first token."""
+        return None if self.window is None else self.window.keys
+
+    @property
+    def window_values(self) -> torch.Tensor | None:
+        return None if self.window is None else self.window.values
+
+    @property
+    def window_scores(self) -> torch.Tensor | None:
+        """`[B, Hkv, Tw]` float32 scores of the window's tokens (a layer that evicts), else None."""
+        return None if self.window is None else self.window.scores
 
     def tokens_per_head(self) -> list[int]:
         """Packed tokens each KV head holds in the first sequence of the batch (fillers aside)."""
@@ -223,10 +238,7 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         "wide_idx",
         "wide_norms",
         "stored_heads",
-        "window_keys",
-        "window_values",
         "token_scores",
-        "window_scores",
     )
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
@@ -242,6 +254,7 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
             held = getattr(self, name)
             if held is not None:
                 tensors.update(stored_parts(name, held))
+        tensors.update(self.window.buffers())  # whole buffers: their capacity is held too
         if self._rotation_matrices is not None:  # shared by the layers: counted once by storage
             tensors["rotation.keys"], tensors["rotation.values"] = self._rotation_matrices
         return tensors
@@ -286,17 +299,21 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         return batch * self.num_heads * self.seen_tokens * self.storage.dense_token_bytes
 
     @property
-    def is_croppable(self) -> bool:
-        """Whether `crop` restores exactly the cache that never saw the cropped tokens: only
-        with lossless storage (every token, every group, the model's dtype). A lossy layer may
-        have packed, evicted or re-selected tokens because of the tokens to crop, so assisted
-        decoding and prompt lookup are refused with it (transformers checks this flag)."""
-        lossy = (
+    def lossless(self) -> bool:
+        """Whether this layer stores every token, every group, in the model's dtype."""
+        return not (
             self.policy.evicts
             or self.config.bits is not None
             or (self.fixed_keep_groups or 0) < self.config.num_groups
         )
-        return not lossy
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` restores exactly the cache that never saw the cropped tokens: only
+        with `lossless` storage. A lossy layer may have packed, evicted or re-selected tokens
+        because of the tokens to crop, so assisted decoding and prompt lookup are refused with
+        it (transformers checks this flag)."""
+        return self.lossless
 
     def _apply(self, fn) -> None:
         """Replace every held tensor `t` (batch first) by `fn(t)`."""
@@ -309,6 +326,7 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
             held = getattr(self, name)
             if held is not None:
                 setattr(self, name, map_stored(held, fn))
+        self.window.map(fn)
 
     def get_seq_length(self) -> int:
         """Tokens seen (position count), not tokens stored."""
@@ -380,16 +398,14 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
             return
         stored = self.packed_keys.shape[-2]
         if keep >= stored:
-            self.window_keys = self.window_keys[..., : keep - stored, :].clone()
-            self.window_values = self.window_values[..., : keep - stored, :].clone()
+            self.window.truncate(keep - stored)
         else:
             self.packed_keys = first_tokens(self.packed_keys, keep)
             self._open_key_tokens = 0  # the cut block stays as it is; new tokens start a block
             self.packed_values = first_tokens(self.packed_values, keep)
             if self.group_idx is not None:
                 self.group_idx = self.group_idx[..., :keep].clone()
-            self.window_keys = self.window_keys[..., :0, :].clone()
-            self.window_values = self.window_values[..., :0, :].clone()
+            self.window.truncate(0)
         self.seen_tokens = keep
 
     def _crop_keep(self, length_or_removed: int) -> int:

@@ -27,6 +27,10 @@ from hf_subtok.storage.wide import NORM_DTYPE, WIDE_FRACTIONS, WideGroups, other
 from hf_subtok.views import PackedKV
 
 
+# a layer that never evicts preallocates its window once the context is this many windows long
+WINDOW_SLACK_RATIO = 8
+
+
 class Packing:
     """The `SubTokenLayer` methods that store, pack and re-select tokens."""
 
@@ -278,13 +282,14 @@ class Packing:
     def _store_tail(self, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> None:
         """Keep at most `window` newest tokens dense; pack the rest in whole chunks."""
         n_pack = self._tokens_to_pack(tail_keys.shape[-2])
-        if n_pack == 0:
-            self.window_keys, self.window_values = tail_keys, tail_values
-            return
-        self._append_packed(tail_keys[..., :n_pack, :], tail_values[..., :n_pack, :])
-        # clone: a slice would keep the whole tail (e.g. the full prompt) alive
-        self.window_keys = tail_keys[..., n_pack:, :].clone()
-        self.window_values = tail_values[..., n_pack:, :].clone()
+        if n_pack:
+            self._append_packed(tail_keys[..., :n_pack, :], tail_values[..., :n_pack, :])
+            if self.seen_tokens >= WINDOW_SLACK_RATIO * self.config.window and not self.lossless:
+                # decode steps write the window in place from now on; its unused capacity (the
+                # tokens packed since) is held too, at most 1/WINDOW_SLACK_RATIO of the dense
+                # bytes (lossless storage keeps exact sizes: it holds exactly the dense bytes)
+                self.window.reserve(self.config.window)
+        self.window.hold(tail_keys[..., n_pack:, :], tail_values[..., n_pack:, :])
 
     def _append_packed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         scores = self.policy.score_groups(keys, values)  # [B, Hkv, T, G]

@@ -83,8 +83,11 @@ class BatchRows:
 
 
 def _copy_row(row):
-    """A shallow copy of a row's layer whose in-place state (the token scores) is its own."""
+    """A shallow copy of a row's layer whose in-place state (the token scores, the window's
+    buffers) is its own."""
     twin = copy.copy(row)
     if twin.token_scores is not None:
         twin.token_scores = twin.token_scores.clone()
+    if twin.window is not None:
+        twin.window = twin.window.copy()
     return twin

@@ -1,0 +1,100 @@
+"""The decode step is the hot path: a bounded number of torch calls against `DynamicCache`'s,
+no host sync, and a cost that does not grow with the context.
+
+Calls are counted at the dispatcher (every aten op a forward runs, views included, on a tiny
+2-layer Llama); a host sync is an `aten::_local_scalar_dense` (`.item()`, `int(tensor)`, a
+tensor used as a bool). Steps alternate between plain steps (append a token, attend) and pack
+steps (the window overflows: its oldest tokens are scored, packed and re-selected); the bounds
+hold for the median step, and for the mean over whole pack cycles.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache
+
+from hf_subtok import SubTokenCache, SubTokenConfig, cache_kwargs
+from tests.tiny_models import make_tiny_model, random_prompts
+
+CONFIGS = ["lossless", "groups-only", "balanced", "aggressive", "compact", 0.25]
+STEPS = 32  # four pack cycles of the presets (8-token chunks)
+MEDIAN_BOUND = 1.5  # a plain step's calls, times DynamicCache's
+MEAN_BOUND = 2.5  # mean over whole pack cycles, times DynamicCache's
+PACK_SYNCS_PER_LAYER = 3  # per-channel keys only: re-compacting their block tables after a re-selection
+
+
+class _Calls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_calls(model, cache, prompt_tokens: int, steps: int = STEPS) -> list[Counter]:
+    """Per decode step, the aten ops it ran (after a prompt of `prompt_tokens` and 3 steps)."""
+    counts = []
+    with torch.no_grad():
+        logits = model(input_ids=random_prompts(1, prompt_tokens), **cache_kwargs(cache)).logits
+        for step in range(3 + steps):
+            calls = _Calls()
+            with calls:
+                logits = model(input_ids=logits[:, -1:].argmax(-1), **cache_kwargs(cache)).logits
+            if step >= 3:
+                counts.append(calls.ops)
+    return counts
+
+
+def _config(name):
+    return name if isinstance(name, str) else SubTokenConfig(budget=name)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def dense_calls(model):
+    counts = _step_calls(model, DynamicCache(config=model.config), 600)
+    totals = {sum(c.values()) for c in counts}
+    assert len(totals) == 1  # DynamicCache's step is the same every time
+    return totals.pop()
+
+
+@pytest.mark.parametrize("name", CONFIGS, ids=str)
+def test_decode_step_calls_are_bounded_by_dynamic_caches(model, dense_calls, name):
+    counts = [sum(c.values()) for c in _step_calls(model, SubTokenCache(model, _config(name)), 600)]
+    assert statistics.median(counts) <= MEDIAN_BOUND * dense_calls, (statistics.median(counts), dense_calls)
+    assert statistics.mean(counts) <= MEAN_BOUND * dense_calls, (statistics.mean(counts), dense_calls)
+
+
+@pytest.mark.parametrize("name", CONFIGS, ids=str)
+def test_decode_step_makes_no_host_sync(model, name):
+    """No step syncs with the host; per-channel keys (`compact`) re-compact their block tables
+    when a pack re-selects tokens (a data-dependent size), at most a few times per layer and pack."""
+    cache = SubTokenCache(model, _config(name))
+    counts = _step_calls(model, cache, 600)
+    syncs = [c["_local_scalar_dense"] for c in counts]
+    channel_keys = cache.layers[0].storage.channel_keys
+    if not channel_keys:
+        assert syncs == [0] * len(syncs)
+        return
+    plain = [s for s, c in zip(syncs, counts, strict=True) if sum(c.values()) <= statistics.median(sum(x.values()) for x in counts)]
+    assert plain and set(plain) == {0}
+    assert max(syncs) <= PACK_SYNCS_PER_LAYER * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", ["groups-only", "balanced", "compact"])
+def test_decode_step_calls_do_not_grow_with_the_context(model, name):
+    """A step at 1,200 tokens makes the calls of a step at 600: nothing loops over tokens or chunks."""
+    short = statistics.median(sum(c.values()) for c in _step_calls(model, SubTokenCache(model, name), 600))
+    long = statistics.median(sum(c.values()) for c in _step_calls(model, SubTokenCache(model, name), 1200))
+    assert long == short
