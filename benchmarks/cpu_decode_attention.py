@@ -14,6 +14,10 @@ median of all its calls. Dense SDPA is timed in every round-robin and its median
 
     python benchmarks/cpu_decode_attention.py --threads 1 --rounds 5 --repeats 10 \\
         --tokens 4096 16384 65536 --budgets 0.5 0.25 0.125 --bits 8 4 2
+
+`--compare-blocks` instead times the reference's blocks of tokens: fixed 1024-token blocks
+(before) against byte-sized ones (`block_tokens`, now), interleaved call by call, with the
+torch ops of one call, over quantized rows in the presets' layout (G = 2, K = 2 and 1).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_subtok.formats import StorageFormat
-from hf_subtok.kernels import pack_value_groups, packed_attention
+from hf_subtok.kernels import pack_value_groups, packed_attention, packed_attention_reference
 from hf_subtok.quant import quantize
 from hf_subtok.views import PackedKV
 
@@ -105,6 +110,49 @@ def run_budget(tokens, budget, args, dense_fn, generator) -> tuple[list[dict], l
     return rows, dense
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the torch ops (aten calls) run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def compare_blocks(args) -> None:
+    """Print, per (tokens, bits, K), ms and ops of the reference with 1024-token blocks and
+    with byte-sized blocks, timed alternately (`time.thread_time` at 1 thread)."""
+    dtype, generator = DTYPES[args.dtype], torch.Generator().manual_seed(0)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    ref = packed_attention_reference
+    sizes = {"1024-token blocks": (1024, 1024), "byte-sized blocks": (ref.BLOCK_TOKENS, ref.MIN_BLOCK_TOKENS)}
+    print(f"{args.dtype}, {args.threads} thread(s), median of {args.rounds * args.repeats} alternated calls")
+    print("| tokens | bits | K of 2 | blocks | ms | ops |")
+    print("|---:|---:|---:|---|---:|---:|")
+    for tokens, bits, keep in ((t, b, k) for t in args.tokens for b in args.bits for k in (2, 1)):
+        kv = packed_layer(tokens, 2, keep, bits, dtype, generator)
+        query = torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=generator).to(dtype)
+        samples, ops = {name: [] for name in sizes}, {}
+        for name, (most, least) in sizes.items():
+            ref.BLOCK_TOKENS, ref.MIN_BLOCK_TOKENS = most, least
+            with torch.no_grad(), CountOps() as counter:
+                packed_attention(query, kv, return_mass=True)
+            ops[name] = counter.count
+        with torch.no_grad():
+            for _ in range(args.rounds * args.repeats):
+                for name, (most, least) in sizes.items():
+                    ref.BLOCK_TOKENS, ref.MIN_BLOCK_TOKENS = most, least
+                    start = clock()
+                    packed_attention(query, kv, return_mass=True)
+                    samples[name].append((clock() - start) * 1e3)
+        for name in sizes:
+            print(f"| {tokens} | {bits} | {keep} | {name} | {statistics.median(samples[name]):.2f} | {ops[name]} |")
+    ref.BLOCK_TOKENS, ref.MIN_BLOCK_TOKENS = sizes["byte-sized blocks"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
@@ -119,11 +167,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per row and round")
     parser.add_argument("--out", type=Path, default=Path("bench_out/cpu_decode_attention.csv"))
+    parser.add_argument("--compare-blocks", action="store_true", help="time 1024-token against byte-sized blocks")
     args = parser.parse_args()
     bad = [g for g in args.groups if g < 2 or HEAD_DIM % g]
     if bad:
         parser.error(f"--groups must be at least 2 and divide head_dim {HEAD_DIM}, got {bad}")
     torch.set_num_threads(args.threads)
+    if args.compare_blocks:
+        return compare_blocks(args)
     dtype = DTYPES[args.dtype]
     generator = torch.Generator().manual_seed(0)
     rows = []

@@ -55,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="quality, memory and speed against dense and kvpress")
     bench.add_argument("--suite", default=",".join(SUITES),
-                       help=f"comma list of {', '.join(SUITES)} (default: all), or ruler (RULER-style families, when named)")
+                       help=f"comma list of {', '.join(SUITES)} (default: all), or ruler (RULER-style families), "
+                       "memory and throughput (each method in fresh processes), when named")
     bench.add_argument(
-        "--methods", default="dense,subtok,kvpress",
-        help="comma list: dense, subtok[@B], subtok:KEY=VALUE[+KEY=VALUE...][@B] (any SubTokenConfig field) or "
+        "--methods", default=None,
+        help="comma list (default dense,subtok,kvpress; for memory/throughput alone: dense, the presets, the best "
+        "kvpress press at balanced's bytes, 4- and 2-bit quanto): dense, subtok[@B], subtok:KEY=VALUE[+KEY=VALUE...][@B] (any SubTokenConfig field) or "
         "subtok:PRESET[@B], kvpress[:NAME][@B] (needs kvpress), quantized[:quanto|hqq][@BITS] (transformers' "
         "QuantizedCache, 4 and 2 bits by default; needs hf-subtok[quant])",
     )
@@ -76,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cases", type=int, default=None, help="ruler cases per family and length (default 5)")
     bench.add_argument("--families", default=None, help="ruler families (default all: niah_single, niah_multikey, "
                        "niah_multivalue, niah_multiquery, vt, cwe, fwe, qa)")
+    bench.add_argument("--memory-contexts", default=None,
+                       help="memory/throughput context lengths at batch 1 (default 2k,4k,8k; --quick: 1k)")
+    bench.add_argument("--batch", default=None,
+                       help="memory/throughput batch case ROWSxTOKENS, or none (default 8x2k; --quick: 2x512)")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="memory/throughput fresh processes per case and method, medians reported (default 3; --quick: 1)")
+    bench.add_argument("--device", default="cpu", help="memory/throughput: cpu or cuda (default cpu)")
     bench.add_argument("--window", type=int, default=64, help="subtok dense window (default 64)")
     bench.add_argument("--quick", action="store_true", help="a small grid that runs in a couple of minutes")
     bench.add_argument("--out", default="bench_out", help="output folder (JSONL, JSON, Markdown, PNG)")
@@ -169,15 +178,18 @@ def bench_config_from_args(args) -> object:
         SUITES,
         BenchConfig,
     )
+    from hf_subtok.bench.throughput import parse_batch
 
     if args.budgets:
         budgets = parse_budgets(args.budgets)
     else:
         budgets = list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
+    suites = parse_suites(args.suite, SUITES + OPTIONAL_SUITES)
     overrides = {
-        "suites": parse_suites(args.suite, SUITES + OPTIONAL_SUITES),
+        "suites": suites,
         "budgets": budgets,
-        "methods": parse_methods(args.methods, budgets),
+        "methods": parse_methods(bench_methods(args.methods, suites), budgets),
+        "device": args.device,
         "window": _non_negative("window", args.window),
         "out_dir": args.out,
         "model": args.model,
@@ -202,7 +214,24 @@ def bench_config_from_args(args) -> object:
         overrides["ruler_cases"] = args.cases
     if args.families:
         overrides["ruler_families"] = [f.strip() for f in args.families.split(",") if f.strip()]
+    if args.memory_contexts:
+        overrides["memory_contexts"] = parse_ints("memory-contexts", args.memory_contexts, low=64)
+    if args.batch:
+        overrides["memory_batch"] = parse_batch(args.batch)
+    if args.repeats is not None:
+        overrides["memory_repeats"] = args.repeats
     return BenchConfig.quick_grid(**overrides) if args.quick else BenchConfig(**overrides)
+
+
+def bench_methods(methods: str | None, suites: list[str]) -> str:
+    """`--methods` as given, else the default of the suites named (memory/throughput alone have their own)."""
+    from hf_subtok.bench import throughput
+
+    if methods:
+        return methods
+    if set(suites) <= set(throughput.SUITES):
+        return throughput.default_methods()
+    return "dense,subtok,kvpress"
 
 
 def _depths(text: str) -> list[float]:
@@ -292,7 +321,7 @@ def cmd_bench(args, argv: list[str]) -> int:
     config = bench_config_from_args(args)
     if any(m.family == "kvpress" for m in config.methods):
         logger.info("kvpress rows: %d", sum(m.family == "kvpress" for m in config.methods))
-    elif "kvpress" in args.methods:
+    elif args.methods is None or "kvpress" in args.methods:
         logger.warning("kvpress is not installed: no kvpress rows (pip install kvpress)")
     result = run_bench(config, command="hf-subtok " + shlex.join(argv))
     print(result["markdown"])

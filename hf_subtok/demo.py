@@ -3,19 +3,26 @@
 A pass key is hidden in a few thousand tokens of real prose; the model answers with
 `model.generate()` twice, once with transformers' `DynamicCache` and once with a
 `SubTokenCache` at `DEMO_PRESET`, and the two runs are printed side by side.
+
+Each method runs in its own freshly spawned process (as the `memory` bench suite does), so
+its memory figures are its own: the allocator's peak of tensor bytes above the loaded weights
+(`AllocatorPeak`, the same from run to run) and the process's peak RSS. The generate that is
+measured for memory runs under the profiler, so speed comes from a second generate after it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
 
 from hf_subtok import PRESETS, SubTokenCache, cache_kwargs
-from hf_subtok.bench.memory import PeakRSS
+from hf_subtok.bench.memory import AllocatorPeak, PeakRSS
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,9 @@ class RunResult:
     prefill_s: float
     new_tokens: int
     decode_tok_s: float
+    rss_start_mb: float | None = None  # RSS when generate began (the loaded model)
+    peak_alloc_bytes: int | None = None  # allocator's peak above the weights (with allocator=True)
+    pid: int | None = None  # the process the run was measured in
 
     @property
     def ratio(self) -> float:
@@ -73,11 +83,15 @@ def dynamic_cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def run_generate(model, tokenizer, input_ids: torch.Tensor, cache, name: str, max_new_tokens: int, is_correct=None):
-    """`model.generate(input_ids, cache=cache)` greedily, measured (`past_key_values=` before transformers 5.25)."""
+def run_generate(model, tokenizer, input_ids: torch.Tensor, cache, name: str, max_new_tokens: int, is_correct=None,
+                 *, allocator: bool = False):
+    """`model.generate(input_ids, cache=cache)` greedily, measured (`past_key_values=` before transformers 5.25).
+
+    With `allocator`, generate runs under `AllocatorPeak` (its timings are then the profiler's, not the model's).
+    """
     clock = _TokenClock()
     start = time.perf_counter()
-    with PeakRSS() as peak:
+    with PeakRSS() as peak, (AllocatorPeak(model.device) if allocator else nullcontext()) as alloc:
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -105,6 +119,9 @@ def run_generate(model, tokenizer, input_ids: torch.Tensor, cache, name: str, ma
         prefill_s=prefill_s,
         new_tokens=len(new),
         decode_tok_s=(len(clock.times) - 1) / decode_s if len(clock.times) > 1 else float("nan"),
+        rss_start_mb=peak.start_mb,
+        peak_alloc_bytes=alloc.peak_bytes if allocator else None,
+        pid=os.getpid(),
     )
 
 
@@ -115,7 +132,8 @@ def format_side_by_side(results: list[RunResult], title: str) -> str:
         ("correct", ["-" if r.correct is None else ("yes" if r.correct else "no") for r in results]),
         ("stored KV bytes", [f"{r.stored_bytes / 2**20:.1f} MiB ({r.stored_bytes:,} B)" for r in results]),
         ("stored / dense", [f"{r.ratio:.3f}" for r in results]),
-        ("peak RSS (process)", [f"{r.peak_rss_mb:.0f} MiB" for r in results]),
+        ("peak above weights", [_mib(r.peak_alloc_bytes) for r in results]),
+        ("peak RSS (own process)", [f"{r.peak_rss_mb:.0f} MiB" + _added(r) for r in results]),
         ("prefill", [f"{r.prefill_s:.2f} s" for r in results]),
         ("decode tokens/s", [f"{r.decode_tok_s:.1f} ({r.new_tokens} tokens)" for r in results]),
     ]
@@ -128,28 +146,62 @@ def format_side_by_side(results: list[RunResult], title: str) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _mib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f} MiB (allocator)"
+
+
+def _added(result: RunResult) -> str:
+    return "" if result.rss_start_mb is None else f" (+{result.peak_rss_mb - result.rss_start_mb:.0f} over the model)"
+
+
+def measure_in_fresh_process(model_name: str | None, preset: str | None, ids: list[int], max_new_tokens: int,
+                             name: str) -> RunResult:
+    """One method's demo run in this (fresh) process: dense when `preset` is None.
+
+    The first generate is measured for memory (under `AllocatorPeak`), the second for speed.
+    """
+    from hf_subtok.bench.isolated import load_model
+
+    model, tokenizer = load_model(model_name, "float32")
+    input_ids = torch.tensor([ids])
+
+    def make_cache():
+        return DynamicCache() if preset is None else SubTokenCache(model, preset)
+
+    memory = run_generate(model, tokenizer, input_ids, make_cache(), name, max_new_tokens, allocator=True)
+    timed = run_generate(model, tokenizer, input_ids, make_cache(), name, max_new_tokens)
+    return replace(timed, peak_rss_mb=memory.peak_rss_mb, rss_start_mb=memory.rss_start_mb,
+                   peak_alloc_bytes=memory.peak_alloc_bytes)
+
+
+def demo_results(model_name: str | None = None, *, context_tokens: int = DEMO_CONTEXT_TOKENS,
+                 preset: str = DEMO_PRESET, max_new_tokens: int = DEMO_MAX_NEW_TOKENS):
+    """`(results, title)`: the dense and the `preset` run, each in its own spawned process."""
+    from hf_subtok.bench.isolated import run_fresh
+    from hf_subtok.model_loading import DEFAULT_MODEL, load_tokenizer
+    from hf_subtok.tasks import build_needle_case
+
+    tokenizer = load_tokenizer(model_name)
+    case = build_needle_case(tokenizer, context_tokens, DEMO_DEPTH, DEMO_SEED)
+    ids = list(case.prompt_ids)
+    logger.info("Prompt: %d tokens, pass key at depth %.0f%%", len(ids), 100 * case.actual_depth)
+    settings = ", ".join(f"{k}={v}" for k, v in PRESETS[preset].items())
+    runs = [("dense (DynamicCache)", None), (f"subtok ({preset}: {settings})", preset)]
+    results = []
+    for name, chosen in runs:
+        logger.info("Generating with %s in a fresh process", name)
+        result = run_fresh(measure_in_fresh_process, model_name, chosen, ids, max_new_tokens, name)
+        results.append(replace(result, correct=case.is_correct(result.answer)))
+    title = (
+        f"hf-subtok demo: {model_name or DEFAULT_MODEL}, pass key {case.answer} hidden at "
+        f"{100 * case.actual_depth:.0f}% of a {len(ids)}-token prompt (each method in its own process)"
+    )
+    return results, title
+
+
 def run_demo(model_name: str | None = None, *, context_tokens: int = DEMO_CONTEXT_TOKENS,
              preset: str = DEMO_PRESET, max_new_tokens: int = DEMO_MAX_NEW_TOKENS) -> str:
     """Run the demo and return the side-by-side table (the CLI prints it)."""
-    from hf_subtok.model_loading import load_model_and_tokenizer
-    from hf_subtok.tasks import as_input_ids, build_needle_case
-
-    logger.info("Loading model %s", model_name or "(embedded default)")
-    model, tokenizer = load_model_and_tokenizer(model_name)
-    case = build_needle_case(tokenizer, context_tokens, DEMO_DEPTH, DEMO_SEED)
-    input_ids = as_input_ids(case.prompt_ids)
-    logger.info("Prompt: %d tokens, pass key at depth %.0f%%", input_ids.shape[1], 100 * case.actual_depth)
-    settings = ", ".join(f"{k}={v}" for k, v in PRESETS[preset].items())
-    runs = [
-        ("dense (DynamicCache)", DynamicCache),
-        (f"subtok ({preset}: {settings})", lambda: SubTokenCache(model, preset)),
-    ]
-    results = []
-    for name, make_cache in runs:
-        logger.info("Generating with %s", name)
-        results.append(run_generate(model, tokenizer, input_ids, make_cache(), name, max_new_tokens, case.is_correct))
-    title = (
-        f"hf-subtok demo: {model.name_or_path}, pass key {case.answer} hidden at "
-        f"{100 * case.actual_depth:.0f}% of a {input_ids.shape[1]}-token prompt"
-    )
+    results, title = demo_results(model_name, context_tokens=context_tokens, preset=preset,
+                                  max_new_tokens=max_new_tokens)
     return format_side_by_side(results, title)

@@ -32,7 +32,7 @@ def _one_line_error(capsys, argv, match):
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["bench", "--suite", "needle,nope"], "suite must be one of needle, ppl, speed, ruler, got 'nope'"),
+        (["bench", "--suite", "needle,nope"], "suite must be one of needle, ppl, speed, ruler, memory, throughput, got 'nope'"),
         (["bench", "--methods", "dense,magic"], "method must be one of dense, subtok, kvpress"),
         (["bench", "--methods", "kvpress:nope"], "got 'nope'"),
         (["bench", "--budgets", "0.5,1.5"], "budget must be in (0, 1], got 1.5"),
@@ -67,7 +67,7 @@ def test_console_script_error_in_a_real_process():
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["hf-subtok: error: suite must be one of needle, ppl, speed, ruler, got 'nope'"]
+    assert proc.stderr.strip().splitlines() == ["hf-subtok: error: suite must be one of needle, ppl, speed, ruler, memory, throughput, got 'nope'"]
 
 
 def test_generate_prints_answer_and_memory_report(capsys, tiny_loader):
@@ -83,14 +83,6 @@ def test_generate_reads_a_file(capsys, tiny_loader, tmp_path):
     prompt.write_text("What is the capital of France?")
     assert cli.main(["generate", "--file", str(prompt), "--budget", "0.5", "--max-new-tokens", "3"]) == 0
     assert "ratio" in capsys.readouterr().out
-
-
-def test_demo_prints_both_runs_side_by_side(capsys, tiny_loader):
-    assert cli.main(["demo", "--context-tokens", "400"]) == 0
-    out = capsys.readouterr().out
-    assert "dense (DynamicCache)" in out and "subtok (balanced" in out
-    for row in ("answer", "correct", "stored KV bytes", "stored / dense", "peak RSS", "decode tokens/s"):
-        assert row in out
 
 
 def test_bench_quick_flag_prints_the_table(capsys, tiny_loader, tmp_path):

@@ -14,9 +14,9 @@ import transformers
 from packaging.version import Version
 
 from hf_subtok import CACHE_ARGUMENT, SubTokenCache, SubTokenConfig, cache_kwargs
+from hf_subtok.bench.method_run import run_method
 from hf_subtok.bench.methods import MethodSpec
 from hf_subtok.bench.prefill import dense_prefill
-from hf_subtok.bench.speed import measure
 from hf_subtok.demo import run_generate
 from tests.tiny_models import make_tiny_model, random_prompts
 
@@ -78,6 +78,6 @@ def test_package_generate_and_forward_calls_raise_no_future_warning():
         result = run_generate(model, _Tokenizer(), ids, SubTokenCache(model, COMPRESSING), "subtok", 8)
         dense_prefill(model, ids, capture_hidden=False)
         for spec in (MethodSpec("dense"), MethodSpec("subtok", 0.5)):
-            row = measure(model, spec, ids, None, window=8, new_tokens=8)
+            row = run_method(model, spec, ids, None, window=8, new_tokens=8)
             assert row["decode_tokens"] == 8
     assert len(result.answer.split()) == 8

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hf_subtok.bench import needle, ppl, ruler_eval, speed
+from hf_subtok.bench import needle, ppl, ruler_eval, speed, throughput
 from hf_subtok.bench.apply import check_subtok_reachable
 from hf_subtok.bench.methods import MethodSpec, kvpress_available
 from hf_subtok.bench.resume import ResultStore, code_fingerprint, run_id
@@ -20,7 +20,7 @@ from hf_subtok.bench.ruler import FAMILIES as RULER_FAMILIES
 logger = logging.getLogger(__name__)
 
 SUITES = ("needle", "ppl", "speed")
-OPTIONAL_SUITES = ("ruler",)  # run only when named (--suite ruler)
+OPTIONAL_SUITES = ("ruler", *throughput.SUITES)  # run only when named (--suite ruler, --suite memory,throughput)
 DEFAULT_BUDGETS = (0.75, 0.5, 0.375, 0.25, 0.125)
 QUICK_BUDGETS = (0.75, 0.25)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,6 +46,11 @@ class BenchConfig:
     ruler_max_new_tokens: int | None = None  # None: RULER's tokens to generate per family
     speed_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
     speed_new_tokens: int = 16
+    memory_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])  # memory/throughput, batch 1
+    memory_batch: tuple[int, int] | None = (8, 2048)  # (rows, tokens) of the batch case; None: none
+    memory_repeats: int = 3  # fresh processes per (case, method); the tables give medians
+    memory_new_tokens: int = 32  # decode steps timed (and held in memory) after the prefill
+    device: str = "cpu"  # where memory/throughput load the model ("cuda": peaks from max_memory_allocated)
     max_new_tokens: int = 12  # 'The pass key is 12345' is 10 tokens; generation stops once correct
     window: int = 64
     out_dir: str = "bench_out"
@@ -64,6 +69,10 @@ class BenchConfig:
             ppl_eval_tokens=128,
             speed_lengths=[512],
             speed_new_tokens=8,
+            memory_contexts=[1024],
+            memory_batch=(2, 512),
+            memory_repeats=1,
+            memory_new_tokens=8,
             ruler_contexts=[1024],
             ruler_cases=1,
             budgets=list(QUICK_BUDGETS),
@@ -75,6 +84,11 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        for name in ("memory_repeats", "memory_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         unknown = [f for f in self.ruler_families if f not in RULER_FAMILIES]
         if unknown or self.ruler_cases < 1:
             raise ValueError(f"ruler families must be among {', '.join(RULER_FAMILIES)} and ruler_cases >= 1, got "
@@ -104,7 +118,7 @@ class BenchContext:
         self.hooked_presses: set[str] = set()
         self.verification: dict[str, dict] = {}
         self._unreachable: dict[tuple, str | None] = {}
-        self.isolate_speed = False  # run speed cases in fresh processes (model loadable by name)
+        self.isolate = False  # speed, memory, throughput cases in fresh processes (model loadable by name)
         self.bar = tqdm(total=total, desc="hf-subtok bench", unit="case", leave=False, dynamic_ncols=True)
 
     @property
@@ -200,6 +214,8 @@ def total_units(config: BenchConfig) -> int:
         total += speed.units(config, config.methods)
     if "ruler" in config.suites:
         total += ruler_eval.units(config, n)
+    if throughput.phases(config):
+        total += throughput.units(config, config.methods)
     return total
 
 
@@ -221,7 +237,7 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
         from hf_subtok.bench.kvpress_methods import import_kvpress
 
         import_kvpress()  # before any SubTokenCache registers its attention (see import_kvpress)
-    isolate_speed = model is None
+    isolate = model is None
     if model is None:
         from hf_subtok.model_loading import load_model_and_tokenizer
 
@@ -245,11 +261,13 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
     out = Path(config.out_dir)
     store = ResultStore(out, restart=config.restart)
     ctx = BenchContext(config, model, tokenizer, store, rid, total_units(config))
-    ctx.isolate_speed = isolate_speed
+    ctx.isolate = isolate
     started = time.perf_counter()
     try:
-        for suite in config.suites:
-            {"needle": needle.run_needle, "ppl": ppl.run_ppl, "speed": speed.run_speed, "ruler": ruler_eval.run_ruler}[suite](ctx)
+        runners = {"needle": needle.run_needle, "ppl": ppl.run_ppl, "speed": speed.run_speed,
+                   "ruler": ruler_eval.run_ruler, "memory": throughput.run_footprint, "throughput": throughput.run_footprint}
+        for run in dict.fromkeys(runners[suite] for suite in config.suites):  # memory+throughput: one pass
+            run(ctx)
     finally:
         ctx.close()
     elapsed = time.perf_counter() - started
@@ -283,15 +301,22 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
         "jsonl": str(store.path),
         "json": str(out / "results.json"),
         "markdown": str(out / "results.md"),
-        "plot": str(out / "quality_vs_ratio.png"),
     }
     markdown = markdown_report(meta, rows)
     if "ruler" in config.suites:
         paths.update(ruler_eval.write_summary(out, rows))
         markdown = "\n\n".join(ruler_eval.markdown_tables(rows) + [markdown])
+    if throughput.phases(config):
+        from hf_subtok.bench import throughput_report
+
+        title = f"{fingerprint['name_or_path']} ({config.dtype}, {config.device}): peak memory against context length"
+        paths.update(throughput_report.write_summary(out, rows, title))
+        markdown = "\n\n".join(throughput_report.markdown_tables(rows) + [markdown])
     write_json(paths["json"], meta, rows)
     Path(paths["markdown"]).write_text(markdown)
-    plot_quality_vs_ratio(rows, paths["plot"], title=f"{fingerprint['name_or_path']}: quality vs stored bytes")
+    if {"needle", "ppl"} & set(config.suites):
+        paths["plot"] = str(out / "quality_vs_ratio.png")
+        plot_quality_vs_ratio(rows, paths["plot"], title=f"{fingerprint['name_or_path']}: quality vs stored bytes")
     return {"meta": meta, "rows": rows, "markdown": markdown, "paths": paths}
 
 
@@ -322,4 +347,6 @@ def _grid_keys(config: BenchConfig, rid: str) -> list[str]:
             keys += [f"{rid}|speed|{length}|{m.name}" for m in speed.speed_methods(config, config.methods)]
     if "ruler" in config.suites:
         keys += ruler_eval.grid_keys(config, rid)
+    if throughput.phases(config):
+        keys += throughput.grid_keys(config, rid)
     return keys

@@ -1,8 +1,8 @@
 """Attention over whole keys and packed value groups (PyTorch reference and CPU path).
 
 Keys and values may be plain tensors or `QuantizedTensor`s (keys also `ChannelQuantizedTensor`s,
-scaled a block of tokens at a time by `channel_key_scores`). Quantized storage is read
-`BLOCK_TOKENS` packed tokens at a time and never dequantized: each block's codes are unpacked
+scaled a block of tokens at a time by `channel_key_scores`). Quantized storage is read a
+block of packed tokens at a time (`block_tokens`) and never dequantized: each block's codes are unpacked
 to the compute dtype (no scale applied) and the per-token scales and zeros are folded into the
 small operand of each matmul (`quantized_key_scores`, `packed_value_matmul`), so the only `[t, D]`
 work per block is one cast and one matmul. The scores of every token (D times smaller than the
@@ -19,65 +19,54 @@ overwrite. The result is the same; only the no-grad path is tuned for speed.
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 
 from hf_subtok.kernels._dispatch import records_grad
 from hf_subtok.kernels.masks import blocked_columns
-from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor, unpack_bits
+from hf_subtok.kernels.unpack import unpack_codes
+from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
 from hf_subtok.quant.channel import rows_by_block
 from hf_subtok.quant.logscale import scale_values
 from hf_subtok.views import PackedKV
 
 StoredKeys = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor
-BLOCK_TOKENS = 1024  # packed tokens unpacked at once (read at call time: tests lower it)
+BLOCK_TOKENS = 1 << 16  # most packed tokens read at once (read at call time: tests lower it)
+BLOCK_BYTES = 8 << 20  # most float32 bytes a block unpacks (its codes, or its weights where larger)
+MIN_BLOCK_TOKENS = 1024  # a block holds at least this many tokens (unless BLOCK_TOKENS is lower)
 
 
-def unpack_codes(
-    payload: torch.Tensor, bits: int, dtype: torch.dtype, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The codes of `[..., N * bits / 8]` uint8 bytes as `[..., N]` `dtype`, in channel order.
+def block_tokens(per_token: int) -> int:
+    """Packed tokens read at once when a block costs `per_token` float32 elements a token
+    (its unpacked codes, or its weights where they are larger): as many as fit `BLOCK_BYTES`,
+    at least `MIN_BLOCK_TOKENS`, at most `BLOCK_TOKENS`.
 
-    The bytes are widened so each holds one code (SWAR: at 4 bits `w = byte as int16`,
-    `(w | w << 4) & 0x0F0F` leaves the low code in the low byte and the high code in the high
-    byte, which in little-endian memory is channel order), then cast once, contiguously.
-    Measured on a CPU (1 thread, 4-bit keys of 16k tokens x 3 heads x 64 channels, blocks of
-    1024 tokens into a reused buffer): 0.75-0.9 ms, against 1.0-1.6 ms for `quant.unpack_bits`
-    (a shift per code, then an interleaving stack), 1.3 ms for int16 arithmetic per code,
-    2.6-3.0 ms for a 256-entry lookup table (byte -> codes, `index_select`); writing each code
-    plane contiguously (0.45-0.55 ms) is faster still but leaves the codes out of channel
-    order, which costs the value matmul one pass over its weights per plane.
-
-    Args:
-        payload: `[..., n]` uint8 (any strides).
-        bits: 2, 4 or 8.
-        dtype: of the codes (exact: codes are below 256).
-        out: a flat buffer of at least `payload.numel() * 8 / bits` elements of `dtype` to
-            write into (reused across blocks), or None to allocate.
+    On a CPU a decode step's attention is bound by its number of ops as much as by bytes: on
+    a shared 2-core machine every op that opens a parallel region waits for both threads. A
+    layer of SmolLM2-135M's shape (3 KV heads x 64 channels) reads 10.9k tokens per 8 MiB
+    block, so at 2k-8k tokens every quantized read is one block and the op count does not grow
+    with T. Measured (`benchmarks/cpu_decode_attention.py --compare-blocks`, busy machine): at
+    4k tokens, 4-bit, G = K = 2, 125 ops against 270 for 1024-token blocks, 4.6 against 5.3
+    ms of thread time at 1 thread, 384 against 956 ms wall at 2 contended threads; at 16k,
+    174 ops against 846, time equal. Tried and slower: `torch.compile` of the whole decode
+    step (inductor materializes the dequantized block, then an extern matmul: 7.0 against
+    4.5 ms with static shapes, 200 ms with `dynamic=True`, and 7-135 s to compile), and codes
+    unpacked plane by plane (3x faster to unpack, but the planes' extra matmul and sum ops
+    cost it back: equal or slower over the whole call).
     """
-    shape = (*payload.shape[:-1], payload.shape[-1] * 8 // bits)
-    if out is None:
-        codes = torch.empty(shape, dtype=dtype, device=payload.device)
-    else:
-        codes = out[: payload.numel() * 8 // bits].view(shape)
-    if bits == 8:
-        return codes.copy_(payload)
-    if sys.byteorder != "little":
-        return codes.copy_(unpack_bits(payload, bits))
-    if bits == 4:
-        wide = payload.to(torch.int16)  # byte = lo | hi << 4
-        wide.bitwise_or_(wide << 4).bitwise_and_(0x0F0F)  # lo in byte 0, hi in byte 1
-    else:
-        wide = payload.to(torch.int32)  # byte = c0 | c1 << 2 | c2 << 4 | c3 << 6
-        wide.bitwise_or_(wide << 12).bitwise_and_(0x000F000F)  # nibbles in bytes 0 and 2
-        wide.bitwise_or_(wide << 6).bitwise_and_(0x03030303)  # one code per byte
-    return codes.copy_(wide.view(torch.uint8).view(shape))
+    fit = BLOCK_BYTES // (4 * max(1, per_token))
+    return max(1, min(BLOCK_TOKENS, max(MIN_BLOCK_TOKENS, fit)))
 
 
-def _block_buffer(payload: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat buffer for the codes of one block of tokens of a `[..., T, n]` payload."""
-    return torch.empty(payload[..., :BLOCK_TOKENS, :].numel() * 8 // bits, dtype=dtype, device=payload.device)
+def _code_block(payload: torch.Tensor, bits: int, per_token: int = 0) -> int:
+    """`block_tokens` for a `[..., T, n]` payload whose block also costs `per_token` float32
+    elements of weights a token."""
+    return block_tokens(max(payload[..., :1, :].numel() * 8 // bits, per_token))
+
+
+def _block_buffer(payload: torch.Tensor, bits: int, dtype: torch.dtype, block: int) -> torch.Tensor:
+    """A flat buffer for the codes of one block of `block` tokens of a `[..., T, n]` payload."""
+    return torch.empty(payload[..., :block, :].numel() * 8 // bits, dtype=dtype, device=payload.device)
 
 
 def packed_value_matmul(
@@ -126,6 +115,7 @@ def _quantized_value_matmul(
     quant_groups, span = width // size, num_groups - keep + 1
     device = probs.device
     in_place = not records_grad(probs, values)  # reuse buffers and write with out=
+    step = _code_block(values.payload, values.bits, batch * heads * keep * rows * quant_groups * span)
     acc = torch.zeros(batch, heads, keep, rows * quant_groups * span, width, device=device)  # [B, Hkv, K, M*ngv*span, C]
     flat_acc = acc.view(batch * heads * keep, rows * quant_groups * span, width)  # blocks add in place
     if span == 1:  # the zero term per (slot, quantization group) is one [K*ngv, t] x [t, M] matmul per head
@@ -134,13 +124,13 @@ def _quantized_value_matmul(
         zero_acc = torch.zeros(batch * heads * keep, rows * quant_groups, span, device=device)  # [B*Hkv*K, M*ngv, span]
         slot_groups = _slot_groups(keep, span, group_idx)  # [K, span, 1]
         all_groups = group_idx.unsqueeze(3)  # [B, Hkv, K, 1, T]
-        block = max(1, min(tokens, BLOCK_TOKENS))
+        block = max(1, min(tokens, step))
         if in_place:
             hit_buffer = torch.empty(batch * heads * keep * span * block, device=device)
             weight_buffer = torch.empty(batch * heads * keep * rows * quant_groups * span * block, device=device)
-    buffer = _block_buffer(values.payload, values.bits, torch.float32) if in_place else None
-    for start in range(0, tokens, BLOCK_TOKENS):
-        end = min(start + BLOCK_TOKENS, tokens)
+    buffer = _block_buffer(values.payload, values.bits, torch.float32, step) if in_place else None
+    for start in range(0, tokens, step):
+        end = min(start + step, tokens)
         t = end - start
         p = probs[..., start:end].float()  # [B, Hkv, M, t]
         scales = values.scale[..., start:end, :].float().transpose(-1, -2).unsqueeze(3)  # [B, Hkv, K, 1, ngv, t]
@@ -187,13 +177,14 @@ def _quantized_value_matmul(
 def _coded_value_matmul(
     probs: torch.Tensor, values: CodedTensor, group_idx: torch.Tensor, num_groups: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """`packed_value_matmul` on values stored as codeword indices: `BLOCK_TOKENS` tokens at a
-    time, the block's codewords are looked up and scaled into float32 `[B, Hkv, K, t, C]`
+    """`packed_value_matmul` on values stored as codeword indices: a block of tokens at a
+    time (`block_tokens`), the block's codewords are looked up and scaled into float32 `[B, Hkv, K, t, C]`
     values (a block, never all of them) and met by the plain path, summed over the blocks."""
     batch, heads, _, tokens, _ = values.shape
     out = probs.new_zeros(batch, heads, probs.shape[2], num_groups * values.shape[-1], dtype=torch.float32)
-    for start in range(0, tokens, BLOCK_TOKENS):
-        end = min(start + BLOCK_TOKENS, tokens)
+    step = block_tokens(batch * heads * values.shape[2] * max(values.shape[-1], probs.shape[2] * num_groups))
+    for start in range(0, tokens, step):
+        end = min(start + step, tokens)
         block = values.slice_tokens(start, end).dequantize(torch.float32)  # [B, Hkv, K, t, C]
         out += _dense_value_matmul(probs[..., start:end].float(), block, group_idx[..., start:end], num_groups)
     return out.to(dtype)
@@ -236,7 +227,7 @@ def key_scores(query: torch.Tensor, keys: StoredKeys) -> torch.Tensor:
 
 def channel_key_scores(query: torch.Tensor, keys: ChannelQuantizedTensor) -> torch.Tensor:
     """`query @ keys^T` in float32 for keys quantized per channel (`quant.channel`), read
-    `BLOCK_TOKENS` tokens at a time.
+    a block of tokens at a time (`block_tokens`).
 
     With `k[t, d] = code[t, d] * scale[b(t), d] + zero[b(t), d]`, `q . k_t = q . (code_t *
     scale_b) + q . zero_b`: each block of tokens' codes are scaled in place by their table
@@ -258,9 +249,10 @@ def channel_key_scores(query: torch.Tensor, keys: ChannelQuantizedTensor) -> tor
     zero_dots = (keys.zero.float() @ q.transpose(-1, -2)).contiguous()  # [B, Hkv, NB, M]
     scores = rows_by_block(zero_dots, block).transpose(-1, -2).contiguous()  # [B, Hkv, M, T]: the zero terms
     in_place = not records_grad(query, keys)
-    buffer = _block_buffer(keys.payload, keys.bits, torch.float32) if in_place else None
-    for start in range(0, tokens, BLOCK_TOKENS):
-        end = min(start + BLOCK_TOKENS, tokens)
+    step = _code_block(keys.payload, keys.bits)
+    buffer = _block_buffer(keys.payload, keys.bits, torch.float32, step) if in_place else None
+    for start in range(0, tokens, step):
+        end = min(start + step, tokens)
         codes = unpack_codes(keys.payload[..., start:end, :], keys.bits, torch.float32, buffer)  # [B, Hkv, t, D]
         block_scales = rows_by_block(scales, block[..., start:end])  # [B, Hkv, t, D]
         codes = codes.mul_(block_scales) if in_place else codes * block_scales
@@ -269,7 +261,7 @@ def channel_key_scores(query: torch.Tensor, keys: ChannelQuantizedTensor) -> tor
 
 
 def quantized_key_scores(query: torch.Tensor, keys: QuantizedTensor) -> torch.Tensor:
-    """`query @ keys^T` in float32, read from the codes `BLOCK_TOKENS` tokens at a time.
+    """`query @ keys^T` in float32, read from the codes a block of tokens at a time.
 
     Per quantization group g of the channels, `q . k = scale_g * (q_g . codes_g) + zero_g *
     sum(q_g)`: one matmul of the codes (cast, never scaled) against a block-diagonal
@@ -292,9 +284,10 @@ def quantized_key_scores(query: torch.Tensor, keys: QuantizedTensor) -> torch.Te
     weights = (q.unsqueeze(2) * own.unsqueeze(1)).view(batch, heads, key_groups * rows, dim)  # [B, Hkv, ngk*M, D]
     dots = torch.empty(batch, heads, key_groups, rows, tokens, device=device)  # [B, Hkv, ngk, M, T]
     flat_dots = dots.view(batch, heads, key_groups * rows, tokens)
-    buffer = _block_buffer(keys.payload, keys.bits, torch.float32) if not records_grad(query, keys) else None
-    for start in range(0, tokens, BLOCK_TOKENS):
-        end = min(start + BLOCK_TOKENS, tokens)
+    step = _code_block(keys.payload, keys.bits)
+    buffer = _block_buffer(keys.payload, keys.bits, torch.float32, step) if not records_grad(query, keys) else None
+    for start in range(0, tokens, step):
+        end = min(start + step, tokens)
         codes = unpack_codes(keys.payload[..., start:end, :], keys.bits, torch.float32, buffer)  # [B, Hkv, t, D]
         flat_dots[..., start:end] = weights @ codes.transpose(-1, -2)
     q_sums = q.view(batch, heads, rows, key_groups, size).sum(-1)  # [B, Hkv, M, ngk]
@@ -314,7 +307,7 @@ def _dense_value_matmul(
     single matmul broadcasting the probabilities over the slots would copy them K times, which
     for a long multi-token query costs more than the values.
     K < G: slot k can only hold groups k..G-K+k since indices ascend, so its weights are spread
-    over those `span = G-K+1` groups: per block of `BLOCK_TOKENS` tokens, the one-hot of each
+    over those `span = G-K+1` groups: per block of tokens (`block_tokens`), the one-hot of each
     slot's group is written straight into a reused float buffer (`torch.eq(out=)`), scaled by
     the probabilities into a second one, and one batched matmul over every slot and head does
     the rest, summed over the blocks in float32 (bfloat16 and float16 values lose no precision
@@ -330,7 +323,7 @@ def _dense_value_matmul(
         return torch.cat([probs @ values[:, :, slot] for slot in range(keep)], dim=-1)  # [B, Hkv, M, D]
     span = num_groups - keep + 1
     slot_groups = _slot_groups(keep, span, group_idx).unsqueeze(1)  # [K, 1, span, 1]
-    block = max(1, min(tokens, BLOCK_TOKENS))  # no tokens: no block, the sum stays zero
+    block = max(1, min(tokens, block_tokens(batch * heads * keep * rows * span)))  # no tokens: no block, sum zero
     in_place = not records_grad(probs, values)  # reuse buffers and write with out=
     if in_place:
         hit_buffer = values.new_empty(batch * heads * keep * span * block)
