@@ -27,6 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from hf_subtok.kernels import packed_attention
+from hf_subtok.kernels.masks import causal_allowed
 from hf_subtok.quant.rotation import rotate_groups
 from hf_subtok.scorers import Observation
 from hf_subtok.views import BatchRowsKV, PackedKV, PrefillKV
@@ -34,6 +35,7 @@ from hf_subtok.views import BatchRowsKV, PackedKV, PrefillKV
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "hf_subtok"
+QUERY_BLOCK_BYTES = 8 * 2**20  # float32 scores and probabilities of the queries attended at once
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _FALLBACK_DEFAULT = "sdpa"
 # masks the packed path reads: sdpa's (bool or None) and eager's (additive float)
@@ -72,7 +74,7 @@ def subtok_attention(module, query, key, value, attention_mask, scaling=None, dr
         if rotation is not None:  # attend in the space the packed tokens are stored in
             query, kv = rotated_attention_inputs(query, key)
         if kv.observer is None:
-            out = packed_attention(query, kv, attention_mask, scaling)  # [B, Hq, Q, D]
+            out = _blocked_attention(query, kv, attention_mask, scaling)  # [B, Hq, Q, D]
         else:  # the layer re-allocates by the attention mass each token got
             out, mass = _attention_and_mass(query, kv, attention_mask, scaling)
             kv.observer(mass.detach())  # a score for the cache, never differentiated
@@ -89,18 +91,56 @@ def subtok_attention(module, query, key, value, attention_mask, scaling=None, dr
     return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+def _query_block(query: torch.Tensor, kv: PackedKV) -> int:
+    """Queries attended at once: their float32 scores and probabilities over every key stay
+    within `QUERY_BLOCK_BYTES` (a prompt chunk's transients, not a chunk times the context)."""
+    per_query = query.shape[0] * query.shape[1] * kv.num_tokens * 8
+    return max(1, QUERY_BLOCK_BYTES // max(per_query, 1))
+
+
+def _blocked_attention(query, kv: PackedKV, attention_mask, scaling):
+    """`[B, Hq, Q, D]` attention of `query` over `kv`, a block of queries at a time."""
+    q_len = query.shape[2]
+    block = _query_block(query, kv)
+    if q_len <= block:
+        return packed_attention(query, kv, attention_mask, scaling)
+    mask = attention_mask if attention_mask is not None else causal_allowed(kv, q_len, query.device)
+    outs = [
+        packed_attention(query[:, :, start : start + block], kv, mask[..., start : start + block, :], scaling)
+        for start in range(0, q_len, block)
+    ]
+    return torch.cat(outs, dim=2)
+
+
 def _attention_and_mass(query, kv: PackedKV, attention_mask, scaling):
-    """`[B, Hq, Q, D]` attention output and the `[B, Hkv, T]` mass each key got from the last
-    `kv.mass_queries` queries (all of them when Q is not larger). A prompt chunk's tokens are
-    scored by its last queries, as a whole prompt is: its earlier queries cannot see its later
-    tokens, so a mean over every query would rank a chunk's newest tokens low."""
-    last = kv.mass_queries
-    if last is None or query.shape[2] <= last:
+    """The attention output and the `_mass` each key got: one call when every query is
+    attended at once and counts (a decode step)."""
+    q_len = query.shape[2]
+    if q_len <= _query_block(query, kv) and (kv.mass_queries is None or kv.mass_queries >= q_len):
         return packed_attention(query, kv, attention_mask, scaling, return_mass=True)
-    out = packed_attention(query, kv, attention_mask, scaling)
-    mask = None if attention_mask is None else attention_mask[..., -last:, :]
-    _, mass = packed_attention(query[:, :, -last:], kv, mask, scaling, return_mass=True)
-    return out, mass
+    return _blocked_attention(query, kv, attention_mask, scaling), _mass(query, kv, attention_mask, scaling)
+
+
+def _mass(query, kv: PackedKV, attention_mask, scaling) -> torch.Tensor:
+    """`[B, Hkv, T]` attention mass each key got from the last `kv.mass_queries` queries (every
+    query when None), averaged over them and the query heads. A prompt chunk's tokens are scored
+    by its last queries, as a whole prompt is: its earlier queries cannot see its later tokens,
+    so a mean over every query would rank a chunk's newest tokens low. Computed a block of
+    queries at a time, like the output (decode steps: one query, one block)."""
+    q_len = query.shape[2]
+    last = q_len if kv.mass_queries is None else min(kv.mass_queries, q_len)
+    mask = attention_mask
+    if mask is None and last < q_len:
+        mask = causal_allowed(kv, q_len, query.device)
+    block = _query_block(query, kv)
+    total = None
+    for start in range(q_len - last, q_len, block):
+        stop = min(start + block, q_len)
+        rows = None if mask is None else mask[..., start:stop, :]
+        _, mass = packed_attention(query[:, :, start:stop], kv, rows, scaling, return_mass=True)
+        mass = mass * (stop - start)
+        total = mass if total is None else total + mass
+    return total / last
 
 
 def _rows_attention(module, query, rows: BatchRowsKV, attention_mask, scaling, dropout, **kwargs):

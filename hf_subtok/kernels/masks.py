@@ -46,3 +46,15 @@ def _causal_mask(q_len: int, total: int, device: torch.device) -> torch.Tensor |
         return None
     query_pos = torch.arange(total - q_len, total, device=device).view(q_len, 1)
     return (torch.arange(total, device=device).view(1, total) <= query_pos).view(1, 1, q_len, total)  # [1, 1, Q, T]
+
+
+def causal_allowed(kv: PackedKV, q_len: int, device) -> torch.Tensor:
+    """`[1, 1, Q, T]` bool: the keys (packed, then tail) each of the Q queries may attend when
+    the queries are the last Q tail tokens and no mask is given (causal attention): every packed
+    token, and the tail up to the query itself. Built so a block of the queries can be attended
+    with its rows."""
+    stored, tail = kv.keys.shape[-2], kv.tail_keys.shape[-2]
+    query_pos = torch.arange(tail - q_len, tail, device=device).view(q_len, 1)
+    allowed_tail = torch.arange(tail, device=device).view(1, tail) <= query_pos  # [Q, Tt]
+    allowed = torch.cat([allowed_tail.new_ones(q_len, stored), allowed_tail], dim=-1)  # [Q, T]
+    return allowed.view(1, 1, q_len, stored + tail)
