@@ -45,7 +45,7 @@ def rank_attention(
     out, lse, scores = _decode_triton(query, kv, attention_mask, scaling, query.dtype, with_scores=True)
     batch, q_heads, total = scores.shape
     probs = torch.exp(scores - lse).nan_to_num(0.0)  # [B, Hq, T]; rows without tokens: 0
-    return out, probs.view(batch, kv.kv_heads, q_heads // kv.kv_heads, total).mean(2)
+    return out, probs.view(batch, kv.kv_heads, q_heads // kv.kv_heads, total).mean(2)  # [B, Hkv, T]
 
 
 def rank_attention_lse(

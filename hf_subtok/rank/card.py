@@ -32,6 +32,7 @@ def render_card(config, nbytes: int, repo_id: str | None = None) -> str:
         head_dim=config.head_dim,
         centered_sentence=", around their calibration means" if config.centered else "",
         bytes_mib=f"{nbytes / 2**20:.2f}",
+        positions_sentence=_positions_sentence(config.calibration.get("window")),
         calibration_summary="\n".join(f"- {k}: `{v}`" for k, v in config.calibration.items()) or "Not recorded.",
         metrics_table=_metrics_table(config.metrics),
     )
@@ -39,6 +40,15 @@ def render_card(config, nbytes: int, repo_id: str | None = None) -> str:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split("/")[-1]).strip("-") or "model"
+
+
+def _positions_sentence(window) -> str:
+    if not isinstance(window, int):
+        return ""
+    return (
+        f"Keys after RoPE depend on the position: these were fitted on positions 0-{window - 1} (the calibration "
+        "window) and rebuild keys further on less well; calibrate with windows as long as your contexts."
+    )
 
 
 def _metrics_table(metrics: dict) -> str:
