@@ -114,7 +114,9 @@ def calibrate_bases(
     _run(model, chunks, fit_sink, progress, "calibrating")
     fitted = {(name, c): principal_axes(moments[name], center=c) for name, _ in _FITTED for c in (True, False)}
     seconds = time.perf_counter() - begin
+    measured = time.perf_counter()
     metrics = _measure(model, measure_ids, window, fitted, head_dim, progress) if measure_ids else {}
+    measured = time.perf_counter() - measured
     basis_k, mean_k, var_k = fitted["keys_post", center]
     basis_v, mean_v, var_v = fitted["values", center]
     tensors = {
@@ -123,7 +125,8 @@ def calibrate_bases(
     }
     calibration = {
         "text": source, "tokens": count * window, "window": window, "windows": count,
-        "held_out_tokens": len(measure_ids), "seconds": round(seconds, 1), "dtype": str(model.dtype).removeprefix("torch."),
+        "held_out_tokens": len(measure_ids), "seconds": round(seconds, 1),
+        "measure_seconds": round(measured, 1), "dtype": str(model.dtype).removeprefix("torch."),
     }
     logger.info("calibrated %d layers x %d KV heads on %d tokens in %.1f s", layers, heads, count * window, seconds)
     return RankBases(BasesConfig.for_model(model, centered=center, calibration=calibration, metrics=metrics), tensors)
