@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOKENS = 4096  # calibration tokens
 DEFAULT_WINDOW = 4096  # tokens per forward: keys after RoPE are fitted for positions 0..window-1 only
 DEFAULT_HELD_OUT = 2048
-# (name, tokens captured, key space fitted): what calibration fits; "keys_pre" only to measure
+# (name, index in the captured (keys_pre, keys_post, values)): what is fitted; keys_pre only to be measured
 _FITTED = (("keys_post", 1), ("keys_pre", 0), ("values", 2))
 
 
