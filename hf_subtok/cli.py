@@ -1,4 +1,4 @@
-"""The `hf-subtok` command line: `demo`, `generate`, `bench` and `train-router`.
+"""The `hf-subtok` command line: `demo`, `generate`, `bench`, `train-router` and `calibrate`.
 
 Results go to stdout; progress and logs to stderr. A usage error, a bad model path, or a
 bad configuration value prints one line on stderr and exits with status 2.
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_subtok.training.command import add_parser as add_train_router
 
     add_train_router(sub)
+    from hf_subtok.rank.command import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     return parser
 
 
@@ -358,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "train-router":
             return cmd_train_router(args)
+        if args.command == "calibrate":
+            from hf_subtok.rank.command import run_calibrate
+
+            print(run_calibrate(args))
+            return 0
         return cmd_bench(args, argv)
     except (CliError, ValueError) as e:
         message = " ".join(str(e).split())

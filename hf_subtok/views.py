@@ -181,3 +181,60 @@ class BatchRowsKV(SubtokView):
         if hasattr(kv, "num_tokens"):
             return kv.num_tokens
         return kv.keys.shape[-2]
+
+
+@dataclass(frozen=True)
+class RankKV(SubtokView):
+    """A read-only view of one layer's cache whose stored tokens are held in calibrated bases.
+
+    Stored tokens come first, then the dense tail, in position order (as in `PackedKV`). A stored
+    token `t` of KV head `h` keeps its first `key_rank[b, h, t]` key coefficients and
+    `value_rank[b, h, t]` value coefficients (`hf_subtok.rank.project_tokens`): its key is
+    `key_mean[h] + key_basis[h] @ c_k` and its value `value_mean[h] + value_basis[h] @ c_v`,
+    coefficients past a token's rank counting as zero whatever is stored there. Attention never
+    rebuilds them (`hf_subtok.kernels.rank_attention`).
+
+    Attributes:
+        key_coeffs: `[B, Hkv, Ts, Rk]` key coefficients, plain (any float dtype) or a
+            `QuantizedTensor` of that logical shape (quantized along Rk).
+        value_coeffs: `[B, Hkv, Ts, Rv]` value coefficients, likewise.
+        key_rank: `[B, Hkv, Ts]` integer, coefficients used per token (0..Rk).
+        value_rank: `[B, Hkv, Ts]` integer (0..Rv); may be the same tensor as `key_rank`.
+        key_basis: `[Hkv, D, Rk]` orthonormal columns, most important first (e.g. the first Rk
+            columns of a `[Hkv, D, D]` basis: a view).
+        value_basis: `[Hkv, D, Rv]`.
+        key_mean: `[Hkv, D]` the mean the key coefficients were taken around, or None (zero).
+        value_mean: `[Hkv, D]`, or None.
+        tail_keys: `[B, Hkv, Tt, D]` dense keys of the window and the current tokens.
+        tail_values: `[B, Hkv, Tt, D]`.
+        backend: which kernels attention uses ("auto", "torch" or "triton").
+        stored_valid: `[B, Hkv, Ts]` bool when stored tokens were selected per head (the
+            attention mask then covers only the tail), else None.
+    """
+
+    key_coeffs: torch.Tensor | QuantizedTensor
+    value_coeffs: torch.Tensor | QuantizedTensor
+    key_rank: torch.Tensor
+    value_rank: torch.Tensor
+    key_basis: torch.Tensor
+    value_basis: torch.Tensor
+    key_mean: torch.Tensor | None
+    value_mean: torch.Tensor | None
+    tail_keys: torch.Tensor
+    tail_values: torch.Tensor
+    backend: str = "auto"
+    stored_valid: torch.Tensor | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        """Hkv, the KV heads."""
+        return self.tail_keys.shape[1]
+
+    @property
+    def num_stored(self) -> int:
+        """Ts, the tokens held as coefficients."""
+        return self.key_coeffs.shape[-2]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_stored + self.tail_keys.shape[-2]

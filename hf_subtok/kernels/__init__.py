@@ -7,6 +7,7 @@ Each kernel has a pure PyTorch reference (the CPU path and the test oracle) besi
 | `packed_attention`, `packed_attention_lse` | `packed_attention_triton.py` (decode, Q = 1) | `packed_attention_reference.py`, `merge.py` |
 | `pack_value_groups` | `pack_triton.py` | `pack_reference.py` |
 | `merge_attention_states` | (PyTorch on every device) | `merge.py` |
+| `rank_attention`, `rank_attention_lse` | `rank_attention_triton.py` (decode, Q = 1) | `rank_attention_reference.py` |
 
 Packed keys and values may be `hf_subtok.quant.QuantizedTensor`s (8, 4 or 2 bits): both paths
 read the quantized storage directly, dequantizing one block of tokens at a time.
@@ -37,6 +38,7 @@ from hf_subtok.kernels._dispatch import (
 )
 from hf_subtok.kernels.merge import merge_attention_states, packed_attention_lse_reference
 from hf_subtok.kernels.packed_attention_reference import packed_value_matmul
+from hf_subtok.kernels.rank_attention import rank_attention, rank_attention_lse
 from hf_subtok.quant.stored import map_stored, token_prefix
 from hf_subtok.views import PackedKV
 
@@ -46,6 +48,8 @@ __all__ = [
     "packed_attention",
     "packed_attention_lse",
     "packed_value_matmul",
+    "rank_attention",
+    "rank_attention_lse",
     "triton_available",
 ]
 

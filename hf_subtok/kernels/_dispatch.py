@@ -131,33 +131,47 @@ def check_packed_attention_inputs(
         tensor = getattr(kv, name)
         if tensor.device != query.device:
             raise ValueError(f"kv.{name} is on {tensor.device}, query on {query.device}")
-    if kv.stored_valid is not None:
-        if kv.stored_valid.dtype != torch.bool or tuple(kv.stored_valid.shape) != (batch, kv_heads, stored):
-            raise ValueError(
-                f"kv.stored_valid must be bool [B={batch}, Hkv={kv_heads}, Ts={stored}], "
-                f"got {kv.stored_valid.dtype} {tuple(kv.stored_valid.shape)}"
-            )
-        if kv.stored_valid.device != query.device:
-            raise ValueError(f"kv.stored_valid is on {kv.stored_valid.device}, query on {query.device}")
-    if attention_mask is not None:
-        q_len, total = query.shape[2], stored + tail
-        # with per-head token selection the mask only has to cover the tail (its last columns)
-        columns_ok = attention_mask.shape[-1] == total if kv.stored_valid is None else attention_mask.shape[-1] >= tail
-        if (
-            attention_mask.dim() != 4
-            or attention_mask.shape[0] not in (1, batch)
-            or attention_mask.shape[1] != 1
-            or attention_mask.shape[2] != q_len
-            or not columns_ok
-        ):
-            want = f"T={total}" if kv.stored_valid is None else f"T' >= Tt={tail}"
-            raise ValueError(
-                f"attention_mask must be [B or 1, 1, Q={q_len}, {want}], got {tuple(attention_mask.shape)}"
-            )
-        if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
-            raise ValueError(f"attention_mask must be bool or float, got {attention_mask.dtype}")
-        if attention_mask.device != query.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device}, query on {query.device}")
+    check_stored_valid(kv.stored_valid, (batch, kv_heads, stored), query.device)
+    check_attention_mask(attention_mask, query, stored, tail, per_head=kv.stored_valid is not None)
+
+
+def check_stored_valid(valid: torch.Tensor | None, shape: tuple[int, int, int], device: torch.device) -> None:
+    """`kv.stored_valid` is None or a bool `[B, Hkv, Ts]` (`shape`) on the query's device."""
+    if valid is None:
+        return
+    if valid.dtype != torch.bool or tuple(valid.shape) != shape:
+        batch, kv_heads, stored = shape
+        raise ValueError(
+            f"kv.stored_valid must be bool [B={batch}, Hkv={kv_heads}, Ts={stored}], "
+            f"got {valid.dtype} {tuple(valid.shape)}"
+        )
+    if valid.device != device:
+        raise ValueError(f"kv.stored_valid is on {valid.device}, query on {device}")
+
+
+def check_attention_mask(
+    attention_mask: torch.Tensor | None, query: torch.Tensor, stored: int, tail: int, per_head: bool
+) -> None:
+    """`attention_mask` is None or `[B|1, 1, Q, T]` bool/float on the query's device, `T = Ts + Tt`
+    (`per_head`, tokens selected per head: at least the Tt tail columns)."""
+    if attention_mask is None:
+        return
+    batch, q_len, total = query.shape[0], query.shape[2], stored + tail
+    # with per-head token selection the mask only has to cover the tail (its last columns)
+    columns_ok = attention_mask.shape[-1] >= tail if per_head else attention_mask.shape[-1] == total
+    if (
+        attention_mask.dim() != 4
+        or attention_mask.shape[0] not in (1, batch)
+        or attention_mask.shape[1] != 1
+        or attention_mask.shape[2] != q_len
+        or not columns_ok
+    ):
+        want = f"T' >= Tt={tail}" if per_head else f"T={total}"
+        raise ValueError(f"attention_mask must be [B or 1, 1, Q={q_len}, {want}], got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+        raise ValueError(f"attention_mask must be bool or float, got {attention_mask.dtype}")
+    if attention_mask.device != query.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device}, query on {query.device}")
 
 
 def _check_wide(kv: PackedKV, most: tuple[int, int, int, int, int], device: torch.device) -> None:

@@ -15,7 +15,19 @@ def blocked_columns(
     is masked where it lies, so no mask over every key is built or concatenated: a decode step
     of an evicting cache (`stored_valid` given, no attention mask) masks the packed tokens with
     `[B, Hkv, 1, 1, Ts]` and nothing else."""
-    stored, tail = kv.keys.shape[-2], kv.tail_keys.shape[-2]
+    return blocked_parts(kv.keys.shape[-2], kv.tail_keys.shape[-2], kv.stored_valid, attention_mask, q_len, device)
+
+
+def blocked_parts(
+    stored: int,
+    tail: int,
+    stored_valid: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    q_len: int,
+    device,
+) -> list[tuple[slice, torch.Tensor]]:
+    """`blocked_columns` of any stored-then-tail view: `stored` (Ts) tokens held in some compact
+    form, then `tail` (Tt) dense ones, `stored_valid` `[B, Hkv, Ts]` bool or None."""
     total = stored + tail
     parts = []
     if attention_mask is not None:
@@ -25,7 +37,7 @@ def blocked_columns(
         if allowed.dtype != torch.bool:
             allowed = allowed > torch.finfo(allowed.dtype).min / 2
         allowed = allowed.reshape(allowed.shape[0], 1, 1, q_len, allowed.shape[-1])  # [B|1, 1, 1, Q, T']
-        if kv.stored_valid is None:  # packed tokens in position order: the mask covers them
+        if stored_valid is None:  # packed tokens in position order: the mask covers them
             if allowed.shape[-1] != total:
                 raise ValueError(f"attention_mask covers {allowed.shape[-1]} keys, the cache holds {total}")
             return [(slice(0, total), allowed.logical_not())]
@@ -35,9 +47,9 @@ def blocked_columns(
         causal = _causal_mask(q_len, tail, device)  # [1, 1, Q, Tt] or None
         if causal is not None:
             parts.append((slice(stored, total), causal.view(1, 1, 1, q_len, tail).logical_not()))
-    if kv.stored_valid is not None:
-        batch, kv_heads = kv.stored_valid.shape[:2]
-        parts.append((slice(0, stored), kv.stored_valid.view(batch, kv_heads, 1, 1, stored).logical_not()))
+    if stored_valid is not None:
+        batch, kv_heads = stored_valid.shape[:2]
+        parts.append((slice(0, stored), stored_valid.view(batch, kv_heads, 1, 1, stored).logical_not()))
     return parts
 
 

@@ -17,16 +17,16 @@ alone, as `PreTrainedModel.save_pretrained` does.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelCard, ModelHubMixin, constants, snapshot_download
+from huggingface_hub import ModelCard, ModelHubMixin
 
 from hf_subtok.routers.card import TAGS, render_card
 from hf_subtok.routers.config import RouterConfig
 from hf_subtok.routers.files import (
+    hub_folder,
     json_writer,
     load_tensors,
     read_json,
@@ -275,29 +275,16 @@ class RouterAdapter(
             raise ValueError(
                 f"unexpected arguments for RouterAdapter.from_pretrained: {sorted(model_kwargs)}"
             )
-        if os.path.isdir(model_id):
-            if revision is not None:
-                raise ValueError(
-                    f"revision={revision!r} was given, but {model_id!r} is a local folder, which has "
-                    "no revisions; check out that revision into the folder, or pass a Hub repo id"
-                )
-            return cls.from_folder(Path(model_id))
-        try:
-            folder = snapshot_download(
-                repo_id=model_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                # offline, some huggingface_hub releases still list the repo for a commit revision
-                local_files_only=local_files_only or constants.HF_HUB_OFFLINE,
-                token=token,
-            )
-        except OSError as e:  # huggingface_hub's not-found errors (offline cache misses included)
-            where = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
-            raise ValueError(
-                f"router {where} could not be found: {type(e).__name__}: {e}"
-            ) from None
-        return cls.from_folder(Path(folder))
+        folder = hub_folder(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            kind="router",
+        )
+        return cls.from_folder(folder)
 
     @classmethod
     def from_folder(cls, folder: Path) -> RouterAdapter:

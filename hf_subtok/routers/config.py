@@ -149,32 +149,44 @@ class RouterConfig:
     def differences(self, model) -> list[str]:
         """What differs between `model` and the base model of this config (empty: it matches)."""
         found = model_identity(model)
-        diffs = [
-            f"{name}: router {getattr(self, name)!r}, model {found[name]!r}"
-            for name in ("model_type", "num_layers", "num_kv_heads", "head_dim")
-            if getattr(self, name) != found[name]
-        ]
+        diffs = geometry_differences(self.to_dict(), found, "router")
         if found["head_dim"] % self.num_groups:
             diffs.append(
                 f"num_groups: router {self.num_groups} does not divide the model's head_dim={found['head_dim']}"
             )
         if not diffs:
-            mismatched = [
-                i
-                for i, (a, b) in enumerate(
-                    zip(self.base_fingerprint, found["base_fingerprint"], strict=True)
-                )
-                if abs(a - b) > FINGERPRINT_RTOL * max(abs(a), abs(b), 1e-12)
-            ]
-            if mismatched:
-                i = mismatched[0]
-                where = "embedding" if i == 0 else f"layer {i - 1} k_proj"
-                diffs.append(
-                    f"weights: {len(mismatched)} of {len(self.base_fingerprint)} weight norms differ (first: {where} "
-                    f"{self.base_fingerprint[i]:.4g} vs {found['base_fingerprint'][i]:.4g}); "
-                    f"the router was trained on {self.base_model!r}, the model is {found['base_model']!r}"
-                )
+            diffs = weight_differences(self.to_dict(), found, "the router was trained on")
         return diffs
+
+
+GEOMETRY_FIELDS = ("model_type", "num_layers", "num_kv_heads", "head_dim")
+
+
+def geometry_differences(recorded: dict, found: dict, kind: str) -> list[str]:
+    """`"field: <kind> a, model b"` for each of `GEOMETRY_FIELDS` where a recorded identity
+    (`model_identity` of the base model) differs from the model's."""
+    return [
+        f"{name}: {kind} {recorded[name]!r}, model {found[name]!r}"
+        for name in GEOMETRY_FIELDS
+        if recorded[name] != found[name]
+    ]
+
+
+def weight_differences(recorded: dict, found: dict, what: str) -> list[str]:
+    """One line naming the first of the weight norms (`base_fingerprint`) that differ beyond
+    `FINGERPRINT_RTOL`, and `what` (e.g. "the router was trained on") the recorded base model;
+    empty when they match. The geometries must match (same number of norms)."""
+    pairs = zip(recorded["base_fingerprint"], found["base_fingerprint"], strict=True)
+    mismatched = [i for i, (a, b) in enumerate(pairs) if abs(a - b) > FINGERPRINT_RTOL * max(abs(a), abs(b), 1e-12)]
+    if not mismatched:
+        return []
+    i = mismatched[0]
+    where = "embedding" if i == 0 else f"layer {i - 1} k_proj"
+    return [
+        f"weights: {len(mismatched)} of {len(recorded['base_fingerprint'])} weight norms differ (first: {where} "
+        f"{recorded['base_fingerprint'][i]:.4g} vs {found['base_fingerprint'][i]:.4g}); "
+        f"{what} {recorded['base_model']!r}, the model is {found['base_model']!r}"
+    ]
 
 
 def model_identity(model) -> dict:

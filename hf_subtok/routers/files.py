@@ -201,6 +201,47 @@ def load_tensors(
     return tensors
 
 
+def hub_folder(
+    model_id: str,
+    *,
+    revision: str | None,
+    cache_dir,
+    force_download: bool,
+    local_files_only: bool,
+    token,
+    kind: str,
+) -> Path:
+    """The local folder of an artifact: `model_id` itself when it is a folder, else the snapshot of
+    that Hub repo (`revision`: branch, tag or commit; offline: from the cache only).
+
+    Raises `ValueError` for a `revision` given with a local folder (a folder has no revisions)
+    or a repo/revision that cannot be found, naming the `kind` of artifact ("router", "bases").
+    """
+    if os.path.isdir(model_id):
+        if revision is not None:
+            raise ValueError(
+                f"revision={revision!r} was given, but {model_id!r} is a local folder, which has "
+                "no revisions; check out that revision into the folder, or pass a Hub repo id"
+            )
+        return Path(model_id)
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id=model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            # offline, some huggingface_hub releases still list the repo for a commit revision
+            local_files_only=local_files_only or constants.HF_HUB_OFFLINE,
+            token=token,
+        )
+    except OSError as e:  # huggingface_hub's not-found errors (offline cache misses included)
+        where = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
+        raise ValueError(f"{kind} {where} could not be found: {type(e).__name__}: {e}") from None
+    return Path(folder)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final`, on error it is removed.
