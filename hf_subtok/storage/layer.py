@@ -12,13 +12,13 @@ from hf_subtok.formats import StorageFormat
 from hf_subtok.storage.eviction import Eviction, PromptEvidence
 from hf_subtok.storage.packing import Packing
 from hf_subtok.storage.rows import BatchRows
-from hf_subtok.storage.window import DenseWindow
 from hf_subtok.storage.tensors import (
     Stored,
     first_tokens,
     map_stored,
     stored_parts,
 )
+from hf_subtok.storage.window import DenseWindow
 
 # transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
 # end); later releases call `crop(tokens_to_remove)` with a negative count.

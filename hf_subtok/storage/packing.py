@@ -26,7 +26,6 @@ from hf_subtok.storage.tensors import (
 from hf_subtok.storage.wide import NORM_DTYPE, WIDE_FRACTIONS, WideGroups, other_groups
 from hf_subtok.views import PackedKV
 
-
 # a layer that never evicts preallocates its window once the context is this many windows long
 WINDOW_SLACK_RATIO = 8
 
