@@ -104,10 +104,12 @@ class DenseWindow:
             or not _writable(self._keys)
             or (scores is not None and self._scores is None)
         ):
-            self._keys = keys.new_empty(*keys.shape[:2], self.capacity, keys.shape[-1])
-            self._values = values.new_empty(*values.shape[:2], self.capacity, values.shape[-1])
+            # zeros, not empty: the slots not yet written are held bytes like the others, and a
+            # cache's tensors are then the same from run to run
+            self._keys = keys.new_zeros(*keys.shape[:2], self.capacity, keys.shape[-1])
+            self._values = values.new_zeros(*values.shape[:2], self.capacity, values.shape[-1])
             if scores is not None:
-                self._scores = scores.new_empty(*scores.shape[:2], self.capacity)
+                self._scores = scores.new_zeros(*scores.shape[:2], self.capacity)
         elif keys.data_ptr() == self._keys.data_ptr() and tokens <= self.length:
             self.length = tokens  # already the first tokens held
             return
