@@ -77,13 +77,9 @@ def plan_layer(
     tokens = token_scores.shape[-1]
     weights = _token_weights(token_scores)  # [B, Hkv, T], rows sum to 1
     ranked = weights.sort(dim=-1, descending=True).values.cumsum(-1)  # kept weight of the top n
-    best: tuple[float, LayerPlan] | None = None
-    energies = {
-        k: group_energy_kept(group_scores, k).mean().item() if tokens else 1.0
-        for k in candidate_groups
-    }
-    # on a tie (no evidence) keep more groups, then more precision
-    for keep_groups in sorted(candidate_groups, reverse=True):
+    # every candidate's byte arithmetic first (host ints), then its tensors read in one transfer
+    candidates = []  # (keep_groups, choice, fraction, keep_tokens), in the order ties are broken
+    for keep_groups in sorted(candidate_groups, reverse=True):  # on a tie keep more groups, then more precision
         fractions = (0.0,) if keep_groups == group_scores.shape[-1] else (0.0, *wide_fractions)
         for choice in choices:
             for fraction in fractions:
@@ -91,35 +87,67 @@ def plan_layer(
                 cost += fraction * choice.storage.wide_bytes(keep_groups)
                 room = row_budget_bytes - choice.storage.codebook_bytes(keep_groups)  # a row's codebooks
                 keep_tokens = min(tokens, max(0, int(room // cost)))
-                if keep_tokens < min(min_tokens, tokens):
-                    continue
-                value = 0.0
-                if keep_tokens:
-                    value = ranked[..., keep_tokens - 1].mean().item() * energies[keep_groups]
-                    if fraction:
-                        value += _wide_worth(weights, group_scores, keep_groups, keep_tokens, fraction)
-                    value *= choice.fidelity
-                if best is None or value > best[0]:
-                    best = (value, LayerPlan(keep_tokens, keep_groups, choice.storage, fraction))
-    if best is None:
+                if keep_tokens >= min(min_tokens, tokens):
+                    candidates.append((keep_groups, choice, fraction, keep_tokens))
+    if not candidates:
         cheapest = min(c.storage.token_bytes(min(candidate_groups), scored=True) for c in choices)
         raise ValueError(
             f"budget leaves {row_budget_bytes:.0f} bytes per head, less than {min_tokens} token(s) "
             f"of {cheapest} bytes each"
         )
+    read = _Reads()
+    energies = {k: read(group_energy_kept(group_scores, k).mean()) if tokens else None for k in candidate_groups}
+    kept_weight = {n: read(ranked[..., n - 1].mean()) for n in {c[3] for c in candidates} if n}
+    terms = []
+    for keep_groups, _, fraction, keep_tokens in candidates:
+        kept = kept_weight.get(keep_tokens)
+        wide = None
+        if keep_tokens and fraction:
+            wide = read(_wide_worth(weights, group_scores, keep_groups, keep_tokens, fraction))
+        terms.append((kept, wide))
+    values = read.values()  # one host transfer for every candidate
+    best: tuple[float, LayerPlan] | None = None
+    for (keep_groups, choice, fraction, keep_tokens), (kept, wide) in zip(candidates, terms, strict=True):
+        value = 0.0
+        if keep_tokens:
+            value = values[kept] * values[energies[keep_groups]]
+            if fraction:
+                value += values[wide]
+            value *= choice.fidelity
+        if best is None or value > best[0]:
+            best = (value, LayerPlan(keep_tokens, keep_groups, choice.storage, fraction))
     return best[1]
 
 
 def _wide_worth(
     weights: torch.Tensor, group_scores: torch.Tensor, keep_groups: int, keep_tokens: int, fraction: float
-) -> float:
+) -> torch.Tensor:
     """Worth of widening `fraction` of the `keep_tokens` heaviest tokens of each row: the
     largest `weight x (1 - energy share of the K best groups)` among them, summed (mean over
-    rows), i.e. the attention-weighted value energy the wide tokens' other groups add."""
+    rows), i.e. the attention-weighted value energy the wide tokens' other groups add (a 0-dim
+    tensor: read with the plan's other numbers)."""
     order = weights.argsort(dim=-1, descending=True)[..., :keep_tokens]  # [B, Hkv, n]
     dropped = 1 - group_energy_kept(group_scores, keep_groups)  # [B, Hkv, T]
     gain = (weights * dropped).gather(2, order)  # [B, Hkv, n]
-    return gain.topk(int(fraction * keep_tokens), dim=-1).values.sum(-1).mean().item()
+    return gain.topk(int(fraction * keep_tokens), dim=-1).values.sum(-1).mean()
+
+
+class _Reads:
+    """0-dim tensors to read on the host together: `read(t)` files `t` and returns its slot;
+    `values()` copies them all in one transfer (one host sync, not one per number)."""
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+
+    def __call__(self, value: torch.Tensor) -> int:
+        self.parts.append(value)
+        return len(self.parts) - 1
+
+    def values(self) -> list[float]:
+        """The filed numbers as Python floats (as `.item()` would give each)."""
+        if not self.parts:
+            return []
+        return torch.stack([p.double() for p in self.parts]).tolist()
 
 
 # Share of a token's weight that does not come from the observed queries: future queries
@@ -135,9 +163,8 @@ def _token_weights(token_scores: torch.Tensor) -> torch.Tensor:
     mass = token_scores.isfinite() & (token_scores < PRIORITY)
     scores = torch.where(mass, token_scores.float(), 0.0)
     uniform = mass.float() / mass.sum(-1, keepdim=True).clamp_min(1)
-    if (scores[mass] >= 0).all():
-        weights = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
-        weights = (1 - UNCERTAINTY) * weights + UNCERTAINTY * uniform
-    else:  # scores that are not masses (e.g. negative key norms): rank tokens uniformly
-        weights = uniform
-    return weights
+    weights = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
+    weights = (1 - UNCERTAINTY) * weights + UNCERTAINTY * uniform
+    # scores that are not masses (e.g. negative key norms; any in the batch): rank tokens
+    # uniformly. Chosen on the device, no host sync (scores outside `mass` are 0 here).
+    return torch.where((scores >= 0).all(), weights, uniform)

@@ -29,74 +29,106 @@ def split_layer_budgets(
     weight times K's energy is at least `lam` times their cost; `lam` is bisected so the
     layers spend `total_bytes`.
 
+    The bisection runs on the evidence's device with every layer and candidate at once (a
+    step is a `searchsorted` and a few tensor operations, never a host sync): the host reads
+    two numbers (whether the layers can keep all they want) and the split itself.
+
     Returns:
         the bytes per row each layer may spend on packed tokens.
     """
+    if len(floor_bytes) != len(evidence):
+        raise ValueError(f"floor_bytes must give one floor per layer ({len(evidence)}), got {len(floor_bytes)}")
     if sum(floor_bytes) > total_bytes * (1 + 1e-9):
         raise ValueError(
             f"layer floors need {sum(floor_bytes):.0f} bytes per row, above the total {total_bytes:.0f}"
         )
-    curves = [_layer_curves(e) for e in evidence]
-
-    def spend(lam: float) -> list[float]:
-        return [
-            max(floor, _best_bytes(curve, lam, floor))
-            for curve, floor in zip(curves, floor_bytes, strict=True)
-        ]
-
-    # above the best ratio of first-token worth to cost, no layer wants any token
-    peaks = [
-        m[0].item() * energy / cost for curve in curves for cost, m, energy in curve if m.numel()
-    ]
-    low, high = 0.0, 2 * max(peaks + [1e-12])
-    if sum(spend(0.0)) <= total_bytes:  # every layer can keep all it wants: share the rest
-        chosen = spend(0.0)
-        spare = total_bytes - sum(chosen)
-        return [c + spare * c / (sum(chosen) or 1.0) for c in chosen]
+    if not evidence:
+        return []
+    curves = _Curves(evidence, floor_bytes)
+    low, high = curves.least.new_zeros(()), 2 * curves.peak()
+    chosen = curves.spend(low)
+    spent = chosen.sum()
+    if spent.item() <= total_bytes:  # every layer can keep all it wants: share the rest
+        return (chosen + (total_bytes - spent) * chosen / torch.where(spent > 0, spent, 1.0)).tolist()
     for _ in range(steps):
         mid = 0.5 * (low + high)
-        if sum(spend(mid)) > total_bytes:
-            low = mid
-        else:
-            high = mid
+        over_total = curves.spend(mid).sum() > total_bytes
+        low, high = torch.where(over_total, mid, low), torch.where(over_total, high, mid)
     # tokens of equal worth sit at the final price: under it (high) the layers spend at most
     # the total, over it (low) more; take the same fraction of each layer's difference
-    under, over = spend(high), spend(low)
-    extra = sum(over) - sum(under)
-    fraction = (total_bytes - sum(under)) / extra if extra > 0 else 0.0
-    return [u + fraction * (o - u) for u, o in zip(under, over, strict=True)]
+    under, over = curves.spend(high), curves.spend(low)
+    extra = over.sum() - under.sum()
+    fraction = torch.where(extra > 0, (total_bytes - under.sum()) / torch.where(extra > 0, extra, 1.0), 0.0)
+    return (under + fraction * (over - under)).tolist()
 
 
-def _layer_curves(e: LayerEvidence) -> list[tuple[int, torch.Tensor, float]]:
-    """Per candidate (K, storage): (cost of a token, marginal weights by rank `[T]` descending,
-    share of the signal kept: value energy of the K groups times the storage's fidelity)."""
-    weights = _token_weights(e.token_scores)  # [B, Hkv, T]
-    marginal = weights.sort(dim=-1, descending=True).values.flatten(0, -2).mean(0)  # [T]
-    curves = []
-    for keep_groups in e.candidate_groups:
-        energy = (
-            group_energy_kept(e.group_scores, keep_groups).mean().item()
-            if e.group_scores.numel()
-            else 1.0
-        )
-        for choice in e.choices:
-            curves.append(
-                (
-                    choice.storage.token_bytes(keep_groups, scored=True),
-                    marginal,
-                    energy * choice.fidelity,
+class _Curves:
+    """Every layer's candidates (K, storage) stacked for the bisection: `[L, C]` cost of a
+    token, share of the signal kept (value energy of the K groups times the storage's
+    fidelity) and fewest tokens (the layer's floor), the marginal weights by rank of each
+    layer (descending) as `[L, C, T]` worths sorted ascending and `[L, T + 1]` prefix sums.
+
+    Candidates are ordered as a layer prefers them on a tie (more bytes first, then as given:
+    fewer groups, more precision); layers with fewer candidates, or fewer tokens, are padded
+    with candidates and tokens that are never worth anything.
+    """
+
+    def __init__(self, evidence: list[LayerEvidence], floor_bytes: list[float]):
+        device = evidence[0].token_scores.device
+        rows = []  # per layer: [(cost, energy index, fidelity)], most expensive first
+        energies = []  # 0-dim float32 tensors: K's share of the value energy in a layer
+        marginals = []
+        for e in evidence:
+            weights = _token_weights(e.token_scores)  # [B, Hkv, T]
+            marginals.append(weights.sort(dim=-1, descending=True).values.flatten(0, -2).mean(0))  # [T]
+            layer = []
+            for keep_groups in e.candidate_groups:
+                energies.append(
+                    group_energy_kept(e.group_scores, keep_groups).mean()
+                    if e.group_scores.numel()
+                    else torch.ones((), device=device)
                 )
-            )
-    return curves
+                for choice in e.choices:
+                    cost = choice.storage.token_bytes(keep_groups, scored=True)
+                    layer.append((cost, len(energies) - 1, choice.fidelity))
+            rows.append(sorted(layer, key=lambda c: -c[0]))  # stable: ties keep the given order
+        layers, width = len(rows), max(len(r) for r in rows)
+        tokens = max(1, *(m.numel() for m in marginals))  # a padded token when no layer has one
+        pad = (1, 0, 0.0)  # a candidate worth nothing (a layer's own ones always win over it)
+        padded = [r + [pad] * (width - len(r)) for r in rows]
+        real = torch.tensor([[i < len(r) for i in range(width)] for r in rows], device=device)
+        cost = torch.tensor([[c for c, _, _ in r] for r in padded], dtype=torch.float64, device=device)
+        fidelity = torch.tensor([[f for _, _, f in r] for r in padded], dtype=torch.float64, device=device)
+        which = torch.tensor([[i for _, i, _ in r] for r in padded], device=device)
+        energy = torch.stack([t.float() for t in energies]).double()[which] * fidelity  # [L, C]
+        energy = torch.where(real, energy, 0.0)
+        marginal = torch.stack([torch.cat([m.float(), m.new_zeros(tokens - m.numel())]) for m in marginals])  # [L, T]
+        counts = torch.tensor([m.numel() for m in marginals], device=device)
+        # a token's worth at a price: float32 products, as the layer's own arithmetic gives them
+        worth = marginal.unsqueeze(1) * energy.float().unsqueeze(-1)  # [L, C, T]
+        valid = torch.arange(tokens, device=device) < counts.view(-1, 1, 1)
+        self.worth = torch.where(valid, worth, float("-inf")).sort(dim=-1).values  # [L, C, T] ascending
+        self.cost, self.energy, self.real = cost, energy, real
+        self.prefix = torch.cat([marginal.new_zeros(layers, 1), marginal.double().cumsum(-1)], dim=-1)  # [L, T + 1]
+        floors = torch.tensor(floor_bytes, dtype=torch.float64, device=device)
+        self.floor = floors
+        self.least = torch.minimum(torch.div(floors.view(-1, 1), cost, rounding_mode="floor"), counts.view(-1, 1).double())
+        self.peak_worth = marginal[:, 0].double()  # [L] the first token's marginal weight
+        self.tokens = tokens
 
+    def peak(self) -> torch.Tensor:
+        """Above twice the best ratio of first-token worth to cost, no layer wants any token."""
+        ratio = self.peak_worth.view(-1, 1) * self.energy / self.cost  # [L, C]
+        return torch.where(self.real, ratio, 0.0).amax().clamp_min(1e-12)
 
-def _best_bytes(curves: list[tuple[int, torch.Tensor, float]], lam: float, floor: float) -> float:
-    """Bytes of the plan maximising worth - lam * bytes (ties keep more groups)."""
-    best_value, best_bytes = None, 0.0
-    for cost, marginal, energy in sorted(curves, key=lambda c: -c[0]):
-        wanted = int((marginal * energy >= lam * cost).sum().item())
-        tokens = max(wanted, min(int(floor // cost), marginal.numel()))
-        value = energy * marginal[:tokens].sum().item() - lam * tokens * cost
-        if best_value is None or value > best_value + 1e-15:
-            best_value, best_bytes = value, float(tokens * cost)
-    return best_bytes
+    def spend(self, lam: torch.Tensor) -> torch.Tensor:
+        """`[L]` bytes each layer spends at price `lam` (0-dim): the candidate maximising worth
+        minus `lam` times bytes (ties, within 1e-15, keep the first), never under the floor."""
+        threshold = (lam * self.cost).float().unsqueeze(-1)  # [L, C, 1]: compared in float32
+        wanted = self.tokens - torch.searchsorted(self.worth, threshold, right=False).squeeze(-1)  # [L, C]
+        tokens = torch.maximum(wanted.double(), self.least)  # [L, C]
+        value = self.energy * self.prefix.gather(1, tokens.long()) - lam * tokens * self.cost
+        value = torch.where(self.real, value, float("-inf"))
+        best = (value >= value.amax(-1, keepdim=True) - 1e-15).int().argmax(-1, keepdim=True)  # first of the best
+        spent = (tokens * self.cost).gather(1, best).squeeze(1)  # [L]
+        return torch.maximum(self.floor, spent)

@@ -11,7 +11,7 @@ import torch
 
 from hf_subtok.formats import SCORE_BYTES, StorageFormat
 from hf_subtok.storage.packing import _finite_top
-from hf_subtok.storage.tensors import quantization_fidelity
+from hf_subtok.storage.tensors import fidelity_of, quantization_norms
 from hf_subtok.views import PrefillKV
 
 
@@ -228,9 +228,12 @@ class Eviction:
     def _storage_choices(self, keys: torch.Tensor, values: torch.Tensor) -> list[tuple[StorageFormat, float]]:
         """The precisions the plan may pick, each with its fidelity on these keys and values."""
         formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
-        if len(formats) == 1:
-            return [(formats[0], 1.0)]
-        return [(f, quantization_fidelity(keys, values, f)) for f in formats]
+        trials = [f for f in formats if f.bits is not None]
+        if len(formats) == 1 or not trials or keys.shape[-2] == 0:
+            return [(f, 1.0) for f in formats]
+        # every trial's norms read on the host in one transfer, not four syncs per format
+        norms = iter(torch.stack([quantization_norms(keys, values, f) for f in trials]).double().tolist())
+        return [(f, 1.0 if f.bits is None else fidelity_of(next(norms))) for f in formats]
 
     def _plan_candidates(self) -> list[int]:
         if self.fixed_keep_groups:

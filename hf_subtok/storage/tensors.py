@@ -183,14 +183,26 @@ def quantization_fidelity(
     (about 0.08) to be worth it, as measured on SmolLM2 (BENCHMARKS.md)."""
     if storage.bits is None or keys.shape[-2] == 0:
         return 1.0
+    return fidelity_of(quantization_norms(keys, values, storage, sample).double().tolist())
+
+
+def quantization_norms(
+    keys: torch.Tensor, values: torch.Tensor, storage: StorageFormat, sample: int = 1024
+) -> torch.Tensor:
+    """`[4]` float32 norms `|k - Q(k)|, |k|, |v - Q(v)|, |v|` of `quantization_fidelity`, on the
+    device (no host sync: a caller weighing several formats reads them all at once)."""
     keys, values = keys[..., -sample:, :].float(), values[..., -sample:, :].float()
-    errors = []
+    norms = []
     for x, restored in (  # compared where they are stored (a rotation keeps every norm)
         (keys_as_stored(keys, storage), store_keys(keys, storage).dequantize(torch.float32)),
         (values_as_stored(values, storage), store_values(values, storage).dequantize(torch.float32)),
     ):
-        errors.append(
-            torch.linalg.vector_norm(restored - x).item()
-            / max(torch.linalg.vector_norm(x).item(), 1e-12)
-        )
+        norms += [torch.linalg.vector_norm(restored - x), torch.linalg.vector_norm(x)]
+    return torch.stack(norms)
+
+
+def fidelity_of(norms: Sequence[float]) -> float:
+    """`quantization_fidelity` from its `quantization_norms`, read on the host."""
+    key_error, key_norm, value_error, value_norm = norms
+    errors = [key_error / max(key_norm, 1e-12), value_error / max(value_norm, 1e-12)]
     return max(0.0, 1.0 - sum(errors) / len(errors))
