@@ -135,12 +135,15 @@ def test_reference_prefill_chunk_with_tokens_selected_per_head(dtype):
     torch.testing.assert_close(mass, want_mass, **TOLERANCE[dtype])
 
 
-def test_reference_at_the_real_block_size():
-    """More packed tokens than one block (1024), not a multiple of it."""
+def test_reference_at_the_real_block_size(monkeypatch):
+    """More packed tokens than the smallest real block (`MIN_BLOCK_TOKENS`, 1024), not a
+    multiple of it: blocks held to their floor by a tiny byte budget."""
+    monkeypatch.setattr(packed_attention_reference, "BLOCK_BYTES", 1)
     shape = Shape(stored=1030, tail=3, head_dim=64, group=2, keep=2, groups=4, batch=1, kv_heads=1)
     query, kv, _, _ = make_packed(shape, torch.float32, seed=4)
     quantized, dequantized = quantize_packed(kv, 4, 4)
-    assert packed_attention_reference.BLOCK_TOKENS < shape.stored
+    assert packed_attention_reference.block_tokens(shape.head_dim) == packed_attention_reference.MIN_BLOCK_TOKENS
+    assert packed_attention_reference.MIN_BLOCK_TOKENS < shape.stored
     out, mass = packed_attention_reference.packed_attention(query, quantized, return_mass=True)
     want_out, want_mass = packed_attention_reference.packed_attention(
         query, dequantized, return_mass=True

@@ -283,12 +283,18 @@ class Packing:
         n_pack = self._tokens_to_pack(tail_keys.shape[-2])
         if n_pack:
             self._append_packed(tail_keys[..., :n_pack, :], tail_values[..., :n_pack, :])
-            if self.seen_tokens >= WINDOW_SLACK_RATIO * self.config.window and not self.lossless:
-                # decode steps write the window in place from now on; its unused capacity (the
-                # tokens packed since) is held too, at most 1/WINDOW_SLACK_RATIO of the dense
-                # bytes (lossless storage keeps exact sizes: it holds exactly the dense bytes)
+            if self._preallocates_window():
                 self.window.reserve(self.config.window)
         self.window.hold(tail_keys[..., n_pack:, :], tail_values[..., n_pack:, :])
+
+    def _preallocates_window(self) -> bool:
+        """Whether decode steps of this never-evicting layer write its window in place from now
+        on. The buffers' unused capacity (the tokens packed since) is held too: only once the
+        context is `WINDOW_SLACK_RATIO` windows long (at most 1/8 of the dense bytes), never for
+        lossless storage (it holds exactly the dense bytes) nor under a budget (a promise the
+        slack could break)."""
+        long_enough = self.seen_tokens >= WINDOW_SLACK_RATIO * self.config.window
+        return long_enough and not self.lossless and self.config.budget is None
 
     def _append_packed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         scores = self.policy.score_groups(keys, values)  # [B, Hkv, T, G]
