@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
-from hf_subtok.routers.config import geometry_differences, model_identity, weight_differences
+from hf_subtok.routers.config import (
+    checked_fields,
+    geometry_differences,
+    model_identity,
+    weight_differences,
+)
 
 FORMAT_VERSION = 1
 KEY_SPACE = "post_rope"  # keys are projected as the cache holds them (see `hf_subtok.rank.calibrate`)
@@ -66,15 +71,7 @@ class BasesConfig:
         """Build from a parsed `config.json`; `ValueError` names a missing or unknown field."""
         if not isinstance(data, dict):
             raise ValueError(f"{source} must hold a JSON object with the bases' fields, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        required = [f.name for f in fields(cls) if f.name not in OPTIONAL_IN_FILE]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise ValueError(f"{source} is missing the field(s) {missing}; a bases config needs {required}")
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source} has unknown field(s) {unknown}")
-        return cls(**data)
+        return cls(**checked_fields(cls, data, OPTIONAL_IN_FILE, source, "a bases config"))
 
     def to_dict(self) -> dict:
         return asdict(self)

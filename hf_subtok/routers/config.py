@@ -121,17 +121,7 @@ class RouterConfig:
                 f"{source} must hold a JSON object with the router's fields, got a JSON "
                 f"{_JSON_TYPES.get(type(data), type(data).__name__)}"
             )
-        known = {f.name for f in fields(cls)}
-        required = [f.name for f in fields(cls) if f.name not in OPTIONAL_IN_FILE]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise ValueError(
-                f"{source} is missing the field(s) {missing}; a router config needs {required}"
-            )
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source} has unknown field(s) {unknown}")
-        return cls(**data)
+        return cls(**checked_fields(cls, data, OPTIONAL_IN_FILE, source, "a router config"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,3 +214,16 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def checked_fields(cls, data: dict, optional: tuple[str, ...], source: str, kind: str) -> dict:
+    """`data` (a parsed `config.json`) if it names every field of dataclass `cls` but `optional`
+    and nothing else; `ValueError` naming the missing or unknown fields otherwise."""
+    required = [f.name for f in fields(cls) if f.name not in optional]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"{source} is missing the field(s) {missing}; {kind} needs {required}")
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{source} has unknown field(s) {unknown}")
+    return data
