@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+import functools
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from hf_subtok.config_checks import (
     check_backend,
@@ -10,8 +11,8 @@ from hf_subtok.config_checks import (
     check_int,
     check_log_scales,
     check_value_codes,
-    parse_layer_range,
 )
+from hf_subtok.config_overrides import LayerOverride
 from hf_subtok.formats import (
     KEY_LAYOUTS,
     VALUE_CLIPS,
@@ -29,61 +30,7 @@ AXES = ("both", "tokens", "groups")
 LAYER_BUDGETS = ("adaptive", "uniform")
 SPANS = ("fixed", "adaptive")
 HEAD_BUDGETS = ("uniform", "adaptive")
-
-
-@dataclass(frozen=True)
-class LayerOverride:
-    """Settings for the layers `first..last` (inclusive) that differ from the rest.
-
-    `budget` fixes those layers' share of the dense bytes (the other layers share what is
-    left of the overall budget); `token_scorer` and `router` pick other registered scorers.
-    """
-
-    first: int
-    last: int
-    budget: float | None = None
-    token_scorer: str | None = None
-    router: str | None = None
-
-    def __post_init__(self) -> None:
-        check_int("first", self.first, 0, None)
-        check_int("last", self.last, self.first, None)
-        if self.budget is not None:
-            check_budget("override budget", self.budget)
-        if self.token_scorer is not None and self.token_scorer not in available_token_scorers():
-            raise ValueError(
-                f"override token_scorer must be one of {sorted(available_token_scorers())}, got {self.token_scorer!r}"
-            )
-        if self.router is not None and self.router not in available_group_scorers():
-            raise ValueError(
-                f"override router must be one of {sorted(available_group_scorers())}, got {self.router!r}"
-            )
-
-    @classmethod
-    def parse(cls, item: LayerOverride | dict) -> LayerOverride:
-        """An override from itself or a dict such as `{"layers": "0-3", "budget": 0.5}`."""
-        if isinstance(item, LayerOverride):
-            return item
-        if not isinstance(item, dict):
-            raise ValueError(f"overrides items must be LayerOverride or dict, got {item!r}")
-        item = dict(item)
-        if "layers" in item:
-            first, last = parse_layer_range(item.pop("layers"))
-            item.setdefault("first", first)
-            item.setdefault("last", last)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(item) - known)
-        if unknown:
-            raise ValueError(
-                f"overrides item has unknown field(s) {unknown}; known: layers, {sorted(known)}"
-            )
-        return cls(**item)
-
-    def to_dict(self) -> dict:
-        """The compact dict `parse` reads back, e.g. `{"layers": "0-3", "budget": 0.5}`."""
-        layers = self.first if self.first == self.last else f"{self.first}-{self.last}"
-        settings = {k: v for k, v in asdict(self).items() if k not in ("first", "last") and v is not None}
-        return {"layers": layers, **settings}
+RECIPE_MODES = ("auto", None)
 
 
 @dataclass
@@ -105,6 +52,12 @@ class SubTokenConfig:
     (`axes="both"`; `keep_groups`, if given, fixes K), on tokens only (`axes="tokens"`, K = G)
     or on groups only (`axes="groups"`: the largest K that fits; budgets below about
     `(1 + 1/num_groups) / 2` are then unreachable and raise `ValueError`).
+
+    `budget` alone is enough: with `recipe="auto"` (the default) and a budget below 1, every
+    field you did not set takes the value of the measured-best recipe for that budget and the
+    model's dtype, from the table in `hf_subtok.recipes` (tokens, groups, bits, rotation, key
+    layout, window); the fields you set win. `recipe=None` uses every field as written (with
+    the defaults below: token eviction in the model's dtype).
 
     With `bits`, packed keys and value groups are stored quantized; the dense window stays in
     the model's dtype. Value groups get a scale and zero per token and `quant_group_size`
@@ -269,6 +222,13 @@ class SubTokenConfig:
             "help": "'adaptive': layers get bytes by prefill attention evidence; 'uniform': equal shares"
         },
     )
+    recipe: str | None = field(
+        default="auto",
+        metadata={
+            "help": "'auto': with a budget below 1, the fields you leave unset take the measured-best recipe "
+            "for that budget and the model's dtype (hf_subtok.recipes); 'none': every field as written"
+        },
+    )
     overrides: list = field(
         default_factory=list,
         metadata={
@@ -277,6 +237,8 @@ class SubTokenConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPE_MODES:
+            raise ValueError(f"recipe must be one of {RECIPE_MODES}, got {self.recipe!r}")
         check_int("num_groups", self.num_groups, 1, MAX_GROUPS)
         if self.keep_groups is not None:
             check_int("keep_groups", self.keep_groups, 1, self.num_groups)
@@ -367,6 +329,19 @@ class SubTokenConfig:
             )
 
     @property
+    def given_fields(self) -> frozenset[str]:
+        """The fields the user set: those named when the config was built, and any whose value
+        differs from its default (a copy through `dataclasses.replace` or `to_dict` names every
+        field, so there only the values tell). A recipe never replaces these."""
+        named = getattr(self, "_named_fields", frozenset())
+        changed = {
+            f.name
+            for f in fields(self)
+            if f.init and getattr(self, f.name) != (f.default_factory() if f.default is MISSING else f.default)
+        }
+        return frozenset(named | changed)
+
+    @property
     def groups_kept(self) -> int | None:
         """K, the value groups stored per token: `keep_groups` if given, else `num_groups // 2`
         (at least 1) without a budget, else None (the budget picks K)."""
@@ -442,3 +417,22 @@ class SubTokenConfig:
     def resolve_keep_groups(self, head_dim: int, elem_bytes: int) -> int:
         """`keep_groups` for a model with this `head_dim` and element size (`formats.keep_groups_for`)."""
         return keep_groups_for(self, head_dim, elem_bytes)
+
+
+def _record_named_fields(cls):
+    """Wrap the dataclass `__init__` of `cls` so that each instance records the fields its
+    caller named (`given_fields`); a call naming every field (a copy) records none."""
+    init = cls.__init__
+    names = [f.name for f in fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        named = set(names[: len(args)]) | set(kwargs)
+        self._named_fields = frozenset(named) if len(named) < len(names) else frozenset()
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+_record_named_fields(SubTokenConfig)
