@@ -15,6 +15,7 @@ from hf_subtok.attention import check_supported, install_attention
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.memory_report import memory_report
 from hf_subtok.presets import resolve_config
+from hf_subtok.recipes import apply_recipe
 from hf_subtok.scorers import Observation, RopeInfo, get_group_scorer, get_token_scorer
 from hf_subtok.storage.layer import SubTokenLayer
 from hf_subtok.views import PrefillKV
@@ -31,7 +32,7 @@ class SubTokenCache(Cache):
     """KV cache that keeps whole keys and only the most useful value groups of each token.
 
     ```python
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=3))
+    cache = SubTokenCache(model, budget=0.1)  # a tenth of the dense bytes, the table's recipe
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
     cache.memory_report()["ratio"]
     ```
@@ -47,12 +48,25 @@ class SubTokenCache(Cache):
         model: a Llama, Mistral, Qwen2 or Qwen3 causal LM.
         config: a `SubTokenConfig`, a preset name (see `hf_subtok.presets`) or None for defaults.
         router: a learned router (`hf_subtok.routers.RouterAdapter`) trained for `model`: its
-            per-layer group scorer (and token scorer, if it has one) replace the config's.
+            per-layer group scorer (and token scorer, if it has one) replace the config's, and
+            its `num_groups` is the cache's unless the config sets one.
+        **fields: `SubTokenConfig` fields, on top of a preset named by `config` or of the
+            defaults (not with a `SubTokenConfig`).
+
+    With a budget below 1 and `recipe="auto"`, the fields left unset come from the recipe
+    table for the budget and the model's dtype (`hf_subtok.recipes`): `config` is then the
+    configuration in force (every field stated, `recipe=None`) and `recipe` the table row used
+    (None without one).
     """
 
-    def __init__(self, model, config: SubTokenConfig | str | None = None, router=None):
+    def __init__(self, model, config: SubTokenConfig | str | None = None, router=None, **fields):
         check_supported(model)
-        self.config = resolve_config(config)
+        config = resolve_config(config, fields)
+        pinned = set(config.given_fields)
+        if router is not None and "num_groups" not in pinned:
+            config = dataclasses.replace(config, num_groups=router.config.num_groups)
+            pinned.add("num_groups")
+        self.config, self.recipe = apply_recipe(config, model.dtype, pinned)
         text_config = model.config.get_text_config(decoder=True)
         self.head_dim = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads
@@ -167,7 +181,7 @@ class SubTokenCache(Cache):
                 default). Without them such scorers are replaced by `QUERY_FREE_SCORER`, with
                 a warning.
         """
-        config = resolve_config(config)
+        config, recipe = apply_recipe(resolve_config(config), model.dtype)  # before scorers are swapped
         if queries is None:
             config = _without_query_scorers(config)
         elif len(queries) != len(dense_cache.layers):
@@ -176,6 +190,7 @@ class SubTokenCache(Cache):
                 f"got {len(queries)}"
             )
         cache = cls(model, config)
+        cache.recipe = recipe
         scalings = _attention_scalings(model)
         for layer_idx, layer in enumerate(dense_cache.layers):
             if layer.keys is None or not layer.keys.numel():

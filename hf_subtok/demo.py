@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from hf_subtok import PRESETS, SubTokenCache, cache_kwargs
 from hf_subtok.bench.memory import AllocatorPeak, PeakRSS
+from hf_subtok.recipes import recipe_for
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ def demo_results(model_name: str | None = None, *, context_tokens: int = DEMO_CO
     ids = list(case.prompt_ids)
     logger.info("Prompt: %d tokens, pass key at depth %.0f%%", len(ids), 100 * case.actual_depth)
     settings = ", ".join(f"{k}={v}" for k, v in PRESETS[preset].items())
+    if "budget" in PRESETS[preset]:  # the demo's model runs in float32
+        settings += f", recipe {recipe_for(PRESETS[preset]['budget'], torch.float32).candidate}"
     runs = [("dense (DynamicCache)", None), (f"subtok ({preset}: {settings})", preset)]
     results = []
     for name, chosen in runs:

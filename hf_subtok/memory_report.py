@@ -13,7 +13,8 @@ def memory_report(cache) -> dict:
     Keys: `stored_bytes`, `dense_bytes`, `ratio` (stored / dense), `target_bytes` and
     `target_ratio` (what the budget allows: `max(budget x dense, floor_tokens dense tokens)`
     per layer and row; the dense bytes without a budget), `floor_tokens`, `tokens_seen`,
-    `tokens_packed`, `keep_groups`, `num_groups`, `parts` (bytes by tensor name) and
+    `tokens_packed`, `keep_groups`, `num_groups`, `recipe` (the table row a budget
+    took its unset fields from, or None), `parts` (bytes by tensor name) and
     `per_layer` rows (bytes, dense bytes, ratio, K, bits, tokens stored and per KV head, wide
     tokens, and `below_floor`: the context is at most `floor_tokens`, held dense, exactly).
     """
@@ -60,6 +61,14 @@ def memory_report(cache) -> dict:
         "tokens_packed": first.get("tokens_stored", 0),
         "keep_groups": [row["keep_groups"] for row in per_layer],
         "num_groups": cache.config.num_groups,
+        "recipe": _recipe_summary(getattr(cache, "recipe", None)),
         "parts": parts,
         "per_layer": per_layer,
     }
+
+
+def _recipe_summary(recipe) -> dict | None:
+    """`{"dtype", "budget", "candidate", "fields"}` of a recipe table row, or None."""
+    if recipe is None:
+        return None
+    return {"dtype": recipe.dtype, "budget": recipe.budget, "candidate": recipe.candidate, "fields": dict(recipe.fields)}

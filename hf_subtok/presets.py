@@ -4,23 +4,16 @@ from __future__ import annotations
 
 from hf_subtok.config import SubTokenConfig
 
-# Every axis under one budget: tokens (SnapKV per head), value groups (G=2) and precision
-# (each layer's plan picks full, 8, 4 or 2 bits), with a 16-token dense window. Chosen on
-# SmolLM2-135M-Instruct (BENCHMARKS.md, "Presets").
-_ALL_AXES = {"bits": "auto", "num_groups": 2, "window": 16, "pack_chunk": 8}
+# Named points of the budget -> recipe table (`hf_subtok.recipes`): each sets a budget, and the
+# table gives the recipe measured best there for the model's dtype (BENCHMARKS.md, "Recipes").
+PRESET_BUDGETS: dict[str, float] = {
+    "balanced": 0.25,  # a quarter of the dense bytes
+    "aggressive": 0.125,  # an eighth
+    "compact": 0.1,  # a tenth: about 2-bit QuantizedCache's bytes in float32
+}
 
 PRESETS: dict[str, dict] = {
-    # 25% of the dense bytes (float32 SmolLM2, 1k/2k needle): 12/12 with the question in the
-    # prompt, 11/12 withheld, ppl +0.4%
-    "balanced": {**_ALL_AXES, "budget": 0.25},
-    # 12.5% of the dense bytes: needle in the prompt as dense (12/12), ppl +0.2%; a question
-    # asked after compression is answered less often (9/12)
-    "aggressive": {**_ALL_AXES, "budget": 0.125},
-    # 10% of the dense bytes (about 2-bit QuantizedCache's, which collapses there): every
-    # survivor in 2 bits, Hadamard-rotated, keys per channel, value groups over their
-    # least-error range (value_clip="auto" at 2 bits); 12/12 in the prompt, 11/12 withheld, ppl
-    # +1.9% over four continuations, +4.1% at worst (BENCHMARKS.md, "At 2-bit QuantizedCache's bytes")
-    "compact": {**_ALL_AXES, "bits": 2, "rotate": True, "budget": 0.1},
+    **{name: {"budget": budget} for name, budget in PRESET_BUDGETS.items()},
     # every token, 4 of 8 value groups (about 0.76 of the dense bytes): no token is ever dropped
     "groups-only": {"num_groups": 8, "keep_groups": 4, "window": 64},
     # every group kept: same tokens as DynamicCache, for checks
@@ -28,14 +21,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def resolve_config(config: SubTokenConfig | str | None) -> SubTokenConfig:
-    """A `SubTokenConfig` from a config, a preset name, or None (the defaults)."""
-    if config is None:
-        return SubTokenConfig()
+def resolve_config(config: SubTokenConfig | str | None, fields: dict | None = None) -> SubTokenConfig:
+    """A `SubTokenConfig` from a config, a preset name, or None (the defaults), with `fields`
+    (`SubTokenConfig` keywords) on top of a preset or the defaults."""
+    fields = fields or {}
     if isinstance(config, SubTokenConfig):
+        if fields:
+            raise ValueError(
+                f"give either a SubTokenConfig or its fields as keywords, got both (keywords {sorted(fields)})"
+            )
         return config
     if isinstance(config, str):
         if config not in PRESETS:
             raise ValueError(f"config preset must be one of {sorted(PRESETS)}, got {config!r}")
-        return SubTokenConfig(**PRESETS[config])
+        return SubTokenConfig(**{**PRESETS[config], **fields})
+    if config is None:
+        return SubTokenConfig(**fields)
     raise TypeError(f"config must be a SubTokenConfig, a preset name or None, got {type(config).__name__}")
