@@ -9,6 +9,7 @@ same JSON (same tokens, same `memory_report()["stored_bytes"]`, after prefill an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ def run(spec, prompt_tokens: int, steps: int) -> dict:
     if isinstance(spec, dict):
         spec = dict(spec)
         batch = spec.pop("batch", False)
+        if "recipe" in {f.name for f in dataclasses.fields(SubTokenConfig)}:
+            spec["recipe"] = None  # the mechanism as written, not the budget's recipe (absent before it)
         config = SubTokenConfig(**spec)
     else:
         config = spec

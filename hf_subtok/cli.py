@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=None,
                        help="memory/throughput fresh processes per case and method, medians reported (default 3; --quick: 1)")
     bench.add_argument("--device", default="cpu", help="memory/throughput: cpu or cuda (default cpu)")
-    bench.add_argument("--window", type=int, default=64, help="subtok dense window (default 64)")
+    bench.add_argument("--window", type=int, default=None, help="subtok dense window (default: the config's or its recipe's)")
     bench.add_argument("--quick", action="store_true", help="a small grid that runs in a couple of minutes")
     bench.add_argument("--out", default="bench_out", help="output folder (JSONL, JSON, Markdown, PNG)")
     bench.add_argument("--restart", action="store_true", help="ignore finished cases in --out instead of resuming")
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_subtok.rank.command import add_calibrate_parser
 
     add_calibrate_parser(sub)
+    from hf_subtok.bench.recipe_command import add_recipes_parser
+
+    add_recipes_parser(sub)
     return parser
 
 
@@ -365,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
             from hf_subtok.rank.command import run_calibrate
 
             print(run_calibrate(args))
+            return 0
+        if args.command == "recipes":
+            from hf_subtok.bench.recipe_command import run_recipes
+
+            print(run_recipes(args, argv))
             return 0
         return cmd_bench(args, argv)
     except (CliError, ValueError) as e:

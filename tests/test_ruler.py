@@ -10,6 +10,7 @@ from functools import cache
 import pytest
 
 from hf_subtok.bench import MethodSpec, ruler
+from hf_subtok.bench.intervals import wilson
 from hf_subtok.bench.ruler import (
     FAMILIES,
     RulerCase,
@@ -17,7 +18,7 @@ from hf_subtok.bench.ruler import (
     string_match_all,
     string_match_part,
 )
-from hf_subtok.bench.ruler_eval import markdown_tables, summarize, wilson
+from hf_subtok.bench.ruler_eval import markdown_tables, summarize
 from hf_subtok.bench.ruler_qa import BLANK, cloze_candidates, paragraphs
 from hf_subtok.bench.runner import run_ruler_suite
 from hf_subtok.tasks import build_ppl_case, load_text

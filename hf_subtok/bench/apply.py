@@ -41,19 +41,20 @@ class Compressed:
         return self.stored_bytes / self.dense_bytes
 
 
-def subtok_config(budget: float | None, window: int, options: tuple = ()) -> SubTokenConfig:
+def subtok_config(budget: float | None, window: int | None, options: tuple = ()) -> SubTokenConfig:
     """The `SubTokenConfig` the benchmark uses for `subtok[options]@budget`.
 
-    The bench's `window` is the base; `options` (a preset's fields, then `key=value`
-    overrides, see `methods.MethodSpec`) replace it and any other field.
+    The bench's `window`, if set, is the base; `options` (a preset's fields, then `key=value`
+    overrides, see `methods.MethodSpec`) replace it and any other field. Fields left unset
+    come from the recipe table at the cache (`hf_subtok.recipes`), as for a user.
     """
-    fields = {"window": window, **dict(options)}
+    fields = {**({} if window is None else {"window": window}), **dict(options)}
     if budget is not None:
         fields["budget"] = budget
     return SubTokenConfig(**fields)
 
 
-def check_subtok_reachable(model, budget: float | None, window: int, options: tuple = ()) -> str | None:
+def check_subtok_reachable(model, budget: float | None, window: int | None, options: tuple = ()) -> str | None:
     """None if `subtok[options]@budget` can be built for `model`, else the reason it cannot."""
     try:
         SubTokenCache(model, subtok_config(budget, window, options))
@@ -90,7 +91,7 @@ def build_cache(
     model,
     prefill: DensePrefill,
     *,
-    window: int,
+    window: int | None,
     match_ratio: float | None = None,
     input_ids: torch.Tensor | None = None,
     hooked: bool = False,

@@ -28,7 +28,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_cache(model, spec: MethodSpec, window: int):
+def make_cache(model, spec: MethodSpec, window: int | None):
     """An empty cache for `spec` (a `DynamicCache` for dense and for a press)."""
     if spec.family == "subtok":
         return SubTokenCache(model, subtok_config(spec.budget, window, spec.options))
@@ -44,7 +44,7 @@ def press_ratio(spec: MethodSpec, match: float | None) -> float:
 
 
 @torch.no_grad()
-def prefill(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, window: int):
+def prefill(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, window: int | None):
     """Prefill `ids` `[B, T]` the method's own way; returns (cache, logits `[B, V]`, seconds, info)."""
     cache = make_cache(model, spec, window)
     info = {}
@@ -104,7 +104,7 @@ def greedy_steps(model, cache, start: int, first_logits: torch.Tensor, steps: in
 
 
 @torch.no_grad()
-def run_method(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, window: int, new_tokens: int) -> dict:
+def run_method(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, window: int | None, new_tokens: int) -> dict:
     """Prefill `ids` `[B, T]` the method's own way, then `new_tokens` greedy decode steps.
 
     Returns prefill seconds, decode steps, seconds and tokens/s (tokens of every row: B per

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hf_subtok.bench.apply import UNREACHABLE
+from hf_subtok.bench.intervals import wilson
 
 DASH = "—"
 
@@ -62,7 +63,7 @@ def needle_tables(rows: list[dict], settings: dict[str, str]) -> list[str]:
         subset = [r for r in needle if r["setting"] == setting]
         if not subset:
             continue
-        header = ["method", "budget", "stored/dense"] + [_tokens(n) for n in lengths] + ["all"]
+        header = ["method", "budget", "stored/dense"] + [_tokens(n) for n in lengths] + ["all (95% CI)"]
         lines = [f"### needle: {description}", "", _row(header), _row(["---"] * len(header))]
         for method, first in _methods_in_order(subset):
             mine = [r for r in subset if r["method"] == method]
@@ -71,10 +72,16 @@ def needle_tables(rows: list[dict], settings: dict[str, str]) -> list[str]:
             for n in lengths:
                 at = [r for r in ok if r["context_tokens"] == n]
                 cells.append(f"{sum(r['correct'] for r in at)}/{len(at)}" if at else DASH)
-            cells.append(f"{sum(r['correct'] for r in ok) / len(ok):.2f}" if ok else DASH)
+            cells.append(accuracy_cell(sum(bool(r["correct"]) for r in ok), len(ok)) if ok else DASH)
             lines.append(_row(cells))
         out.append("\n".join(lines))
     return out
+
+
+def accuracy_cell(correct: int, cases: int) -> str:
+    """`0.92 (0.74-0.98), n=24`: the share answered, its 95% Wilson interval, the cases."""
+    low, high = wilson(correct, cases)
+    return f"{correct / cases:.2f} ({low:.2f}-{high:.2f}), n={cases}"
 
 
 def ppl_table(rows: list[dict]) -> list[str]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from hf_subtok.bench.decoding import eos_ids, greedy_continue
 from hf_subtok.bench.evaluate import run_methods
+from hf_subtok.bench.intervals import wilson
 from hf_subtok.bench.needle import SETTINGS
 from hf_subtok.bench.prefill import dense_prefill
 from hf_subtok.bench.report import DASH, _budget_cell, _methods_in_order, _ratio_cell, _row, _tokens
@@ -108,18 +108,6 @@ def _run_case(ctx, spec: RulerSpec, prefixes: dict[str, str]) -> None:
         row_base = {**base, "setting": setting, "setting_description": SETTINGS[setting], "prefill_s": prefill.seconds}
         run_methods(ctx, prefill, row_base, prefixes[setting], evaluate, ids)
         del prefill
-
-
-def wilson(score_sum: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion `score_sum / n` (partial credit counts as a
-    fraction of a success, as RULER's mean score does)."""
-    if n <= 0:
-        raise ValueError(f"n={n!r} must be > 0")
-    p = score_sum / n
-    denominator = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

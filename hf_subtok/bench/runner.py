@@ -52,7 +52,7 @@ class BenchConfig:
     memory_new_tokens: int = 32  # decode steps timed (and held in memory) after the prefill
     device: str = "cpu"  # where memory/throughput load the model ("cuda": peaks from max_memory_allocated)
     max_new_tokens: int = 12  # 'The pass key is 12345' is 10 tokens; generation stops once correct
-    window: int = 64
+    window: int | None = None  # subtok's dense window; None: the config's (or its recipe's)
     out_dir: str = "bench_out"
     model: str | None = None
     dtype: str = "float32"  # the model runs in it; every ratio is against the dense cache in it

@@ -34,7 +34,7 @@ def units(config, methods) -> int:
     return len(config.speed_lengths) * len(speed_methods(config, methods))
 
 
-def _worker(model_name, spec: MethodSpec, ids: list[int], match, window: int, new_tokens: int, dtype: str) -> dict:
+def _worker(model_name, spec: MethodSpec, ids: list[int], match, window: int | None, new_tokens: int, dtype: str) -> dict:
     """`run_method` in a fresh process, so its peak RSS is this method's alone."""
     model, _ = load_model(model_name, dtype, kvpress=spec.family == "kvpress")
     with PeakRSS() as peak:

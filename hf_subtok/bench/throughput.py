@@ -101,7 +101,7 @@ def prompt_ids(tokenizer, tokens: int, batch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_case(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, window: int, new_tokens: int,
+def measure_case(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, window: int | None, new_tokens: int,
                  wanted: list[str]) -> dict:
     """Warm `spec` up, then measure its memory and/or throughput on `ids` `[B, T]` (see module)."""
     device = ids.device
@@ -122,7 +122,7 @@ def measure_case(model, spec: MethodSpec, ids: torch.Tensor, match: float | None
     return result
 
 
-def _fresh_worker(model_name, dtype: str, device: str, spec: MethodSpec, ids: list[list[int]], match, window: int,
+def _fresh_worker(model_name, dtype: str, device: str, spec: MethodSpec, ids: list[list[int]], match, window: int | None,
                   new_tokens: int, wanted: list[str]) -> dict:
     """`measure_case` in a fresh process: the model loaded by name there, nothing else."""
     model, _ = load_model(model_name, dtype, device, kvpress=spec.family == "kvpress")

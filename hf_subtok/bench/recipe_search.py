@@ -1,0 +1,252 @@
+"""`hf-subtok recipes`: measure candidate recipes at each budget and write the table that
+`SubTokenConfig(budget=b)` alone reads (`hf_subtok.recipes`).
+
+Every candidate of `CANDIDATES` runs at every budget on the needle (question inside the
+compressed prompt, and withheld until after compression) and on perplexity after a
+compressed prefix of two shipped texts of different kinds (the book and the legal text), in
+one benchmark run per text with the model in the table's dtype. `choose` then takes, per
+budget, the recipe that is good everywhere rather than best at one table:
+
+1. accuracy: needle cases answered over both settings, pooled;
+2. contenders: the candidates whose accuracy lies inside the 95% Wilson interval of the best;
+3. among them, the smallest worst perplexity change over both texts and every prefix (then
+   the fewest stored bytes).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hf_subtok.bench.intervals import wilson
+from hf_subtok.bench.methods import MethodSpec
+from hf_subtok.recipes import RECIPE_FIELDS, TABLE_DTYPES, Recipe, parse_table
+
+logger = logging.getLogger(__name__)
+
+_ALL_AXES = {"bits": "auto", "num_groups": 2, "window": 16, "pack_chunk": 8}
+# name -> fields; a field left out keeps `SubTokenConfig`'s default
+CANDIDATES: dict[str, dict] = {
+    # token eviction alone, in the model's dtype: what `budget=` gave before the table
+    "tokens": {},
+    # tokens (SnapKV per head), two value groups, each layer's plan picking full, 8, 4 or 2 bits
+    "all-axes": dict(_ALL_AXES),
+    # the same, quantized tokens Hadamard-rotated
+    "all-axes-rotated": {**_ALL_AXES, "rotate": True},
+    # every survivor in 4 bits, Hadamard-rotated
+    "all-axes-4bit-rotated": {**_ALL_AXES, "bits": 4, "rotate": True},
+    # every survivor in 2 bits, Hadamard-rotated (keys per channel, values over their least-error range)
+    "all-axes-2bit-rotated": {**_ALL_AXES, "bits": 2, "rotate": True},
+}
+TEXTS = ("ppl", "legal")  # the book, and legal prose of another kind and century
+
+
+@dataclass
+class Measured:
+    """What one candidate measured at one budget."""
+
+    candidate: str
+    budget: float
+    needle: dict  # setting -> [correct, cases]
+    ppl_change: dict  # "text@prefix" -> relative change against dense (0.01 = +1%)
+    ratio: float  # stored / dense bytes, mean over the cases
+
+    @property
+    def correct(self) -> int:
+        return sum(c for c, _ in self.needle.values())
+
+    @property
+    def cases(self) -> int:
+        return sum(n for _, n in self.needle.values())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.cases if self.cases else 0.0
+
+    @property
+    def worst_ppl_change(self) -> float:
+        return max(self.ppl_change.values()) if self.ppl_change else float("inf")
+
+
+def candidate_specs(budgets: list[float], candidates: dict[str, dict] | None = None) -> list[MethodSpec]:
+    """dense, then every candidate at every budget, each with `recipe=None` (fields as written)."""
+    candidates = CANDIDATES if candidates is None else candidates
+    specs = [MethodSpec("dense")]
+    for budget in budgets:
+        for name, fields in candidates.items():
+            unknown = sorted(set(fields) - set(RECIPE_FIELDS))
+            if unknown:
+                raise ValueError(f"candidate {name!r} sets fields that are not recipe fields: {unknown}")
+            options = tuple(sorted({**fields, "recipe": None}.items()))
+            specs.append(MethodSpec("subtok", budget, variant=name, options=options))
+    return specs
+
+
+def summarize(rows: list[dict]) -> list[Measured]:
+    """One `Measured` per (candidate, budget) from benchmark rows (needle and ppl, any text).
+
+    A candidate that failed or could not reach a budget in any case is left out."""
+    dense = {
+        (r["text"], r["prefix_tokens"]): r["ppl"]
+        for r in rows
+        if r.get("suite") == "ppl" and r["family"] == "dense" and r.get("status") == "ok"
+    }
+    mine: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if r["family"] == "subtok" and r.get("suite") in ("needle", "ppl"):
+            mine.setdefault((r["variant"], r["budget"]), []).append(r)
+    out = []
+    for (candidate, budget), group in mine.items():
+        if any(r.get("status") != "ok" for r in group):
+            reasons = {r.get("reason") for r in group if r.get("status") != "ok"}
+            logger.warning("candidate %s at %s left out: %s", candidate, budget, "; ".join(map(str, reasons)))
+            continue
+        needle: dict[str, list[int]] = {}
+        ppl_change = {}
+        for r in group:
+            if r["suite"] == "needle":
+                tally = needle.setdefault(r["setting"], [0, 0])
+                tally[0] += int(r["correct"])
+                tally[1] += 1
+            else:
+                base = dense[(r["text"], r["prefix_tokens"])]
+                ppl_change[f"{r['text']}@{r['prefix_tokens']}"] = r["ppl"] / base - 1
+        ratio = sum(r["ratio"] for r in group) / len(group)
+        out.append(Measured(candidate, budget, needle, ppl_change, ratio))
+    return out
+
+
+def choose(measured: list[Measured]) -> dict[float, Measured]:
+    """Per budget, the candidate kept by the rule of this module's docstring."""
+    by_budget: dict[float, list[Measured]] = {}
+    for m in measured:
+        by_budget.setdefault(m.budget, []).append(m)
+    chosen = {}
+    for budget, group in sorted(by_budget.items()):
+        best = max(group, key=lambda m: m.accuracy)
+        low, _ = wilson(best.correct, best.cases)
+        contenders = [m for m in group if m.accuracy >= low]
+        chosen[budget] = min(contenders, key=lambda m: (m.worst_ppl_change, m.ratio))
+    return chosen
+
+
+def table_rows(chosen: dict[float, Measured], dtype: str, candidates: dict[str, dict] | None = None) -> list[Recipe]:
+    """The table rows of `dtype` for the chosen candidates."""
+    candidates = CANDIDATES if candidates is None else candidates
+    rows = []
+    for budget, m in sorted(chosen.items()):
+        low, high = wilson(m.correct, m.cases)
+        measured = {
+            "ratio": round(m.ratio, 4),
+            "needle": {setting: list(tally) for setting, tally in m.needle.items()},
+            "needle_accuracy": [round(m.accuracy, 4), round(low, 4), round(high, 4)],
+            "ppl_change": {k: round(v, 4) for k, v in m.ppl_change.items()},
+        }
+        rows.append(Recipe(dtype, budget, m.candidate, dict(candidates[m.candidate]), measured))
+    return rows
+
+
+def write_table(path: str | Path, dtype: str, rows: list[Recipe], generated: dict) -> dict:
+    """Replace `dtype`'s rows (and how they were generated) in the table file at `path`, keeping
+    the other dtypes' rows; the file is replaced in one move. Returns the new table's JSON."""
+    if dtype not in TABLE_DTYPES:
+        raise ValueError(f"dtype must be one of {TABLE_DTYPES}, got {dtype!r}")
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {"generated": {}, "recipes": {}}
+    data["generated"][dtype] = generated
+    data["recipes"][dtype] = [
+        {"budget": r.budget, "candidate": r.candidate, "fields": r.fields, "measured": r.measured} for r in rows
+    ]
+    parse_table(data)  # every row must build a valid config before the file is touched
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return data
+
+
+def table_markdown(table: dict) -> str:
+    """The table as Markdown: dtype, budget, recipe, fields and what it measured."""
+    lines = [
+        "| model dtype | budget | recipe | fields | stored / dense | needle in prompt | needle withheld | "
+        "needle both (95% CI) | ppl Δ, worst text |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for dtype, rows in table["recipes"].items():
+        for r in rows:
+            m = r.measured
+            fields = ", ".join(f"{k}={v}" for k, v in r.fields.items()) or "defaults (full precision)"
+            acc, low, high = m["needle_accuracy"]
+            cells = [dtype, f"{r.budget:g}", r.candidate, fields, f"{m['ratio']:.3f}",
+                     _tally(m["needle"].get("in_prompt")), _tally(m["needle"].get("after")),
+                     f"{acc:.2f} ({low:.2f}-{high:.2f})", f"{100 * max(m['ppl_change'].values()):+.1f}%"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _tally(pair) -> str:
+    return "-" if not pair else f"{pair[0]}/{pair[1]}"
+
+
+def generated_by(command: str, model_fingerprint: dict, grid: dict) -> dict:
+    """How a table was made: command, commit, date, model, grid."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"command": command, "commit": commit, "date": datetime.date.today().isoformat(),
+            "model": model_fingerprint.get("name_or_path"), "grid": grid}
+
+
+def run_search(
+    *,
+    dtype: str,
+    budgets: list[float],
+    out_dir: str | Path,
+    needle_lengths: list[int],
+    needle_depths: list[float],
+    needle_seeds: list[int],
+    ppl_prefixes: list[int],
+    ppl_eval_tokens: int = 512,
+    candidates: dict[str, dict] | None = None,
+    model=None,
+    tokenizer=None,
+    model_name: str | None = None,
+    restart: bool = False,
+) -> tuple[list[Measured], dict]:
+    """Run every candidate at every budget (one benchmark run per text, resumable in
+    `out_dir/<text>`) and return `(summaries, model fingerprint)`."""
+    import torch
+
+    from hf_subtok.bench.runner import BenchConfig, run_bench
+    from hf_subtok.model_loading import load_model_and_tokenizer, model_fingerprint
+
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(model_name, dtype=getattr(torch, dtype))
+    specs = candidate_specs(budgets, candidates)
+    rows = []
+    for text in TEXTS:
+        config = BenchConfig(
+            suites=["needle", "ppl"] if text == TEXTS[0] else ["ppl"],
+            methods=specs,
+            budgets=list(budgets),
+            needle_lengths=list(needle_lengths),
+            needle_depths=list(needle_depths),
+            needle_seeds=list(needle_seeds),
+            ppl_prefix_lengths=list(ppl_prefixes),
+            ppl_eval_tokens=ppl_eval_tokens,
+            ppl_text=text,
+            out_dir=str(Path(out_dir) / text),
+            model=model_name,
+            dtype=dtype,
+            restart=restart,
+        )
+        rows += run_bench(config, model, tokenizer)["rows"]
+    return summarize(rows), model_fingerprint(model)
