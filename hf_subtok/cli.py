@@ -281,7 +281,9 @@ def cmd_generate(args) -> int:
     from hf_subtok import SubTokenCache
     from hf_subtok.demo import run_generate
     from hf_subtok.model_loading import load_model_and_tokenizer
+    from hf_subtok.recipes import apply_recipe
 
+    apply_recipe(config, "float32")  # a recipe that conflicts with the options given fails before loading
     model, tokenizer = load_model_and_tokenizer(args.model)
     cache = SubTokenCache(model, config)  # unreachable budgets raise ValueError here
     if tokenizer.chat_template and not args.raw:
@@ -304,6 +306,8 @@ def cmd_generate(args) -> int:
         f"(ratio {report['ratio']:.4f}); {report['tokens_seen']} tokens seen, "
         f"{report['tokens_packed']} packed, keep {describe_keep_groups(report['keep_groups'])} "
         f"of {report['num_groups']} value groups"
+        + (f"; recipe {report['recipe']['candidate']} (the {report['recipe']['dtype']} table's row at "
+           f"{report['recipe']['budget']:g})" if report["recipe"] else "")
     )
     print(f"speed: prefill {result.prefill_s:.2f} s, decode {result.decode_tok_s:.1f} tokens/s; "
           f"peak RSS {result.peak_rss_mb:.0f} MiB")

@@ -53,11 +53,11 @@ class SubTokenConfig:
     or on groups only (`axes="groups"`: the largest K that fits; budgets below about
     `(1 + 1/num_groups) / 2` are then unreachable and raise `ValueError`).
 
-    `budget` alone is enough: with `recipe="auto"` (the default) and a budget below 1, every
-    field you did not set takes the value of the measured-best recipe for that budget and the
-    model's dtype, from the table in `hf_subtok.recipes` (tokens, groups, bits, rotation, key
-    layout, window); the fields you set win. `recipe=None` uses every field as written (with
-    the defaults below: token eviction in the model's dtype).
+    `budget` alone is enough: with `recipe="auto"` (the default), a budget below 1 and
+    `axes="both"`, every field you did not set takes the value of the measured-best recipe for
+    that budget and the model's dtype, from the table in `hf_subtok.recipes` (tokens, groups,
+    bits, rotation, key layout, window); the fields you set win. `recipe=None` uses every field
+    as written (with the defaults below: token eviction in the model's dtype).
 
     With `bits`, packed keys and value groups are stored quantized; the dense window stays in
     the model's dtype. Value groups get a scale and zero per token and `quant_group_size`
@@ -225,8 +225,9 @@ class SubTokenConfig:
     recipe: str | None = field(
         default="auto",
         metadata={
-            "help": "'auto': with a budget below 1, the fields you leave unset take the measured-best recipe "
-            "for that budget and the model's dtype (hf_subtok.recipes); 'none': every field as written"
+            "help": "'auto': with a budget below 1 (and axes='both'), the fields you leave unset take the "
+            "measured-best recipe for that budget and the model's dtype (hf_subtok.recipes); 'none': every "
+            "field as written"
         },
     )
     overrides: list = field(

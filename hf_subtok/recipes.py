@@ -99,14 +99,15 @@ def apply_recipe(
 ) -> tuple[SubTokenConfig, Recipe | None]:
     """`config` with its unset fields taken from the recipe for its budget and `dtype`.
 
-    Nothing changes when `config.recipe` is None or the budget is unset or 1.0 (lossless).
+    Nothing changes when `config.recipe` is None, the budget is unset or 1.0 (lossless), or
+    `axes` limits what the budget may cut (the recipes spend it on tokens and groups both).
     The fields the user set (`config.given_fields`) and those in `pinned` keep their values.
     The result has `recipe=None`: it states every field in force, so it reproduces the run.
 
     Returns:
         `(config in force, the Recipe used or None)`.
     """
-    if config.recipe is None or config.budget is None or config.budget >= 1.0:
+    if config.recipe is None or config.budget is None or config.budget >= 1.0 or config.axes != "both":
         return config, None
     chosen = recipe_for(config.budget, dtype, table)
     keep = config.given_fields | set(pinned)

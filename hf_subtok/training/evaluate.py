@@ -91,7 +91,7 @@ def evaluation_rows(base_model, adapter, config: EvalConfig) -> list[Row]:
     if adapter.lora is not None:
         rows.append(Row(f"value_norm+lora@{at}", student, lambda: SubTokenCache(student, free)))
     if config.evict_budget is not None:
-        evict = SubTokenConfig(num_groups=groups, budget=config.evict_budget, window=config.window)
+        evict = SubTokenConfig(num_groups=groups, budget=config.evict_budget, window=config.window, recipe=None)
         budget = f"{config.evict_budget:g}"
         rows.append(
             Row(f"snapkv+value_norm@{budget}", base_model, lambda: SubTokenCache(base_model, evict))
