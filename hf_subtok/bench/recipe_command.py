@@ -46,6 +46,7 @@ def run_recipes(args, argv: list[str]) -> str:
     from hf_subtok import recipes
     from hf_subtok.bench.methods import parse_budgets, parse_ints
     from hf_subtok.bench.recipe_search import (
+        candidates_markdown,
         choose,
         generated_by,
         run_search,
@@ -75,10 +76,12 @@ def run_recipes(args, argv: list[str]) -> str:
         logger.info("wrote %s", path)
         table = recipes.parse_table(data)
         recipes.load_table.cache_clear()
+        searched = f"Every candidate ({args.dtype}; chosen in bold):\n\n{candidates_markdown(measured, chosen)}\n\n"
     else:
+        searched = ""
         table = recipes.parse_table(json.loads(path.read_text()))
     commands = "\n".join(
         f"- {dtype}: `{g.get('command')}` (commit {g.get('commit')}, {g.get('date')}, {g.get('model')})"
         for dtype, g in table["generated"].items()
     )
-    return f"{table_markdown(table)}\n\nMeasured by:\n{commands}"
+    return f"{searched}{table_markdown(table)}\n\nMeasured by:\n{commands}"

@@ -190,6 +190,24 @@ def table_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def candidates_markdown(measured: list[Measured], chosen: dict[float, Measured]) -> str:
+    """Every candidate at every budget, the chosen ones in bold: what the choice was made from."""
+    keys = sorted({k for m in measured for k in m.ppl_change})
+    lines = [
+        "| budget | candidate | stored / dense | needle in prompt | needle withheld | needle both (95% CI) | "
+        + " | ".join(f"ppl Δ {k}" for k in keys) + " |",
+        "|---:|---|---:|---:|---:|---:|" + "---:|" * len(keys),
+    ]
+    for m in sorted(measured, key=lambda m: (-m.budget, m.candidate)):
+        low, high = wilson(m.correct, m.cases)
+        name = f"**{m.candidate}**" if chosen.get(m.budget) is m else m.candidate
+        cells = [f"{m.budget:g}", name, f"{m.ratio:.3f}", _tally(m.needle.get("in_prompt")),
+                 _tally(m.needle.get("after")), f"{m.accuracy:.2f} ({low:.2f}-{high:.2f})"]
+        cells += [f"{100 * m.ppl_change[k]:+.1f}%" if k in m.ppl_change else "-" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _tally(pair) -> str:
     return "-" if not pair else f"{pair[0]}/{pair[1]}"
 
