@@ -6,6 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker process runs torch on one thread: the workers already
+    share the cores, and more threads than cores only make them wait for each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 # --- the embedded real model (SmolLM2-135M-Instruct); converted once per machine ---
 
 @pytest.fixture(scope="session")

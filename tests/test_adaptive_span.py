@@ -189,7 +189,7 @@ def test_plan_widens_the_tokens_that_get_the_attention():
 def test_adaptive_cache_stays_within_budget_and_bytes_match(budget, bits):
     config = SubTokenConfig(
         budget=budget, num_groups=4, window=16, pack_chunk=8, span="adaptive", router="attention_value", bits=bits,
-        floor_tokens=0,  # the budget, not the short-context floor, sets the bytes of this 300-token context
+        floor_tokens=0, recipe=None,  # the budget, not the short-context floor, sets the bytes of this 300-token context
     )
     cache = decode_within_budget(make_tiny_model("qwen2"), config, prompt_tokens=300)
     report = cache.memory_report()
@@ -214,7 +214,7 @@ def test_wide_tokens_are_the_ones_attention_needs():
     value groups of a wide token are stored exactly."""
     model = make_tiny_model("llama", num_hidden_layers=1)
     config = SubTokenConfig(  # no floor: at 35% of 200 tokens it would set the bytes
-        budget=0.35, num_groups=4, window=8, pack_chunk=4, span="adaptive", router="attention_value", floor_tokens=0
+        budget=0.35, num_groups=4, window=8, pack_chunk=4, span="adaptive", router="attention_value", floor_tokens=0, recipe=None
     )
     cache = SubTokenCache(model, config)
     layer, attention = cache.layers[0], model.model.layers[0].self_attn
@@ -253,7 +253,7 @@ def test_wide_tokens_are_the_ones_attention_needs():
 
 def test_fixed_span_stores_no_wide_tokens():
     model = make_tiny_model("qwen2")
-    config = SubTokenConfig(budget=0.25, num_groups=4, window=16, router="attention_value", floor_tokens=0)
+    config = SubTokenConfig(budget=0.25, num_groups=4, window=16, router="attention_value", floor_tokens=0, recipe=None)
     cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 200), past_key_values=cache)

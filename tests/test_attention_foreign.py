@@ -49,7 +49,7 @@ def _assert_names_the_cause(error: pytest.ExceptionInfo, implementation: str) ->
 
 @pytest.mark.parametrize(
     "config, kind",
-    [(SubTokenConfig(budget=0.25), "PrefillKV"), ("groups-only", "PackedKV")],
+    [(SubTokenConfig(budget=0.25, recipe=None), "PrefillKV"), ("groups-only", "PackedKV")],
     ids=["selects-tokens", "groups-only"],
 )
 def test_custom_attention_after_the_cache_gets_a_clear_error(custom_registered, config, kind):

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from hf_subtok import SubTokenCache, SubTokenConfig
 from tests.tiny_models import make_tiny_model, random_prompts
 
-CONFIGS = {"budget-0.25": SubTokenConfig(budget=0.25), "groups-only": "groups-only"}
+CONFIGS = {"budget-0.25": SubTokenConfig(budget=0.25, recipe=None), "groups-only": "groups-only"}
 
 
 def _model(implementation: str):

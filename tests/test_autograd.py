@@ -22,8 +22,8 @@ from tests.kernel_cases import Shape, make_packed
 from tests.tiny_models import make_tiny_model, random_prompts
 
 CONFIGS = {
-    "budget-0.1": SubTokenConfig(budget=0.1),
-    "budget-0.25": SubTokenConfig(budget=0.25),
+    "budget-0.1": SubTokenConfig(budget=0.1, recipe=None),
+    "budget-0.25": SubTokenConfig(budget=0.25, recipe=None),
     "groups-only": "groups-only",
 }
 PROMPT, STEPS = 300, 3

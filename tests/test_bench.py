@@ -104,7 +104,7 @@ def _tiny_config(tmp_path, methods, suites=("needle", "ppl")) -> BenchConfig:
 def tiny_run(tmp_path, tiny_chat_model, smollm_tokenizer, monkeypatch):
     # budgets on the value-group axis alone: 0.125 is then out of reach (whole keys)
     monkeypatch.setattr(
-        bench_apply, "subtok_config", lambda b, w, options=(): SubTokenConfig(budget=b, window=w, axes="groups")
+        bench_apply, "subtok_config", lambda b, w, options=(): SubTokenConfig(budget=b, window=64 if w is None else w, axes="groups", recipe=None)
     )
     methods = [MethodSpec("dense"), MethodSpec("subtok", 0.75), MethodSpec("subtok", 0.125)]
     config = _tiny_config(tmp_path, methods, suites=("needle", "ppl", "speed"))
@@ -151,12 +151,13 @@ def _held_bytes(cache) -> int:
 @pytest.mark.parametrize("budget", [0.75, 0.3, 0.1])
 def test_shared_prefill_gives_the_cache_of_a_real_prefill(tiny_chat_model, smollm_tokenizer, budget):
     ids = as_input_ids(build_needle_case(smollm_tokenizer, 300, 0.5, 0).prompt_ids)
-    config = bench_apply.subtok_config(budget, 64)
+    plain = (("recipe", None),)  # plain storage: _held_bytes reads the layers' own tensors
+    config = bench_apply.subtok_config(budget, 64, plain)
     real = SubTokenCache(tiny_chat_model, config)
     with torch.no_grad():
         tiny_chat_model(input_ids=ids, past_key_values=real, use_cache=True)
     prefill = dense_prefill(tiny_chat_model, ids, capture_hidden=False)
-    shared = bench_apply.build_cache(MethodSpec("subtok", budget), tiny_chat_model, prefill, window=64)
+    shared = bench_apply.build_cache(MethodSpec("subtok", budget, options=plain), tiny_chat_model, prefill, window=64)
     for ours, theirs in zip(shared.cache.layers, real.layers, strict=True):
         for name, tensor in theirs.stored_tensors().items():
             assert torch.equal(ours.stored_tensors()[name], tensor), name

@@ -152,7 +152,7 @@ class _Check(StoppingCriteria):
 @pytest.mark.parametrize("layout, dtype", CASES)
 def test_reported_bytes_are_the_bytes_held(layout, dtype, prompt_tokens):
     model = make_tiny_model("llama", dtype=dtype, head_dim=32)
-    config = SubTokenConfig(**layout) if isinstance(layout, dict) else layout
+    config = SubTokenConfig(**{"recipe": None, **layout}) if isinstance(layout, dict) else layout  # as named
     cache = SubTokenCache(model, config)
     config = cache.config
     check = _Check(cache, model_storages(model))

@@ -53,7 +53,7 @@ def test_each_chunk_is_packed_within_the_budget(name):
     """After every chunk past the floor the cache holds at most its budget of the dense bytes of
     the tokens seen so far: no chunk's dense keys and values outlive its forward."""
     model = make_tiny_model("llama", num_hidden_layers=3)
-    config = SubTokenConfig(**PRESETS[name]) if isinstance(name, str) else SubTokenConfig(budget=name)
+    config = SubTokenConfig(**PRESETS[name]) if isinstance(name, str) else SubTokenConfig(budget=name, recipe=None)
     cache = SubTokenCache(model, config)
     seen = []
     for tokens, report in _chunked_forward(model, cache, random_prompts(1, PROMPT_TOKENS), CHUNK):

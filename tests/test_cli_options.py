@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from hf_subtok import SubTokenConfig, cli
+from hf_subtok import SubTokenConfig, cli, recipes
 from hf_subtok.presets import PRESETS
 
 
@@ -26,12 +26,17 @@ def used_configs(monkeypatch, tiny_chat_model, smollm_tokenizer):
         "load_model_and_tokenizer",
         lambda model=None, **kw: (tiny_chat_model, smollm_tokenizer),
     )
-    configs = []
+    class Configs(list):
+        """The configs given, and in `in_force` the configs in force (recipe applied)."""
+
+    configs = Configs()
+    configs.in_force = []
 
     class Recording(hf_subtok.SubTokenCache):
         def __init__(self, model, config=None, *args, **kwargs):
             configs.append(config)
             super().__init__(model, config, *args, **kwargs)
+            configs.in_force.append(self.config)
 
     monkeypatch.setattr(hf_subtok, "SubTokenCache", Recording)
     return configs
@@ -69,8 +74,15 @@ def test_generate_builds_the_preset_with_the_given_fields(capsys, used_configs, 
 
 def test_a_preset_value_is_overridden_not_dropped(capsys, used_configs):
     assert cli.main(["generate", *PROMPT, "--preset", "aggressive", "--window", "32"]) == 0
-    config = used_configs[0]
-    assert (config.budget, config.bits, config.num_groups, config.window) == (0.125, "auto", 2, 32)
+    assert (used_configs[0].budget, used_configs[0].window) == (0.125, 32)
+    # in force: the table's recipe at 0.125 for a float32 model, the window given
+    row = recipes.recipe_for(0.125, "float32")
+    in_force = used_configs.in_force[0]
+    assert in_force.window == 32
+    assert {k: getattr(in_force, k) for k in row.fields if k != "window"} == {
+        k: v for k, v in row.fields.items() if k != "window"
+    }
+    assert f"recipe {row.candidate}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

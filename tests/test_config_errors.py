@@ -41,13 +41,13 @@ def test_num_groups_must_divide_head_dim():
 
 def test_budget_picks_keep_groups_and_refuses_unreachable():
     model = make_tiny_model("llama")  # head_dim 16, fp32: dense 128 bytes per token and head
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, budget=0.75, axes="groups"))
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=8, budget=0.75, axes="groups", recipe=None))
     # keep k costs (64 + 8k + k) bytes of 128: k=3 -> 0.7109, k=4 -> 0.78
     assert cache.keep_groups == 3
     with pytest.raises(ValueError, match="budget=0.3"):
-        SubTokenCache(model, SubTokenConfig(num_groups=8, budget=0.3, axes="groups"))
+        SubTokenCache(model, SubTokenConfig(num_groups=8, budget=0.3, axes="groups", recipe=None))
     with pytest.raises(ValueError, match="above budget"):
-        SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=8, budget=0.9, axes="groups"))
+        SubTokenCache(model, SubTokenConfig(num_groups=8, keep_groups=8, budget=0.9, axes="groups", recipe=None))
 
 
 def test_unknown_preset_and_wrong_type():
@@ -87,5 +87,5 @@ def test_triton_backend_without_triton_is_refused(monkeypatch):
 )
 def test_overrides_must_be_a_list(overrides):
     with pytest.raises(ValueError, match="overrides must be a list of dicts") as info:
-        SubTokenConfig(budget=0.3, overrides=overrides)
+        SubTokenConfig(budget=0.3, overrides=overrides, recipe=None)
     assert repr(overrides) in str(info.value)

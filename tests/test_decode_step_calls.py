@@ -64,7 +64,7 @@ def _step_calls(model, cache, prompt_tokens: int, steps: int = STEPS) -> list[Co
 
 
 def _config(name):
-    return name if isinstance(name, str) else SubTokenConfig(budget=name)
+    return name if isinstance(name, str) else SubTokenConfig(budget=name, recipe=None)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,12 @@ def test_decode_step_makes_no_host_sync(model, name):
     assert max(syncs) <= PACK_SYNCS_PER_LAYER * model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("name", ["groups-only", "balanced", "compact"])
+# every survivor in 2 bits, rotated, keys per channel: one storage format at any context length
+# (with bits="auto" a longer context may make a layer's plan pick other bits, and so other calls)
+TWO_BIT_ROTATED = SubTokenConfig(budget=0.1, bits=2, rotate=True, num_groups=2, window=16, pack_chunk=8, recipe=None)
+
+
+@pytest.mark.parametrize("name", ["groups-only", "balanced", TWO_BIT_ROTATED], ids=["groups-only", "balanced", "2bit"])
 def test_decode_step_calls_do_not_grow_with_the_context(model, name):
     """A step at 1,200 tokens makes the calls of a step at 600: nothing loops over tokens or chunks."""
     short = statistics.median(sum(c.values()) for c in _step_calls(model, SubTokenCache(model, name), 600))

@@ -75,7 +75,7 @@ def test_cache_with_expected_attention_generates_within_budget():
     model = make_tiny_model("qwen2")
     cache = SubTokenCache(
         model,  # no floor: at 30% of 200 tokens it would set the bytes
-        SubTokenConfig(budget=0.3, window=16, token_scorer="expected_attention", floor_tokens=0),
+        SubTokenConfig(budget=0.3, window=16, token_scorer="expected_attention", floor_tokens=0, recipe=None),
     )
     out = model.generate(
         random_prompts(2, 200), past_key_values=cache, max_new_tokens=20, do_sample=False

@@ -16,7 +16,7 @@ CONFIGS = [*PRESETS, 0.25, 0.1]
 def _config(name, **fields):
     if isinstance(name, str):
         return SubTokenConfig(**{**PRESETS[name], **fields})
-    return SubTokenConfig(budget=name, **fields)
+    return SubTokenConfig(budget=name, **fields, recipe=None)
 
 
 def _greedy(model, cache, ids, new_tokens, **kwargs):
@@ -37,7 +37,7 @@ def test_short_context_is_kept_exactly(name, dtype):
     with torch.no_grad():
         dense = model.generate(input_ids=ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=20,
                                do_sample=False, output_logits=True, return_dict_in_generate=True)
-        cache = SubTokenCache(model, name if isinstance(name, str) else SubTokenConfig(budget=name))
+        cache = SubTokenCache(model, name if isinstance(name, str) else SubTokenConfig(budget=name, recipe=None))
         ours = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=20, do_sample=False,
                               output_logits=True, return_dict_in_generate=True)
     assert torch.equal(ours.sequences, dense.sequences)
@@ -64,7 +64,7 @@ def test_context_growing_past_the_floor_is_compressed(name):
 def test_floor_sets_the_bytes_of_a_small_budget():
     """Just above the floor a budget of 1% holds `floor_tokens` dense tokens' bytes, not 1%."""
     model = make_tiny_model("llama")
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.01, floor_tokens=64, window=8))
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.01, floor_tokens=64, window=8, recipe=None))
     _greedy(model, cache, random_prompts(1, 100), 1)
     report = cache.memory_report()
     assert report["target_bytes"] == pytest.approx(report["dense_bytes"] * 64 / 100)
@@ -76,7 +76,7 @@ def test_budget_one_keeps_every_token():
     model = make_tiny_model("llama")
     ids = random_prompts(1, 300)
     expected = _greedy(model, DynamicCache(config=model.config), ids, 12)
-    cache = SubTokenCache(model, SubTokenConfig(budget=1.0))
+    cache = SubTokenCache(model, SubTokenConfig(budget=1.0, recipe=None))
     assert torch.equal(_greedy(model, cache, ids, 12), expected)
     assert cache.memory_report()["ratio"] == pytest.approx(1.0, abs=0.01)
 
@@ -84,7 +84,7 @@ def test_budget_one_keeps_every_token():
 @pytest.mark.parametrize("floor_tokens", [0, 128])
 def test_budget_below_one_token_is_refused(floor_tokens):
     model = make_tiny_model("llama")
-    cache = SubTokenCache(model, SubTokenConfig(budget=1e-6, floor_tokens=floor_tokens))
+    cache = SubTokenCache(model, SubTokenConfig(budget=1e-6, floor_tokens=floor_tokens, recipe=None))
     with pytest.raises(ValueError, match="budget=1e-06 leaves"):
         _greedy(model, cache, random_prompts(1, 300), 2)
 

@@ -96,7 +96,7 @@ def test_spread_heads_keep_more_tokens_than_focused_ones():
     keeps more tokens, head 0 at least its floor."""
     model = make_tiny_model("llama", num_hidden_layers=1)
     config = SubTokenConfig(
-        budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive", floor_tokens=0
+        budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive", floor_tokens=0, recipe=None
     )  # at 30% of 300 tokens the floor would set the bytes
     cache = SubTokenCache(model, config)
     layer, attention = cache.layers[0], model.model.layers[0].self_attn
@@ -122,7 +122,7 @@ def test_decode_attention_adds_to_each_tokens_own_head():
     """While decoding, a stored token's score grows by the attention its own head gave it."""
     model = make_tiny_model("llama", num_hidden_layers=1)
     config = SubTokenConfig(
-        budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive", floor_tokens=0
+        budget=0.3, num_groups=2, window=8, pack_chunk=4, head_budgets="adaptive", floor_tokens=0, recipe=None
     )  # the 120-token prompt is packed, not held dense below the floor
     cache = SubTokenCache(model, config)
     layer, attention = cache.layers[0], model.model.layers[0].self_attn
@@ -156,7 +156,7 @@ def test_decode_attention_adds_to_each_tokens_own_head():
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.1])
 def test_cache_with_head_budgets_stays_within_budget(budget, extra):
     config = SubTokenConfig(
-        budget=budget, num_groups=4, window=16, pack_chunk=8, head_budgets="adaptive", floor_tokens=0, **extra
+        budget=budget, num_groups=4, window=16, pack_chunk=8, head_budgets="adaptive", floor_tokens=0, **extra, recipe=None
     )  # the budget, not the short-context floor, sets the bytes of this 400-token context
     cache = decode_within_budget(make_tiny_model("qwen2"), config, prompt_tokens=400)
     report = cache.memory_report()
@@ -179,7 +179,7 @@ def test_shared_row_prompt_is_quantized_per_head_in_full_blocks():
     for head_budgets in ("uniform", "adaptive"):
         model = make_tiny_model("qwen2")
         config = SubTokenConfig(
-            budget=0.1, num_groups=2, window=16, bits=2, head_budgets=head_budgets, floor_tokens=0
+            budget=0.1, num_groups=2, window=16, bits=2, head_budgets=head_budgets, floor_tokens=0, recipe=None
         )  # at 10% of 600 tokens the floor would set the bytes
         cache = SubTokenCache(model, config)
         with torch.no_grad():
@@ -191,7 +191,7 @@ def test_shared_row_prompt_is_quantized_per_head_in_full_blocks():
 
 def test_generation_with_head_budgets_runs_and_stays_within_budget():
     model = make_tiny_model("qwen2")
-    config = SubTokenConfig(budget=0.3, num_groups=2, window=16, head_budgets="adaptive", floor_tokens=0)
+    config = SubTokenConfig(budget=0.3, num_groups=2, window=16, head_budgets="adaptive", floor_tokens=0, recipe=None)
     cache = SubTokenCache(model, config)  # no floor: the budget sets the bytes of these 200-token rows
     ids = random_prompts(2, 200)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False)

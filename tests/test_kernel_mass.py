@@ -95,7 +95,7 @@ def test_evicting_cache_decodes_through_the_kernel_with_the_same_tokens(monkeypa
     ids = random_prompts(1, 96).to(DEVICE)
     tokens = {}
     for backend in ("torch", "triton"):
-        config = SubTokenConfig(budget=0.4, num_groups=4, window=8, pack_chunk=4, bits=4, backend=backend, floor_tokens=0)
+        config = SubTokenConfig(budget=0.4, num_groups=4, window=8, pack_chunk=4, bits=4, backend=backend, floor_tokens=0, recipe=None)
         cache = SubTokenCache(model, config)
         tokens[backend] = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
         assert cache.memory_report()["ratio"] <= 0.4 * 1.01

@@ -24,7 +24,7 @@ def test_budget_override_fixes_those_layers_and_the_rest_share_what_is_left():
         window=16,
         floor_tokens=0,  # the budget, not the short-context floor, sets every layer's bytes
         layer_budgets="uniform",
-        overrides=[{"layers": "0-1", "budget": 0.4}],
+        overrides=[{"layers": "0-1", "budget": 0.4}], recipe=None,
     )
     cache = _prefill(4, config)
     report = cache.memory_report()
@@ -39,7 +39,7 @@ def test_budget_override_fixes_those_layers_and_the_rest_share_what_is_left():
 def test_budget_override_keeps_the_total_within_budget(layer_budgets):
     override = LayerOverride(first=3, last=3, budget=0.1)
     config = SubTokenConfig(
-        budget=0.25, window=16, floor_tokens=0, layer_budgets=layer_budgets, overrides=[override]
+        budget=0.25, window=16, floor_tokens=0, layer_budgets=layer_budgets, overrides=[override], recipe=None
     )
     cache = _prefill(4, config)
     report = cache.memory_report()
@@ -56,7 +56,7 @@ def test_scorer_override_takes_effect_on_its_layers_only():
     config = SubTokenConfig(
         budget=0.3,
         floor_tokens=0,
-        overrides=[{"layers": 1, "token_scorer": "streaming", "router": "value_norm"}],
+        overrides=[{"layers": 1, "token_scorer": "streaming", "router": "value_norm"}], recipe=None,
     )
     model = make_tiny_model("llama", num_hidden_layers=3)
     cache = SubTokenCache(model, config)
@@ -74,7 +74,7 @@ def test_later_override_wins():
         overrides=[
             {"layers": "0-2", "token_scorer": "key_norm"},
             {"layers": 2, "token_scorer": "streaming"},
-        ],
+        ], recipe=None,
     )
     settings = config.layer_settings(3)
     assert [s.token_scorer for s in settings] == ["key_norm", "key_norm", "streaming"]
@@ -87,7 +87,7 @@ def test_override_for_a_missing_layer_is_refused():
         ValueError, match=r"overrides\[0\] names layers 2\.\.5, but the model has 2 layers"
     ):
         SubTokenCache(
-            model, SubTokenConfig(budget=0.3, overrides=[{"layers": "2-5", "budget": 0.5}])
+            model, SubTokenConfig(budget=0.3, overrides=[{"layers": "2-5", "budget": 0.5}], recipe=None)
         )
 
 
@@ -112,24 +112,24 @@ def test_override_for_a_missing_layer_is_refused():
 )
 def test_bad_overrides_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
-        SubTokenConfig(budget=0.3, overrides=overrides)
+        SubTokenConfig(budget=0.3, overrides=overrides, recipe=None)
 
 
 def test_budget_overrides_that_starve_the_rest_are_refused():
-    config = SubTokenConfig(budget=0.25, overrides=[{"layers": "0-1", "budget": 0.9}])
+    config = SubTokenConfig(budget=0.25, overrides=[{"layers": "0-1", "budget": 0.9}], recipe=None)
     with pytest.raises(ValueError, match="leaving nothing"):
         config.layer_settings(3)
 
 
 def test_budget_override_needs_token_eviction():
     with pytest.raises(ValueError, match="overrides with a budget need"):
-        SubTokenConfig(keep_groups=4, overrides=[{"layers": 0, "budget": 0.5}])
+        SubTokenConfig(keep_groups=4, overrides=[{"layers": 0, "budget": 0.5}], recipe=None)
 
 
 def test_budget_overrides_that_push_the_rest_above_one_are_refused():
     # 3 x 0.9 - 0.1 = 2.6 left for 2 layers: 1.3 each, which no layer can hold
-    config = SubTokenConfig(budget=0.9, overrides=[{"layers": 0, "budget": 0.1}])
+    config = SubTokenConfig(budget=0.9, overrides=[{"layers": 0, "budget": 0.1}], recipe=None)
     with pytest.raises(ValueError, match=r"overrides \[\{'layers': 0, 'budget': 0.1\}\].*need budget 1\.300 each, above 1\.0"):
         config.layer_settings(3)
-    fits = SubTokenConfig(budget=0.75, overrides=[{"layers": 0, "budget": 0.5}])
+    fits = SubTokenConfig(budget=0.75, overrides=[{"layers": 0, "budget": 0.5}], recipe=None)
     assert [s.budget for s in fits.layer_settings(2)] == [0.5, 1.0]  # exactly 1.0 is allowed

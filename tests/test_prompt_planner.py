@@ -51,7 +51,7 @@ def test_adaptive_cache_moves_bytes_between_layers_within_the_budget():
     reports = {}
     for mode in ("uniform", "adaptive"):
         # no floor: at 20% of 400 tokens it would set the bytes of every layer
-        cache = SubTokenCache(model, SubTokenConfig(budget=0.2, window=16, layer_budgets=mode, floor_tokens=0))
+        cache = SubTokenCache(model, SubTokenConfig(budget=0.2, window=16, layer_budgets=mode, floor_tokens=0, recipe=None))
         with torch.no_grad():
             model(input_ids=ids, past_key_values=cache)
         reports[mode] = cache.memory_report()

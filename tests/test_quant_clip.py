@@ -105,7 +105,7 @@ def test_a_group_one_ulp_wide_keeps_its_exact_grid(scale_dtype):
     [("auto", 2, True), ("auto", 4, False), ("on", 4, True), ("off", 2, False), ("on", None, False)],
 )
 def test_value_clip_setting(value_clip, bits, clips):
-    config = SubTokenConfig(budget=0.2, num_groups=2, bits=bits, value_clip=value_clip)
+    config = SubTokenConfig(budget=0.2, num_groups=2, bits=bits, value_clip=value_clip, recipe=None)
     assert config.storage_format(64, 4).clip_values is clips
 
 
@@ -114,7 +114,7 @@ def test_cache_clips_values_not_keys_at_two_bits_by_default():
     ids = random_prompts(1, 300)
     caches = {}
     for value_clip in ("off", "auto"):
-        caches[value_clip] = SubTokenCache(model, SubTokenConfig(budget=0.2, num_groups=2, window=16, bits=2, value_clip=value_clip))
+        caches[value_clip] = SubTokenCache(model, SubTokenConfig(budget=0.2, num_groups=2, window=16, bits=2, value_clip=value_clip, recipe=None))
         with torch.no_grad():
             model(input_ids=ids, past_key_values=caches[value_clip])
     plain, clipped = caches["off"].layers[0], caches["auto"].layers[0]

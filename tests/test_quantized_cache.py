@@ -87,7 +87,7 @@ def test_budget_holds_with_quantized_storage_through_decoding(bits, budget, keys
     model = make_tiny_model("qwen2", **_WIDE)
     config = SubTokenConfig(
         budget=budget, bits=bits, num_groups=4, window=16, pack_chunk=8, key_quantization=keys,
-        floor_tokens=0,  # the budget, not the short-context floor, sets the bytes of 400 tokens
+        floor_tokens=0, recipe=None,  # the budget, not the short-context floor, sets the bytes of 400 tokens
     )
     try:
         cache = SubTokenCache(model, config)
@@ -109,7 +109,7 @@ def test_per_channel_key_tables_stay_bounded_while_decoding_evicts():
     """Decoding packs small blocks and evicts tokens from old ones: the tables never hold
     blocks no token uses, and the budget holds with them counted."""
     model = make_tiny_model("llama", **_WIDE)
-    config = SubTokenConfig(budget=0.1, bits=2, num_groups=4, window=16, pack_chunk=8, floor_tokens=0)
+    config = SubTokenConfig(budget=0.1, bits=2, num_groups=4, window=16, pack_chunk=8, floor_tokens=0, recipe=None)
     cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 300), past_key_values=cache)
@@ -127,7 +127,7 @@ def test_lower_precision_keeps_more_tokens_at_the_same_budget():
     model = make_tiny_model("llama", **_WIDE)
     kept = {}
     for bits in (None, 8, 4):
-        cache = SubTokenCache(model, SubTokenConfig(budget=0.2, bits=bits, num_groups=4, keep_groups=4, window=16))
+        cache = SubTokenCache(model, SubTokenConfig(budget=0.2, bits=bits, num_groups=4, keep_groups=4, window=16, recipe=None))
         with torch.no_grad():
             model(input_ids=random_prompts(1, 400), past_key_values=cache)
         kept[bits] = cache.memory_report()["tokens_packed"]
@@ -205,7 +205,7 @@ def test_fidelity_orders_bit_widths():
 
 def test_auto_bits_picks_a_precision_per_layer_within_budget():
     model = make_tiny_model("llama", num_hidden_layers=3, **_WIDE)
-    config = SubTokenConfig(budget=0.15, bits="auto", num_groups=4, window=16, floor_tokens=0)
+    config = SubTokenConfig(budget=0.15, bits="auto", num_groups=4, window=16, floor_tokens=0, recipe=None)
     cache = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(1, 400), past_key_values=cache)
@@ -221,10 +221,10 @@ def test_auto_bits_needs_a_token_budget():
 
 
 def test_auto_key_layout_is_per_channel_at_two_bits_only():
-    config = SubTokenConfig(budget=0.2, bits="auto")
+    config = SubTokenConfig(budget=0.2, bits="auto", recipe=None)
     layouts = {bits: config.storage_format(64, 4, bits).key_layout for bits in (8, 4, 2)}
     assert layouts == {8: "token", 4: "token", 2: "channel"}
-    forced = SubTokenConfig(budget=0.2, bits=4, key_quantization="channel")
+    forced = SubTokenConfig(budget=0.2, bits=4, key_quantization="channel", recipe=None)
     assert forced.storage_format(64, 4).channel_keys
 
 

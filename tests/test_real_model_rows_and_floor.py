@@ -35,7 +35,7 @@ def test_short_chat_prompts_get_the_dense_answer(smollm, dtype):
         for question in QUESTIONS:
             inputs = _chat(tokenizer, question)
             dense = _greedy(model, DynamicCache(config=model.config), inputs)
-            for config in [*PRESETS, SubTokenConfig(budget=0.25), SubTokenConfig(budget=0.1)]:
+            for config in [*PRESETS, SubTokenConfig(budget=0.25, recipe=None), SubTokenConfig(budget=0.1, recipe=None)]:
                 got = _greedy(model, SubTokenCache(model, config), inputs)
                 assert torch.equal(got, dense), (question, config, tokenizer.decode(got[0]))
     finally:

@@ -100,3 +100,12 @@ def test_the_cli_shows_the_shipped_table(capsys):
     for budget in ("0.25", "0.125", "0.1"):
         assert f"| float32 | {budget} |" in out and f"| bfloat16 | {budget} |" in out
     assert "recipes --search" in out
+
+
+def test_candidates_markdown_marks_the_chosen_one():
+    from hf_subtok.bench.recipe_search import candidates_markdown
+
+    group = [_measured("sharp", 0.1, 23, 24, 0.09), _measured("steady", 0.1, 21, 24, 0.01)]
+    text = candidates_markdown(group, choose(group))
+    assert "| 0.1 | **steady** |" in text and "| 0.1 | sharp |" in text
+    assert "+9.0%" in text and "0.88 (" in text  # sharp's legal change; steady's 21/24

@@ -94,7 +94,13 @@ def test_a_copy_keeps_its_changed_fields_and_takes_the_recipe_for_its_budget(cus
 
 
 def test_no_recipe_without_a_budget_below_one_or_with_recipe_none(custom_table):
-    for config in (SubTokenConfig(), SubTokenConfig(budget=1.0), SubTokenConfig(budget=0.1, recipe=None)):
+    for config in (
+        SubTokenConfig(),
+        SubTokenConfig(budget=1.0),
+        SubTokenConfig(budget=0.1, recipe=None),
+        SubTokenConfig(budget=0.25, axes="tokens"),  # the user chose what the budget cuts
+        SubTokenConfig(budget=0.75, axes="groups"),
+    ):
         cache = SubTokenCache(_model(), config)
         assert cache.recipe is None and cache.config == config
         assert cache.memory_report()["recipe"] is None

@@ -44,7 +44,7 @@ def test_evicting_cache_uses_the_learned_selector(router_dir, smollm_tokenizer):
     router = RouterAdapter.from_pretrained(router_dir)
     model = router.apply_lora(tiny_model(smollm_tokenizer))
     calls = _count_calls(router.modules.selectors[0])
-    config = SubTokenConfig(num_groups=4, budget=0.4, window=8, floor_tokens=0)
+    config = SubTokenConfig(num_groups=4, budget=0.4, window=8, floor_tokens=0, recipe=None)
     cache = SubTokenCache(model, config, router=router)
     model.generate(random_prompts(1, 80), past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert calls[0] == 1  # the prompt's tokens ranked once, at the end of the prefill

@@ -28,7 +28,7 @@ def test_ratio_never_exceeds_budget(budget, axes, dtype, layer_budgets):
     model = make_tiny_model("qwen2", dtype=dtype)
     # the budget, not the short-context floor, sets the bytes of this 400-token context
     config = SubTokenConfig(
-        budget=budget, axes=axes, window=16, pack_chunk=8, layer_budgets=layer_budgets, floor_tokens=0
+        budget=budget, axes=axes, window=16, pack_chunk=8, layer_budgets=layer_budgets, floor_tokens=0, recipe=None
     )
     cache = SubTokenCache(model, config)
     ids = random_prompts(2, 400)
@@ -63,7 +63,7 @@ def test_ten_thousand_decode_positions_stay_within_budget(layout):
     at a 16th of the calls and attention work. The last `pack_chunk` positions come one per
     call, as `generate` feeds them."""
     model = make_tiny_model("llama", num_hidden_layers=1)
-    config = SubTokenConfig(budget=0.25, window=32, pack_chunk=16, token_scorer="key_norm", **layout)
+    config = SubTokenConfig(budget=0.25, window=32, pack_chunk=16, token_scorer="key_norm", **layout, recipe=None)
     cache = SubTokenCache(model, config)
     layer = cache.layers[0]
     attention = model.model.layers[0].self_attn
@@ -108,7 +108,7 @@ def test_snapkv_keeps_the_token_the_queries_look_at():
 def test_overwhelming_token_survives_a_tiny_budget_in_the_model():
     """A token whose key dominates the attention of the last queries is never evicted."""
     model = make_tiny_model("llama", num_hidden_layers=1)
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.06, window=8, obs_window=8, floor_tokens=0))
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.06, window=8, obs_window=8, floor_tokens=0, recipe=None))
     layer = cache.layers[0]
     keys = torch.randn(1, 2, 400, 16)
     values = torch.randn(1, 2, 400, 16)
@@ -150,7 +150,7 @@ def _padded_generation(new_tokens: int = 4):
     """A batch of 2 prompts of 60 and 10 real tokens (row 1 left-padded) generated greedily
     through a cache that evicts (`floor_tokens=0`: the budget applies to these short rows)."""
     model = make_tiny_model("llama")
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=4, pack_chunk=2, floor_tokens=0))
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=4, pack_chunk=2, floor_tokens=0, recipe=None))
     ids = random_prompts(2, 60)
     mask = torch.ones_like(ids)
     mask[1, :50] = 0  # row 1 has 10 real tokens
@@ -204,7 +204,7 @@ def test_crop_is_refused_by_an_evicting_cache():
     tokens is gone, so any crop (into evicted tokens or within the window) raises and leaves
     the cache as it was."""
     model = make_tiny_model("llama")
-    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=8, pack_chunk=4, floor_tokens=0))
+    cache = SubTokenCache(model, SubTokenConfig(budget=0.5, window=8, pack_chunk=4, floor_tokens=0, recipe=None))
     with torch.no_grad():
         model(input_ids=random_prompts(1, 100), past_key_values=cache)
     seen = cache.get_seq_length()
@@ -221,9 +221,9 @@ def test_crop_is_refused_by_an_evicting_cache():
 
 def test_unknown_token_scorer_and_axes_are_refused():
     with pytest.raises(ValueError, match="token_scorer.*'oracle'"):
-        SubTokenConfig(budget=0.5, token_scorer="oracle")
+        SubTokenConfig(budget=0.5, token_scorer="oracle", recipe=None)
     with pytest.raises(ValueError, match="axes.*'heads'"):
-        SubTokenConfig(budget=0.5, axes="heads")
+        SubTokenConfig(budget=0.5, axes="heads", recipe=None)
 
 
 def test_plans_keep_a_share_of_uniform_weight_for_unseen_queries():

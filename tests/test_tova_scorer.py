@@ -105,7 +105,7 @@ def test_without_queries_is_refused():
 def test_registered_name_generates_within_budget():
     assert TOVAScorer.needs_queries and get_token_scorer("tova").name == "tova"
     model = make_tiny_model("llama")
-    config = SubTokenConfig(budget=0.25, token_scorer="tova")
+    config = SubTokenConfig(budget=0.25, token_scorer="tova", recipe=None)
     cache = SubTokenCache(model, config)
     prompt = random_prompts(1, 600)  # long enough that the short-prompt floor does not bind
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_registered_name_generates_within_budget():
 
 def test_left_padded_row_generates_as_its_prompt_alone():
     model = make_tiny_model("llama")
-    config = SubTokenConfig(budget=0.25, token_scorer="tova")
+    config = SubTokenConfig(budget=0.25, token_scorer="tova", recipe=None)
     long, short = random_prompts(1, 300, seed=3)[0], random_prompts(1, 200, seed=4)[0]
     ids = torch.zeros(2, 300, dtype=torch.long)
     mask = torch.zeros_like(ids)

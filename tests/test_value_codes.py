@@ -158,7 +158,7 @@ def test_an_evicting_cache_with_coded_values_uses_its_budget_and_stays_within_it
     cache holds at most its budget while decoding, and after the prompt most of it."""
     model = make_tiny_model("llama", **_WIDE)
     # the budget, not the short-context floor, sets the bytes of 300 tokens
-    config = SubTokenConfig(num_groups=2, budget=0.07, window=8, bits=bits, value_codes=16, floor_tokens=0)
+    config = SubTokenConfig(num_groups=2, budget=0.07, window=8, bits=bits, value_codes=16, floor_tokens=0, recipe=None)
     cache = decode_within_budget(model, config, prompt_tokens=300)
     assert all(isinstance(row.packed_values, CodedTensor) for row in cache.layers[0].rows)
     fresh = SubTokenCache(model, config)
@@ -172,7 +172,7 @@ def test_a_codebook_larger_than_the_budget_keeps_no_tokens_and_holds_no_words():
     no packed token, and the empty store's codebook takes no memory of its own."""
     model = make_tiny_model("llama", **_WIDE)
     config = SubTokenConfig(
-        num_groups=1, budget=0.15, window=8, bits=4, value_codes=256, code_piece=8, floor_tokens=0
+        num_groups=1, budget=0.15, window=8, bits=4, value_codes=256, code_piece=8, floor_tokens=0, recipe=None
     )
     cache = SubTokenCache(model, config)
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_pieces_that_do_not_fit_a_value_group_are_refused(piece, words):
 def test_with_key_tables_each_token_is_priced_without_the_rows_codebooks():
     """Keys per channel: what fits a row is its tables and codebooks once, then whole tokens."""
     model = make_tiny_model("llama", **_WIDE)
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=2, budget=0.15, window=8, bits=2, value_codes=16))
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=2, budget=0.15, window=8, bits=2, value_codes=16, recipe=None))
     with torch.no_grad():
         model(input_ids=random_prompts(1, 100), past_key_values=cache)
     layer, blocks, runs = cache.layers[0], 6, 9
@@ -258,7 +258,7 @@ def test_the_token_count_a_row_can_hold_leaves_room_for_its_codebooks():
     """Keys per token (no key tables): what fits a row's bytes is its codebooks, then whole
     tokens."""
     model = make_tiny_model("llama", **_WIDE)
-    cache = SubTokenCache(model, SubTokenConfig(num_groups=2, budget=0.15, window=8, bits=4, value_codes=16))
+    cache = SubTokenCache(model, SubTokenConfig(num_groups=2, budget=0.15, window=8, bits=4, value_codes=16, recipe=None))
     with torch.no_grad():
         model(input_ids=random_prompts(1, 100), past_key_values=cache)
     layer = cache.layers[0]
