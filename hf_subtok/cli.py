@@ -29,6 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from hf_subtok.bench.runner import DEFAULT_BUDGETS, DTYPES, QUICK_BUDGETS, SUITES
+    from hf_subtok.model_classes import ARCHITECTURES
 
     parser = _Parser(prog="hf-subtok", description="Sub-token KV-cache compression for transformers' generate().")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench_out", help="output folder (JSONL, JSON, Markdown, PNG)")
     bench.add_argument("--restart", action="store_true", help="ignore finished cases in --out instead of resuming")
     bench.add_argument("--model", default=None, help="model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    bench.add_argument(
+        "--architecture", default=None, choices=ARCHITECTURES,
+        help="run a Llama checkpoint's weights in this model class (same math; default: the checkpoint's own class)",
+    )
     bench.add_argument(
         "--dtype", default="float32", choices=DTYPES,
         help="dtype the model runs in; every stored/dense ratio is against the dense cache in it (default float32)",
@@ -199,6 +204,7 @@ def bench_config_from_args(args) -> object:
         "window": _non_negative("window", args.window),
         "out_dir": args.out,
         "model": args.model,
+        "architecture": args.architecture,
         "dtype": args.dtype,
         "restart": args.restart,
     }

@@ -79,6 +79,7 @@ def load_model_and_tokenizer(
     *,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    architecture: str | None = None,
 ):
     """Load a causal LM in eval mode and its tokenizer (pad token set, left padding).
 
@@ -87,15 +88,24 @@ def load_model_and_tokenizer(
             Hub id or a local folder passed to ``from_pretrained``.
         dtype: dtype of the weights.
         device: device the model is moved to.
+        architecture: ``None`` for the class the checkpoint names (Llama for the embedded
+            model); ``"llama"``, ``"mistral"`` or ``"qwen2"`` to run a Llama checkpoint's weights
+            in that class (``hf_subtok.model_classes.as_architecture``: same math).
 
     Returns:
         ``(model, tokenizer)``.
 
     Raises:
-        ValueError: the model cannot be found or loaded, or the embedded model's packages
-            are missing (the message names the pip command).
+        ValueError: the model cannot be found or loaded, the embedded model's packages
+            are missing (the message names the pip command), or ``architecture`` is unknown or
+            cannot carry the checkpoint's config.
     """
     from transformers import AutoModelForCausalLM
+
+    from hf_subtok.model_classes import ARCHITECTURES, as_architecture
+
+    if architecture is not None and architecture not in ARCHITECTURES:  # before minutes of loading
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)} or None, got {architecture!r}")
 
     if _is_embedded(model):
         path = embedded_model_dir()
@@ -106,6 +116,8 @@ def load_model_and_tokenizer(
             lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
         except (OSError, ValueError) as e:
             raise _load_error(model, e) from e
+    if architecture is not None:
+        lm = as_architecture(lm, architecture)
     return lm.to(device).eval(), load_tokenizer(model)
 
 
@@ -137,12 +149,13 @@ def load_tokenizer(model: str | None = None):
 
 
 def model_fingerprint(model) -> dict:
-    """Identify a model in reports: name, architecture and KV-cache geometry."""
+    """Identify a model in reports: name, architecture (model type and class) and KV-cache geometry."""
     cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads
     return {
         "name_or_path": model.name_or_path,
         "model_type": cfg.model_type,
+        "model_class": type(model).__name__,
         "num_layers": cfg.num_hidden_layers,
         "num_heads": heads,
         "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,

@@ -176,6 +176,7 @@ def test_fingerprint(smollm):
     assert model_fingerprint(model) == {
         "name_or_path": DEFAULT_MODEL,
         "model_type": "llama",
+        "model_class": "LlamaForCausalLM",
         "num_layers": 30,
         "num_heads": 9,
         "num_kv_heads": 3,

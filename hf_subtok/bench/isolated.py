@@ -31,8 +31,10 @@ def _call(fn, threads: int, log_level: int, args: tuple):
     return fn(*args)
 
 
-def load_model(model_name: str | None, dtype: str, device: str = "cpu", *, kvpress: bool = False):
-    """`(model, tokenizer)` loaded by name in `dtype` on `device`, weights paged in.
+def load_model(model_name: str | None, dtype: str, device: str = "cpu", *, kvpress: bool = False,
+               architecture: str | None = None):
+    """`(model, tokenizer)` loaded by name in `dtype` on `device` (in the `architecture` class,
+    see `load_model_and_tokenizer`), weights paged in.
 
     With `kvpress`, kvpress is imported first (before any `SubTokenCache` registers its
     attention; see `kvpress_methods.import_kvpress`).
@@ -43,7 +45,8 @@ def load_model(model_name: str | None, dtype: str, device: str = "cpu", *, kvpre
         import_kvpress()
     from hf_subtok.model_loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype=getattr(torch, dtype), device=device)
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype=getattr(torch, dtype), device=device,
+                                                architecture=architecture)
     with torch.no_grad():  # page the (memory-mapped) weights in before anything is measured
         model(input_ids=torch.ones(1, 8, dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)
     return model, tokenizer

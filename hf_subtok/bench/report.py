@@ -183,7 +183,8 @@ def notes(meta: dict, rows: list[dict]) -> str:
     model = meta.get("model", {})
     if model:
         lines.append(
-            f"- model: {model.get('name_or_path')} ({model.get('num_layers')} layers, "
+            f"- model: {model.get('name_or_path')} as {model.get('model_class') or model.get('model_type')} "
+            f"({model.get('num_layers')} layers, "
             f"{model.get('num_kv_heads')} KV heads, head_dim {model.get('head_dim')}, {model.get('dtype')})"
         )
     if meta.get("command"):

@@ -16,6 +16,7 @@ from hf_subtok.bench.apply import check_subtok_reachable
 from hf_subtok.bench.methods import MethodSpec, kvpress_available
 from hf_subtok.bench.resume import ResultStore, code_fingerprint, run_id
 from hf_subtok.bench.ruler import FAMILIES as RULER_FAMILIES
+from hf_subtok.model_classes import ARCHITECTURES, as_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class BenchConfig:
     window: int | None = None  # subtok's dense window; None: the config's (or its recipe's)
     out_dir: str = "bench_out"
     model: str | None = None
+    architecture: str | None = None  # None: the checkpoint's class; llama/mistral/qwen2: a Llama's weights in it
     dtype: str = "float32"  # the model runs in it; every ratio is against the dense cache in it
     quick: bool = False
     restart: bool = False
@@ -84,6 +86,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.architecture is not None and self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)} or None, got {self.architecture!r}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
         for name in ("memory_repeats", "memory_new_tokens"):
@@ -224,7 +228,8 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
 
     Args:
         config: the grid and output folder.
-        model, tokenizer: already loaded ones (tests), else `config.model` is loaded.
+        model, tokenizer: already loaded ones (tests; `config.architecture` re-houses the model), else
+            `config.model` is loaded.
         command: the command line, quoted in the report.
 
     Returns:
@@ -241,10 +246,14 @@ def run_bench(config: BenchConfig, model=None, tokenizer=None, *, command: str |
     if model is None:
         from hf_subtok.model_loading import load_model_and_tokenizer
 
-        logger.info("Loading model %s in %s", config.model or "(embedded default)", config.dtype)
-        model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.torch_dtype)
+        logger.info("Loading model %s in %s (class: %s)", config.model or "(embedded default)", config.dtype,
+                    config.architecture or "the checkpoint's")
+        model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.torch_dtype,
+                                                    architecture=config.architecture)
     elif model.dtype != config.torch_dtype:
         raise ValueError(f"dtype={config.dtype!r} but the model given runs in {str(model.dtype).removeprefix('torch.')}")
+    elif config.architecture is not None:
+        model = as_architecture(model, config.architecture)  # unchanged when already of that class
     from hf_subtok.model_loading import model_fingerprint
 
     fingerprint = model_fingerprint(model)

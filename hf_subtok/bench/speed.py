@@ -34,9 +34,10 @@ def units(config, methods) -> int:
     return len(config.speed_lengths) * len(speed_methods(config, methods))
 
 
-def _worker(model_name, spec: MethodSpec, ids: list[int], match, window: int | None, new_tokens: int, dtype: str) -> dict:
+def _worker(model_name, spec: MethodSpec, ids: list[int], match, window: int | None, new_tokens: int, dtype: str,
+            architecture: str | None = None) -> dict:
     """`run_method` in a fresh process, so its peak RSS is this method's alone."""
-    model, _ = load_model(model_name, dtype, kvpress=spec.family == "kvpress")
+    model, _ = load_model(model_name, dtype, kvpress=spec.family == "kvpress", architecture=architecture)
     with PeakRSS() as peak:
         result = run_method(model, spec, torch.tensor([ids]), match, window, new_tokens)
     result.update(peak_rss_mb=peak.peak_mb, rss_before_mb=peak.start_mb,
@@ -46,7 +47,7 @@ def _worker(model_name, spec: MethodSpec, ids: list[int], match, window: int | N
 
 def _run_isolated(ctx, spec, ids, match) -> dict:
     return run_fresh(_worker, ctx.config.model, spec, ids[0].tolist(), match, ctx.config.window,
-                     ctx.config.speed_new_tokens, ctx.config.dtype)
+                     ctx.config.speed_new_tokens, ctx.config.dtype, ctx.config.architecture)
 
 
 def _run_here(ctx, spec, ids, match) -> dict:

@@ -123,9 +123,9 @@ def measure_case(model, spec: MethodSpec, ids: torch.Tensor, match: float | None
 
 
 def _fresh_worker(model_name, dtype: str, device: str, spec: MethodSpec, ids: list[list[int]], match, window: int | None,
-                  new_tokens: int, wanted: list[str]) -> dict:
+                  new_tokens: int, wanted: list[str], architecture: str | None = None) -> dict:
     """`measure_case` in a fresh process: the model loaded by name there, nothing else."""
-    model, _ = load_model(model_name, dtype, device, kvpress=spec.family == "kvpress")
+    model, _ = load_model(model_name, dtype, device, kvpress=spec.family == "kvpress", architecture=architecture)
     return measure_case(model, spec, torch.tensor(ids, device=device), match, window, new_tokens, wanted)
 
 
@@ -133,7 +133,7 @@ def _measure(ctx, spec: MethodSpec, ids: torch.Tensor, match: float | None) -> d
     config = ctx.config
     if ctx.isolate:
         result = run_fresh(_fresh_worker, config.model, config.dtype, config.device, spec, ids.tolist(), match,
-                           config.window, config.memory_new_tokens, phases(config))
+                           config.window, config.memory_new_tokens, phases(config), config.architecture)
         return {**result, "process": "fresh"}
     result = measure_case(ctx.model, spec, ids.to(ctx.model.device), match, config.window, config.memory_new_tokens,
                           phases(config))
