@@ -4,7 +4,8 @@ Grammar of one item of `--methods` (comma separated, case-insensitive):
 
 - `dense`: transformers' `DynamicCache`, nothing compressed.
 - `subtok` or `subtok@B`: `SubTokenCache(SubTokenConfig(budget=B))` at every budget of
-  `--budgets`, or at `B` only.
+  `--budgets`, or at `B` only: what a user gets from the budget alone (the recipe table's row
+  for B, `hf_subtok.recipes`); `subtok:recipe=none@B` is token eviction alone.
 - `subtok:VARIANT` or `subtok:VARIANT@B`: the same with `SubTokenConfig` fields overridden
   (ablations). VARIANT is `key=value` pairs joined by `+`, any field of `SubTokenConfig`
   but `budget` (e.g. `subtok:axes=tokens@0.25`, `subtok:axes=groups+token_scorer=key_norm`),
