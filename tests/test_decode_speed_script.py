@@ -18,7 +18,7 @@ def test_configs_are_parsed_into_named_subtoken_configs(script):
     configs = script.configured([text])
     assert list(configs) == [f"subtok {text}"]
     assert configs[f"subtok {text}"] == SubTokenConfig(
-        axes="groups", num_groups=1, keep_groups=1, bits=2, value_codes=16, window=4, budget=0.07, recipe=None
+        axes="groups", num_groups=1, keep_groups=1, bits=2, value_codes=16, window=4, budget=0.07
     )
 
 
