@@ -33,7 +33,7 @@ class SubTokenCache(Cache):
 
     ```python
     cache = SubTokenCache(model, budget=0.1)  # a tenth of the dense bytes, the table's recipe
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=64)
     cache.memory_report()["ratio"]
     ```
 
@@ -62,7 +62,7 @@ class SubTokenCache(Cache):
     def __init__(self, model, config: SubTokenConfig | str | None = None, router=None, **fields):
         check_supported(model)
         config = resolve_config(config, fields)
-        pinned = set(config.given_fields)
+        pinned = set(config.given_fields)  # taken before `replace`, which names every field
         if router is not None and "num_groups" not in pinned:
             config = dataclasses.replace(config, num_groups=router.config.num_groups)
             pinned.add("num_groups")

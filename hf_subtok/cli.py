@@ -181,7 +181,13 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 def bench_config_from_args(args) -> object:
     """A validated `BenchConfig` from `bench` arguments (raises ValueError on bad values)."""
-    from hf_subtok.bench.methods import parse_budgets, parse_ints, parse_methods, parse_suites
+    from hf_subtok.bench.methods import (
+        parse_budgets,
+        parse_depths,
+        parse_ints,
+        parse_methods,
+        parse_suites,
+    )
     from hf_subtok.bench.runner import (
         DEFAULT_BUDGETS,
         OPTIONAL_SUITES,
@@ -211,7 +217,7 @@ def bench_config_from_args(args) -> object:
     if args.lengths:
         overrides["needle_lengths"] = parse_ints("lengths", args.lengths, low=64)
     if args.depths:
-        overrides["needle_depths"] = _depths(args.depths)
+        overrides["needle_depths"] = parse_depths(args.depths)
     if args.seeds:
         overrides["needle_seeds"] = parse_ints("seeds", args.seeds, low=0)
     if args.ppl_prefix:
@@ -244,19 +250,6 @@ def bench_methods(methods: str | None, suites: list[str]) -> str:
     if set(suites) <= set(throughput.SUITES):
         return throughput.default_methods()
     return "dense,subtok,kvpress"
-
-
-def _depths(text: str) -> list[float]:
-    depths = []
-    for item in text.split(","):
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(f"depths must be numbers in [0, 1], got {item!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"depths must be in [0, 1], got {item!r}")
-        depths.append(value)
-    return depths
 
 
 def _non_negative(name: str, value: int | None) -> int | None:

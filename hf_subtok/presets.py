@@ -5,7 +5,7 @@ from __future__ import annotations
 from hf_subtok.config import SubTokenConfig
 
 # Named points of the budget -> recipe table (`hf_subtok.recipes`): each sets a budget, and the
-# table gives the recipe measured best there for the model's dtype (BENCHMARKS.md, "Recipes").
+# table gives the recipe measured best there for the model's dtype (BENCHMARKS.md, first section).
 PRESET_BUDGETS: dict[str, float] = {
     "balanced": 0.25,  # a quarter of the dense bytes
     "aggressive": 0.125,  # an eighth

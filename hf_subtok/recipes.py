@@ -19,6 +19,7 @@ import logging
 import math
 from dataclasses import dataclass, fields, replace
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -64,11 +65,20 @@ def table_dtype(dtype: torch.dtype | str) -> str:
     return "bfloat16" if name in ("bfloat16", "float16") else "float32"
 
 
+def table_path() -> Path:
+    """Where the shipped table lives (`hf_subtok/data/recipes.json`)."""
+    return Path(str(resources.files("hf_subtok") / "data" / TABLE_FILE))
+
+
+def read_table(path: str | Path) -> dict:
+    """The table in the JSON file at `path` (see `parse_table`)."""
+    return parse_table(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
 @functools.cache
 def load_table() -> dict:
     """The shipped table: `{"generated": {...}, "recipes": {dtype: [Recipe, ...]}}`, rows by budget."""
-    text = (resources.files("hf_subtok") / "data" / TABLE_FILE).read_text(encoding="utf-8")
-    return parse_table(json.loads(text))
+    return read_table(table_path())
 
 
 def parse_table(data: dict) -> dict:
@@ -86,16 +96,16 @@ def parse_table(data: dict) -> dict:
     return {"generated": data.get("generated", {}), "recipes": recipes}
 
 
-def recipe_for(budget: float, dtype: torch.dtype | str, table: dict | None = None) -> Recipe:
+def recipe_for(budget: float, dtype: torch.dtype | str) -> Recipe:
     """The recipe of the row nearest to `budget` (log scale) in `dtype`'s table."""
-    rows = (table or load_table())["recipes"].get(table_dtype(dtype))
+    rows = load_table()["recipes"].get(table_dtype(dtype))
     if not rows:
         raise ValueError(f"the recipe table has no rows for dtype {table_dtype(dtype)!r}")
     return min(rows, key=lambda r: abs(math.log(r.budget / budget)))
 
 
 def apply_recipe(
-    config: SubTokenConfig, dtype: torch.dtype | str, pinned=frozenset(), table: dict | None = None
+    config: SubTokenConfig, dtype: torch.dtype | str, pinned=frozenset()
 ) -> tuple[SubTokenConfig, Recipe | None]:
     """`config` with its unset fields taken from the recipe for its budget and `dtype`.
 
@@ -109,7 +119,7 @@ def apply_recipe(
     """
     if config.recipe is None or config.budget is None or config.budget >= 1.0 or config.axes != "both":
         return config, None
-    chosen = recipe_for(config.budget, dtype, table)
+    chosen = recipe_for(config.budget, dtype)
     keep = config.given_fields | set(pinned)
     changes = {name: value for name, value in chosen.fields.items() if name not in keep}
     try:

@@ -109,6 +109,20 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
+def parse_depths(text: str) -> list[float]:
+    """`"0.1,0.5,0.9"` -> `[0.1, 0.5, 0.9]`; each depth must be a number in [0, 1]."""
+    depths = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"depths must be numbers in [0, 1], got {item!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"depths must be in [0, 1], got {item!r}")
+        depths.append(value)
+    return depths
+
+
 def parse_methods(
     text: str,
     budgets: list[float],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 from pathlib import Path
@@ -44,7 +43,7 @@ def add_recipes_parser(subparsers) -> argparse.ArgumentParser:
 def run_recipes(args, argv: list[str]) -> str:
     """The table as Markdown; with `--search`, measured again and written first."""
     from hf_subtok import recipes
-    from hf_subtok.bench.methods import parse_budgets, parse_ints
+    from hf_subtok.bench.methods import parse_budgets, parse_depths, parse_ints
     from hf_subtok.bench.recipe_search import (
         candidates_markdown,
         choose,
@@ -55,12 +54,12 @@ def run_recipes(args, argv: list[str]) -> str:
         write_table,
     )
 
-    path = Path(args.table) if args.table else Path(recipes.__file__).parent / "data" / recipes.TABLE_FILE
+    path = Path(args.table) if args.table else recipes.table_path()
     if args.search:
         grid = {
             "budgets": parse_budgets(args.budgets),
             "needle_lengths": parse_ints("lengths", args.lengths, low=64),
-            "needle_depths": [float(d) for d in args.depths.split(",")],
+            "needle_depths": parse_depths(args.depths),
             "needle_seeds": parse_ints("seeds", args.seeds, low=0),
             "ppl_prefixes": parse_ints("ppl-prefix", args.ppl_prefix, low=64),
             "ppl_eval_tokens": args.ppl_tokens,
@@ -79,7 +78,7 @@ def run_recipes(args, argv: list[str]) -> str:
         searched = f"Every candidate ({args.dtype}; chosen in bold):\n\n{candidates_markdown(measured, chosen)}\n\n"
     else:
         searched = ""
-        table = recipes.parse_table(json.loads(path.read_text()))
+        table = recipes.read_table(path)
     commands = "\n".join(
         f"- {dtype}: `{g.get('command')}` (commit {g.get('commit')}, {g.get('date')}, {g.get('model')})"
         for dtype, g in table["generated"].items()
