@@ -94,8 +94,7 @@ def test_decode_step_makes_no_host_sync(model, name):
     cache = SubTokenCache(model, _config(name))
     counts = _step_calls(model, cache, 600)
     syncs = [c["_local_scalar_dense"] for c in counts]
-    channel_keys = cache.layers[0].storage.channel_keys
-    if not channel_keys:
+    if not any(layer.storage.channel_keys for layer in cache.layers):  # a plan may differ by layer
         assert syncs == [0] * len(syncs)
         return
     median = statistics.median(_compute(c) for c in counts)

@@ -11,20 +11,22 @@ import torch
 
 from hf_subtok.formats import SCORE_BYTES, StorageFormat
 from hf_subtok.storage.packing import _finite_top
-from hf_subtok.storage.tensors import fidelity_of, quantization_norms
+from hf_subtok.storage.tensors import ObservedQueries, fidelity_of, quantization_norms
 from hf_subtok.views import PrefillKV
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptEvidence:
     """A layer's scored prompt: `[B, Hkv, T, D]` keys/values, `[B, Hkv, T]` token scores,
-    `[B, Hkv, n_pack, G]` group scores of the `n_pack` oldest tokens (those to pack)."""
+    `[B, Hkv, n_pack, G]` group scores of the `n_pack` oldest tokens (those to pack), and the
+    queries that observed it (None without an observation), which weigh quantization errors."""
 
     keys: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
     group_scores: torch.Tensor
     n_pack: int
+    observed: ObservedQueries | None = None
 
 
 class Eviction:
@@ -94,7 +96,10 @@ class Eviction:
         group_scores = self._score_groups(
             keys[..., :n_pack, :], values[..., :n_pack, :], scores[..., :n_pack]
         )
-        self._prompt = PromptEvidence(keys, values, scores, group_scores, n_pack)
+        observed = None
+        if observation is not None:
+            observed = ObservedQueries(observation.queries, observation.scaling, observation.key_valid)
+        self._prompt = PromptEvidence(keys, values, scores, group_scores, n_pack, observed)
         self._check_budget_affords_a_token()
         if self.planner is None or self._floor_binds():
             self.pack_prompt(None)
@@ -108,7 +113,7 @@ class Eviction:
             prompt.scores[..., : prompt.n_pack],
             prompt.group_scores,
             self._storage_choices(
-                prompt.keys[..., : prompt.n_pack, :], prompt.values[..., : prompt.n_pack, :]
+                prompt.keys[..., : prompt.n_pack, :], prompt.values[..., : prompt.n_pack, :], prompt.observed
             ),
             self._plan_candidates(),
         )
@@ -134,6 +139,7 @@ class Eviction:
             scores[..., :n_pack],
             prompt.group_scores,
             plan=True,
+            observed=prompt.observed,
         )
         self.window.reserve(self._window_cap)  # decode steps write the window in place
         self.window.hold(keys[..., n_pack:, :], values[..., n_pack:, :], _finite_top(scores[..., n_pack:]))
@@ -225,14 +231,17 @@ class Eviction:
         matrices = 4 * (self.head_dim**2 + self.storage.width**2)
         return matrices / self.layers_sharing / (self.window_keys.shape[0] * self.num_heads)
 
-    def _storage_choices(self, keys: torch.Tensor, values: torch.Tensor) -> list[tuple[StorageFormat, float]]:
-        """The precisions the plan may pick, each with its fidelity on these keys and values."""
+    def _storage_choices(
+        self, keys: torch.Tensor, values: torch.Tensor, observed: ObservedQueries | None
+    ) -> list[tuple[StorageFormat, float]]:
+        """The precisions the plan may pick, each with its fidelity on these keys and values
+        (as the `observed` queries would read them, when given)."""
         formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
         trials = [f for f in formats if f.bits is not None]
         if len(formats) == 1 or not trials or keys.shape[-2] == 0:
             return [(f, 1.0) for f in formats]
         # every trial's norms read on the host in one transfer, not four syncs per format
-        norms = iter(torch.stack([quantization_norms(keys, values, f) for f in trials]).double().tolist())
+        norms = iter(torch.stack([quantization_norms(keys, values, f, observed=observed) for f in trials]).double().tolist())
         return [(f, 1.0 if f.bits is None else fidelity_of(next(norms))) for f in formats]
 
     def _plan_candidates(self) -> list[int]:

@@ -12,6 +12,7 @@ from hf_subtok.kernels import pack_value_groups
 from hf_subtok.quant import CodedTensor, extend_channels
 from hf_subtok.quant.gather import take_rows
 from hf_subtok.storage.tensors import (
+    ObservedQueries,
     Stored,
     cat_stored,
     flatten_heads,
@@ -121,8 +122,11 @@ class Packing:
         scores: torch.Tensor,
         group_scores: torch.Tensor | None,
         plan: bool,
+        observed: ObservedQueries | None = None,
     ) -> None:
-        """Merge `[B, Hkv, T, D]` candidates into the packed tokens, keeping the best that fit."""
+        """Merge `[B, Hkv, T, D]` candidates into the packed tokens, keeping the best that fit
+        (with `plan`, after choosing the layer's groups and precision: quantization weighed by
+        the `observed` queries' attention output when given)."""
         if group_scores is None:
             group_scores = self._score_groups(keys, values, scores)  # [B, Hkv, T, G]
         behind_window = self.packed_positions + keys.shape[-2]
@@ -133,7 +137,7 @@ class Packing:
                 scores,
                 group_scores,
                 row_bytes,
-                self._storage_choices(keys, values),
+                self._storage_choices(keys, values, observed),
                 self._plan_candidates(),
                 WIDE_FRACTIONS if self.config.span == "adaptive" else (),
             )

@@ -11,6 +11,7 @@ codes and scales and leaves its codebook in place.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -172,6 +173,17 @@ def _device(device) -> torch.device:
     return torch.device("cpu") if device is None else torch.device(device)
 
 
+@dataclass(frozen=True)
+class ObservedQueries:
+    """The prompt's last queries as the attention function saw them: `queries` `[B, Hq, W, D]`
+    (RoPE applied), `scaling` the softmax scale, `key_valid` `[B, T]` over the prompt's tokens
+    (False: left padding) or None. (Storage reads them without importing the scorers' `Observation`.)"""
+
+    queries: torch.Tensor
+    scaling: float
+    key_valid: torch.Tensor | None = None
+
+
 # Tokens (the last ones) a fidelity trial quantizes: the trial was 57% of a profiled prefill at
 # 1,024 (issue 21.4). On SmolLM2-135M-Instruct (float32, `balanced`, the haystack text) 256
 # picks the same (K, bits, tokens) in all 30 layers as 1,024 at 1k and 4k tokens; 128 changed
@@ -180,36 +192,72 @@ FIDELITY_SAMPLE = 256
 
 
 def quantization_fidelity(
-    keys: torch.Tensor, values: torch.Tensor, storage: StorageFormat, sample: int = FIDELITY_SAMPLE
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    storage: StorageFormat,
+    sample: int = FIDELITY_SAMPLE,
+    observed: ObservedQueries | None = None,
 ) -> float:
-    """`1 - mean(|x - Q(x)| / |x|)` over `[B, Hkv, T, D]` keys and values (at most `sample`
-    tokens), quantized as `storage` would; 1.0 for unquantized storage.
+    """The share of a layer's signal `storage` keeps on `[B, Hkv, T, D]` keys and values (at
+    most the last `sample` tokens); 1.0 for unquantized storage.
 
-    The relative error itself, not its square: an error in a key moves every attention logit
-    it enters, so 2-bit storage (about 0.4 relative error) must keep far more tokens than 4-bit
-    (about 0.08) to be worth it, as measured on SmolLM2 (BENCHMARKS.md)."""
+    With the prompt's `observed` queries: `1 - |o_q - o| / |o|`, where `o` is the attention
+    output of those queries over those tokens and `o_q` the same over their quantized keys and
+    values. The output, not the tensors, is what the model reads: an error in a key moves every
+    logit it enters, by more where attention is sharp. On SmolLM2-135M-Instruct (legal text,
+    4k, rotated) 2-bit keys have 0.18-0.26 relative error but move the output by 0.18-0.64,
+    while the tensor-norm measure below let the plan pick 2 bits in 21 of 30 layers and
+    perplexity rose 5% where 4 bits everywhere lost nothing (BENCHMARKS.md).
+
+    Without it (a scorer that needs no queries): `1 - mean(|x - Q(x)| / |x|)` over keys and
+    values."""
     if storage.bits is None or keys.shape[-2] == 0:
         return 1.0
-    return fidelity_of(quantization_norms(keys, values, storage, sample).double().tolist())
+    return fidelity_of(quantization_norms(keys, values, storage, sample, observed).double().tolist())
 
 
 def quantization_norms(
-    keys: torch.Tensor, values: torch.Tensor, storage: StorageFormat, sample: int = FIDELITY_SAMPLE
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    storage: StorageFormat,
+    sample: int = FIDELITY_SAMPLE,
+    observed: ObservedQueries | None = None,
 ) -> torch.Tensor:
-    """`[4]` float32 norms `|k - Q(k)|, |k|, |v - Q(v)|, |v|` of `quantization_fidelity`, on the
-    device (no host sync: a caller weighing several formats reads them all at once)."""
+    """The error and reference norms behind `quantization_fidelity`, on the device (no host
+    sync: a caller weighing several formats reads them all at once): `[2]` float32
+    `|o_q - o|, |o|` with observed queries, else `[4]` `|k - Q(k)|, |k|, |v - Q(v)|, |v|`."""
+    valid = None  # [B, 1, 1, S]: the sampled keys any query may attend (left padding: not)
+    if observed is not None and observed.key_valid is not None:  # aligned with keys' first tokens
+        valid = observed.key_valid[:, None, None, : keys.shape[-2]][..., -sample:]
     keys, values = keys[..., -sample:, :].float(), values[..., -sample:, :].float()
-    norms = []
-    for x, restored in (  # compared where they are stored (a rotation keeps every norm)
-        (keys_as_stored(keys, storage), store_keys(keys, storage).dequantize(torch.float32)),
-        (values_as_stored(values, storage), store_values(values, storage).dequantize(torch.float32)),
-    ):
-        norms += [torch.linalg.vector_norm(restored - x), torch.linalg.vector_norm(x)]
-    return torch.stack(norms)
+    # compared where they are stored (a rotation keeps every norm and every dot product)
+    stored_keys = keys_as_stored(keys, storage)
+    stored_values = values_as_stored(values, storage)
+    restored_keys = store_keys(keys, storage).dequantize(torch.float32)
+    restored_values = store_values(values, storage).dequantize(torch.float32)
+    if observed is None:
+        return torch.stack([
+            torch.linalg.vector_norm(restored_keys - stored_keys),
+            torch.linalg.vector_norm(stored_keys),
+            torch.linalg.vector_norm(restored_values - stored_values),
+            torch.linalg.vector_norm(stored_values),
+        ])
+    batch, heads, _, dim = keys.shape
+    queries = observed.queries.float()  # [B, Hq, W, D], query heads h*R..(h+1)*R-1 read KV head h
+    queries = keys_as_stored(queries.reshape(batch, heads, -1, dim), storage)  # [B, Hkv, R*W, D]
+
+    def attend(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        logits = queries @ k.transpose(-1, -2) * observed.scaling  # [B, Hkv, R*W, S]
+        if valid is not None:
+            logits = logits.masked_fill(~valid, float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num() @ v  # [B, Hkv, R*W, D]
+
+    exact = attend(stored_keys, stored_values)
+    error = attend(restored_keys, restored_values) - exact
+    return torch.stack([torch.linalg.vector_norm(error), torch.linalg.vector_norm(exact)])
 
 
 def fidelity_of(norms: Sequence[float]) -> float:
     """`quantization_fidelity` from its `quantization_norms`, read on the host."""
-    key_error, key_norm, value_error, value_norm = norms
-    errors = [key_error / max(key_norm, 1e-12), value_error / max(value_norm, 1e-12)]
+    errors = [error / max(norm, 1e-12) for error, norm in zip(norms[::2], norms[1::2], strict=True)]
     return max(0.0, 1.0 - sum(errors) / len(errors))
