@@ -9,15 +9,11 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.formats import StorageFormat
+from hf_subtok.quant.stored import map_stored
 from hf_subtok.storage.eviction import Eviction, PromptEvidence
 from hf_subtok.storage.packing import Packing
 from hf_subtok.storage.rows import BatchRows
-from hf_subtok.storage.tensors import (
-    Stored,
-    first_tokens,
-    map_stored,
-    stored_parts,
-)
+from hf_subtok.storage.tensors import Stored, first_tokens, stored_parts
 from hf_subtok.storage.window import DenseWindow
 
 # transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
