@@ -15,9 +15,9 @@ class LayerOverride:
 
     `budget` fixes those layers' share of the dense bytes (the other layers share what is
     left of the overall budget); `token_scorer` and `router` pick other registered scorers;
-    `bits` another precision for their packed tokens (2, 4, 8 or "auto"; on SmolLM2 at 10% of
-    the float32 bytes, 2 bits everywhere but 4 bits in layers 0-7 cut the perplexity rise on
-    the legal text from +6.2% to +3.4%: BENCHMARKS.md). None leaves a setting as the config has it.
+    `bits` another precision for their packed tokens (2, 4, 8 or "auto": early layers, whose
+    errors every later layer reads, may want more bits than the rest). None leaves a setting as
+    the config has it.
     """
 
     first: int
