@@ -86,7 +86,7 @@ class SubTokenConfig:
 
     `layer_budgets="adaptive"` shares the bytes among layers by the attention the prompt
     showed (see `hf_subtok.allocation.planner`); `"uniform"` gives every layer `budget`.
-    `overrides` give layer ranges another budget, token scorer or router (`LayerOverride`).
+    `overrides` give layer ranges another budget, token scorer, router or precision (`LayerOverride`).
     """
 
     num_groups: int = field(

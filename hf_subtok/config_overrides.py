@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from hf_subtok.config_checks import check_budget, check_int, parse_layer_range
+from hf_subtok.quant import SUPPORTED_BITS
 from hf_subtok.scorers import available_group_scorers, available_token_scorers
 
 
@@ -13,7 +14,10 @@ class LayerOverride:
     """Settings for the layers `first..last` (inclusive) that differ from the rest.
 
     `budget` fixes those layers' share of the dense bytes (the other layers share what is
-    left of the overall budget); `token_scorer` and `router` pick other registered scorers.
+    left of the overall budget); `token_scorer` and `router` pick other registered scorers;
+    `bits` another precision for their packed tokens (2, 4, 8 or "auto": early layers, whose
+    errors every later layer reads, may want more bits than the rest). None leaves a setting as
+    the config has it.
     """
 
     first: int
@@ -21,6 +25,7 @@ class LayerOverride:
     budget: float | None = None
     token_scorer: str | None = None
     router: str | None = None
+    bits: int | str | None = None
 
     def __post_init__(self) -> None:
         check_int("first", self.first, 0, None)
@@ -31,6 +36,8 @@ class LayerOverride:
             raise ValueError(
                 f"override token_scorer must be one of {sorted(available_token_scorers())}, got {self.token_scorer!r}"
             )
+        if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in (*SUPPORTED_BITS, "auto")):
+            raise ValueError(f"override bits must be one of {SUPPORTED_BITS} or 'auto', got {self.bits!r}")
         if self.router is not None and self.router not in available_group_scorers():
             raise ValueError(
                 f"override router must be one of {sorted(available_group_scorers())}, got {self.router!r}"

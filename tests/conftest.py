@@ -15,6 +15,27 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# Test files that call no transformers code (no model, no cache, no generation): kernels,
+# quantization, selection arithmetic, scorers on plain tensors, the import rules. They run in
+# the first CI leg only (newest transformers); `tests/test_transformers_free.py` checks that
+# none of them imports a model, a cache or transformers.
+TRANSFORMERS_FREE = frozenset({
+    "test_import_rules.py", "test_kernel_channel_keys.py", "test_kernels_errors.py",
+    "test_kernels_pack.py", "test_kernels_packed_attention.py", "test_kernels_quantized_attention.py",
+    "test_quant_bits.py", "test_quant_channel.py", "test_quant_codebook.py", "test_quant_errors.py",
+    "test_quant_roundtrip.py", "test_quant_tensor.py", "test_rank_attention.py",
+    "test_rank_attention_triton.py", "test_rows.py", "test_select_fit.py",
+    "test_select_tokens.py", "test_stored_token_ops.py", "test_transformers_free.py",
+    "test_triton_registers_script.py",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in TRANSFORMERS_FREE:
+            item.add_marker(pytest.mark.transformers_free)
+
+
 # --- the embedded real model (SmolLM2-135M-Instruct); converted once per machine ---
 
 @pytest.fixture(scope="session")

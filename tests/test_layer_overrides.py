@@ -100,6 +100,8 @@ def test_override_for_a_missing_layer_is_refused():
         ([{"layers": 0, "token_scorer": "nope"}], "override token_scorer must be one of"),
         ([{"layers": 0, "colour": "red"}], r"unknown field\(s\) \['colour'\]"),
         ([3], "overrides items must be LayerOverride or dict"),
+        ([{"layers": 0, "bits": 3}], r"override bits must be one of \(2, 4, 8\) or 'auto', got 3"),
+        ([{"layers": 0, "bits": True}], "override bits must be one of"),
     ],
     ids=[
         "bad-range",
@@ -108,6 +110,8 @@ def test_override_for_a_missing_layer_is_refused():
         "unknown-scorer",
         "unknown-field",
         "not-a-dict",
+        "unsupported-bits",
+        "bool-bits",
     ],
 )
 def test_bad_overrides_are_refused(overrides, match):
@@ -133,3 +137,32 @@ def test_budget_overrides_that_push_the_rest_above_one_are_refused():
         config.layer_settings(3)
     fits = SubTokenConfig(budget=0.75, overrides=[{"layers": 0, "budget": 0.5}], recipe=None)
     assert [s.budget for s in fits.layer_settings(2)] == [0.5, 1.0]  # exactly 1.0 is allowed
+
+
+@pytest.mark.parametrize("layer_budgets", ["uniform", "adaptive"])
+def test_bits_override_stores_those_layers_in_its_precision_within_the_budget(layer_budgets):
+    """2 bits everywhere but 4 in layers 0-1: the tensors held say so (their codes' widths), and
+    the cache keeps the overall budget (the cross-layer split weighs each layer's own format)."""
+    config = SubTokenConfig(
+        budget=0.15, bits=2, num_groups=2, window=16, floor_tokens=0, layer_budgets=layer_budgets,
+        overrides=[{"layers": "0-1", "bits": 4}], recipe=None,
+    )
+    model = make_tiny_model("llama", num_hidden_layers=4, head_dim=64, num_attention_heads=2,
+                            num_key_value_heads=1, hidden_size=128)
+    cache = SubTokenCache(model, config)
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 400), past_key_values=cache)
+    held_bits = [layer.packed_keys.bits for layer in cache.layers]  # the stored codes themselves
+    assert held_bits == [4, 4, 2, 2]
+    report = cache.memory_report()
+    assert [row["bits"] for row in report["per_layer"]] == held_bits
+    if layer_budgets == "uniform":
+        tokens = [layer.packed_keys.shape[-2] for layer in cache.layers]
+        assert tokens[0] < tokens[2], "at one budget, 4-bit layers keep fewer tokens than 2-bit ones"
+    assert report["ratio"] <= 0.15 * 1.01
+
+
+def test_bits_override_round_trips():
+    config = SubTokenConfig(budget=0.1, bits=2, overrides=[{"layers": "0-7", "bits": 4}], recipe=None)
+    assert config.overrides[0].to_dict() == {"layers": "0-7", "bits": 4}
+    assert SubTokenConfig(**config.to_dict()).overrides == config.overrides

@@ -117,9 +117,9 @@ def test_cat_gives_each_part_its_own_blocks():
     torch.testing.assert_close(joined.dequantize(torch.float32), expected, rtol=0, atol=0)
 
 
-def test_slice_tokens_keeps_the_first_tokens_and_their_tables_only():
+def test_first_tokens_keeps_the_first_tokens_and_their_tables_only():
     q = quantize_channels(_keys((1, 1, 70, 16), torch.float32), 4, 32)
-    cut = q.slice_tokens(20)
+    cut = q.first_tokens(20)
     assert cut.scale.shape == (1, 1, 1, 16) and cut.shape == (1, 1, 20, 16)
     torch.testing.assert_close(cut.dequantize(torch.float32), q.dequantize(torch.float32)[..., :20, :])
 
@@ -302,7 +302,7 @@ def test_a_full_last_block_is_not_grown():
 
 @pytest.mark.parametrize("stop", [0, 1, 9, 17, 30])
 def test_a_token_prefix_cuts_the_runs_and_reads_the_first_tokens(stop):
-    """`token_prefix` (a view: tables shared) and `slice_tokens` (compacted) read back the first
+    """`token_prefix` (a view: tables shared) and `first_tokens` (compacted) read back the first
     `stop` tokens, also when tokens were taken out of order (a run per token in places)."""
     q = quantize_channels(_keys((2, 2, 40, 8), torch.float32, seed=8), 4, 8, solo=1)
     index = torch.tensor([0, 30, 31, 2, 3, 4, 20, 12, 13, 14, 15, 39, 38, 5, 6, 7, 8, 9, 10, 11, 1, 21, 22, 23, 24, 25, 26, 27, 28, 29])
@@ -311,6 +311,6 @@ def test_a_token_prefix_cuts_the_runs_and_reads_the_first_tokens(stop):
     prefix = moved.token_prefix(stop)
     assert (prefix.run_length.sum(-1) == stop).all() and prefix.scale is moved.scale
     torch.testing.assert_close(prefix.dequantize(torch.float32), full[..., :stop, :], rtol=0, atol=0)
-    cut = moved.slice_tokens(stop)
+    cut = moved.first_tokens(stop)
     torch.testing.assert_close(cut.dequantize(torch.float32), full[..., :stop, :], rtol=0, atol=0)
     assert cut.scale.shape[-2] == len(set(moved.token_blocks()[0, 0, :stop].tolist()))

@@ -19,7 +19,7 @@ consecutive tokens of run r. Tokens that never moved cost one run per block (abo
 token at 64-token blocks) instead of a 2-byte index per token; any order is still exact, at a
 run per token at worst. The per-token index is expanded only while attention reads the keys
 (`token_blocks`). The block tables stay where they are when tokens move; `take` and
-`slice_tokens` compact the tables and runs afterwards, so a block no token refers to any more
+`first_tokens` compact the tables and runs afterwards, so a block no token refers to any more
 is dropped (each row keeps as many table rows and runs as its fullest neighbour needs; the
 others are padded with empty runs).
 
@@ -202,11 +202,27 @@ class ChannelQuantizedTensor(PackedCodes):
             self.payload[..., :stop, :], self.run_block, length, self.scale, self.zero, self.bits, self.block_size
         )
 
-    def slice_tokens(self, stop: int) -> ChannelQuantizedTensor:
+    def first_tokens(self, stop: int) -> ChannelQuantizedTensor:
         """The first `stop` tokens (a copy), tables and runs compacted."""
         cut = self.token_prefix(stop)
         return _compact(
             cut.payload.clone(), cut.run_block, cut.run_length, self.scale, self.zero, self.bits, self.block_size
+        )
+
+    def flatten_heads(self) -> ChannelQuantizedTensor:
+        """Every head's tokens in one row (`[B, 1, H * T, bytes]`); each head keeps its block
+        tables, renumbered after those of the heads before it."""
+        batch, heads, runs = self.run_block.shape  # payload [B, H, T, bytes], tables [B, H, NB, N]
+        tokens, blocks = self.shape[-2], self.scale.shape[-2]
+        offset = (torch.arange(heads, device=self.run_block.device) * blocks).view(1, heads, 1)
+        return ChannelQuantizedTensor(
+            self.payload.reshape(batch, 1, heads * tokens, self.payload.shape[-1]),
+            (self.run_block + offset).to(self.run_block.dtype).reshape(batch, 1, heads * runs),
+            self.run_length.reshape(batch, 1, heads * runs),
+            self.scale.reshape(batch, 1, heads * blocks, self.scale.shape[-1]),
+            self.zero.reshape(batch, 1, heads * blocks, self.zero.shape[-1]),
+            self.bits,
+            self.block_size,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:

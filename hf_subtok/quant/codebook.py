@@ -12,7 +12,7 @@ needles at 6.4-6.9% of the fp32 bytes, +17.6% ppl; simulated with exact keys, su
 cost +4.4% ppl, and 1-bit scalar values lose needles that they keep.
 
 The codebook has no token dim: each leading row (e.g. each (batch, KV head)) has its own
-`[W, d]` words, which stay in place when tokens move (`take`, `slice_tokens`, `cat` move
+`[W, d]` words, which stay in place when tokens move (`take`, `first_tokens`, `cat` move
 codes and scales only).
 """
 
@@ -134,6 +134,16 @@ class CodedTensor(PackedCodes):
         return CodedTensor(
             self.payload[..., start:stop, :], self.scale[..., start:stop, :], self.codebook, self.bits
         )
+
+    def token_prefix(self, stop: int) -> CodedTensor:
+        return self.slice_tokens(0, stop)
+
+    def first_tokens(self, stop: int) -> CodedTensor:
+        cut = self.slice_tokens(0, stop)
+        return CodedTensor(cut.payload.clone(), cut.scale.clone(), self.codebook, self.bits)
+
+    def flatten_heads(self) -> CodedTensor:
+        raise ValueError("value groups stored as codeword indices keep a codebook per KV head: rows cannot be shared")
 
     @staticmethod
     def cat(tensors: Sequence[CodedTensor]) -> CodedTensor:

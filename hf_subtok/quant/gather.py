@@ -32,3 +32,12 @@ def take_rows(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     offsets = torch.arange(lead.numel(), device=index.device).view(*lead, 1) * length  # [*L, 1] int64
     rows = x.reshape(lead.numel() * length, math.prod(rest)).index_select(0, (index + offsets).reshape(-1))
     return rows.view(*lead, index.shape[-1], *rest)  # [*L, n, *R]
+
+
+def heads_into_rows(x: torch.Tensor, token_dim: int) -> torch.Tensor:
+    """`[B, H, ..., n, ...]` with its tokens at `token_dim` as one row of all heads' tokens,
+    head-major: `[B, 1, ..., H * n, ...]` (heads just before the tokens, then merged with them)."""
+    moved = x.movedim(1, token_dim - 1)  # [B, ..., H, n, ...]
+    shape = moved.shape
+    merged = moved.reshape(*shape[: token_dim - 1], shape[token_dim - 1] * shape[token_dim], *shape[token_dim + 1 :])
+    return merged.unsqueeze(1)

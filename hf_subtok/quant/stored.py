@@ -24,8 +24,4 @@ def map_stored(x: Stored, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stored:
 def token_prefix(x: Stored, stop: int) -> Stored:
     """A view of the first `stop` tokens of `[..., T, N]` storage (no copy; per-channel key
     tables are shared, not compacted)."""
-    if isinstance(x, ChannelQuantizedTensor):
-        return x.token_prefix(stop)
-    if isinstance(x, CodedTensor):
-        return x.slice_tokens(0, stop)
-    return map_stored(x, lambda t: t[..., :stop, :])
+    return x[..., :stop, :] if isinstance(x, torch.Tensor) else x.token_prefix(stop)

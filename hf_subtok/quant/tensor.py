@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.quant.bits import check_bits, unpack_bits
+from hf_subtok.quant.gather import heads_into_rows, take_rows
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -49,6 +50,27 @@ class PackedCodes(ABC):
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored components by name, for memory accounting."""
+
+    # The token operations every stored tensor supports, its tokens at dim -2 (`[..., T, N]`;
+    # each class also has `cat(parts)`, concatenating along the tokens). A cache moves tokens
+    # through these alone (`storage.tensors`), whatever the format.
+
+    @abstractmethod
+    def take(self, index: torch.Tensor) -> PackedCodes:
+        """The tokens `index` (`[..., t]` int64 into the token dim, per leading row)."""
+
+    @abstractmethod
+    def token_prefix(self, stop: int) -> PackedCodes:
+        """A view of the first `stop` tokens (no copy; shared tables stay shared)."""
+
+    @abstractmethod
+    def first_tokens(self, stop: int) -> PackedCodes:
+        """The first `stop` tokens as a copy, so that the rest can be freed."""
+
+    @abstractmethod
+    def flatten_heads(self) -> PackedCodes:
+        """`[B, H, ..., T, N]` as one row of every head's tokens, head-major `[B, 1, ..., H * T, N]`
+        (rows shared by all KV heads: per-head token budgets)."""
 
     @property
     def nbytes(self) -> int:
@@ -140,9 +162,23 @@ class QuantizedTensor(PackedCodes):
             fn(self.payload), fn(self.scale), fn(self.zero), self.bits, self.group_size
         )
 
+    def take(self, index: torch.Tensor) -> QuantizedTensor:
+        dim = self.payload.dim() - 2
+        return self.apply(lambda t: take_rows(t, index, dim))
+
+    def token_prefix(self, stop: int) -> QuantizedTensor:
+        return self.apply(lambda t: t[..., :stop, :])
+
+    def first_tokens(self, stop: int) -> QuantizedTensor:
+        return self.apply(lambda t: t[..., :stop, :].clone())
+
+    def flatten_heads(self) -> QuantizedTensor:
+        dim = self.payload.dim() - 2
+        return self.apply(lambda t: heads_into_rows(t, dim))
+
     @staticmethod
-    def cat(tensors: Sequence[QuantizedTensor], dim: int) -> QuantizedTensor:
-        """`torch.cat` of quantized tensors along a leading dim (e.g. the token dim)."""
+    def cat(tensors: Sequence[QuantizedTensor], dim: int = -2) -> QuantizedTensor:
+        """`torch.cat` of quantized tensors along a leading dim (by default the token dim)."""
         if not tensors:
             raise ValueError("tensors must be a non-empty sequence of QuantizedTensor")
         first = tensors[0]

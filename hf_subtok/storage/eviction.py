@@ -124,11 +124,11 @@ class Eviction:
 
     def pack_prompt(self, row_bytes: float | None) -> None:
         """Pack the scored prompt within `row_bytes` bytes per row (None: this layer's budget);
-        the layer's budget then becomes the share it was given."""
+        the layer's `dense_share` then becomes the share it was given."""
         prompt, self._prompt = self._prompt, None
         if row_bytes is not None:
             dense = self.storage.dense_token_bytes
-            self.budget = (row_bytes + self._window_cap * (dense + SCORE_BYTES)) / (
+            self.dense_share = (row_bytes + self._window_cap * (dense + SCORE_BYTES)) / (
                 dense * self.seen_tokens
             )
         n_pack = prompt.n_pack
@@ -197,14 +197,14 @@ class Eviction:
         return min(self.config.window, affordable)
 
     def target_bytes(self) -> float:
-        """Bytes one (batch, head) row of this layer may hold: `budget` of the dense bytes of
-        the tokens seen, and never less than `floor_tokens` dense tokens' bytes."""
+        """Bytes one (batch, head) row of this layer may hold: its `dense_share` of the dense
+        bytes of the tokens seen, and never less than `floor_tokens` dense tokens' bytes."""
         dense = self.storage.dense_token_bytes
-        return max(self.budget * dense * self.seen_tokens, self.config.floor_tokens * dense)
+        return max(self.dense_share * dense * self.seen_tokens, self.config.floor_tokens * dense)
 
     def _floor_binds(self) -> bool:
         """Whether `floor_tokens`, not `budget`, sets this layer's bytes now."""
-        return self.budget * self.seen_tokens < self.config.floor_tokens
+        return self.dense_share * self.seen_tokens < self.config.floor_tokens
 
     def _check_budget_affords_a_token(self) -> None:
         """Refuse a budget that leaves less than one packed token per KV head."""

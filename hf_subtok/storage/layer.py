@@ -9,15 +9,11 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.formats import StorageFormat
+from hf_subtok.quant.stored import map_stored
 from hf_subtok.storage.eviction import Eviction, PromptEvidence
 from hf_subtok.storage.packing import Packing
 from hf_subtok.storage.rows import BatchRows
-from hf_subtok.storage.tensors import (
-    Stored,
-    first_tokens,
-    map_stored,
-    stored_parts,
-)
+from hf_subtok.storage.tensors import Stored, first_tokens, stored_parts
 from hf_subtok.storage.window import DenseWindow
 
 # transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
@@ -98,7 +94,9 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         # per-head budgets: packed tokens of all heads share one row, each naming its head
         self.stored_heads: torch.Tensor | None = None  # [B, 1, Ts] uint8
         self.keep_groups = self.fixed_keep_groups
-        self.budget = self.config.budget  # this layer's share of the dense bytes (plans move it)
+        # bytes this layer may hold per dense byte of the tokens seen: the config's budget until a
+        # cross-layer plan gives the layer its share; `target_bytes` is the one place it becomes bytes
+        self.dense_share = self.config.budget
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._prompt: PromptEvidence | None = None  # scored prompt waiting for the cross-layer plan
         self.packed_positions = 0  # seen tokens behind the window (packed or evicted)
@@ -285,9 +283,8 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         for row in rows:
             if not row.is_initialized:
                 continue
-            dense = row.storage.dense_token_bytes
-            per_row = max(row.budget * dense * row.seen_tokens, row.config.floor_tokens * dense)
-            total += min(per_row, dense * row.seen_tokens) * row.window_keys.shape[0] * row.num_heads
+            dense = row.storage.dense_token_bytes * row.seen_tokens
+            total += min(row.target_bytes(), dense) * row.window_keys.shape[0] * row.num_heads
         return total
 
     def dense_bytes(self) -> int:

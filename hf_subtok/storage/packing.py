@@ -181,8 +181,8 @@ class Packing:
                     flatten_heads(new_wide.norms, 2), num_heads * count,
                 )
         stored = (
-            cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2),
-            cat_stored([self.packed_values, self._store_values(packed)], dim=-2),
+            cat_stored([self.packed_keys, self._store_keys(keys)]),
+            cat_stored([self.packed_values, self._store_values(packed)]),
             _cat_idx(self.group_idx, group_idx),
             torch.cat([self.token_scores, new_scores], dim=-1),
             heads,
@@ -275,8 +275,8 @@ class Packing:
         and `heads` `[B, 1, T]` (None: a row per head)."""
         slot_index = index.unsqueeze(2).expand(-1, -1, self.keep_groups, -1)  # [B, Hkv, K, keep]
         return (
-            take_tokens(keys, index, dim=2),
-            take_tokens(values, slot_index, dim=3),
+            take_tokens(keys, index),
+            take_tokens(values, slot_index),
             None if group_idx is None else group_idx.gather(3, slot_index),
             scores.gather(2, index),
             None if heads is None else heads.gather(2, index),
@@ -306,7 +306,7 @@ class Packing:
             values, scores, self.keep_groups, backend=self.config.backend
         )
         self.packed_keys = self._append_keys(keys)
-        self.packed_values = cat_stored([self.packed_values, self._store_values(packed)], dim=-2)
+        self.packed_values = cat_stored([self.packed_values, self._store_values(packed)])
         self.group_idx = _cat_idx(self.group_idx, group_idx)
 
     def _append_keys(self, keys: torch.Tensor) -> Stored:
@@ -315,7 +315,7 @@ class Packing:
         chunks share 64-token tables instead of holding tables of their own."""
         first = self.packed_keys.shape[-2] == 0
         if first or not self.storage.channel_keys:
-            stored = cat_stored([self.packed_keys, self._store_keys(keys)], dim=-2)
+            stored = cat_stored([self.packed_keys, self._store_keys(keys)])
         else:
             stored = extend_channels(
                 self.packed_keys, keys_as_stored(keys, self.storage, self._key_rotation()), self._open_key_tokens,

@@ -18,76 +18,43 @@ import torch
 from hf_subtok.formats import StorageFormat
 from hf_subtok.quant import (
     ChannelQuantizedTensor,
-    CodedTensor,
-    QuantizedTensor,
     quantize,
     quantize_channels,
     quantize_vectors,
 )
-from hf_subtok.quant.gather import take_rows
+from hf_subtok.quant.gather import heads_into_rows, take_rows
 from hf_subtok.quant.rotation import rotate_groups, shared_hadamard
-from hf_subtok.quant.stored import Stored, map_stored
+from hf_subtok.quant.stored import Stored
 
 
-def cat_stored(parts: Sequence[Stored], dim: int) -> Stored:
-    """`torch.cat` along the token dim `dim` (a leading dim of the logical shape). Parts without
-    tokens are left out (an empty store may be a plain placeholder of another kind)."""
-    held = [p for p in parts if p.shape[dim]]
+def cat_stored(parts: Sequence[Stored]) -> Stored:
+    """`torch.cat` along the token dim (-2). Parts without tokens are left out (an empty store
+    may be a plain placeholder of another kind)."""
+    held = [p for p in parts if p.shape[-2]]
     if held and any(type(p) is not type(held[0]) for p in parts):  # an empty placeholder of another kind
         parts = held
-    if isinstance(parts[0], ChannelQuantizedTensor):
-        return ChannelQuantizedTensor.cat(parts)
-    if isinstance(parts[0], CodedTensor):
-        return CodedTensor.cat(parts)
-    if isinstance(parts[0], QuantizedTensor):
-        return QuantizedTensor.cat(parts, dim)
-    return torch.cat(parts, dim=dim)
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts, dim=-2)
+    return type(parts[0]).cat(parts)
 
 
-def take_tokens(x: Stored, index: torch.Tensor, dim: int) -> Stored:
-    """Gather along `dim` with `index` shaped like `x` up to the last dim (broadcast over it)."""
-    if isinstance(x, (ChannelQuantizedTensor, CodedTensor)):
-        return x.take(index)  # tokens at the dim before the last; tables and codebooks stay
-    return map_stored(x, lambda t: take_rows(t, index, dim))
+def take_tokens(x: Stored, index: torch.Tensor) -> Stored:
+    """The tokens `index` (`[..., t]`, shaped like `x` up to its token dim -2) of `x`; per-channel
+    key tables and codebooks stay (compacted where tokens left them)."""
+    return take_rows(x, index, x.dim() - 2) if isinstance(x, torch.Tensor) else x.take(index)
 
 
 def first_tokens(x: Stored, stop: int) -> Stored:
     """The first `stop` tokens of `[..., T, N]` storage (copies, so the rest is freed)."""
-    if isinstance(x, ChannelQuantizedTensor):
-        return x.slice_tokens(stop)
-    if isinstance(x, CodedTensor):
-        cut = x.slice_tokens(0, stop)
-        return CodedTensor(cut.payload.clone(), cut.scale.clone(), x.codebook, x.bits)
-    return map_stored(x, lambda t: t[..., :stop, :].clone())
+    return x[..., :stop, :].clone() if isinstance(x, torch.Tensor) else x.first_tokens(stop)
 
 
 def flatten_heads(x: Stored, token_dim: int) -> Stored:
     """`[B, Hkv, ..., n, ...]` storage with its tokens at `token_dim` as one row of all heads'
     tokens, head-major: `[B, 1, ..., Hkv * n, ...]` (per-head token budgets, see
-    `SubTokenLayer`). Per-channel quantized keys keep each head's block tables (renumbered)."""
-    if isinstance(x, CodedTensor):
-        raise ValueError("value groups stored as codeword indices keep a codebook per KV head: rows cannot be shared")
-    if isinstance(x, ChannelQuantizedTensor):  # [B, Hkv, n, bytes], runs [B, Hkv, R], tables [B, Hkv, NB, N]
-        batch, heads, runs = x.run_block.shape
-        tokens, blocks = x.shape[-2], x.scale.shape[-2]
-        offset = (torch.arange(heads, device=x.run_block.device) * blocks).view(1, heads, 1)
-        return ChannelQuantizedTensor(
-            x.payload.reshape(batch, 1, heads * tokens, x.payload.shape[-1]),
-            (x.run_block + offset).to(x.run_block.dtype).reshape(batch, 1, heads * runs),
-            x.run_length.reshape(batch, 1, heads * runs),
-            x.scale.reshape(batch, 1, heads * blocks, x.scale.shape[-1]),
-            x.zero.reshape(batch, 1, heads * blocks, x.zero.shape[-1]),
-            x.bits,
-            x.block_size,
-        )
-
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        moved = t.movedim(1, token_dim - 1)  # heads just before the tokens
-        shape = moved.shape
-        merged = moved.reshape(*shape[: token_dim - 1], shape[token_dim - 1] * shape[token_dim], *shape[token_dim + 1 :])
-        return merged.unsqueeze(1)
-
-    return map_stored(x, flat)
+    `SubTokenLayer`). Stored tensors hold their tokens at dim -2; per-channel quantized keys keep
+    each head's block tables (renumbered); codeword-coded values refuse (a codebook per head)."""
+    return heads_into_rows(x, token_dim) if isinstance(x, torch.Tensor) else x.flatten_heads()
 
 
 def key_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:

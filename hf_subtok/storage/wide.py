@@ -88,7 +88,7 @@ class WideGroups:
     def then(self, new: WideGroups) -> WideGroups:
         """These candidates, then `new` ones for the tokens appended after these tokens."""
         return WideGroups(
-            cat_stored([self.values, new.values], dim=-2),
+            cat_stored([self.values, new.values]),
             torch.cat([self.group_idx, new.group_idx], dim=-1),
             torch.cat([self.norms, new.norms], dim=-1),
             torch.cat([self.at, torch.where(new.at >= 0, new.at + self.count, new.at)]),
@@ -114,7 +114,7 @@ class WideGroups:
         slots = self.group_idx.shape[2]
         slot_source = source.unsqueeze(2).expand(-1, -1, slots, -1)  # [B, Hkv, G-K, W]
         return WideGroups.of_stored(
-            take_tokens(self.values, slot_source, dim=3),
+            take_tokens(self.values, slot_source),
             self.group_idx.gather(3, slot_source),
             self.norms.gather(2, source),
             tokens,
