@@ -31,6 +31,11 @@ TABLE_FILE = "recipes.json"
 TABLE_DTYPES = ("float32", "bfloat16")
 # what a recipe may set: every storage field, none of the user's run settings (budget, backend,
 # floor_tokens, overrides) and not `recipe` itself
+# fields that only shape quantized storage: a recipe's are dropped when the user keeps full precision
+QUANTIZATION_FIELDS = frozenset({
+    "rotate", "quant_group_size", "key_quantization", "key_block", "value_clip", "key_clip", "value_codes",
+    "code_piece", "log_scales",
+})
 RECIPE_FIELDS = tuple(
     f.name
     for f in fields(SubTokenConfig)
@@ -111,7 +116,8 @@ def apply_recipe(
 
     Nothing changes when `config.recipe` is None, the budget is unset or 1.0 (lossless), or
     `axes` limits what the budget may cut (the recipes spend it on tokens and groups both).
-    The fields the user set (`config.given_fields`) and those in `pinned` keep their values.
+    The fields the user set (`config.given_fields`) and those in `pinned` keep their values;
+    with `bits=None` given (full precision), the recipe's quantization fields are left out too.
     The result has `recipe=None`: it states every field in force, so it reproduces the run.
 
     Returns:
@@ -122,6 +128,8 @@ def apply_recipe(
     chosen = recipe_for(config.budget, dtype)
     keep = config.given_fields | set(pinned)
     changes = {name: value for name, value in chosen.fields.items() if name not in keep}
+    if changes.get("bits", config.bits) is None:  # full precision given: the recipe's quantization has no object
+        changes = {name: value for name, value in changes.items() if name not in QUANTIZATION_FIELDS}
     try:
         resolved = replace(config, recipe=None, **changes)
     except ValueError as e:

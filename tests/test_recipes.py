@@ -106,9 +106,25 @@ def test_no_recipe_without_a_budget_below_one_or_with_recipe_none(custom_table):
         assert cache.memory_report()["recipe"] is None
 
 
-def test_a_recipe_that_conflicts_with_the_fields_given_names_it(custom_table):
-    with pytest.raises(ValueError, match="f32-tenth.*recipe=None"):
-        SubTokenCache(_model(), budget=0.1, bits=None)  # the row rotates, which needs bits
+def test_full_precision_given_drops_the_recipes_quantization_fields(custom_table):
+    """`bits=None` keeps every value in the model's dtype: the row's rotation (which only
+    quantized storage has) is left out, its other fields still apply."""
+    model = _model()
+    cache = SubTokenCache(model, budget=0.1, bits=None)
+    assert (cache.config.bits, cache.config.rotate) == (None, False)
+    assert (cache.config.num_groups, cache.config.window) == (4, 8)  # the row's
+    with torch.no_grad():
+        model(input_ids=random_prompts(1, 300), **cache_kwargs(cache))
+    assert all(layer.storage.bits is None for layer in cache.layers)
+
+
+def test_a_recipe_that_conflicts_with_the_fields_given_names_it(custom_table, monkeypatch):
+    coded = dict(CUSTOM, recipes={"float32": [
+        {"budget": 0.1, "candidate": "f32-coded", "fields": {"bits": 2, "value_codes": 16}, "measured": {}}]})
+    table = recipes.parse_table(json.loads(json.dumps(coded)))
+    monkeypatch.setattr(recipes, "load_table", lambda: table)
+    with pytest.raises(ValueError, match="f32-coded.*value_codes needs bits.*recipe=None"):
+        SubTokenCache(_model(), budget=0.1, bits="auto")  # codeword values need one precision
     with pytest.raises(ValueError, match="recipe must be one of"):
         SubTokenConfig(budget=0.1, recipe="best")
     with pytest.raises(ValueError, match="either a SubTokenConfig or its fields"):

@@ -23,12 +23,9 @@ run per token at worst. The per-token index is expanded only while attention rea
 is dropped (each row keeps as many table rows and runs as its fullest neighbour needs; the
 others are padded with empty runs).
 
-Tokens packed while decoding (`pack_chunk` at a time) form blocks of that size, whose tables
-cost more per token than the prompt's full blocks; the cache counts them (budget checks use
-the rows really held). Coding such tokens against an earlier block instead does not work:
-measured on SmolLM2-135M-Instruct (2-bit keys, 64 decode steps after a 1k prompt), in every
-one of the 240 (layer, chunk) packs some head had a token outside every earlier block's
-range on some channel (RoPE's slow channels keep drifting to values no earlier block saw).
+Tokens packed while decoding form blocks of `pack_chunk` tokens, counted as held. Coding them
+against an earlier block does not work: on SmolLM2 (2-bit keys, 64 steps after a 1k prompt) every
+one of 240 (layer, chunk) packs had a token outside every earlier block's range on some channel.
 """
 
 from __future__ import annotations
@@ -215,14 +212,12 @@ class ChannelQuantizedTensor(PackedCodes):
         batch, heads, runs = self.run_block.shape  # payload [B, H, T, bytes], tables [B, H, NB, N]
         tokens, blocks = self.shape[-2], self.scale.shape[-2]
         offset = (torch.arange(heads, device=self.run_block.device) * blocks).view(1, heads, 1)
+        flat_runs = (self.run_block + offset).to(self.run_block.dtype).reshape(batch, 1, heads * runs)
+        channels, width = self.scale.shape[-1], self.payload.shape[-1]
         return ChannelQuantizedTensor(
-            self.payload.reshape(batch, 1, heads * tokens, self.payload.shape[-1]),
-            (self.run_block + offset).to(self.run_block.dtype).reshape(batch, 1, heads * runs),
-            self.run_length.reshape(batch, 1, heads * runs),
-            self.scale.reshape(batch, 1, heads * blocks, self.scale.shape[-1]),
-            self.zero.reshape(batch, 1, heads * blocks, self.zero.shape[-1]),
-            self.bits,
-            self.block_size,
+            self.payload.reshape(batch, 1, heads * tokens, width), flat_runs, self.run_length.reshape(batch, 1, heads * runs),
+            self.scale.reshape(batch, 1, heads * blocks, channels), self.zero.reshape(batch, 1, heads * blocks, channels),
+            self.bits, self.block_size,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
