@@ -29,13 +29,13 @@ logger = logging.getLogger(__name__)
 
 TABLE_FILE = "recipes.json"
 TABLE_DTYPES = ("float32", "bfloat16")
-# what a recipe may set: every storage field, none of the user's run settings (budget, backend,
-# floor_tokens, overrides) and not `recipe` itself
 # fields that only shape quantized storage: a recipe's are dropped when the user keeps full precision
 QUANTIZATION_FIELDS = frozenset({
     "rotate", "quant_group_size", "key_quantization", "key_block", "value_clip", "key_clip", "value_codes",
     "code_piece", "log_scales",
 })
+# what a recipe may set: every storage field, none of the user's run settings (budget, backend,
+# floor_tokens, overrides) and not `recipe` itself
 RECIPE_FIELDS = tuple(
     f.name
     for f in fields(SubTokenConfig)

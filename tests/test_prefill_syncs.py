@@ -12,9 +12,9 @@ What remains per layer that packs its prompt, and why:
   selection round of `_pack_selected`, 3 here; `WideGroups.take` checks its tokens were
   stored wide, twice);
 - shared rows (`head_budgets="adaptive"`): 1, the longest head's survivor count (a shape);
-- with `layer_budgets="adaptive"`, `_storage_choices` runs twice (the evidence for the split,
-  then the pack), and the split adds 2 per prefill (not per layer or per bisection step:
-  `split_layer_budgets` bisects on the device).
+- with `layer_budgets="adaptive"`, the split adds 2 per prefill (not per layer or per bisection
+  step: `split_layer_budgets` bisects on the device); the precisions' fidelity is measured once,
+  for the split and the pack alike (`PromptEvidence.choices`).
 Storage adds up to 3 per layer whose plan picks 2-bit per-channel keys and drops tokens
 (the shapes of the compacted tables, `quant.channel`): counted apart, since whether a plan
 picks them depends on the prompt, not on its length.
@@ -41,7 +41,7 @@ CASES = {
     "balanced": ({**ALL_AXES, "budget": 0.25}, 2, 0),
     "compact": ({**ALL_AXES, "bits": 2, "rotate": True, "budget": 0.1}, 1, 0),
     "tokens": ({"budget": 0.25, "floor_tokens": 0}, 1, 0),
-    "layer_budgets": ({**ALL_AXES, "budget": 0.25, "layer_budgets": "adaptive"}, 3, 2),
+    "layer_budgets": ({**ALL_AXES, "budget": 0.25, "layer_budgets": "adaptive"}, 2, 2),
     "span": ({"budget": 0.375, "span": "adaptive", "floor_tokens": 0}, 6, 0),
     "head_budgets": ({"budget": 0.25, "head_budgets": "adaptive", "floor_tokens": 0}, 2, 0),
 }

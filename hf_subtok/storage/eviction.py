@@ -19,14 +19,15 @@ from hf_subtok.views import PrefillKV
 class PromptEvidence:
     """A layer's scored prompt: `[B, Hkv, T, D]` keys/values, `[B, Hkv, T]` token scores,
     `[B, Hkv, n_pack, G]` group scores of the `n_pack` oldest tokens (those to pack), and the
-    queries that observed it (None without an observation), which weigh quantization errors."""
+    precisions a plan may pick with their fidelity (weighed by the queries that observed the
+    prompt, when it was observed), measured once for the split and the pack."""
 
     keys: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
     group_scores: torch.Tensor
     n_pack: int
-    observed: ObservedQueries | None = None
+    choices: list[tuple[StorageFormat, float]]
 
 
 class Eviction:
@@ -99,7 +100,8 @@ class Eviction:
         observed = None
         if observation is not None:
             observed = ObservedQueries(observation.queries, observation.scaling, observation.key_valid)
-        self._prompt = PromptEvidence(keys, values, scores, group_scores, n_pack, observed)
+        choices = self._storage_choices(keys[..., :n_pack, :], values[..., :n_pack, :], observed)
+        self._prompt = PromptEvidence(keys, values, scores, group_scores, n_pack, choices)
         self._check_budget_affords_a_token()
         if self.planner is None or self._floor_binds():
             self.pack_prompt(None)
@@ -112,9 +114,7 @@ class Eviction:
         return self.policy.evidence(
             prompt.scores[..., : prompt.n_pack],
             prompt.group_scores,
-            self._storage_choices(
-                prompt.keys[..., : prompt.n_pack, :], prompt.values[..., : prompt.n_pack, :], prompt.observed
-            ),
+            prompt.choices,
             self._plan_candidates(),
         )
 
@@ -138,8 +138,7 @@ class Eviction:
             values[..., :n_pack, :],
             scores[..., :n_pack],
             prompt.group_scores,
-            plan=True,
-            observed=prompt.observed,
+            choices=prompt.choices,
         )
         self.window.reserve(self._window_cap)  # decode steps write the window in place
         self.window.hold(keys[..., n_pack:, :], values[..., n_pack:, :], _finite_top(scores[..., n_pack:]))
@@ -164,7 +163,6 @@ class Eviction:
                 tail_values[..., :n_pack, :],
                 tail_scores[..., :n_pack],
                 None,
-                plan=False,
             )
             self.window.reserve(self._window_cap)
         self.window.hold(tail_keys[..., n_pack:, :], tail_values[..., n_pack:, :], tail_scores[..., n_pack:])

@@ -8,11 +8,11 @@ import dataclasses
 
 import torch
 
+from hf_subtok.formats import StorageFormat
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.quant import CodedTensor, extend_channels
 from hf_subtok.quant.gather import take_rows
 from hf_subtok.storage.tensors import (
-    ObservedQueries,
     Stored,
     cat_stored,
     flatten_heads,
@@ -121,23 +121,22 @@ class Packing:
         values: torch.Tensor,
         scores: torch.Tensor,
         group_scores: torch.Tensor | None,
-        plan: bool,
-        observed: ObservedQueries | None = None,
+        choices: list[tuple[StorageFormat, float]] | None = None,
     ) -> None:
         """Merge `[B, Hkv, T, D]` candidates into the packed tokens, keeping the best that fit
-        (with `plan`, after choosing the layer's groups and precision: quantization weighed by
-        the `observed` queries' attention output when given)."""
+        (with `choices`, the precisions and their fidelity, after planning the layer's groups
+        and precision anew; None keeps the plan in force)."""
         if group_scores is None:
             group_scores = self._score_groups(keys, values, scores)  # [B, Hkv, T, G]
         behind_window = self.packed_positions + keys.shape[-2]
         # room for a full window: it refills up to the cap before the next pack
         row_bytes = self._packed_row_bytes(self._window_cap)
-        if plan:
+        if choices is not None:
             layer_plan = self.policy.plan(
                 scores,
                 group_scores,
                 row_bytes,
-                self._storage_choices(keys, values, observed),
+                choices,
                 self._plan_candidates(),
                 WIDE_FRACTIONS if self.config.span == "adaptive" else (),
             )

@@ -172,9 +172,9 @@ def quantization_fidelity(
     output of those queries over those tokens and `o_q` the same over their quantized keys and
     values. The output, not the tensors, is what the model reads: an error in a key moves every
     logit it enters, by more where attention is sharp. On SmolLM2-135M-Instruct (legal text,
-    4k, rotated) 2-bit keys have 0.18-0.26 relative error but move the output by 0.18-0.64,
-    while the tensor-norm measure below let the plan pick 2 bits in 21 of 30 layers and
-    perplexity rose 5% where 4 bits everywhere lost nothing (BENCHMARKS.md).
+    4k, rotated) 2-bit keys have 0.18-0.26 relative error but move the output by 0.18-0.64 in
+    every layer but the first (0.05 there); the tensor-norm measure below let the plan pick
+    2 bits in 21 of 30 layers, layer 1 included, and perplexity rose (BENCHMARKS.md).
 
     Without it (a scorer that needs no queries): `1 - mean(|x - Q(x)| / |x|)` over keys and
     values."""
