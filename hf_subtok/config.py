@@ -366,18 +366,12 @@ class SubTokenConfig:
         """
         layers = [{} for _ in range(num_layers)]
         for i, override in enumerate(self.overrides):
-            if override.last >= num_layers:
-                raise ValueError(
-                    f"overrides[{i}] names layers {override.first}..{override.last}, but the model has "
-                    f"{num_layers} layers (0..{num_layers - 1})"
-                )
-            changes = {
-                k: v
-                for k, v in asdict(override).items()
-                if k not in ("first", "last") and v is not None
-            }
-            for layer in range(override.first, override.last + 1):
-                layers[layer].update(changes)
+            try:
+                chosen = override.layers(num_layers)
+            except ValueError as e:
+                raise ValueError(f"overrides[{i}]: {e}") from None
+            for layer in chosen:
+                layers[layer].update(override.settings())
         fixed = [c["budget"] for c in layers if "budget" in c]
         if fixed and len(fixed) < num_layers:
             rest = (self.budget * num_layers - sum(fixed)) / (num_layers - len(fixed))

@@ -39,6 +39,26 @@ def parse_layer_range(text) -> tuple[int, int]:
         raise ValueError(f"overrides layers must be 'N' or 'FIRST-LAST', got {text!r}") from None
 
 
+def parse_depth_range(value) -> tuple[float, float]:
+    """`"0-25%"` or `(0.0, 0.25)` -> (0.0, 0.25): a share of a model's depth, `0 <= low < high <= 1`."""
+    shares = value
+    if isinstance(value, str):
+        low, sep, high = value.strip().removesuffix("%").partition("-")
+        try:
+            shares = (float(low.strip().removesuffix("%")) / 100, float(high) / 100) if sep else None
+        except ValueError:
+            shares = None
+        if shares is None:
+            raise ValueError(f"overrides layers by depth must be 'LOW-HIGH%' (like '0-25%'), got {value!r}")
+    try:
+        low, high = (float(v) for v in shares)
+    except (TypeError, ValueError):
+        raise ValueError(f"override depth must be (low, high) shares of the depth, got {value!r}") from None
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"override depth must have 0 <= low < high <= 1, got {value!r}")
+    return low, high
+
+
 def check_int(name: str, value, low: int, high: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")

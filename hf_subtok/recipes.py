@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from hf_subtok.config import SubTokenConfig
+from hf_subtok.config_overrides import LayerOverride
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,10 @@ QUANTIZATION_FIELDS = frozenset({
     "rotate", "quant_group_size", "key_quantization", "key_block", "value_clip", "key_clip", "value_codes",
     "code_piece", "log_scales",
 })
-# what a recipe may set: every storage field, none of the user's run settings (budget, backend,
-# floor_tokens, overrides) and not `recipe` itself
+# what a recipe may set: every storage field and overrides by depth (`"0-25%"`), none of the
+# user's run settings (budget, backend, floor_tokens) and not `recipe` itself
 RECIPE_FIELDS = tuple(
-    f.name
-    for f in fields(SubTokenConfig)
-    if f.name not in ("budget", "backend", "floor_tokens", "overrides", "recipe", "axes")
+    f.name for f in fields(SubTokenConfig) if f.name not in ("budget", "backend", "floor_tokens", "recipe", "axes")
 )
 
 
@@ -62,6 +61,9 @@ class Recipe:
         unknown = sorted(set(self.fields) - set(RECIPE_FIELDS))
         if unknown:
             raise ValueError(f"recipe fields must be among {RECIPE_FIELDS}, got {unknown}")
+        by_index = [o for o in self.fields.get("overrides", []) if LayerOverride.parse(o).depth is None]
+        if by_index:  # a table serves models of every depth
+            raise ValueError(f"recipe overrides must name layers by depth (like '0-25%'), got {by_index}")
 
 
 def table_dtype(dtype: torch.dtype | str) -> str:
@@ -118,6 +120,8 @@ def apply_recipe(
     `axes` limits what the budget may cut (the recipes spend it on tokens and groups both).
     The fields the user set (`config.given_fields`) and those in `pinned` keep their values;
     with `bits=None` given (full precision), the recipe's quantization fields are left out too.
+    The recipe's overrides (by depth) come before the user's, which win where both set a
+    layer, and lose the settings the user gave for the whole model.
     The result has `recipe=None`: it states every field in force, so it reproduces the run.
 
     Returns:
@@ -127,9 +131,12 @@ def apply_recipe(
         return config, None
     chosen = recipe_for(config.budget, dtype)
     keep = config.given_fields | set(pinned)
-    changes = {name: value for name, value in chosen.fields.items() if name not in keep}
+    changes = {name: value for name, value in chosen.fields.items() if name not in keep | {"overrides"}}
     if changes.get("bits", config.bits) is None:  # full precision given: the recipe's quantization has no object
         changes = {name: value for name, value in changes.items() if name not in QUANTIZATION_FIELDS}
+    layer_changes = _recipe_overrides(chosen, keep)
+    if layer_changes:
+        changes["overrides"] = layer_changes + list(config.overrides)
     try:
         resolved = replace(config, recipe=None, **changes)
     except ValueError as e:
@@ -143,3 +150,14 @@ def apply_recipe(
         config.budget, table_dtype(dtype), chosen.candidate, chosen.budget, changes,
     )
     return resolved, chosen
+
+
+def _recipe_overrides(recipe: Recipe, keep: set) -> list[LayerOverride]:
+    """The recipe's overrides without the settings in `keep` (the user's), empty ones dropped."""
+    out = []
+    for item in recipe.fields.get("overrides", []):
+        override = LayerOverride.parse(item)
+        settings = {k: v for k, v in override.settings().items() if k not in keep}
+        if settings:
+            out.append(LayerOverride(depth=override.depth, **settings))
+    return out

@@ -84,7 +84,7 @@ def test_later_override_wins():
 def test_override_for_a_missing_layer_is_refused():
     model = make_tiny_model("llama", num_hidden_layers=2)
     with pytest.raises(
-        ValueError, match=r"overrides\[0\] names layers 2\.\.5, but the model has 2 layers"
+        ValueError, match=r"overrides\[0\]: names layers 2\.\.5, but the model has 2 layers"
     ):
         SubTokenCache(
             model, SubTokenConfig(budget=0.3, overrides=[{"layers": "2-5", "budget": 0.5}], recipe=None)
@@ -102,6 +102,10 @@ def test_override_for_a_missing_layer_is_refused():
         ([3], "overrides items must be LayerOverride or dict"),
         ([{"layers": 0, "bits": 3}], r"override bits must be one of \(2, 4, 8\) or 'auto', got 3"),
         ([{"layers": 0, "bits": True}], "override bits must be one of"),
+        ([{"layers": "25-0%", "bits": 4}], r"0 <= low < high <= 1, got '25-0%'"),
+        ([{"layers": "0-125%", "bits": 4}], "0 <= low < high <= 1"),
+        ([{"layers": "a-b%", "bits": 4}], "by depth must be 'LOW-HIGH%'"),
+        ([{"first": 0, "last": 1, "depth": (0, 0.5)}], "by first/last or by depth, not both"),
     ],
     ids=[
         "bad-range",
@@ -112,6 +116,10 @@ def test_override_for_a_missing_layer_is_refused():
         "not-a-dict",
         "unsupported-bits",
         "bool-bits",
+        "reversed-depth",
+        "depth-above-1",
+        "depth-not-numbers",
+        "range-and-depth",
     ],
 )
 def test_bad_overrides_are_refused(overrides, match):
@@ -166,3 +174,29 @@ def test_bits_override_round_trips():
     config = SubTokenConfig(budget=0.1, bits=2, overrides=[{"layers": "0-7", "bits": 4}], recipe=None)
     assert config.overrides[0].to_dict() == {"layers": "0-7", "bits": 4}
     assert SubTokenConfig(**config.to_dict()).overrides == config.overrides
+
+
+@pytest.mark.parametrize(
+    "layers, num_layers, expected",
+    [
+        ("0-25%", 30, range(0, 8)),  # i / 30 < 0.25: layers 0..7
+        ("0-25%", 4, range(0, 1)),
+        ("0-25%", 2, range(0, 1)),
+        ("50-100%", 30, range(15, 30)),
+        ("0%-100%", 3, range(0, 3)),
+    ],
+)
+def test_depth_overrides_name_a_share_of_any_models_layers(layers, num_layers, expected):
+    override = LayerOverride.parse({"layers": layers, "bits": 4})
+    assert override.layers(num_layers) == expected
+    assert LayerOverride.parse(override.to_dict()) == override
+    config = SubTokenConfig(budget=0.1, bits=2, overrides=[override], recipe=None)
+    held = [s.bits for s in config.layer_settings(num_layers)]
+    assert held == [4 if i in expected else 2 for i in range(num_layers)]
+
+
+def test_a_depth_override_that_names_no_layer_is_refused():
+    config = SubTokenConfig(budget=0.1, bits=2, overrides=[{"layers": "61-62%", "bits": 4}], recipe=None)
+    assert [s.bits for s in config.layer_settings(100)].count(4) == 1  # layer 61
+    with pytest.raises(ValueError, match=r"overrides\[0\]: 61-62% names no layer of a 30-layer model"):
+        config.layer_settings(30)  # 18/30 = 0.600 and 19/30 = 0.633 both fall outside

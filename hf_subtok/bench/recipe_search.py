@@ -43,6 +43,9 @@ CANDIDATES: dict[str, dict] = {
     "all-axes-4bit-rotated": {**_ALL_AXES, "bits": 4, "rotate": True},
     # every survivor in 2 bits, Hadamard-rotated (keys per channel, values over their least-error range)
     "all-axes-2bit-rotated": {**_ALL_AXES, "bits": 2, "rotate": True},
+    # the same but 4 bits in the first quarter of the layers, whose errors every later layer reads
+    "all-axes-2bit-early4-rotated": {**_ALL_AXES, "bits": 2, "rotate": True,
+                                     "overrides": [{"layers": "0-25%", "bits": 4}]},
 }
 TEXTS = ("ppl", "legal")  # the book, and legal prose of another kind and century
 
