@@ -200,3 +200,21 @@ def test_a_depth_override_that_names_no_layer_is_refused():
     assert [s.bits for s in config.layer_settings(100)].count(4) == 1  # layer 61
     with pytest.raises(ValueError, match=r"overrides\[0\]: 61-62% names no layer of a 30-layer model"):
         config.layer_settings(30)  # 18/30 = 0.600 and 19/30 = 0.633 both fall outside
+
+
+@pytest.mark.parametrize("layer_budgets", ["uniform", "adaptive"])
+def test_a_budget_override_by_depth_holds_what_the_same_layers_by_index_hold(layer_budgets):
+    """"0-50%" of 4 layers is layers 0-1: the cache built either way holds the same tensors
+    (their budgets fixed, left out of the cross-layer split)."""
+    model = make_tiny_model("llama", num_hidden_layers=4)
+    prompt = random_prompts(1, 300)
+    held = {}
+    for layers in ("0-50%", "0-1"):
+        config = SubTokenConfig(budget=0.3, layer_budgets=layer_budgets, floor_tokens=0, recipe=None,
+                                overrides=[{"layers": layers, "budget": 0.5}])
+        cache = SubTokenCache(model, config)
+        with torch.no_grad():
+            model(input_ids=prompt, past_key_values=cache)
+        held[layers] = [row["stored_bytes"] for row in cache.memory_report()["per_layer"]]
+    assert held["0-50%"] == held["0-1"]
+    assert held["0-1"][0] > held["0-1"][2]  # the overridden layers keep more than the rest

@@ -72,7 +72,7 @@ def test_write_table_replaces_one_dtype_and_refuses_a_row_that_cannot_run(tmp_pa
 def test_a_search_on_a_tiny_model_writes_a_table_the_cache_reads(tmp_path, tiny_chat_model, smollm_tokenizer,
                                                                    monkeypatch):
     candidates = {"tokens": {}, "two-groups": {"num_groups": 2, "window": 16, "pack_chunk": 8}}
-    measured, _ = recipe_search.run_search(
+    measured, _, catalog = recipe_search.run_search(
         dtype="float32", budgets=[0.5], out_dir=tmp_path / "out", needle_lengths=[384], needle_depths=[0.5],
         needle_seeds=[0], ppl_prefixes=[256], ppl_eval_tokens=16, candidates=candidates,
         model=tiny_chat_model, tokenizer=smollm_tokenizer,
@@ -83,7 +83,7 @@ def test_a_search_on_a_tiny_model_writes_a_table_the_cache_reads(tmp_path, tiny_
         assert 0 < m.ratio <= 0.5 * 1.02
     chosen = choose(measured)
     table_path = tmp_path / "recipes.json"
-    write_table(table_path, "float32", table_rows(chosen, "float32", candidates), {"command": "test"})
+    write_table(table_path, "float32", table_rows(chosen, "float32", catalog), {"command": "test"})
     table = recipes.parse_table(json.loads(table_path.read_text()))
     monkeypatch.setattr(recipes, "load_table", lambda: table)
     cache = SubTokenCache(tiny_chat_model, budget=0.5)

@@ -36,6 +36,9 @@ def add_recipes_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--table", default=None,
                    help="table file to write (default: the package's hf_subtok/data/recipes.json)")
     p.add_argument("--model", default=None, help="model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--layer-policy", action="store_true",
+                   help="then search a policy per band of layers from each budget's chosen candidate (token "
+                   "scorer, precision, share of the budget; on held-out text) and run it as a candidate too")
     p.add_argument("--restart", action="store_true", help="ignore finished cases in --out")
     return p
 
@@ -64,18 +67,22 @@ def run_recipes(args, argv: list[str]) -> str:
             "ppl_prefixes": parse_ints("ppl-prefix", args.ppl_prefix, low=64),
             "ppl_eval_tokens": args.ppl_tokens,
         }
-        measured, fingerprint = run_search(dtype=args.dtype, out_dir=args.out, model_name=args.model,
-                                           restart=args.restart, **grid)
+        measured, fingerprint, catalog = run_search(dtype=args.dtype, out_dir=args.out, model_name=args.model,
+                                                    restart=args.restart, layer_policy=args.layer_policy, **grid)
         chosen = choose(measured)
         if not chosen:
             raise ValueError("no candidate ran at any budget; see the log")
-        rows = table_rows(chosen, args.dtype)
+        rows = table_rows(chosen, args.dtype, catalog)
         command = "hf-subtok " + shlex.join(argv)
         data = write_table(path, args.dtype, rows, generated_by(command, fingerprint, grid))
         logger.info("wrote %s", path)
         table = recipes.parse_table(data)
         recipes.load_table.cache_clear()
         searched = f"Every candidate ({args.dtype}; chosen in bold):\n\n{candidates_markdown(measured, chosen)}\n\n"
+        per_layer = [f"- {budget:g}, {name}: {fields['overrides']}" for budget, group in catalog.items()
+                     for name, fields in group.items() if name.endswith("+layers")]
+        if per_layer:
+            searched += "Policies per band of layers:\n" + "\n".join(per_layer) + "\n\n"
     else:
         searched = ""
         table = recipes.read_table(path)

@@ -139,9 +139,10 @@ def choose(measured: list[Measured]) -> dict[float, Measured]:
     return chosen
 
 
-def table_rows(chosen: dict[float, Measured], dtype: str, candidates: dict[str, dict] | None = None) -> list[Recipe]:
-    """The table rows of `dtype` for the chosen candidates."""
-    candidates = CANDIDATES if candidates is None else candidates
+def table_rows(chosen: dict[float, Measured], dtype: str, catalog: dict | None = None) -> list[Recipe]:
+    """The table rows of `dtype` for the chosen candidates (`catalog[budget][name]`: their
+    fields, as `run_search` returns it; `CANDIDATES` at budgets it lacks)."""
+    catalog = catalog or {}
     rows = []
     for budget, m in sorted(chosen.items()):
         low, high = wilson(m.correct, m.cases)
@@ -151,7 +152,8 @@ def table_rows(chosen: dict[float, Measured], dtype: str, candidates: dict[str, 
             "needle_accuracy": [round(m.accuracy, 4), round(low, 4), round(high, 4)],
             "ppl_change": {k: round(v, 4) for k, v in m.ppl_change.items()},
         }
-        rows.append(Recipe(dtype, budget, m.candidate, dict(candidates[m.candidate]), measured))
+        fields = catalog.get(budget, CANDIDATES)[m.candidate]
+        rows.append(Recipe(dtype, budget, m.candidate, dict(fields), measured))
     return rows
 
 
@@ -237,32 +239,60 @@ def run_search(
     ppl_prefixes: list[int],
     ppl_eval_tokens: int = 512,
     candidates: dict[str, dict] | None = None,
+    layer_policy: bool = False,
+    policy_options: dict | None = None,
     model=None,
     tokenizer=None,
     model_name: str | None = None,
     restart: bool = False,
-) -> tuple[list[Measured], dict]:
+) -> tuple[list[Measured], dict, dict]:
     """Run every candidate at every budget (one benchmark run per text, resumable in
-    `out_dir/<text>`) and return `(summaries, model fingerprint)`."""
+    `out_dir/<text>`); with `layer_policy`, then search a policy per band of layers from each
+    budget's chosen candidate (`layer_policy.search_policy`, on held-out text; saved in
+    `out_dir/layer_policy.json`) and run those as candidates too (`policy_options`: keyword
+    arguments of `search_policy`, e.g. `bands`).
+
+    Returns `(summaries, model fingerprint, catalog)`: `catalog[budget][name]` is the fields of
+    every candidate that ran at `budget` (the per-layer ones named `<base>+layers`).
+    """
     import torch
 
-    from hf_subtok.bench.runner import BenchConfig, run_bench
     from hf_subtok.model_loading import load_model_and_tokenizer, model_fingerprint
 
     if model is None:
         model, tokenizer = load_model_and_tokenizer(model_name, dtype=getattr(torch, dtype))
-    specs = candidate_specs(budgets, candidates)
+    candidates = CANDIDATES if candidates is None else candidates
+    catalog = {budget: dict(candidates) for budget in budgets}
+    grid = dict(needle_lengths=needle_lengths, needle_depths=needle_depths, needle_seeds=needle_seeds,
+                ppl_prefixes=ppl_prefixes, ppl_eval_tokens=ppl_eval_tokens)
+    measured = _run_candidates(catalog, model, tokenizer, out_dir, model_name, dtype, restart, grid)
+    if layer_policy:
+        policies = _layer_policies(choose(measured), catalog, model, tokenizer, Path(out_dir) / "layer_policy.json",
+                                   policy_options or {})
+        for budget, (base, fields) in policies.items():
+            catalog[budget][f"{base}+layers"] = fields
+        if policies:  # the rows measured so far are read back, not run again
+            measured = _run_candidates(catalog, model, tokenizer, out_dir, model_name, dtype, False, grid)
+    return measured, model_fingerprint(model), catalog
+
+
+def _run_candidates(catalog, model, tokenizer, out_dir, model_name, dtype, restart, grid) -> list[Measured]:
+    from hf_subtok.bench.runner import BenchConfig, run_bench
+
+    specs = [MethodSpec("dense")]
+    for budget, candidates in catalog.items():
+        specs += candidate_specs([budget], candidates)[1:]
     rows = []
     for text in TEXTS:
         config = BenchConfig(
             suites=["needle", "ppl"] if text == TEXTS[0] else ["ppl"],
             methods=specs,
-            budgets=list(budgets),
-            needle_lengths=list(needle_lengths),
-            needle_depths=list(needle_depths),
-            needle_seeds=list(needle_seeds),
-            ppl_prefix_lengths=list(ppl_prefixes),
-            ppl_eval_tokens=ppl_eval_tokens,
+            budgets=list(catalog),
+            needle_lengths=list(grid["needle_lengths"]),
+            needle_depths=list(grid["needle_depths"]),
+            needle_seeds=list(grid["needle_seeds"]),
+            ppl_prefix_lengths=list(grid["ppl_prefixes"]),
+            ppl_eval_tokens=grid["ppl_eval_tokens"],
             ppl_text=text,
             out_dir=str(Path(out_dir) / text),
             model=model_name,
@@ -270,4 +300,30 @@ def run_search(
             restart=restart,
         )
         rows += run_bench(config, model, tokenizer)["rows"]
-    return summarize(rows), model_fingerprint(model)
+    return summarize(rows)
+
+
+def _layer_policies(chosen: dict[float, Measured], catalog, model, tokenizer, path: Path, options: dict) -> dict:
+    """Per budget, `(base candidate, its fields with the overrides found)` where the search found
+    any; every result is saved to `path` and read back from it when its base is unchanged."""
+    from hf_subtok.bench.layer_policy import search_policy
+    from hf_subtok.bench.resume import code_fingerprint
+    from hf_subtok.model_loading import model_fingerprint
+
+    made_by = {"code": code_fingerprint(), "model": model_fingerprint(model)}
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    out = {}
+    for budget, m in chosen.items():
+        fields = catalog[budget][m.candidate]
+        key = f"{budget:g}"
+        settings = {"base": m.candidate, "fields": fields, "options": options, **made_by}
+        if {k: saved.get(key, {}).get(k) for k in settings} != settings:
+            result = search_policy(model, tokenizer, fields, budget, **options)
+            saved[key] = {**settings, **result.to_dict()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(saved, indent=1) + "\n")
+        found = saved[key]["overrides"]
+        logger.info("layer policy at %s from %s: %s", budget, m.candidate, found or "none beat the one policy")
+        if found:
+            out[budget] = (m.candidate, {**fields, "overrides": [*fields.get("overrides", []), *found]})
+    return out
