@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_subtok import SubTokenCache, SubTokenConfig
-from hf_subtok.storage.layer import _CROP_TAKES_LENGTH
+from hf_subtok.storage.rollback import _CROP_TAKES_LENGTH
 from tests.tiny_models import make_tiny_model, random_prompts
 
 # K < G: lossy, so `crop` is refused; no floor, so these short prompts are packed

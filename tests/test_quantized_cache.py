@@ -8,7 +8,7 @@ import torch
 from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.formats import StorageFormat
 from hf_subtok.quant import ChannelQuantizedTensor, QuantizedTensor
-from hf_subtok.storage.layer import _CROP_TAKES_LENGTH
+from hf_subtok.storage.rollback import _CROP_TAKES_LENGTH
 from tests.tiny_models import make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)

@@ -11,6 +11,7 @@ import torch
 
 import hf_subtok
 from hf_subtok import SubTokenCache, SubTokenConfig, cache_kwargs, recipes
+from hf_subtok.config import LayerOverride
 from hf_subtok.presets import PRESET_BUDGETS
 from tests.tiny_models import make_tiny_model, random_prompts
 

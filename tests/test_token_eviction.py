@@ -10,7 +10,7 @@ from hf_subtok.allocation import StorageChoice, plan_layer
 from hf_subtok.attention import subtok_attention
 from hf_subtok.formats import StorageFormat
 from hf_subtok.scorers import Observation, get_token_scorer
-from hf_subtok.storage.layer import _CROP_TAKES_LENGTH
+from hf_subtok.storage.rollback import _CROP_TAKES_LENGTH
 from tests.tiny_models import make_tiny_model, random_prompts
 
 FORMAT = StorageFormat(head_dim=64, num_groups=8, elem_bytes=4)

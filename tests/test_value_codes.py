@@ -16,7 +16,7 @@ from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.allocation.select import tokens_within
 from hf_subtok.kernels import packed_attention, packed_attention_reference
 from hf_subtok.quant import CodedTensor, quantize_vectors
-from hf_subtok.storage.layer import _CROP_TAKES_LENGTH
+from hf_subtok.storage.rollback import _CROP_TAKES_LENGTH
 from tests.kernel_cases import DTYPES, TOLERANCE, Shape, make_packed
 from tests.tiny_models import (
     decode_within_budget,

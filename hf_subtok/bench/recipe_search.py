@@ -11,6 +11,11 @@ budget, the recipe that is good everywhere rather than best at one table:
 2. contenders: the candidates whose accuracy lies inside the 95% Wilson interval of the best;
 3. among them, the smallest worst perplexity change over both texts and every prefix (then
    the fewest stored bytes).
+
+With `layer_policy`, each budget's chosen candidate is then the start of a search for a policy
+per band of layers (`layer_policy.search_policy`, on held-out text); what it finds runs as one
+more candidate, `<chosen>+layers`, on the same cases, and the rule above chooses again. The two
+rows side by side are the ablation: one policy for every layer against a policy per band.
 """
 
 from __future__ import annotations

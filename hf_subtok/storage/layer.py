@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import CacheLayerMixin
 
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.formats import StorageFormat
 from hf_subtok.quant.stored import map_stored
 from hf_subtok.storage.eviction import Eviction, PromptEvidence
+from hf_subtok.storage.held import HeldBytes
 from hf_subtok.storage.packing import Packing
+from hf_subtok.storage.rollback import Rollback
 from hf_subtok.storage.rows import BatchRows
-from hf_subtok.storage.tensors import Stored, first_tokens, stored_parts
+from hf_subtok.storage.tensors import Stored
 from hf_subtok.storage.window import DenseWindow
 
-# transformers 5.2 calls `crop(max_length)` (an absolute length, negative counts from the
-# end); later releases call `crop(tokens_to_remove)` with a negative count.
-_CROP_TAKES_LENGTH = "max_length" in inspect.signature(DynamicLayer.crop).parameters
 
-
-class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
+class SubTokenLayer(BatchRows, Eviction, Packing, HeldBytes, Rollback, CacheLayerMixin):
     """Packed storage of one attention layer.
 
     Holds, for the oldest tokens, whole keys `[B, Hkv, Ts, D]`, the kept value groups
@@ -38,7 +34,9 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
     plans, which tokens fit), and its prompt's share of the cross-layer plan comes from the
     cache. The methods are grouped by role: `storage.packing` (store, pack, re-select),
     `storage.eviction` (an evicting layer's prompt and window chunks), `storage.rows` (a batch
-    stored row by row); this class keeps transformers' `CacheLayerMixin` contract.
+    stored row by row), `storage.held` (what it holds, counted from its tensors),
+    `storage.rollback` (`crop`); this class keeps the rest of transformers' `CacheLayerMixin`
+    contract.
 
     With an evicting policy (a budget that may cut tokens), each KV head keeps its own best
     tokens in a uniform `[B, Hkv, Ts, ...]` layout (composite tokens), with their float32
@@ -218,83 +216,6 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         """`[B, Hkv, Tw]` float32 scores of the window's tokens (a layer that evicts), else None."""
         return None if self.window is None else self.window.scores
 
-    def tokens_per_head(self) -> list[int]:
-        """Packed tokens each KV head holds in the first sequence of the batch (fillers aside)."""
-        if self.rows is not None:
-            return self.rows[0].tokens_per_head()
-        if not self.is_initialized:
-            return []
-        if not self.policy.evicts:
-            return [self.packed_keys.shape[-2]] * self.num_heads
-        return [int(n) for n in self._valid_slots()[0].sum(-1)]
-
-    _HELD = (
-        "packed_keys",
-        "packed_values",
-        "group_idx",
-        "wide_values",
-        "wide_idx",
-        "wide_norms",
-        "stored_heads",
-        "token_scores",
-    )
-
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor this layer holds, by name (a quantized part as `name.payload`, ...)."""
-        tensors = {}
-        if self.rows is not None or self._rows_prompt is not None:
-            for r, row in enumerate(self.rows or []):
-                tensors.update({f"rows.{r}.{name}": t for name, t in row.stored_tensors().items()})
-            return tensors
-        if not self.is_initialized:
-            return {}
-        for name in self._HELD:
-            held = getattr(self, name)
-            if held is not None:
-                tensors.update(stored_parts(name, held))
-        tensors.update(self.window.buffers())  # whole buffers: their capacity is held too
-        if self._rotation_matrices is not None:  # shared by the layers: counted once by storage
-            tensors["rotation.keys"], tensors["rotation.values"] = self._rotation_matrices
-        return tensors
-
-    def summary(self) -> dict:
-        """What this layer keeps (of the first batch row when stored row by row): K, bits,
-        packed tokens, tokens per KV head, wide tokens, and whether the context is still at
-        most `floor_tokens` (held dense, exactly)."""
-        layer = self.rows[0] if self.rows else self
-        held = layer.is_initialized and layer._rows_prompt is None
-        return {
-            "keep_groups": layer.keep_groups,
-            "bits": layer.storage.bits if held else None,
-            "tokens_stored": layer.packed_keys.shape[-2] if held else 0,
-            "tokens_per_head": layer.tokens_per_head() if held else [],
-            # packed tokens per row that keep every group (adaptive span)
-            "wide_tokens": 0 if layer.wide_norms is None else layer.wide_norms.shape[-1],
-            "below_floor": held and layer.seen_tokens <= layer.config.floor_tokens,
-        }
-
-    def target_bytes_held(self) -> float:
-        """Bytes this layer aims to hold at most: `budget` (or the `floor_tokens` floor) of the
-        dense bytes of every row and KV head; the dense bytes without a budget."""
-        if self.config.budget is None:
-            return float(self.dense_bytes())
-        rows = self.rows if self.rows is not None else [self]
-        total = 0.0
-        for row in rows:
-            if not row.is_initialized:
-                continue
-            dense = row.storage.dense_token_bytes * row.seen_tokens
-            total += min(row.target_bytes(), dense) * row.window_keys.shape[0] * row.num_heads
-        return total
-
-    def dense_bytes(self) -> int:
-        """What a `DynamicCache` would hold for this layer's tokens (keys and values; with a
-        padded batch, the padding too)."""
-        if not self.is_initialized:
-            return 0
-        batch = self.batch_size if self.rows is not None or self._rows_prompt is not None else self.window_keys.shape[0]
-        return batch * self.num_heads * self.seen_tokens * self.storage.dense_token_bytes
-
     @property
     def lossless(self) -> bool:
         """Whether this layer stores every token, every group, in the model's dtype."""
@@ -303,14 +224,6 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
             or self.config.bits is not None
             or (self.fixed_keep_groups or 0) < self.config.num_groups
         )
-
-    @property
-    def is_croppable(self) -> bool:
-        """Whether `crop` restores exactly the cache that never saw the cropped tokens: only
-        with `lossless` storage. A lossy layer may have packed, evicted or re-selected tokens
-        because of the tokens to crop, so assisted decoding and prompt lookup are refused with
-        it (transformers checks this flag)."""
-        return self.lossless
 
     def _apply(self, fn) -> None:
         """Replace every held tensor `t` (batch first) by `fn(t)`."""
@@ -372,53 +285,3 @@ class SubTokenLayer(BatchRows, Eviction, Packing, CacheLayerMixin):
         if self.rows is not None:
             return self._pick_rows(torch.arange(len(self.rows))[indices.cpu()].tolist())
         self._apply(lambda t: t[indices, ...])
-
-    def crop(self, length_or_removed: int) -> None:
-        """Drop the newest tokens (assisted decoding); see `_CROP_TAKES_LENGTH` for the argument.
-
-        Raises `ValueError` for a lossy layer (`is_croppable` is False): what it packed or
-        evicted because of the cropped tokens cannot be restored."""
-        if not self.is_croppable:
-            raise ValueError(
-                "this SubTokenCache's config is lossy, so it cannot roll back (crop) the tokens assisted "
-                "decoding or prompt lookup rejected; use the 'lossless' preset or a DynamicCache for them"
-            )
-        if self.rows is not None:
-            removed = self.seen_tokens - self._crop_keep(length_or_removed)
-            for row in self.rows:
-                row.crop(row.seen_tokens - removed if _CROP_TAKES_LENGTH else -removed)
-            self.seen_tokens -= removed
-            return
-        self._flush()
-        keep = self._crop_keep(length_or_removed)
-        if keep >= self.seen_tokens or not self.is_initialized:
-            return
-        stored = self.packed_keys.shape[-2]
-        if keep >= stored:
-            self.window.truncate(keep - stored)
-        else:
-            self.packed_keys = first_tokens(self.packed_keys, keep)
-            self._open_key_tokens = 0  # the cut block stays as it is; new tokens start a block
-            self.packed_values = first_tokens(self.packed_values, keep)
-            if self.group_idx is not None:
-                self.group_idx = self.group_idx[..., :keep].clone()
-            self.window.truncate(0)
-        self.seen_tokens = keep
-
-    def _crop_keep(self, length_or_removed: int) -> int:
-        """Tokens `crop(length_or_removed)` keeps."""
-        if _CROP_TAKES_LENGTH:
-            keep = (
-                length_or_removed
-                if length_or_removed >= 0
-                else self.seen_tokens + length_or_removed
-            )
-        else:
-            if length_or_removed > 0:
-                raise ValueError(
-                    f"crop takes a negative number of tokens to remove, got {length_or_removed}"
-                )
-            keep = self.seen_tokens + length_or_removed
-        if keep < 0:
-            raise ValueError(f"cannot crop {self.seen_tokens} tokens to {keep}")
-        return keep
