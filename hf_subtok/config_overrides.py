@@ -82,7 +82,7 @@ class LayerOverride:
         return cls(**item)
 
     def layers(self, num_layers: int) -> range:
-        """The layers of an `num_layers`-layer model this override sets (`ValueError` if it names
+        """The layers of a `num_layers`-layer model this override sets (`ValueError` if it names
         a layer the model lacks, or, by depth, none at all)."""
         if self.depth is None:
             if self.last >= num_layers:
