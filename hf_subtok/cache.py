@@ -86,6 +86,8 @@ class SubTokenCache(Cache):
                     f"the config has num_groups={self.config.num_groups}"
                 )
         self.layer_configs = self.config.layer_settings(num_layers)
+        # layers whose budget an override fixes: left out of the cross-layer split
+        self._budget_fixed = {i for o in self.config.overrides if o.budget is not None for i in o.layers(num_layers)}
         if self.config.evicts_tokens:
             if self.head_dim % self.config.num_groups:
                 raise ValueError(
@@ -128,12 +130,8 @@ class SubTokenCache(Cache):
         """The cross-layer planner, for adaptive budgets over the layers without a fixed one."""
         if not self.config.evicts_tokens or self.config.layer_budgets != "adaptive":
             return None
-        shared = num_layers - len(self._budget_fixed_layers(num_layers))
+        shared = num_layers - len(self._budget_fixed)
         return PromptPlans(PromptPlanner(shared)) if shared > 1 else None
-
-    def _budget_fixed_layers(self, num_layers: int) -> set[int]:
-        """The layers whose budget an override fixes (left out of the cross-layer split)."""
-        return {i for o in self.config.overrides if o.budget is not None for i in o.layers(num_layers)}
 
     def _layer(self, layer_idx: int, router) -> SubTokenLayer:
         config = self.layer_configs[layer_idx]
@@ -146,8 +144,7 @@ class SubTokenCache(Cache):
         if config.evicts_tokens:
             token_scorer = router.token_scorer(layer_idx) if router is not None else None
             token_scorer = token_scorer or get_token_scorer(config.token_scorer)
-        fixed = layer_idx in self._budget_fixed_layers(len(self.layer_configs))
-        planner = None if fixed else self.planner
+        planner = None if layer_idx in self._budget_fixed else self.planner
         policy = (
             TokenPolicy(scorer, config.num_groups, token_scorer, self.rope)
             if token_scorer is not None

@@ -45,11 +45,11 @@ def parse_depth_range(value) -> tuple[float, float]:
     if isinstance(value, str):
         low, sep, high = value.strip().removesuffix("%").partition("-")
         try:
-            shares = (float(low.strip().removesuffix("%")) / 100, float(high) / 100) if sep else None
+            if not sep:
+                raise ValueError
+            shares = (float(low.strip().removesuffix("%")) / 100, float(high) / 100)
         except ValueError:
-            shares = None
-        if shares is None:
-            raise ValueError(f"overrides layers by depth must be 'LOW-HIGH%' (like '0-25%'), got {value!r}")
+            raise ValueError(f"overrides layers by depth must be 'LOW-HIGH%' (like '0-25%'), got {value!r}") from None
     try:
         low, high = (float(v) for v in shares)
     except (TypeError, ValueError):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from hf_subtok import SubTokenCache, cache_kwargs, recipes
 from hf_subtok.config import LayerOverride
+from tests.recipe_tables import use_table
 from tests.tiny_models import make_tiny_model, random_prompts
 
 # 2 bits everywhere but the first quarter of the layers, which keep 4
@@ -27,9 +26,7 @@ EARLY_FOUR = {
 
 @pytest.fixture
 def early_four(monkeypatch):
-    table = recipes.parse_table(json.loads(json.dumps(EARLY_FOUR)))
-    monkeypatch.setattr(recipes, "load_table", lambda: table)
-    return table
+    return use_table(monkeypatch, EARLY_FOUR)
 
 
 def _model(num_layers: int):

@@ -13,6 +13,7 @@ import hf_subtok
 from hf_subtok import SubTokenCache, SubTokenConfig, cache_kwargs, recipes
 from hf_subtok.config import LayerOverride
 from hf_subtok.presets import PRESET_BUDGETS
+from tests.recipe_tables import use_table
 from tests.tiny_models import make_tiny_model, random_prompts
 
 _WIDE = dict(head_dim=64, num_attention_heads=2, num_key_value_heads=1, hidden_size=128)
@@ -38,9 +39,7 @@ CUSTOM = {
 
 @pytest.fixture
 def custom_table(monkeypatch):
-    table = recipes.parse_table(json.loads(json.dumps(CUSTOM)))
-    monkeypatch.setattr(recipes, "load_table", lambda: table)
-    return table
+    return use_table(monkeypatch, CUSTOM)
 
 
 def _model(dtype=torch.float32):
@@ -122,8 +121,7 @@ def test_full_precision_given_drops_the_recipes_quantization_fields(custom_table
 def test_a_recipe_that_conflicts_with_the_fields_given_names_it(custom_table, monkeypatch):
     coded = dict(CUSTOM, recipes={"float32": [
         {"budget": 0.1, "candidate": "f32-coded", "fields": {"bits": 2, "value_codes": 16}, "measured": {}}]})
-    table = recipes.parse_table(json.loads(json.dumps(coded)))
-    monkeypatch.setattr(recipes, "load_table", lambda: table)
+    use_table(monkeypatch, coded)
     with pytest.raises(ValueError, match="f32-coded.*value_codes needs bits.*recipe=None"):
         SubTokenCache(_model(), budget=0.1, bits="auto")  # codeword values need one precision
     with pytest.raises(ValueError, match="recipe must be one of"):

@@ -34,9 +34,9 @@ BUDGET_SCALES = (0.5, 1.5)  # a band's share of the budget relative to the rest
 
 @dataclass
 class Trial:
-    """One measured policy: the band tried (None for the starting policy), its setting, the NLL."""
+    """One measured policy: the band tried, its setting, the NLL, and whether the band kept it."""
 
-    band: str | None
+    band: str
     setting: dict
     nll: float
     kept: bool = False

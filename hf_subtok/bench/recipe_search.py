@@ -82,11 +82,11 @@ class Measured:
         return max(self.ppl_change.values()) if self.ppl_change else float("inf")
 
 
-def candidate_specs(budgets: list[float], candidates: dict[str, dict] | None = None) -> list[MethodSpec]:
-    """dense, then every candidate at every budget, each with `recipe=None` (fields as written)."""
-    candidates = CANDIDATES if candidates is None else candidates
+def candidate_specs(catalog: dict[float, dict[str, dict]]) -> list[MethodSpec]:
+    """dense, then at each budget every candidate of `catalog[budget]` (name -> fields), each
+    with `recipe=None` (fields as written)."""
     specs = [MethodSpec("dense")]
-    for budget in budgets:
+    for budget, candidates in catalog.items():
         for name, fields in candidates.items():
             unknown = sorted(set(fields) - set(RECIPE_FIELDS))
             if unknown:
@@ -284,9 +284,7 @@ def run_search(
 def _run_candidates(catalog, model, tokenizer, out_dir, model_name, dtype, restart, grid) -> list[Measured]:
     from hf_subtok.bench.runner import BenchConfig, run_bench
 
-    specs = [MethodSpec("dense")]
-    for budget, candidates in catalog.items():
-        specs += candidate_specs([budget], candidates)[1:]
+    specs = candidate_specs(catalog)
     rows = []
     for text in TEXTS:
         config = BenchConfig(
