@@ -6,10 +6,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from hf_subtok import SubTokenCache, SubTokenConfig
 from hf_subtok.bench import kvpress_methods as kvp
 from hf_subtok.bench import quantized_methods as quantized
+from hf_subtok.bench.decoding import chunked_prefill
 from hf_subtok.bench.methods import MethodSpec
 from hf_subtok.bench.prefill import DensePrefill, attention_modules
 from hf_subtok.scorers import Observation
@@ -28,6 +30,8 @@ class Compressed:
 
     `stored_bytes` is measured from the tensors the cache holds; `dense_bytes` is what a
     `DynamicCache` holds for the same tokens; `info` carries method details for the report.
+    `last_logits` `[1, V]`: the logits after the prompt when the method ran its own prefill
+    through its cache (a chunked prefill attends to the compressed earlier chunks), else None.
     """
 
     cache: object
@@ -35,10 +39,15 @@ class Compressed:
     dense_bytes: int
     seconds: float
     info: dict = field(default_factory=dict)
+    last_logits: torch.Tensor | None = None
 
     @property
     def ratio(self) -> float:
         return self.stored_bytes / self.dense_bytes
+
+    def logits_after(self, prefill: DensePrefill) -> torch.Tensor:
+        """The logits `[1, V]` after the prompt this cache holds: its own, else the shared prefill's."""
+        return prefill.last_logits if self.last_logits is None else self.last_logits
 
 
 def subtok_config(budget: float | None, window: int | None, options: tuple = ()) -> SubTokenConfig:
@@ -100,31 +109,46 @@ def build_cache(
 
     Args:
         match_ratio: for kvpress, the stored/dense ratio to match (`c = 1 - match_ratio`).
-        input_ids: `[1, T]` the prefill's tokens, needed when `hooked` (kvpress's own prefill).
+        input_ids: `[1, T]` the prefill's tokens, needed when `hooked` (kvpress's own prefill)
+            and for subtok with `spec.prefill_chunk` (fed through the cache chunk by chunk).
         hooked: run kvpress's forward hooks on a fresh prefill instead of the shared one.
 
     Raises:
         Unreachable: subtok cannot store `spec.budget` with whole keys.
     """
     dense_bytes = prefill.dense_bytes
+    if spec.prefill_chunk is not None and input_ids is None:
+        raise ValueError(f"{spec.name} prefills in chunks: build_cache needs input_ids")
     if spec.family == "dense":
         start = time.perf_counter()
-        cache = prefill.to_dynamic_cache()
+        last_logits = None
+        if spec.prefill_chunk is None:
+            cache = prefill.to_dynamic_cache()
+        else:
+            cache = DynamicCache()
+            last_logits = chunked_prefill(model, cache, input_ids, spec.prefill_chunk)
         stored = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
-        return Compressed(cache, stored, dense_bytes, time.perf_counter() - start)
+        info = {} if spec.prefill_chunk is None else {"prefill_chunk": spec.prefill_chunk}
+        return Compressed(cache, stored, dense_bytes, time.perf_counter() - start, info, last_logits)
     if spec.family == "subtok":
         start = time.perf_counter()
         try:
             cache = SubTokenCache(model, subtok_config(spec.budget, window, spec.options))
         except ValueError as e:  # the configuration cannot store this budget
             raise Unreachable(f"{UNREACHABLE} ({e})") from e
-        fill_from_prefill(cache, model, prefill)
+        last_logits = None
+        if spec.prefill_chunk is None:
+            fill_from_prefill(cache, model, prefill)
+        else:
+            last_logits = chunked_prefill(model, cache, input_ids, spec.prefill_chunk)
         seconds = time.perf_counter() - start
         report = cache.memory_report()
         info = {"keep_groups": report["keep_groups"], "num_groups": report["num_groups"], "window": cache.config.window}
         if spec.options:
             info["overrides"] = dict(spec.options)
-        return Compressed(cache, report["stored_bytes"], report["dense_bytes"], seconds, info)
+        if spec.prefill_chunk is not None:
+            info["prefill_chunk"] = spec.prefill_chunk
+        return Compressed(cache, report["stored_bytes"], report["dense_bytes"], seconds, info, last_logits)
     if spec.family == "quantized":
         cache, stored, seconds, info = quantized.build(model, prefill, spec.backend, spec.bits, dict(spec.options))
         return Compressed(cache, stored, dense_bytes, seconds, info)

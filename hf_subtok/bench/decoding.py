@@ -46,6 +46,19 @@ def _forward(model, cache, ids: torch.Tensor, start: int, keep: int = 1) -> torc
 
 
 @torch.no_grad()
+def chunked_prefill(model, cache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Feed `ids` `[B, T]` (unpadded rows) through `cache` `chunk` tokens per forward, as
+    `generate(prefill_chunk_size=chunk)` does; returns the last token's logits `[B, V]`."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if ids.shape[1] == 0:
+        raise ValueError(f"ids must hold at least one token, got shape {list(ids.shape)}")
+    for start in range(0, ids.shape[1], chunk):
+        logits = _forward(model, cache, ids[:, start : start + chunk], start)
+    return logits[:, -1]
+
+
+@torch.no_grad()
 def greedy_continue(
     model,
     cache,

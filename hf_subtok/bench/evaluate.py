@@ -86,7 +86,8 @@ def run_methods(
 def method_fields(spec: MethodSpec) -> dict:
     """The fields every row of `spec` carries (name, label, family, budget, bits, ...)."""
     return {"method": spec.name, "label": spec.label, "family": spec.family, "press": spec.press,
-            "budget": spec.budget, "bits": spec.bits, "backend": spec.backend, "variant": spec.variant}
+            "budget": spec.budget, "bits": spec.bits, "backend": spec.backend, "variant": spec.variant,
+            "prefill_chunk": spec.prefill_chunk}
 
 
 def _match(ctx, budget: float, prefill: DensePrefill, ours: dict[float, float]) -> tuple[float, str]:

@@ -18,6 +18,7 @@ from hf_subtok import SubTokenCache
 from hf_subtok.bench import kvpress_methods as kvp
 from hf_subtok.bench import quantized_methods as quantized
 from hf_subtok.bench.apply import subtok_config
+from hf_subtok.bench.decoding import chunked_prefill
 from hf_subtok.bench.methods import MethodSpec
 from hf_subtok.bench.quantized_bytes import quantized_cache_bytes
 from hf_subtok.generate_args import cache_kwargs
@@ -45,7 +46,8 @@ def press_ratio(spec: MethodSpec, match: float | None) -> float:
 
 @torch.no_grad()
 def prefill(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, window: int | None):
-    """Prefill `ids` `[B, T]` the method's own way; returns (cache, logits `[B, V]`, seconds, info)."""
+    """Prefill `ids` `[B, T]` the method's own way (`spec.prefill_chunk` tokens per forward when
+    set); returns (cache, logits `[B, V]`, seconds, info)."""
     cache = make_cache(model, spec, window)
     info = {}
     _synchronize(ids.device)
@@ -55,10 +57,14 @@ def prefill(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, win
         info = {"compression_ratio": round(compression_ratio, 6), "prefill": "own (kvpress hooks)"}
         with kvp.make_press(spec.press, compression_ratio)(model):
             out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+    elif spec.prefill_chunk is not None:
+        info = {"prefill_chunk": spec.prefill_chunk}
+        logits = chunked_prefill(model, cache, ids, spec.prefill_chunk)
     else:
-        out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        logits = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     _synchronize(ids.device)
-    return cache, out.logits[:, -1], time.perf_counter() - start, info
+    return cache, logits, time.perf_counter() - start, info
 
 
 def stored_bytes(model, spec: MethodSpec, cache) -> int:

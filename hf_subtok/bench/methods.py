@@ -2,7 +2,8 @@
 
 Grammar of one item of `--methods` (comma separated, case-insensitive):
 
-- `dense`: transformers' `DynamicCache`, nothing compressed.
+- `dense`: transformers' `DynamicCache`, nothing compressed; `dense:prefill_chunk=N` fills it
+  `N` tokens per forward (the same chunking as a chunked subtok row, see below).
 - `subtok` or `subtok@B`: `SubTokenCache(SubTokenConfig(budget=B))` at every budget of
   `--budgets`, or at `B` only: what a user gets from the budget alone (the recipe table's row
   for B, `hf_subtok.recipes`); `subtok:recipe=none@B` is token eviction alone.
@@ -11,7 +12,9 @@ Grammar of one item of `--methods` (comma separated, case-insensitive):
   but `budget` (e.g. `subtok:axes=tokens@0.25`, `subtok:axes=groups+token_scorer=key_norm`),
   and/or one preset name (`subtok:balanced`, preset fields first, pairs on top). A preset
   with a budget runs at that budget unless `@B` is given. Rows are named
-  `subtok[VARIANT]@B`.
+  `subtok[VARIANT]@B`. One pair is not a field: `prefill_chunk=N` prefills the prompt through
+  the cache `N` tokens per forward (compressing as it goes, as `generate(prefill_chunk_size=N)`
+  does) instead of from the shared one-shot prefill: `subtok:prefill_chunk=256@0.25`.
 - `kvpress` or `kvpress:NAME` or `kvpress:NAME@B`: kvpress presses (all of `PRESSES`, or one),
   at every budget or at `B`. NAME is a key of `PRESSES` or a kvpress class name.
 - `quantized`, `quantized@BITS`, `quantized:BACKEND`, `quantized:BACKEND@BITS`: transformers'
@@ -39,6 +42,7 @@ PRESSES: dict[str, tuple[str, str | None]] = {
     "adakv_expected_attention": ("AdaKVPress", "ExpectedAttentionPress"),
 }
 FAMILIES = ("dense", "subtok", "kvpress", "quantized")
+PREFILL_CHUNK = "prefill_chunk"  # the subtok variant pair that is not a `SubTokenConfig` field
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ class MethodSpec:
     `hf_subtok.bench.kvpress_methods.MATCHING`). `backend` and `bits` are the `quantized`
     family's. `variant` is the canonical text of the overrides (`axes=tokens`, `balanced`,
     `residual_length=32`) and `options` the keyword arguments it resolves to, for
-    `SubTokenConfig` (subtok) or `QuantizedCache` (quantized).
+    `SubTokenConfig` (subtok) or `QuantizedCache` (quantized). `prefill_chunk` (subtok and
+    dense): the prompt is fed through the cache this many tokens per forward.
     """
 
     family: str
@@ -60,13 +65,14 @@ class MethodSpec:
     bits: int | None = None
     variant: str | None = None
     options: tuple[tuple[str, object], ...] = field(default=(), hash=False)
+    prefill_chunk: int | None = None
 
     @property
     def name(self) -> str:
         """Row name: `dense`, `subtok@0.75`, `subtok[axes=tokens]@0.25`, `snapkv@0.75`,
         `quantized[quanto]@4bit`."""
         if self.family == "dense":
-            return "dense"
+            return self.label
         if self.family == "quantized":
             return f"{self.label}@{self.bits}bit"
         return self.label if self.budget is None else f"{self.label}@{self.budget:g}"
@@ -145,9 +151,11 @@ def parse_methods(
         head, _, budget_text = item.partition("@")
         family, _, variant = head.partition(":")
         if family == "dense":
-            if budget_text or variant:
-                raise ValueError(f"method 'dense' takes no budget or press, got {item!r}")
-            specs.append(MethodSpec("dense"))
+            chunk = _prefill_chunk(item, variant) if variant.startswith(f"{PREFILL_CHUNK}=") else None
+            if budget_text or (variant and chunk is None):
+                raise ValueError(f"method 'dense' takes no budget or press (only {PREFILL_CHUNK}=N), got {item!r}")
+            specs.append(MethodSpec("dense", variant=None if chunk is None else f"{PREFILL_CHUNK}={chunk}",
+                                    prefill_chunk=chunk))
         elif family == "subtok":
             specs.extend(_subtok_specs(item, variant, budget_text, budgets))
         elif family == "kvpress":
@@ -186,9 +194,13 @@ def _subtok_specs(item: str, variant: str, budget_text: str, budgets: list[float
     from hf_subtok.config import SubTokenConfig
     from hf_subtok.presets import PRESETS
 
-    preset, pairs = None, []
+    preset, pairs, chunk = None, [], None
     for part in split_top_level(variant, "+"):
-        if "=" in part:
+        if part.startswith(f"{PREFILL_CHUNK}="):
+            if chunk is not None:
+                raise ValueError(f"method {item!r}: {PREFILL_CHUNK} is set twice")
+            chunk = _prefill_chunk(item, part)
+        elif "=" in part:
             pairs.append(part)
         elif part in PRESETS and preset is None:
             preset = part
@@ -206,13 +218,26 @@ def _subtok_specs(item: str, variant: str, budget_text: str, budgets: list[float
     else:
         item_budgets = budgets
     options = tuple(fields.items())
-    canonical = "+".join(p for p in (preset, format_overrides(overrides)) if p) or None
+    chunk_text = None if chunk is None else f"{PREFILL_CHUNK}={chunk}"
+    canonical = "+".join(p for p in (preset, format_overrides(overrides), chunk_text) if p) or None
     for b in item_budgets:  # validate every field value now, before any model is loaded
         try:
             SubTokenConfig(**fields, **({} if b is None else {"budget": b}))
         except (TypeError, ValueError) as e:
             raise ValueError(f"method {item!r}: {e}") from None
-    return [MethodSpec("subtok", b, variant=canonical, options=options) for b in item_budgets]
+    return [MethodSpec("subtok", b, variant=canonical, options=options, prefill_chunk=chunk) for b in item_budgets]
+
+
+def _prefill_chunk(item: str, pair: str) -> int:
+    """`N` of a `prefill_chunk=N` pair: a positive integer."""
+    raw = pair.partition("=")[2]
+    try:
+        chunk = int(raw)
+    except ValueError:
+        raise ValueError(f"method {item!r}: {PREFILL_CHUNK} must be a positive integer, got {raw!r}") from None
+    if chunk < 1:
+        raise ValueError(f"method {item!r}: {PREFILL_CHUNK} must be a positive integer, got {chunk}")
+    return chunk
 
 
 def _quantized_specs(item: str, variant: str, bits_text: str, problems: dict[str, str | None]) -> list[MethodSpec]:

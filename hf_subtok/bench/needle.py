@@ -99,7 +99,7 @@ def _run_case(ctx, spec: NeedleSpec, prefixes: dict[str, str]) -> None:
         def evaluate(compressed, setting=setting, prefill=prefill):
             if setting == "in_prompt":
                 gen = greedy_continue(
-                    ctx.model, compressed.cache, prompt.shape[1], first_logits=prefill.last_logits,
+                    ctx.model, compressed.cache, prompt.shape[1], first_logits=compressed.logits_after(prefill),
                     max_new_tokens=ctx.config.max_new_tokens, stop_ids=stop_ids, stop=stop,
                 )
             else:

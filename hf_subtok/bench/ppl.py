@@ -52,7 +52,7 @@ def run_ppl(ctx) -> None:
 
         def evaluate(compressed, prefill=prefill, eval_ids=eval_ids, start=prefix.shape[1]):
             begin = time.perf_counter()
-            nll, count = continuation_nll(ctx.model, compressed.cache, start, eval_ids, prefill.last_logits)
+            nll, count = continuation_nll(ctx.model, compressed.cache, start, eval_ids, compressed.logits_after(prefill))
             return {"nll": nll / count, "ppl": math.exp(nll / count), "eval_s": time.perf_counter() - begin}
 
         ctx.set_status(f"ppl prefix {spec.prefix} tok")

@@ -103,7 +103,7 @@ def summarize(rows: list[dict]) -> list[Measured]:
     dense = {
         (r["text"], r["prefix_tokens"]): r["ppl"]
         for r in rows
-        if r.get("suite") == "ppl" and r["family"] == "dense" and r.get("status") == "ok"
+        if r.get("suite") == "ppl" and r["method"] == "dense" and r.get("status") == "ok"
     }
     mine: dict[tuple[str, float], list[dict]] = {}
     for r in rows:

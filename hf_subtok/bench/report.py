@@ -89,7 +89,7 @@ def ppl_table(rows: list[dict]) -> list[str]:
     if not ppl:
         return []
     prefixes = sorted({r["prefix_tokens"] for r in ppl})
-    dense = {r["prefix_tokens"]: r["ppl"] for r in ppl if r["family"] == "dense" and r.get("status") == "ok"}
+    dense = {r["prefix_tokens"]: r["ppl"] for r in ppl if r["method"] == "dense" and r.get("status") == "ok"}  # one-shot
     evals = sorted({r["eval_tokens"] for r in ppl})
     header = ["method", "budget", "stored/dense"]
     for p in prefixes:

@@ -94,7 +94,7 @@ def _run_case(ctx, spec: RulerSpec, prefixes: dict[str, str]) -> None:
 
         def evaluate(compressed, setting=setting, prefill=prefill):
             if setting == "in_prompt":
-                gen = greedy_continue(ctx.model, compressed.cache, prompt.shape[1], first_logits=prefill.last_logits,
+                gen = greedy_continue(ctx.model, compressed.cache, prompt.shape[1], first_logits=compressed.logits_after(prefill),
                                       max_new_tokens=max_new, stop_ids=stop_ids, stop=stop)
             else:
                 gen = greedy_continue(ctx.model, compressed.cache, context.shape[1], input_ids=question,

@@ -34,7 +34,8 @@ def _spread(values: list[float]) -> float | None:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One row per (case, method): medians over repeats, spreads, ratios against dense.
+    """One row per (case, method): medians over repeats, spreads, ratios against dense (a row
+    prefilled in chunks against dense prefilled in the same chunks where that ran, else one-shot).
 
     `peak_drop_of_kv_saved`: how much of the KV bytes a method saves against dense its peak
     (allocator) drops by, `(dense peak - peak) / (dense stored - stored)`: 1.0 means the whole
@@ -45,6 +46,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         ok = [r for r in group if r.get("status") == "ok"]
         entry = {"method": method, "context_tokens": tokens, "batch": batch, "runs": len(ok),
                  "prompt_tokens": group[0].get("prompt_tokens"), "family": group[0].get("family"),
+                 "prefill_chunk": group[0].get("prefill_chunk"),
                  "status": "ok" if ok else group[0].get("status"), "reason": None if ok else group[0].get("reason")}
         for name in _MEDIANS:
             values = [r[name] for r in ok if r.get(name) is not None]
@@ -52,9 +54,11 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry["alloc_spread"] = _spread([r["peak_alloc_bytes"] for r in ok if "peak_alloc_bytes" in r])
         entry["rss_spread"] = _spread([r["peak_rss_added_bytes"] for r in ok if "peak_rss_added_bytes" in r])
         summary.append(entry)
-    dense = {(s["context_tokens"], s["batch"]): s for s in summary if s["family"] == "dense" and s["status"] == "ok"}
+    # each row against dense with the same chunking where it ran, else one-shot dense
+    dense = {(s["context_tokens"], s["batch"], s["prefill_chunk"]): s for s in summary
+             if s["family"] == "dense" and s["status"] == "ok"}
     for s in summary:
-        base = dense.get((s["context_tokens"], s["batch"]))
+        base = dense.get((s["context_tokens"], s["batch"], s["prefill_chunk"]), dense.get((s["context_tokens"], s["batch"], None)))
         s["peak_vs_dense"] = _over(s, base, "peak_alloc_bytes")
         s["prefill_vs_dense"] = _over(s, base, "prefill_s")
         s["decode_vs_dense"] = _over(s, base, "decode_tok_s")
