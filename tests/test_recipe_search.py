@@ -33,12 +33,17 @@ def test_choose_prefers_the_recipe_good_everywhere_among_those_as_accurate():
 
 def test_summarize_pools_settings_and_texts_against_dense():
     rows = [
-        {"suite": "ppl", "family": "dense", "status": "ok", "text": "ppl", "prefix_tokens": 2048, "ppl": 10.0},
-        {"suite": "ppl", "family": "dense", "status": "ok", "text": "legal", "prefix_tokens": 2048, "ppl": 20.0},
-        {"suite": "ppl", "family": "subtok", "status": "ok", "variant": "a", "budget": 0.1, "text": "ppl",
-         "prefix_tokens": 2048, "ppl": 10.5, "ratio": 0.09},
-        {"suite": "ppl", "family": "subtok", "status": "ok", "variant": "a", "budget": 0.1, "text": "legal",
-         "prefix_tokens": 2048, "ppl": 21.0, "ratio": 0.1},
+        {"suite": "ppl", "method": "dense", "family": "dense", "status": "ok", "text": "ppl", "prefix_tokens": 2048,
+         "ppl": 10.0},
+        {"suite": "ppl", "method": "dense", "family": "dense", "status": "ok", "text": "legal", "prefix_tokens": 2048,
+         "ppl": 20.0},
+        # dense prefilled in chunks is not the reference
+        {"suite": "ppl", "method": "dense[prefill_chunk=64]", "family": "dense", "status": "ok", "text": "ppl",
+         "prefix_tokens": 2048, "ppl": 99.0},
+        {"suite": "ppl", "method": "subtok[a]@0.1", "family": "subtok", "status": "ok", "variant": "a", "budget": 0.1,
+         "text": "ppl", "prefix_tokens": 2048, "ppl": 10.5, "ratio": 0.09},
+        {"suite": "ppl", "method": "subtok[a]@0.1", "family": "subtok", "status": "ok", "variant": "a", "budget": 0.1,
+         "text": "legal", "prefix_tokens": 2048, "ppl": 21.0, "ratio": 0.1},
         *[{"suite": "needle", "family": "subtok", "status": "ok", "variant": "a", "budget": 0.1,
            "setting": s, "correct": c, "ratio": 0.095} for s, c in
           [("in_prompt", True), ("in_prompt", False), ("after", True), ("after", True)]],
