@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list (default dense,subtok,kvpress; for memory/throughput alone: dense, the presets, the best "
         "kvpress press at balanced's bytes, 4- and 2-bit quanto): dense, subtok[@B], subtok:KEY=VALUE[+KEY=VALUE...][@B] (any SubTokenConfig field) or "
         "subtok:PRESET[@B], kvpress[:NAME][@B] (needs kvpress), quantized[:quanto|hqq][@BITS] (transformers' "
-        "QuantizedCache, 4 and 2 bits by default; needs hf-subtok[quant])",
+        "QuantizedCache, 4 and 2 bits by default; needs hf-subtok[quant]); prefill_chunk=N in a subtok variant, or "
+        "dense:prefill_chunk=N, feeds the prompt N tokens per forward (chunked prefill)",
     )
     bench.add_argument(
         "--budgets", default=None, help=f"comma list in (0, 1] (default {','.join(map(str, DEFAULT_BUDGETS))}; --quick: "
