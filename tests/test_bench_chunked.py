@@ -15,6 +15,7 @@ from hf_subtok.bench import BenchConfig, method_run, parse_methods, run_bench
 from hf_subtok.bench import apply as bench_apply
 from hf_subtok.bench.prefill import dense_prefill
 from hf_subtok.tasks import as_input_ids, build_needle_case
+from tests.chunked_generate import skip_unless_chunk_positions_right
 
 CHUNK = 64
 
@@ -67,9 +68,10 @@ def test_chunked_rows_of_storage_that_drops_nothing_equal_dense(tmp_path, tiny_c
         assert rows["ppl", None]["nll"] == pytest.approx(dense["ppl", None]["nll"], rel=1e-4), name
 
 
-def test_a_chunked_subtok_row_holds_what_generate_leaves_in_chunks(tiny_chat_model, smollm_tokenizer, monkeypatch):
+def test_a_chunked_subtok_row_holds_what_generate_leaves_in_chunks(tiny_chat_model, smollm_tokenizer):
     """The oracle is transformers' own chunked prefill (`prefill_chunk_size`) through a fresh
     cache: the same stored tensors, and the same first token from the row's own logits."""
+    skip_unless_chunk_positions_right()
     model = tiny_chat_model
     ids = as_input_ids(build_needle_case(smollm_tokenizer, 400, 0.5, 0).prompt_ids)
     [spec] = parse_methods(f"subtok:recipe=none+prefill_chunk={CHUNK}@0.3", [0.5])
@@ -77,22 +79,9 @@ def test_a_chunked_subtok_row_holds_what_generate_leaves_in_chunks(tiny_chat_mod
 
     reference = SubTokenCache(model, bench_apply.subtok_config(spec.budget, 64, spec.options))
     generation = GenerationConfig(max_new_tokens=1, do_sample=False, prefill_chunk_size=CHUNK, pad_token_id=0)
-    first_positions = []  # the first rotary position of each forward generate makes
-    rotary = model.model.rotary_emb
-    forward = rotary.forward
-
-    def recording(x, position_ids, *args, **kwargs):
-        first_positions.append(int(position_ids[0, 0]))
-        return forward(x, position_ids, *args, **kwargs)
-
-    monkeypatch.setattr(rotary, "forward", recording)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation,
                              **cache_kwargs(reference))
-    monkeypatch.undo()
-    if first_positions != list(range(0, ids.shape[1], CHUNK)):
-        pytest.skip("this transformers' generate(prefill_chunk_size=...) gives every chunk the last chunk's "
-                    f"positions (first positions {first_positions}; huggingface/transformers#43082)")
     assert int(built.last_logits.argmax(-1)) == int(out[0, -1])
     for ours, theirs in zip(built.cache.layers, reference.layers, strict=True):
         for name, tensor in theirs.stored_tensors().items():

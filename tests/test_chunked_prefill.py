@@ -11,6 +11,7 @@ from transformers import DynamicCache, GenerationConfig
 from hf_subtok import PRESETS, SubTokenCache, SubTokenConfig, cache_kwargs
 from hf_subtok.bench.memory import AllocatorPeak
 from hf_subtok.storage.layer import SubTokenLayer
+from tests.chunked_generate import skip_unless_chunk_positions_right
 from tests.tiny_models import make_tiny_model, random_prompts
 
 PROMPT_TOKENS = 600
@@ -39,6 +40,7 @@ def _chunked_forward(model, cache, ids, chunk):
 def test_lossless_storage_gives_the_dense_tokens_chunked(name):
     """Storage that drops no token gives `DynamicCache`'s one-shot tokens whatever the chunking
     (groups-only keeps half the groups of every token: its tokens are those it gives one-shot)."""
+    skip_unless_chunk_positions_right()
     model = make_tiny_model("llama")
     ids = random_prompts(1, PROMPT_TOKENS)
     one_shot = _greedy(model, SubTokenCache(model, name), ids, 12)
@@ -109,6 +111,7 @@ def _greedy_by_hand(model, cache, ids, pieces, new_tokens):
 def test_chunked_prefill_of_a_padded_batch_matches_each_prompt_alone():
     """Rows of a left-padded batch, prefilled in chunks, answer as their prompts alone fed in the
     same chunks (the padding is never stored: a row's first chunk holds only its real tokens)."""
+    skip_unless_chunk_positions_right()
     model = make_tiny_model("llama")
     long, short = random_prompts(1, 500, seed=1), random_prompts(1, 380, seed=2)
     batch = torch.zeros(2, 500, dtype=torch.long)
