@@ -186,8 +186,8 @@ def test_real_model_same_tokens_in_every_class_compressed(three_classes):
     from hf_subtok.tasks import as_input_ids, build_needle_case
 
     models, tokenizer = three_classes
-    case = build_needle_case(tokenizer, 1536, 0.5, 0)
-    ids = as_input_ids(case.prompt_ids)  # [1, T], T about 1500
+    case = build_needle_case(tokenizer, 1024, 0.5, 0)
+    ids = as_input_ids(case.prompt_ids)  # [1, T], T about 1000
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     tokens, ratios = {}, {}
     for arch in ARCHITECTURES:
