@@ -128,8 +128,7 @@ def build_cache(
             cache = DynamicCache()
             last_logits = chunked_prefill(model, cache, input_ids, spec.prefill_chunk)
         stored = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
-        info = {} if spec.prefill_chunk is None else {"prefill_chunk": spec.prefill_chunk}
-        return Compressed(cache, stored, dense_bytes, time.perf_counter() - start, info, last_logits)
+        return Compressed(cache, stored, dense_bytes, time.perf_counter() - start, last_logits=last_logits)
     if spec.family == "subtok":
         start = time.perf_counter()
         try:
@@ -146,8 +145,6 @@ def build_cache(
         info = {"keep_groups": report["keep_groups"], "num_groups": report["num_groups"], "window": cache.config.window}
         if spec.options:
             info["overrides"] = dict(spec.options)
-        if spec.prefill_chunk is not None:
-            info["prefill_chunk"] = spec.prefill_chunk
         return Compressed(cache, report["stored_bytes"], report["dense_bytes"], seconds, info, last_logits)
     if spec.family == "quantized":
         cache, stored, seconds, info = quantized.build(model, prefill, spec.backend, spec.bits, dict(spec.options))

@@ -59,7 +59,6 @@ def prefill(model, spec: MethodSpec, ids: torch.Tensor, match: float | None, win
             out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
     elif spec.prefill_chunk is not None:
-        info = {"prefill_chunk": spec.prefill_chunk}
         logits = chunked_prefill(model, cache, ids, spec.prefill_chunk)
     else:
         logits = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]

@@ -230,13 +230,11 @@ def _subtok_specs(item: str, variant: str, budget_text: str, budgets: list[float
 
 def _prefill_chunk(item: str, pair: str) -> int:
     """`N` of a `prefill_chunk=N` pair: a positive integer."""
-    raw = pair.partition("=")[2]
-    try:
-        chunk = int(raw)
-    except ValueError:
-        raise ValueError(f"method {item!r}: {PREFILL_CHUNK} must be a positive integer, got {raw!r}") from None
+    from hf_subtok.bench.overrides import convert
+
+    chunk = convert(PREFILL_CHUNK, pair.partition("=")[2], int, what=f"method {item!r}:")
     if chunk < 1:
-        raise ValueError(f"method {item!r}: {PREFILL_CHUNK} must be a positive integer, got {chunk}")
+        raise ValueError(f"method {item!r}: {PREFILL_CHUNK} must be >= 1, got {chunk}")
     return chunk
 
 
