@@ -71,9 +71,9 @@ def test_wrong_shape_is_refused(model, tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"tensor 'key_basis' has shape \(2, 2, 16, 16\), expected \(2, 2, 32, 32\)"):
         RankBases.from_pretrained(tmp_path / "b")
-    config["head_dim"], config["key_space"] = 16, "pre_rope"
+    config["head_dim"], config["key_space"] = 16, "after_rope"
     (tmp_path / "b" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="key_space must be 'post_rope', got 'pre_rope'"):
+    with pytest.raises(ValueError, match=r"key_space must be one of \('post_rope', 'pre_rope'\), got 'after_rope'"):
         RankBases.from_pretrained(tmp_path / "b")
     del config["base_fingerprint"]
     (tmp_path / "b" / "config.json").write_text(json.dumps(config))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_subtok.rank import calibrate_bases
+from hf_subtok.rank import RankBases, calibrate_bases
 from hf_subtok.rank.capture import capture_kv
 from hf_subtok.rank.statistics import MomentSums, principal_axes, truncation_errors
 from hf_subtok.tasks import load_text
@@ -70,6 +70,34 @@ def test_held_out_error_falls_with_rank_and_beats_a_random_basis(calibrated, tin
             random, _ = torch.linalg.qr(torch.randn(basis.shape, generator=generator, dtype=torch.float64))
             random_err, _ = truncation_errors(tokens, random.float(), mean, ranks)
             assert (err[1:dim // 2 + 1] < random_err[1:dim // 2 + 1]).all(), (i, err, random_err)
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_key_basis_is_the_best_basis_of_its_space(key_space, tiny_chat_model, smollm_tokenizer, tmp_path):
+    """At every rank the saved key basis rebuilds the fitted keys (before or after RoPE, as
+    asked) with the least error any basis can have: the tail of the singular values of the
+    centred keys (Eckart-Young), computed here by an SVD of the data matrix."""
+    text = load_text("haystack")[:3000]
+    bases = calibrate_bases(
+        tiny_chat_model, smollm_tokenizer, text, tokens=96, window=96, held_out=0, key_space=key_space, progress=False
+    )
+    bases.save_pretrained(tmp_path / "b")
+    assert RankBases.from_pretrained(tmp_path / "b").config.key_space == key_space
+    ids = smollm_tokenizer(text, add_special_tokens=False).input_ids[:96]
+    captured = {}
+    with capture_kv(tiny_chat_model, lambda i, pre, post, v: captured.setdefault(i, (pre, post))), torch.no_grad():
+        tiny_chat_model.get_decoder()(input_ids=torch.tensor([ids]), use_cache=False)
+    dim = bases.config.head_dim
+    for i, (pre, post) in captured.items():
+        keys = (pre if key_space == "pre_rope" else post).double()  # [1, Hkv, T, D]
+        layer = bases.layer(i)
+        for head in range(keys.shape[1]):
+            x = keys[0, head]
+            tail = torch.linalg.svdvals(x - x.mean(0)).square().flip(0).cumsum(0).flip(0)  # [D]: sum over j >= r
+            err, _ = truncation_errors(keys[:, head : head + 1], layer.key_basis[head : head + 1], layer.key_mean[head : head + 1], list(range(dim)))
+            torch.testing.assert_close(err, tail, rtol=1e-3, atol=1e-6 * float(tail[0]))
+    with pytest.raises(ValueError, match=r"key_space must be one of \('post_rope', 'pre_rope'\), got 'rope'"):
+        calibrate_bases(tiny_chat_model, smollm_tokenizer, text, tokens=96, window=96, held_out=0, key_space="rope")
 
 
 def test_principal_axes_recover_a_known_spectrum():

@@ -30,9 +30,11 @@ def test_calibrate_reads_a_file_and_refuses_a_bad_text(capsys, tiny_loader, tmp_
     text = tmp_path / "notes.txt"
     text.write_text("A user's own text, repeated until it is long enough. " * 60, encoding="utf-8")
     argv = ["calibrate", "--out", str(tmp_path / "b"), "--text", str(text), "--tokens", "128", "--window", "64",
-            "--held-out", "0", "--no-center", "--no-progress"]
+            "--held-out", "0", "--no-center", "--key-space", "pre_rope", "--no-progress"]
     assert cli.main(argv) == 0
+    assert "keys pre_rope" in capsys.readouterr().out
     bases = RankBases.from_pretrained(tmp_path / "b")
+    assert bases.config.key_space == "pre_rope"
     assert not bases.config.centered and bases.layer(0).key_mean is None and bases.config.metrics == {}
     capsys.readouterr()
     assert cli.main(["calibrate", "--out", str(tmp_path / "c"), "--text", "no-such-text"]) == 2

@@ -1,7 +1,7 @@
 """Calibrate per-layer, per-KV-head bases for keys and values on real text.
 
 `calibrate_bases(model, tokenizer, text)` runs the model's decoder (no LM head) over windows of
-the text with `capture_kv` hooks, accumulates the second moments of the keys (after RoPE) and
+the text with `capture_kv` hooks, accumulates the second moments of the keys (after and before RoPE) and
 values of every layer and KV head, and takes their eigenvectors, ordered by variance
 (`statistics.principal_axes`). The last `held_out` tokens of the text are never fitted: they
 measure the relative reconstruction error `sum ||x - x_r||^2 / sum ||x||^2` at r = D/8, D/4, D/2
@@ -21,13 +21,29 @@ relative error at r = 8 / 16 / 32 of D = 64):
 (values: 0.61 / 0.46 / 0.25; centring lowers every error by 2-4%.) Keys before RoPE are 3-4x
 more compressible at the same rank and do not depend on the position, but a basis before RoPE
 cannot be met by a query projected once: `q . R_t (mu + B c_t)` rotates differently for every
-token `t`, so attention would rebuild and rotate every key (`D x r` work per token, every
-step). After RoPE, `q . k_t = q . mu + (q B) . c_t`: one `[D, r]` projection per query and `r`
-multiply-adds per token, which is what the rank kernel does. The price is that a basis after
-RoPE only fits the positions it saw (the last row): calibrate with windows as long as the
-contexts the cache will hold (`DEFAULT_WINDOW`). A pre-RoPE variant (keys rebuilt and rotated
-inside the kernel) would need half the key coefficients or fewer for the same error; it is left
-to a benchmark of end quality against its decode cost.
+token `t`, so attention must rebuild and rotate every key (`D x r` work per token, every step,
+the cost class of unpacking codes). After RoPE, `q . k_t = q . mu + (q B) . c_t`: one `[D, r]`
+projection per query and `r` multiply-adds per token, which is what the rank kernel does; the
+default `key_space="post_rope"` serves it.
+
+End quality decides against it. Every key of the real model through a compression inside
+attention, values exact, the first 4 tokens exact, perplexity of 2,048 tokens
+(`benchmarks/rank_at_equal_bits.py --tokens 2048 --fit 4096`, bits per key element with the
+scale and zero of each channel and block of 32 tokens; book / legal text):
+
+| keys | bits | ppl change |
+|---|---:|---|
+| per channel, Hadamard-rotated, 2-bit (the package's keys) | 3.0 | +23.2% / +30.9% |
+| after RoPE, calibrated basis, all 64, 2-bit | 3.0 | +24.0% / +38.0% |
+| before RoPE, calibrated basis, all 64, 2-bit | 3.0 | +8.4% / +9.5% |
+| before RoPE, first 32, 4-bit | 2.5 | +4.2% / +14.2% |
+| after RoPE, first 32, 4-bit | 2.5 | +62.3% / +224.1% |
+| before RoPE, first 32, 2-bit | 1.5 | +13.4% / +28.3% |
+
+A basis fitted after RoPE fits the positions' rotations on average and no position well; a
+basis before RoPE compacts the keys and gives per-channel codes a third of the loss at equal
+bits. `key_space="pre_rope"` saves those bases: the storage of the rank axis is to hold keys
+as pre-RoPE coefficients and rebuild them per block at attention.
 """
 
 from __future__ import annotations
@@ -41,7 +57,7 @@ from tqdm.auto import tqdm
 
 from hf_subtok.rank.artifact import RankBases
 from hf_subtok.rank.capture import attention_modules, capture_kv
-from hf_subtok.rank.config import BasesConfig
+from hf_subtok.rank.config import KEY_SPACE, KEY_SPACES, BasesConfig
 from hf_subtok.rank.statistics import MomentSums, principal_axes, truncation_errors
 
 logger = logging.getLogger(__name__)
@@ -49,7 +65,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOKENS = 4096  # calibration tokens
 DEFAULT_WINDOW = 4096  # tokens per forward: keys after RoPE are fitted for positions 0..window-1 only
 DEFAULT_HELD_OUT = 2048
-# (name, index in the captured (keys_pre, keys_post, values)): what is fitted; keys_pre only to be measured
+# (name, index in the captured (keys_pre, keys_post, values)): what is fitted (the keys of one space are saved)
 _FITTED = (("keys_post", 1), ("keys_pre", 0), ("values", 2))
 
 
@@ -62,10 +78,11 @@ def calibrate_bases(
     window: int = DEFAULT_WINDOW,
     held_out: int = DEFAULT_HELD_OUT,
     center: bool = True,
+    key_space: str = KEY_SPACE,
     source: str = "text",
     progress: bool = True,
 ) -> RankBases:
-    """Bases of `model` calibrated on `text` (keys after RoPE and values, per layer and KV head).
+    """Bases of `model` calibrated on `text` (keys after or before RoPE, and values, per layer and KV head).
 
     Args:
         model: a supported causal LM (Llama, Mistral, Qwen2, Qwen3), any dtype and device.
@@ -76,12 +93,16 @@ def calibrate_bases(
         window: tokens per forward.
         held_out: tokens measured at the end of the text (0: no measurement).
         center: take coefficients around the calibration mean (saved in the artifact).
+        key_space: "post_rope" (keys as the cache holds them) or "pre_rope" (keys before RoPE,
+            which a cache would un-rotate at each token's position before projecting).
         source: how the text is named in the artifact's config.
         progress: show a progress bar (tqdm, on stderr).
 
     Returns:
         `RankBases` whose config records the calibration and the held-out errors.
     """
+    if key_space not in KEY_SPACES:
+        raise ValueError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")
     _check_int("tokens", tokens, 1)
     _check_int("window", window, 1)
     _check_int("held_out", held_out, 0)
@@ -117,7 +138,7 @@ def calibrate_bases(
     measured = time.perf_counter()
     metrics = _measure(model, measure_ids, window, fitted, head_dim, progress) if measure_ids else {}
     measured = time.perf_counter() - measured
-    basis_k, mean_k, var_k = fitted["keys_post", center]
+    basis_k, mean_k, var_k = fitted["keys_pre" if key_space == "pre_rope" else "keys_post", center]
     basis_v, mean_v, var_v = fitted["values", center]
     tensors = {
         "key_basis": basis_k, "key_mean": mean_k, "key_variance": var_k,
@@ -129,7 +150,8 @@ def calibrate_bases(
         "measure_seconds": round(measured, 1), "dtype": str(model.dtype).removeprefix("torch."),
     }
     logger.info("calibrated %d layers x %d KV heads on %d tokens in %.1f s", layers, heads, count * window, seconds)
-    return RankBases(BasesConfig.for_model(model, centered=center, calibration=calibration, metrics=metrics), tensors)
+    config = BasesConfig.for_model(model, centered=center, key_space=key_space, calibration=calibration, metrics=metrics)
+    return RankBases(config, tensors)
 
 
 def _run(model, chunks: list[list[int]], sink, progress: bool, what: str) -> None:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from hf_subtok.rank.calibrate import DEFAULT_HELD_OUT, DEFAULT_TOKENS, DEFAULT_WINDOW
+from hf_subtok.rank.config import KEY_SPACE, KEY_SPACES
 
 logger = logging.getLogger("hf_subtok.cli")
 
@@ -32,6 +33,11 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
         help=f"tokens at the end of the text measured, never fitted (default {DEFAULT_HELD_OUT}; 0: none)",
     )
     p.add_argument("--no-center", action="store_true", help="take coefficients around zero, not the calibration mean")
+    p.add_argument(
+        "--key-space", default=KEY_SPACE, choices=KEY_SPACES,
+        help=f"keys projected after RoPE or before it (default {KEY_SPACE}; pre_rope keeps far more quality at "
+        "equal bits: benchmarks/rank_at_equal_bits.py)",
+    )
     p.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype the model runs in (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -48,7 +54,7 @@ def run_calibrate(args) -> str:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype))
     bases = calibrate_bases(
         model, tokenizer, text, tokens=args.tokens, window=args.window, held_out=args.held_out,
-        center=not args.no_center, source=source, progress=not args.no_progress,
+        center=not args.no_center, key_space=args.key_space, source=source, progress=not args.no_progress,
     )
     bases.save_pretrained(args.out)
     logger.info("wrote %s", Path(args.out) / "bases.safetensors")
@@ -72,7 +78,7 @@ def summary(bases, out) -> str:
     config = bases.config
     lines = [
         f"bases of {config.base_model} ({config.num_layers} layers x {config.num_kv_heads} KV heads x D={config.head_dim}) "
-        f"-> {out} ({bases.nbytes() / 2**20:.2f} MiB float32)",
+        f"-> {out} ({bases.nbytes() / 2**20:.2f} MiB float32), keys {config.key_space}",
         f"calibration: {config.calibration}",
     ]
     errors = config.metrics.get("relative_error", {})

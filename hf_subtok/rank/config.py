@@ -13,7 +13,10 @@ from hf_subtok.routers.config import (
 )
 
 FORMAT_VERSION = 1
-KEY_SPACE = "post_rope"  # keys are projected as the cache holds them (see `hf_subtok.rank.calibrate`)
+# where keys are projected: as the cache holds them (after RoPE), or before RoPE, un-rotated at
+# each token's position (better at equal bits: `hf_subtok.rank.calibrate`)
+KEY_SPACES = ("post_rope", "pre_rope")
+KEY_SPACE = "post_rope"
 OPTIONAL_IN_FILE = ("calibration", "metrics")
 
 
@@ -34,7 +37,7 @@ class BasesConfig:
         metadata={"help": "norms of the embedding and of every layer's k_proj weight (the model's identity)"}
     )
     centered: bool = field(default=True, metadata={"help": "whether coefficients are taken around the calibration mean"})
-    key_space: str = field(default=KEY_SPACE, metadata={"help": "keys are projected after RoPE ('post_rope')"})
+    key_space: str = field(default=KEY_SPACE, metadata={"help": "keys are projected after RoPE ('post_rope') or before it ('pre_rope')"})
     calibration: dict = field(default_factory=dict, metadata={"help": "text, tokens, window and time of the calibration"})
     metrics: dict = field(default_factory=dict, metadata={"help": "held-out reconstruction errors"})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "layout version of the saved files"})
@@ -58,8 +61,8 @@ class BasesConfig:
             )
         if not isinstance(self.centered, bool):
             raise ValueError(f"centered must be true or false, got {self.centered!r}")
-        if self.key_space != KEY_SPACE:
-            raise ValueError(f"key_space must be {KEY_SPACE!r}, got {self.key_space!r}")
+        if self.key_space not in KEY_SPACES:
+            raise ValueError(f"key_space must be one of {KEY_SPACES}, got {self.key_space!r}")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version must be {FORMAT_VERSION}, got {self.format_version!r}")
         for name in OPTIONAL_IN_FILE:
