@@ -15,7 +15,9 @@ and block of 32 tokens, i.e. `(b + 1) * r / D`; the bases and means are per mode
   coefficients kept, per-channel b-bit codes over blocks of 32 tokens;
 - `pre-r-b`: the same before RoPE (the key is un-rotated at its position, projected, rebuilt
   and rotated back: what a cache storing pre-RoPE coefficients would attend over);
-- `prechannel-b`: pre-RoPE keys in their own channels (no basis), per-channel b-bit codes.
+- `prechannel-b`: pre-RoPE keys in their own channels (no basis), per-channel b-bit codes;
+- `v...`: values instead, keys exact (`compress_values`): per token in groups of 32 channels
+  (the package's value groups), per channel, or in their calibrated basis.
 
 Bases are fitted per layer and KV head on the first `--fit` tokens of the haystack text
 (`hf_subtok.rank.calibrate_bases`, keys before and after RoPE). A simulation: no byte is stored; the rows tell which
@@ -36,7 +38,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
 from hf_subtok.model_loading import load_model_and_tokenizer
-from hf_subtok.quant import quantize_channels
+from hf_subtok.quant import quantize, quantize_channels
 from hf_subtok.quant.rotation import rotate_groups, shared_hadamard
 from hf_subtok.rank import calibrate_bases
 from hf_subtok.tasks import load_text
@@ -46,6 +48,7 @@ BLOCK = 32
 METHODS = (
     "exact", "channel-4", "channel-2", "post-32-4", "pre-32-4", "post-32-2", "pre-32-2",
     "pre-16-4", "post-16-4", "pre-24-4", "pre-48-2", "prechannel-2", "pre-64-2", "pre-40-2", "post-64-2",
+    "vtoken-2", "vchannel-2", "vbasis-2", "vtoken-4", "vbasis-4", "vbasis-48-2", "vbasis-32-4",
 )
 
 
@@ -54,7 +57,7 @@ def bits_per_element(method: str, head_dim: int) -> float:
     if method == "exact":
         return 16.0
     parts = method.split("-")
-    rank = head_dim if parts[0].endswith("channel") else int(parts[1])
+    rank = int(parts[1]) if len(parts) == 3 else head_dim
     bits = int(parts[-1])
     return (bits + 32 / BLOCK) * rank / head_dim
 
@@ -103,14 +106,34 @@ class KeyCompression:
         return x.to(keys.dtype)
 
 
+def compress_values(method: str, values: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """`[B, Hkv, T, D]` values through `method` and back: `vtoken-b` per token, b-bit per group of 32
+    channels, Hadamard-rotated (the package's value groups); `vchannel-b` per channel over blocks
+    of 32 tokens; `vbasis[-r]-b` in the calibrated basis (`basis` `[Hkv, D, D]`, `mean` `[Hkv, D]`),
+    the first r coefficients, per channel."""
+    kind, *rest = method.split("-")
+    x = values.float()
+    if kind == "vtoken":
+        rotation = shared_hadamard(BLOCK, values.device)
+        stored = quantize(rotate_groups(x, rotation), int(rest[0]), BLOCK).dequantize(torch.float32)
+        return rotate_groups(stored, rotation.T).to(values.dtype)
+    if kind == "vchannel":
+        return per_channel(x, int(rest[0])).to(values.dtype)
+    rank, bits = (int(rest[0]), int(rest[1])) if len(rest) == 2 else (x.shape[-1], int(rest[0]))
+    basis, mean = basis[:, None, :, :rank], mean[:, None]  # [Hkv, 1, D, r], [Hkv, 1, D]
+    coeffs = per_channel(((x - mean).unsqueeze(-2) @ basis).squeeze(-2), bits)  # [B, Hkv, T, r]
+    return (mean + (coeffs.unsqueeze(-2) @ basis.transpose(-1, -2)).squeeze(-2)).to(values.dtype)
+
+
 def fit_bases(model, tokenizer, text: str, tokens: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """"pre"/"post" -> (basis [L, Hkv, D, D], mean [L, Hkv, D]) of the keys, fitted on one window."""
+    """"pre"/"post"/"values" -> (basis [L, Hkv, D, D], mean [L, Hkv, D]), fitted on one window."""
     fitted = {}
     for kind in ("pre", "post"):
         bases = calibrate_bases(
             model, tokenizer, text, tokens=tokens, window=tokens, held_out=0, key_space=f"{kind}_rope", progress=False
         )
         fitted[kind] = (bases.tensors["key_basis"], bases.tensors["key_mean"])
+    fitted["values"] = (bases.tensors["value_basis"], bases.tensors["value_mean"])
     return fitted
 
 
@@ -140,7 +163,14 @@ def main() -> None:
     compress = KeyCompression(bases, model.model.rotary_emb(dummy, positions), args.exact_first)
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        return sdpa_attention_forward(module, query, compress(module.layer_idx, key), value, attention_mask, **kwargs)
+        i = module.layer_idx
+        if compress.method.startswith("v"):
+            kept = value[..., : args.exact_first, :]
+            value = compress_values(compress.method, value, *(t[i] for t in bases["values"]))
+            value[..., : args.exact_first, :] = kept
+        else:
+            key = compress(i, key)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ATTENTION, attention)
     model.config._attn_implementation = ATTENTION
@@ -152,9 +182,9 @@ def main() -> None:
         compress.method = method
         rows[method] = {name: math.exp(mean_nll(model, ids)) for name, ids in texts.items()}
     dim = model.config.head_dim
-    print(f"SmolLM2-135M-Instruct, {args.dtype}, keys only (values exact), {args.tokens} tokens per text, "
+    print(f"SmolLM2-135M-Instruct, {args.dtype}, keys or values (v...) compressed, the other exact, {args.tokens} tokens per text, "
           f"the first {args.exact_first} exact, bases fitted on {args.fit} haystack tokens ({time.perf_counter() - start:.0f} s)\n")
-    print("| keys | bits per element | ppl book | vs exact | ppl legal | vs exact |\n|---|---:|---:|---:|---:|---:|")
+    print("| compressed | bits per element | ppl book | vs exact | ppl legal | vs exact |\n|---|---:|---:|---:|---:|---:|")
     exact = rows.get("exact")
     for method, ppl in rows.items():
         change = {n: f"{ppl[n] / exact[n] - 1:+.1%}" if exact else "-" for n in ppl}
