@@ -164,8 +164,7 @@ def _quantized_value_matmul(
     out = acc.view(batch, heads, keep, rows, quant_groups, span, width)
     out = out + zero_term.reshape(batch, heads, keep, rows, quant_groups, span, 1)
     if quant_groups > 1:  # keep, for each channel, the row of its quantization group
-        channel = torch.arange(width, device=device)
-        own = (channel // size).view(1, width) == torch.arange(quant_groups, device=device).view(quant_groups, 1)
+        own = _group_members(width, size, device)  # [ngv, C]
         out = (out * own.view(quant_groups, 1, width)).sum(4)
     else:
         out = out.squeeze(4)  # [B, Hkv, K, M, span, C]
@@ -279,8 +278,7 @@ def quantized_key_scores(query: torch.Tensor, keys: QuantizedTensor) -> torch.Te
     tokens, size, device = keys.shape[-2], keys.group_size, query.device
     key_groups = dim // size
     q = query.float()
-    channel = torch.arange(dim, device=device)
-    own = (channel // size).view(1, dim) == torch.arange(key_groups, device=device).view(key_groups, 1)  # [ngk, D]
+    own = _group_members(dim, size, device)  # [ngk, D]
     weights = (q.unsqueeze(2) * own.unsqueeze(1)).view(batch, heads, key_groups * rows, dim)  # [B, Hkv, ngk*M, D]
     dots = torch.empty(batch, heads, key_groups, rows, tokens, device=device)  # [B, Hkv, ngk, M, T]
     flat_dots = dots.view(batch, heads, key_groups * rows, tokens)
@@ -350,6 +348,16 @@ def _dense_value_matmul(
         else:
             acc += torch.bmm(weights, block_values)
     return _spread_slots(acc.view(batch, heads, keep, rows, span, width), num_groups).to(values.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_members(channels: int, size: int, device: torch.device) -> torch.Tensor:
+    """`[channels / size, channels]` bool: row g marks the channels of quantization group g.
+    Built once per shape and device, outside inference mode (as `_slot_table`): every decode
+    step of every layer reads the same table."""
+    with torch.inference_mode(False):
+        groups = torch.arange(channels // size, device=device).view(-1, 1)
+        return torch.arange(channels, device=device).view(1, channels) // size == groups
 
 
 @functools.lru_cache(maxsize=64)

@@ -60,7 +60,8 @@ class Eviction:
         """`[B, Hkv, Ts]` bool: which packed slots hold a token (not a filler) of each head.
         Derived when asked, not held: a held mask would be bytes outside the budget. With
         shared rows, a head's slots are the tokens naming it."""
-        valid = self.token_scores.isfinite()  # [B, 1 or Hkv, Ts]
+        # stored scores are finite or -inf (`packing._finite_top`); one op, where isfinite runs four
+        valid = self.token_scores > float("-inf")  # [B, 1 or Hkv, Ts]
         if self.shares_rows:
             heads = torch.arange(self.num_heads, device=self.device).view(1, -1, 1)
             valid = valid & (self.stored_heads.long() == heads)  # [B, Hkv, Ts]

@@ -5,6 +5,7 @@ its bytes with what its policy chose (`SubTokenLayer` inherits these methods).""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -75,8 +76,7 @@ class Packing:
             return self.group_idx
         batch, heads, tokens = self.packed_keys.shape[:3]
         groups = self.config.num_groups
-        implied = torch.arange(groups, dtype=torch.uint8, device=self.device).view(1, 1, groups, 1)
-        return implied.expand(batch, heads, groups, tokens)
+        return _implied_groups(groups, self.device).expand(batch, heads, groups, tokens)
 
     def _view(self, tail_keys: torch.Tensor, tail_values: torch.Tensor, **extra) -> PackedKV:
         """What attention reads this step: the packed tokens, then the `[B, Hkv, Tt, D]` tail."""
@@ -325,6 +325,14 @@ class Packing:
         return stored
 
 
+@functools.lru_cache(maxsize=16)
+def _implied_groups(groups: int, device: torch.device) -> torch.Tensor:
+    """`[1, 1, G, 1]` uint8 `0..G-1`, built once per (G, device) outside inference mode: every
+    decode step of every layer that keeps all groups reads it."""
+    with torch.inference_mode(False):
+        return torch.arange(groups, dtype=torch.uint8, device=device).view(1, 1, groups, 1)
+
+
 def _take_candidates(
     keys: torch.Tensor, packed: torch.Tensor, group_idx: torch.Tensor, scores: torch.Tensor, index: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -349,5 +357,6 @@ FORCED_SCORE = 4.0  # stands for a scorer's +inf (always kept) once stored; -inf
 
 
 def _finite_top(scores: torch.Tensor) -> torch.Tensor:
-    """Scores as stored: float32, +inf replaced by `FORCED_SCORE` so that `isfinite` marks valid slots."""
+    """Scores as stored: float32, +inf replaced by `FORCED_SCORE` and NaN by -inf, so that
+    `> -inf` (or `isfinite`) marks valid slots."""
     return scores.float().nan_to_num(nan=float("-inf"), posinf=FORCED_SCORE, neginf=float("-inf"))
