@@ -41,6 +41,7 @@ from hf_subtok.model_loading import load_model_and_tokenizer
 from hf_subtok.quant import quantize, quantize_channels
 from hf_subtok.quant.rotation import rotate_groups, shared_hadamard
 from hf_subtok.rank import calibrate_bases
+from hf_subtok.rank.projection import reconstruct_tokens
 from hf_subtok.tasks import load_text
 
 ATTENTION = "rank_at_equal_bits"
@@ -65,6 +66,13 @@ def bits_per_element(method: str, head_dim: int) -> float:
 def per_channel(x: torch.Tensor, bits: int) -> torch.Tensor:
     """`[B, H, T, N]` through per-channel `bits`-bit codes over blocks of `BLOCK` tokens and back."""
     return quantize_channels(x.float(), bits, BLOCK).dequantize(torch.float32)
+
+
+def through_basis(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, rank: int, bits: int) -> torch.Tensor:
+    """`[B, Hkv, T, D]` tokens as their first `rank` coefficients in `basis` `[Hkv, D, D]` around
+    `mean` `[Hkv, D]`, per-channel `bits`-bit codes, rebuilt (float32)."""
+    coeffs = (x.float() - mean.unsqueeze(1)) @ basis[..., :rank]  # [B, Hkv, T, r]
+    return reconstruct_tokens(per_channel(coeffs, bits), basis, mean, rank)  # [B, Hkv, T, D]
 
 
 class KeyCompression:
@@ -96,11 +104,8 @@ class KeyCompression:
         if kind == "prechannel":
             x = per_channel(x, int(rest[0]))
             return (x * cos + rotate_half(x) * sin).to(keys.dtype)
-        rank, bits = int(rest[0]), int(rest[1])
-        basis, mean = (t[layer, :, None] for t in self.bases[kind])  # [Hkv, 1, D, D], [Hkv, 1, D]
-        coeffs = ((x - mean).unsqueeze(-2) @ basis[..., :rank]).squeeze(-2)  # [B, Hkv, T, r]
-        coeffs = per_channel(coeffs, bits)
-        x = mean + (coeffs.unsqueeze(-2) @ basis[..., :rank].transpose(-1, -2)).squeeze(-2)  # [B, Hkv, T, D]
+        basis, mean = (t[layer] for t in self.bases[kind])  # [Hkv, D, D], [Hkv, D]
+        x = through_basis(x, basis, mean, int(rest[0]), int(rest[1]))
         if kind == "pre":
             x = x * cos + rotate_half(x) * sin
         return x.to(keys.dtype)
@@ -120,9 +125,7 @@ def compress_values(method: str, values: torch.Tensor, basis: torch.Tensor, mean
     if kind == "vchannel":
         return per_channel(x, int(rest[0])).to(values.dtype)
     rank, bits = (int(rest[0]), int(rest[1])) if len(rest) == 2 else (x.shape[-1], int(rest[0]))
-    basis, mean = basis[:, None, :, :rank], mean[:, None]  # [Hkv, 1, D, r], [Hkv, 1, D]
-    coeffs = per_channel(((x - mean).unsqueeze(-2) @ basis).squeeze(-2), bits)  # [B, Hkv, T, r]
-    return (mean + (coeffs.unsqueeze(-2) @ basis.transpose(-1, -2)).squeeze(-2)).to(values.dtype)
+    return through_basis(x, basis, mean, rank, bits).to(values.dtype)
 
 
 def fit_bases(model, tokenizer, text: str, tokens: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
