@@ -34,11 +34,11 @@ scale and zero of each channel and block of 32 tokens; book / legal text):
 | keys | bits | ppl change |
 |---|---:|---|
 | per channel, Hadamard-rotated, 2-bit (the package's keys) | 3.0 | +23.2% / +30.9% |
-| after RoPE, calibrated basis, all 64, 2-bit | 3.0 | +24.0% / +38.0% |
-| before RoPE, calibrated basis, all 64, 2-bit | 3.0 | +8.4% / +9.5% |
-| before RoPE, first 32, 4-bit | 2.5 | +4.2% / +14.2% |
-| after RoPE, first 32, 4-bit | 2.5 | +62.3% / +224.1% |
-| before RoPE, first 32, 2-bit | 1.5 | +13.4% / +28.3% |
+| after RoPE, calibrated basis, all 64, 2-bit | 3.0 | +25.2% / +37.2% |
+| before RoPE, calibrated basis, all 64, 2-bit | 3.0 | +8.8% / +10.1% |
+| before RoPE, first 32, 4-bit | 2.5 | +4.2% / +14.0% |
+| after RoPE, first 32, 4-bit | 2.5 | +62.1% / +225.0% |
+| before RoPE, first 32, 2-bit | 1.5 | +14.6% / +28.2% |
 
 A basis fitted after RoPE fits the positions' rotations on average and no position well; a
 basis before RoPE compacts the keys and gives per-channel codes a third of the loss at equal
