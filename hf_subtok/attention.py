@@ -54,8 +54,11 @@ def check_supported(model) -> None:
         )
 
 
-def subtok_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def subtok_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention signature: `query` `[B, Hq, Q, D]` -> (`[B, Q, Hq, D]`, weights).
+
+    The parameters are in the order of transformers' own functions (`dropout` before `scaling`),
+    so a wrapper that passes `dropout` by position (kvpress's) calls it correctly.
 
     Over packed storage the weights are None, and `output_attentions=True` raises
     `ValueError` (no attention weights are computed over packed tokens); dense calls return
@@ -216,8 +219,21 @@ def _observe(query, attention_mask, scaling, window: int) -> Observation:
 
 
 def _register() -> None:
-    if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS:
+    """Register the attention and mask functions under `ATTENTION_NAME`, replacing what another
+    library put there: kvpress wraps every registered attention function on import, and its
+    wrapper reads `key.shape`, which the views hf-subtok hands its function refuse."""
+    registered = ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME)
+    if registered is not subtok_attention:
+        if registered is not None:
+            logger.info(
+                "hf-subtok: %r was registered as %r by other code (kvpress wraps every attention function on "
+                "import); registering hf-subtok's function again",
+                ATTENTION_NAME,
+                getattr(registered, "__qualname__", registered),
+            )
         AttentionInterface.register(ATTENTION_NAME, subtok_attention)
+        if ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is not subtok_attention:
+            del ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME]  # the wrapper was a local override of the global entry
     if ALL_MASK_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is not subtok_mask:
         AttentionMaskInterface.register(ATTENTION_NAME, subtok_mask)
 

@@ -44,9 +44,26 @@ def _model_attention_implementation() -> str | None:
     return None
 
 
+def _wrapped_by_other_code() -> bool:
+    """Whether the function registered under hf-subtok's name is no longer hf-subtok's own
+    (another library wrapped it after the cache was built: kvpress does on import)."""
+    attention = sys.modules.get("hf_subtok.attention")
+    if attention is None:
+        return False
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS.get(_ATTENTION_NAME, attention.subtok_attention) is not attention.subtok_attention
+
+
 def _foreign_read(kind: str, operation: str) -> PackedStorageError:
     implementation = _model_attention_implementation()
     found = f"is {implementation!r}" if implementation else f"is not {_ATTENTION_NAME!r}"
+    if implementation == _ATTENTION_NAME and _wrapped_by_other_code():
+        found += (
+            ", but other code replaced the function registered under that name (kvpress wraps every attention "
+            "function when it is imported): import it before building the SubTokenCache, or call "
+            "hf_subtok.install_attention(model) again, which registers hf-subtok's own function"
+        )
     return PackedStorageError(
         f"hf-subtok: this layer's keys and values are packed sub-token storage (a {kind} from a SubTokenCache "
         f"layer), readable only by the {_ATTENTION_NAME!r} attention function, but were read as a tensor "

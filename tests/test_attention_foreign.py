@@ -14,6 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_subtok import SubTokenCache, SubTokenConfig
+from hf_subtok.generate_args import cache_kwargs
 from hf_subtok.views import PackedKV, PackedStorageError, PrefillKV
 from tests.kernel_cases import Shape, make_packed
 from tests.tiny_models import make_tiny_model, random_prompts
@@ -88,3 +89,75 @@ def test_views_refuse_tensor_operations():
             sdpa_attention_forward(torch.nn.Module(), query, view, view, None)
         assert not hasattr(view, "no_such_attribute")
     assert isinstance(kv, PackedKV) and kv.num_tokens == 12  # its own attributes read as before
+
+
+# --- another library wrapping hf-subtok's registered function (kvpress does on import) ----------
+
+
+def _shape_reading_wrapper(function):
+    """kvpress's `attention_patch`: reads `key.shape`, passes `dropout` by position."""
+
+    def wrapper(module, query, key, value, attention_mask, dropout, **kwargs):
+        if query.shape[2] == key.shape[2]:
+            module.masked_key_indices = None
+        return function(module, query, key, value, attention_mask, dropout, **kwargs)
+
+    return wrapper
+
+
+def _position_passing_wrapper(function):
+    def wrapper(module, query, key, value, attention_mask, dropout, **kwargs):
+        return function(module, query, key, value, attention_mask, dropout, **kwargs)
+
+    return wrapper
+
+
+@pytest.fixture
+def restore_registered():
+    """Wrappers are set as kvpress sets them (`ALL_ATTENTION_FUNCTIONS[name] = ...`, a local
+    override of the global registration): dropped afterwards."""
+    yield
+    ALL_ATTENTION_FUNCTIONS._local_mapping.pop("hf_subtok", None)
+
+
+def _greedy(model, cache, prompt):
+    with torch.no_grad():
+        return model.generate(prompt, **cache_kwargs(cache), max_new_tokens=4, do_sample=False)
+
+
+def test_a_wrapper_over_the_registered_function_is_named_then_replaced_by_the_next_cache(restore_registered):
+    """A wrapper registered after the cache was built that reads `key.shape` fails with the cause
+    named; building the next cache registers hf-subtok's own function again, and the answer is the
+    one the same cache gives with no wrapper ever registered."""
+    model = make_tiny_model("llama")
+    prompt = random_prompts(1, 300)
+    unwrapped = _greedy(model, SubTokenCache(model, "groups-only"), prompt)
+    cache = SubTokenCache(model, "groups-only")
+    ALL_ATTENTION_FUNCTIONS["hf_subtok"] = _shape_reading_wrapper(ALL_ATTENTION_FUNCTIONS["hf_subtok"])
+    with pytest.raises(PackedStorageError, match="other code replaced the function registered under that name"):
+        _greedy(model, cache, prompt)
+    assert torch.equal(_greedy(model, SubTokenCache(model, "groups-only"), prompt), unwrapped)
+
+
+def test_a_wrapper_passing_dropout_by_position_gets_the_unwrapped_answer(restore_registered):
+    """transformers' argument order (`dropout` before `scaling`): a wrapper that passes `dropout`
+    by position reaches the function with both right, and the answer does not change."""
+    model = make_tiny_model("llama")
+    prompt = random_prompts(1, 300)
+    unwrapped = _greedy(model, SubTokenCache(model, "groups-only"), prompt)
+    cache = SubTokenCache(model, "groups-only")
+    ALL_ATTENTION_FUNCTIONS["hf_subtok"] = _position_passing_wrapper(ALL_ATTENTION_FUNCTIONS["hf_subtok"])
+    assert torch.equal(_greedy(model, cache, prompt), unwrapped)
+
+
+def test_building_a_cache_after_importing_kvpress_works(restore_registered):
+    """The real kvpress, imported after a cache was built in this process: the next cache answers as
+    before the import."""
+    model = make_tiny_model("llama")
+    prompt = random_prompts(1, 300)
+    before = _greedy(model, SubTokenCache(model, "groups-only"), prompt)
+    pytest.importorskip("kvpress")
+    from kvpress.attention_patch import attention_patch
+
+    ALL_ATTENTION_FUNCTIONS["hf_subtok"] = attention_patch(ALL_ATTENTION_FUNCTIONS["hf_subtok"])  # `import kvpress`
+    assert torch.equal(_greedy(model, SubTokenCache(model, "groups-only"), prompt), before)
