@@ -147,21 +147,28 @@ def _mass(query, kv: PackedKV, attention_mask, scaling) -> torch.Tensor:
 
 
 def _rows_attention(module, query, rows: BatchRowsKV, attention_mask, scaling, dropout, **kwargs):
-    """A batch stored row by row: each row's query `[1, Hq, Q, D]` against that row's view, with
-    the last columns of its mask row (its own tokens; left padding is not stored)."""
+    """A batch stored by rows or groups of rows: each layer's query rows `[n, Hq, Q, D]` against
+    its view, with the last columns of their mask rows (their own tokens; left padding is not
+    stored). One layer holding the whole batch reads the query and mask as they are."""
     if kwargs.get("output_attentions"):
         raise ValueError(
             "output_attentions=True is not supported for a batch in a SubTokenCache: its rows hold different "
             "numbers of tokens. Use a DynamicCache for attention weights."
         )
-    outputs = []
-    for r, (key, value) in enumerate(zip(rows.keys, rows.values, strict=True)):
+    if len(rows.keys) == 1:  # every row in one layer, in batch order
+        key = rows.keys[0]
+        mask = None if attention_mask is None else attention_mask[..., -BatchRowsKV.tokens(key) :]
+        return subtok_attention(module, query, key, rows.values[0], mask, dropout, scaling=scaling, **kwargs)
+    output = None
+    for index, key, value in zip(rows.index, rows.keys, rows.values, strict=True):
         mask = None
         if attention_mask is not None:
-            mask = attention_mask[r : r + 1, ..., -BatchRowsKV.tokens(key) :]
-        out, _ = subtok_attention(module, query[r : r + 1], key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-        outputs.append(out)  # [1, Q, Hq, D]
-    return torch.cat(outputs, dim=0), None
+            mask = attention_mask.index_select(0, index)[..., -BatchRowsKV.tokens(key) :]
+        out, _ = subtok_attention(module, query.index_select(0, index), key, value, mask, dropout, scaling=scaling, **kwargs)
+        if output is None:
+            output = out.new_empty(query.shape[0], *out.shape[1:])  # [B, Q, Hq, D]
+        output.index_copy_(0, index, out)
+    return output, None
 
 
 def dense_implementation(config) -> tuple[str, str]:

@@ -182,13 +182,16 @@ class BatchRowsKV(SubtokView):
 
     A batch of several prompts is stored row by row, each row holding only its own tokens
     (left padding dropped), budgeted, scored and packed exactly as if its prompt ran alone.
-    Attention runs row by row: row `r` reads `keys[r]` / `values[r]` (dense `[1, Hkv, T_r, D]`
-    tensors, a `PrefillKV` or a `PackedKV`, each as its own layer returned it) with query row
-    `r` and the last `T_r` columns of that row of the attention mask (its real tokens).
+    Rows that made the same choices are stacked into one layer (`storage.row_groups`). Attention
+    runs once per layer: layer `i` holds the batch rows `index[i]` (`[n_i]` int64, ascending) and
+    reads `keys[i]` / `values[i]` (dense `[n_i, Hkv, T_i, D]` tensors, a `PrefillKV` or a
+    `PackedKV`, as that layer returned them) with those query rows and the last `T_i` columns of
+    their rows of the attention mask (their real tokens).
     """
 
     keys: tuple
     values: tuple
+    index: tuple
 
     @staticmethod
     def tokens(kv) -> int:

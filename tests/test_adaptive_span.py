@@ -194,8 +194,8 @@ def test_adaptive_cache_stays_within_budget_and_bytes_match(budget, bits):
     cache = decode_within_budget(make_tiny_model("qwen2"), config, prompt_tokens=300)
     report = cache.memory_report()
     for layer in cache.layers:
-        assert len(layer.rows) == 2  # the batch is stored row by row, each [1, Hkv, ...]
-        for row in layer.rows:
+        assert len(layer.row_layers()) == 2  # the batch is stored row by row, each [1, Hkv, ...]
+        for row in layer.row_layers():
             if row.wide_norms is None:
                 continue
             wide = row.wide_norms.shape[-1]
@@ -204,7 +204,7 @@ def test_adaptive_cache_stays_within_budget_and_bytes_match(budget, bits):
             )
             assert measured == 2 * wide * row.storage.wide_bytes(row.keep_groups)  # Hkv=2 rows
     assert [summary["wide_tokens"] for summary in report["per_layer"]] == [  # of the first batch row
-        0 if layer.rows[0].wide_norms is None else layer.rows[0].wide_norms.shape[-1] for layer in cache.layers
+        0 if layer.row_layers()[0].wide_norms is None else layer.row_layers()[0].wide_norms.shape[-1] for layer in cache.layers
     ]
 
 

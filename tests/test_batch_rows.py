@@ -81,7 +81,7 @@ def test_rows_hold_only_their_own_tokens():
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
     layer = cache.layers[0]
-    assert [row.get_seq_length() for row in layer.rows] == [int(m.sum()) for m in mask]
+    assert [row.get_seq_length() for row in layer.row_layers()] == [int(m.sum()) for m in mask]
     assert cache.get_seq_length() == ids.shape[1]  # positions, as transformers counts them
 
 
@@ -96,7 +96,7 @@ def test_beam_search_and_return_sequences_on_rows():
         with torch.no_grad():
             batch = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, **kwargs)
         assert batch.shape[0] == (4 if "num_return_sequences" in kwargs else 2)
-        assert len(cache.layers[0].rows) == 4  # a row per beam or per returned sequence
+        assert len(cache.layers[0].row_layers()) == 4  # a row per beam or per returned sequence
         if "num_beams" in kwargs:
             alone = model.generate(input_ids=prompts[1][None], past_key_values=SubTokenCache(model, _config("balanced")),
                                    max_new_tokens=8, num_beams=2)

@@ -71,12 +71,12 @@ def test_reset_empties_and_the_cache_can_be_refilled():
 
 def _row_tensors(layer) -> list[dict[str, torch.Tensor]]:
     """Copies of the tensors each batch row holds, by name."""
-    return [{name: t.clone() for name, t in row.stored_tensors().items()} for row in layer.rows]
+    return [{name: t.clone() for name, t in row.stored_tensors().items()} for row in layer.row_layers()]
 
 
 def _assert_rows_equal(layer, expected: list[dict[str, torch.Tensor]]) -> None:
-    assert len(layer.rows) == len(expected)
-    for r, (row, want) in enumerate(zip(layer.rows, expected, strict=True)):
+    assert len(layer.row_layers()) == len(expected)
+    for r, (row, want) in enumerate(zip(layer.row_layers(), expected, strict=True)):
         got = row.stored_tensors()
         assert got.keys() == want.keys(), r
         for name, tensor in got.items():
@@ -87,8 +87,8 @@ def test_batch_select_and_reorder_follow_the_batch():
     model, cache = _filled(batch=3)
     layer = cache.layers[1]
     before = _row_tensors(layer)  # a batch is stored row by row, each row [1, Hkv, ...]
-    assert all(row.packed_keys.shape[:2] == (1, 2) and row.packed_keys.shape[-2] > 0 for row in layer.rows)
-    assert not torch.equal(layer.rows[0].packed_keys, layer.rows[1].packed_keys)
+    assert all(row.packed_keys.shape[:2] == (1, 2) and row.packed_keys.shape[-2] > 0 for row in layer.row_layers())
+    assert not torch.equal(layer.row_layers()[0].packed_keys, layer.row_layers()[1].packed_keys)
     cache.reorder_cache(torch.tensor([2, 0, 1]))
     _assert_rows_equal(layer, [before[2], before[0], before[1]])
     cache.batch_select_indices(torch.tensor([1]))
@@ -98,7 +98,7 @@ def test_batch_select_and_reorder_follow_the_batch():
     # the copies then go their own ways: each row stores its own next token, the other untouched
     with torch.no_grad():
         model(input_ids=torch.tensor([[5], [6]]), past_key_values=cache)
-    first, second = layer.rows
+    first, second = layer.row_layers()
     assert first.get_seq_length() == second.get_seq_length() == 41
     assert not torch.equal(first.window_keys[..., -1, :], second.window_keys[..., -1, :])
     held = before[0]["packed_keys"].shape[-2]

@@ -161,9 +161,9 @@ def test_cache_with_head_budgets_stays_within_budget(budget, extra):
     cache = decode_within_budget(make_tiny_model("qwen2"), config, prompt_tokens=400)
     report = cache.memory_report()
     for layer, summary in zip(cache.layers, report["per_layer"], strict=True):
-        assert len(layer.rows) == 2  # the batch is stored row by row
+        assert len(layer.row_layers()) == 2  # the batch is stored row by row
         per_row = []
-        for row in layer.rows:
+        for row in layer.row_layers():
             assert row.packed_keys.shape[:2] == (1, 1) and row.stored_heads.shape == row.token_scores.shape
             counts = [int((row.stored_heads[0, 0] == h).sum()) for h in range(row.num_heads)]
             assert row.tokens_per_head() == counts

@@ -27,7 +27,7 @@ def _generate(model, backend, inputs, keep_groups=3):
         out = model.generate(
             **inputs, past_key_values=cache, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
         )
-    rows = cache.layers[0].rows  # a batch is stored row by row
+    rows = cache.layers[0].row_layers()  # a batch is stored row by row
     assert all(row.packed_keys.shape[-2] > 0 for row in rows), "decoding must have packed window chunks"
     return out
 

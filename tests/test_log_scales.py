@@ -156,7 +156,7 @@ def test_measured_bytes_match_the_format_with_log_scales(dtype, which):
     tokens = 100
     with torch.no_grad():
         model(input_ids=random_prompts(2, tokens), past_key_values=cache)
-    rows = cache.layers[0].rows  # the batch is stored row by row
+    rows = cache.layers[0].row_layers()  # the batch is stored row by row
     assert len(rows) == 2
     for layer in rows:
         assert layer.packed_keys.shape[-2] == tokens

@@ -34,7 +34,7 @@ def test_measured_bytes_match_the_storage_format(bits, dtype, keys):
     blocks = 4 + -(-(tokens - 4) // 32) if keys == "channel" else 0  # 4 sinks a block each
     row = storage.row_bytes(tokens, blocks, 2, scored=False)
     for layer in cache.layers:  # the batch is stored row by row, each row the whole prompt
-        assert [r.packed_keys.shape[-2] for r in layer.rows] == [tokens, tokens]
+        assert [r.packed_keys.shape[-2] for r in layer.row_layers()] == [tokens, tokens]
     assert report["stored_bytes"] == 2 * 2 * row  # layers x batch
     if keys == "token":
         assert row == tokens * storage.token_bytes(2, scored=False)
@@ -270,12 +270,12 @@ def test_decoded_tokens_join_the_open_key_block_in_a_cache_that_never_evicts(log
     packed = 90 - 2  # all but the window
     blocks = 1 + -(-(packed - 1) // 32)  # the sink, then 32-token blocks
     for layer in cache.layers:
-        assert len(layer.rows) == 2  # the batch is stored row by row
-        for sequence in layer.rows:
+        assert len(layer.row_layers()) == 2  # the batch is stored row by row
+        for sequence in layer.row_layers():
             keys = sequence.packed_keys
             assert keys.shape[-2] == packed and keys.scale.shape[-2] == blocks
             assert keys.run_length[0, 0].tolist() == [1, 32, 32, packed - 65]
-    row = cache.layers[0].rows[0].storage.row_bytes(packed, blocks, 1, scored=False)
+    row = cache.layers[0].row_layers()[0].storage.row_bytes(packed, blocks, 1, scored=False)
     window = 2 * 2 * 64 * 4  # keys and values of 2 float32 tokens
     assert cache.memory_report()["stored_bytes"] == 2 * 2 * (row + window)  # layers x batch
     assert ratios[-1] <= ratios[0]

@@ -168,15 +168,15 @@ def test_left_padding_is_never_stored_as_a_valid_token():
     cache, mask = _padded_generation(new_tokens)
     decoded = new_tokens - 1  # the last token generated is never fed back
     for layer in cache.layers:
-        assert len(layer.rows) == 2
-        for r, row in enumerate(layer.rows):
+        assert len(layer.row_layers()) == 2
+        for r, row in enumerate(layer.row_layers()):
             real = int(mask[r].sum()) + decoded
             assert row.get_seq_length() == real, (r, row.get_seq_length(), real)
             assert row.window_keys.shape[0] == 1 and row.token_scores.shape[0] == 1
             held = row._valid_slots().sum(-1) + row.window_keys.shape[-2]  # [1, Hkv]
             assert (held <= real).all(), (r, held, real)
-        assert layer.rows[1].packed_keys.shape[-2] > 0, "the short row packs too (no floor)"
-        assert layer.rows[0]._valid_slots().all(), "row 0 has no padding: no filler slot"
+        assert layer.row_layers()[1].packed_keys.shape[-2] > 0, "the short row packs too (no floor)"
+        assert layer.row_layers()[0]._valid_slots().all(), "row 0 has no padding: no filler slot"
         assert layer.get_seq_length() == mask.shape[1] + decoded
 
 
@@ -184,14 +184,14 @@ def test_rows_follow_a_batch_reorder():
     """A reorder moves each row with its tensors, so its valid slots (derived from them) too."""
     cache, mask = _padded_generation(new_tokens=4)
     layer = cache.layers[0]
-    before = [row._valid_slots().clone() for row in layer.rows]
+    before = [row._valid_slots().clone() for row in layer.row_layers()]
     held = {name: t.clone() for name, t in layer.stored_tensors().items()}  # rows.{r}.{name}
     assert not torch.equal(before[0], before[1])
     cache.reorder_cache(torch.tensor([1, 0]))
     real = (mask.sum(-1) + 3).tolist()  # the real tokens of rows 0 and 1, and the 3 decoded
-    assert [row.get_seq_length() for row in layer.rows] == real[::-1]
+    assert [row.get_seq_length() for row in layer.row_layers()] == real[::-1]
     for r, source in enumerate([1, 0]):
-        assert torch.equal(layer.rows[r]._valid_slots(), before[source])
+        assert torch.equal(layer.row_layers()[r]._valid_slots(), before[source])
     after = layer.stored_tensors()
     assert after.keys() == held.keys()
     for name, tensor in after.items():

@@ -54,7 +54,7 @@ def test_measured_bytes_match_the_storage_format(groups, keep, dtype):
     with torch.no_grad():
         model(input_ids=random_prompts(2, tokens), past_key_values=cache)
     report = cache.memory_report()
-    rows = cache.layers[0].rows  # the batch is stored row by row
+    rows = cache.layers[0].row_layers()  # the batch is stored row by row
     assert len(rows) == 2
     for layer in rows:
         assert isinstance(layer.packed_values, CodedTensor) and layer.packed_values.shape[-2] == tokens
@@ -160,7 +160,7 @@ def test_an_evicting_cache_with_coded_values_uses_its_budget_and_stays_within_it
     # the budget, not the short-context floor, sets the bytes of 300 tokens
     config = SubTokenConfig(num_groups=2, budget=0.07, window=8, bits=bits, value_codes=16, floor_tokens=0, recipe=None)
     cache = decode_within_budget(model, config, prompt_tokens=300)
-    assert all(isinstance(row.packed_values, CodedTensor) for row in cache.layers[0].rows)
+    assert all(isinstance(row.packed_values, CodedTensor) for row in cache.layers[0].row_layers())
     fresh = SubTokenCache(model, config)
     with torch.no_grad():
         model(input_ids=random_prompts(2, 300), past_key_values=fresh)
@@ -192,16 +192,16 @@ def test_codebooks_follow_their_sequences_when_the_batch_is_reordered_and_stay_w
     with torch.no_grad():
         model(input_ids=random_prompts(2, 50), past_key_values=cache)
     layer = cache.layers[0]
-    before = [row.packed_values for row in layer.rows]
+    before = [row.packed_values for row in layer.row_layers()]
     assert not torch.equal(before[0].codebook, before[1].codebook)  # each sequence its own
     cache.reorder_cache(torch.tensor([1, 0]))
-    for row, source in zip(layer.rows, reversed(before), strict=True):
+    for row, source in zip(layer.row_layers(), reversed(before), strict=True):
         assert torch.equal(row.packed_values.codebook, source.codebook)
         assert torch.equal(row.packed_values.dequantize(torch.float32), source.dequantize(torch.float32))
     with pytest.raises(ValueError, match="cannot roll back"):
         cache.crop(30 if _CROP_TAKES_LENGTH else 30 - 50)
     assert cache.get_seq_length() == 50
-    for row, source in zip(layer.rows, reversed(before), strict=True):
+    for row, source in zip(layer.row_layers(), reversed(before), strict=True):
         assert row.packed_values.shape[-2] == 50
         assert torch.equal(row.packed_values.codebook, source.codebook)
 

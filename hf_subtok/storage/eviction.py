@@ -228,7 +228,8 @@ class Eviction:
         if not any(f.rotates for f in formats):
             return 0.0
         matrices = 4 * (self.head_dim**2 + self.storage.width**2)
-        return matrices / self.layers_sharing / (self.window_keys.shape[0] * self.num_heads)
+        batch = 1 if self.rows_alone else self.window_keys.shape[0]  # rows stacked: each counts as alone
+        return matrices / self.layers_sharing / (batch * self.num_heads)
 
     def _storage_choices(
         self, keys: torch.Tensor, values: torch.Tensor, observed: ObservedQueries | None

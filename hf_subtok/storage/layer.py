@@ -78,6 +78,10 @@ class SubTokenLayer(BatchRows, Eviction, Packing, HeldBytes, Rollback, CacheLaye
     def _clear(self) -> None:
         # a batch of several prompts: each row stored by a layer of its own (`_split_rows`)
         self.rows: list[SubTokenLayer] | None = None
+        # the batch rows each of `rows` holds, ascending (several: rows sharing a plan, `storage.row_groups`)
+        self.row_index: list[list[int]] | None = None
+        self.rows_alone = False  # rows stacked along the batch, each budgeted as if alone
+        self._stack_due = False  # rows not yet stacked by plan (`storage.rows`)
         self._rows_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
         self.packed_keys: Stored | None = None  # a `QuantizedTensor` with `config.bits`
         self.packed_values: Stored | None = None
@@ -278,10 +282,10 @@ class SubTokenLayer(BatchRows, Eviction, Packing, HeldBytes, Rollback, CacheLaye
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.rows is not None:
-            return self._pick_rows([r for r in range(len(self.rows)) for _ in range(repeats)])
+            return self._pick_rows([r for r in range(self.batch_size) for _ in range(repeats)])
         self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.rows is not None:
-            return self._pick_rows(torch.arange(len(self.rows))[indices.cpu()].tolist())
+            return self._pick_rows(torch.arange(self.batch_size)[indices.cpu()].tolist())
         self._apply(lambda t: t[indices, ...])
