@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_subtok.bench.recipe_command import add_recipes_parser
 
     add_recipes_parser(sub)
+    from hf_subtok.bench.scoreboard import add_scoreboard_parser
+
+    add_scoreboard_parser(sub)
     return parser
 
 
@@ -377,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
             from hf_subtok.bench.recipe_command import run_recipes
 
             print(run_recipes(args, argv))
+            return 0
+        if args.command == "scoreboard":
+            from hf_subtok.bench.scoreboard import run_scoreboard_command
+
+            print(run_scoreboard_command(args))
             return 0
         return cmd_bench(args, argv)
     except (CliError, ValueError) as e:
