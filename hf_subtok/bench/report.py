@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hf_subtok.bench.apply import UNREACHABLE
-from hf_subtok.bench.intervals import wilson
+from hf_subtok.bench.intervals import compare, wilson
 
 DASH = "—"
 
@@ -63,8 +63,9 @@ def needle_tables(rows: list[dict], settings: dict[str, str]) -> list[str]:
         subset = [r for r in needle if r["setting"] == setting]
         if not subset:
             continue
-        header = ["method", "budget", "stored/dense"] + [_tokens(n) for n in lengths] + ["all (95% CI)"]
+        header = ["method", "budget", "stored/dense"] + [_tokens(n) for n in lengths] + ["all (95% CI)", "vs dense"]
         lines = [f"### needle: {description}", "", _row(header), _row(["---"] * len(header))]
+        dense = _tally([r for r in subset if r["method"] == "dense"])
         for method, first in _methods_in_order(subset):
             mine = [r for r in subset if r["method"] == method]
             ok = [r for r in mine if r.get("status") == "ok"]
@@ -72,10 +73,19 @@ def needle_tables(rows: list[dict], settings: dict[str, str]) -> list[str]:
             for n in lengths:
                 at = [r for r in ok if r["context_tokens"] == n]
                 cells.append(f"{sum(r['correct'] for r in at)}/{len(at)}" if at else DASH)
-            cells.append(accuracy_cell(sum(bool(r["correct"]) for r in ok), len(ok)) if ok else DASH)
-            lines.append(_row(cells))
+            cells.append(accuracy_cell(*_tally(mine)) if ok else DASH)
+            versus = DASH
+            if ok and dense[1] and method != "dense":
+                versus = compare(*_tally(mine), *dense)
+            lines.append(_row(cells + [versus]))
         out.append("\n".join(lines))
     return out
+
+
+def _tally(rows: list[dict]) -> tuple[int, int]:
+    """(correct, cases) of the finished needle rows among `rows`."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    return sum(bool(r["correct"]) for r in ok), len(ok)
 
 
 def accuracy_cell(correct: int, cases: int) -> str:
@@ -142,7 +152,8 @@ def notes(meta: dict, rows: list[dict]) -> str:
     )
     lines.append(
         "- prefill: one dense prefill per case is shared by every method (prefill attention is exact for all of "
-        "them); needle cells are correct/cases."
+        "them); needle cells are correct/cases; vs dense: whether the row's 95% interval lies above or below "
+        "dense's, or the two overlap (then these cases do not rank them)."
     )
     if meta.get("matching"):
         lines.append(f"- matching: {meta['matching']}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hf_subtok.bench.decoding import eos_ids, greedy_continue
 from hf_subtok.bench.evaluate import run_methods
-from hf_subtok.bench.intervals import wilson
+from hf_subtok.bench.intervals import compare, wilson
 from hf_subtok.bench.needle import SETTINGS
 from hf_subtok.bench.prefill import dense_prefill
 from hf_subtok.bench.report import DASH, _budget_cell, _methods_in_order, _ratio_cell, _row, _tokens
@@ -157,7 +157,7 @@ def markdown_tables(rows: list[dict]) -> list[str]:
         subset = [r for r in ruler if r["setting"] == setting]
         if not subset:
             continue
-        header = ["method", "budget", "stored/dense", "context", *families, "all (95% CI)"]
+        header = ["method", "budget", "stored/dense", "context", *families, "all (95% CI)", "vs dense"]
         lines = [f"### ruler: {description}", "", _row(header), _row(["---"] * len(header))]
         for context in sorted({r["context_tokens"] for r in subset}):
             for method, first in _methods_in_order([r for r in subset if r["context_tokens"] == context]):
@@ -171,10 +171,16 @@ def markdown_tables(rows: list[dict]) -> list[str]:
                         cells.append(f"{s['score']:.2f} ({s['ci_low']:.2f}-{s['ci_high']:.2f})")
                     else:
                         cells.append(f"{s['score']:.2f}")
-                lines.append(_row(cells))
+                mine_all, dense_all = cell.get((setting, context, method, "all")), cell.get((setting, context, "dense", "all"))
+                versus = DASH
+                if method != "dense" and mine_all and dense_all and mine_all["cases"] and dense_all["cases"]:
+                    versus = compare(mine_all["score"] * mine_all["cases"], mine_all["cases"],
+                                     dense_all["score"] * dense_all["cases"], dense_all["cases"])
+                lines.append(_row([*cells, versus]))
         cases = sorted({s["cases"] for s in summary if s["family"] != "all" and s["cases"]})
         lines += ["", f"Mean RULER score per family over {'/'.join(map(str, cases)) or 0} case(s) each "
-                  "(string_match_all; qa: string_match_part); all: every case pooled, 95% Wilson interval."]
+                  "(string_match_all; qa: string_match_part); all: every case pooled, 95% Wilson interval; vs dense: "
+                  "whether that interval lies above or below dense's, or overlaps it (then these cases do not rank them)."]
         out.append("\n".join(lines))
     return out
 
