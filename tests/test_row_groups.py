@@ -122,3 +122,24 @@ def test_reordering_a_stacked_batch_takes_its_rows_apart_then_stacks_them_again(
         model(input_ids=torch.tensor([[5], [6], [6]]), **cache_kwargs(cache))
         model(input_ids=torch.tensor([[7], [8], [8]]), **cache_kwargs(cache))
     assert len(layer.rows) == 1 and layer.row_index[0].tolist() == [0, 1, 2]
+
+
+def test_rows_of_equal_length_stack_apart_from_the_others_and_each_answers_as_alone():
+    """A left-padded batch whose rows 0 and 2 have the same length: those two stack into one group,
+    row 1 stays alone, and attention runs once per group (query and mask rows picked, outputs put
+    back in batch order): every row answers as its prompt alone."""
+    model = make_tiny_model("llama")
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,), generator=generator) for n in (PROMPT, PROMPT - 40, PROMPT)]
+    ids = torch.zeros(3, PROMPT, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, PROMPT - len(prompt) :], mask[row, PROMPT - len(prompt) :] = prompt, 1
+    cache = SubTokenCache(model, ONE_FORMAT)
+    with torch.no_grad():
+        batch = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW_TOKENS,
+                               do_sample=False)[:, PROMPT:]
+    assert [index.tolist() for index in cache.layers[0].row_index] == [[0, 2], [1]]
+    for row, prompt in enumerate(prompts):
+        alone = _generate(model, SubTokenCache(model, ONE_FORMAT), prompt[None])[0]
+        assert torch.equal(batch[row, : len(alone)], alone), f"row {row} differs from the prompt alone"
