@@ -82,6 +82,8 @@ class SubTokenLayer(BatchRows, Eviction, Packing, HeldBytes, Rollback, CacheLaye
         self.row_index: list[list[int]] | None = None
         self.rows_alone = False  # rows stacked along the batch, each budgeted as if alone
         self._stack_due = False  # rows not yet stacked by plan (`storage.rows`)
+        # buffers the packed store grows into, by held name (`storage.growth`); their room is held
+        self.room: dict[str, Stored] = {}
         self._rows_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
         self.packed_keys: Stored | None = None  # a `QuantizedTensor` with `config.bits`
         self.packed_values: Stored | None = None
@@ -236,6 +238,7 @@ class SubTokenLayer(BatchRows, Eviction, Packing, HeldBytes, Rollback, CacheLaye
         if not self.is_initialized:
             return
         self._flush()
+        self.room = {}  # the held tensors are replaced: the next append starts a buffer of its own
         for name in self._HELD:
             held = getattr(self, name)
             if held is not None:

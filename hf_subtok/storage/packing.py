@@ -13,6 +13,7 @@ from hf_subtok.formats import StorageFormat
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.quant import CodedTensor, extend_channels
 from hf_subtok.quant.gather import take_rows
+from hf_subtok.storage.growth import append_tokens, concat_tokens
 from hf_subtok.storage.tensors import (
     Stored,
     cat_stored,
@@ -59,6 +60,7 @@ class Packing:
         """Empty `[B, Hkv, K, 0, C]` packed values and `[B, Hkv, K, 0]` indices for the current K
         (no indices when every group is kept: slot k holds group k, see `_group_idx_view`)."""
         batch, heads = like.shape[:2]
+        self.room = {}
         empty = like.new_empty(batch, heads, self.keep_groups, 0, self.storage.width)
         self.packed_values = None  # no codebook to keep: the next values packed fit their own
         self.packed_values = self._store_values(empty)
@@ -291,11 +293,12 @@ class Packing:
         self.window.hold(tail_keys[..., n_pack:, :], tail_values[..., n_pack:, :])
 
     def _preallocates_window(self) -> bool:
-        """Whether decode steps of this never-evicting layer write its window in place from now
-        on. The buffers' unused capacity (the tokens packed since) is held too: only once the
-        context is `WINDOW_SLACK_RATIO` windows long (at most 1/8 of the dense bytes), never for
-        lossless storage (it holds exactly the dense bytes) nor under a budget (a promise the
-        slack could break)."""
+        """Whether decode steps of this never-evicting layer write its window in place, and
+        append packed tokens into spare room (`storage.growth`), from now on. The unused room of
+        both is held too: only once the context is `WINDOW_SLACK_RATIO` windows long (the window's
+        room at most 1/8 of the dense bytes, the store's 1/32 of its own), never for lossless
+        storage (it holds exactly the dense bytes) nor under a budget (a promise the room could
+        break)."""
         long_enough = self.seen_tokens >= WINDOW_SLACK_RATIO * self.config.window
         return long_enough and not self.lossless and self.config.budget is None
 
@@ -305,16 +308,30 @@ class Packing:
             values, scores, self.keep_groups, backend=self.config.backend
         )
         self.packed_keys = self._append_keys(keys)
-        self.packed_values = cat_stored([self.packed_values, self._store_values(packed)])
-        self.group_idx = _cat_idx(self.group_idx, group_idx)
+        self.packed_values = self._grow("packed_values", self._store_values(packed))
+        if self.group_idx is not None:
+            self.group_idx = self._grow("group_idx", group_idx, dim=-1)
+
+    def _grow(self, name: str, new: Stored, dim: int = -2) -> Stored:
+        """The held `name` followed by `new` tokens: in place into spare room once the layer
+        preallocates (`storage.growth`), else concatenated."""
+        held = getattr(self, name)
+        if not self._preallocates_window():
+            return concat_tokens(held, new, dim)
+        view, buffer = append_tokens(held, new, self.room.get(name), dim)
+        if buffer is not None:
+            self.room[name] = buffer
+        return view
 
     def _append_keys(self, keys: torch.Tensor) -> Stored:
         """The packed keys followed by `[B, Hkv, T, D]` new ones, in a layer that never evicts:
         per-channel keys first fill the open last block (`extend_channels`), so decode-time
         chunks share 64-token tables instead of holding tables of their own."""
         first = self.packed_keys.shape[-2] == 0
-        if first or not self.storage.channel_keys:
+        if first:
             stored = cat_stored([self.packed_keys, self._store_keys(keys)])
+        elif not self.storage.channel_keys:
+            stored = self._grow("packed_keys", self._store_keys(keys))
         else:
             stored = extend_channels(
                 self.packed_keys, keys_as_stored(keys, self.storage, self._key_rotation()), self._open_key_tokens,

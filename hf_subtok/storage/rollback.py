@@ -46,6 +46,7 @@ class Rollback:
         if keep >= self.seen_tokens or not self.is_initialized:
             return
         stored = self.packed_keys.shape[-2]
+        self.room = {}  # cropped tensors are copies: the next append starts a buffer of its own
         if keep >= stored:
             self.window.truncate(keep - stored)
         else:

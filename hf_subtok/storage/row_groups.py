@@ -25,7 +25,7 @@ from hf_subtok.storage.window import DenseWindow
 # attributes that are not the row's own decisions: shared objects, per-row helpers, transients
 _NOT_COMPARED = frozenset(
     {"config", "policy", "planner", "window", "rows", "row_index", "_rows_prompt", "_pending", "_prompt",
-     "_rotation_for", "_rotation_matrices", "rows_alone"}
+     "_rotation_for", "_rotation_matrices", "rows_alone", "room"}
 )
 
 
@@ -93,6 +93,7 @@ def stack_rows(rows: Sequence) -> object:
     window.length, window.capacity = rows[0].window.length, rows[0].window.capacity
     stacked.window = window
     stacked.rows_alone = True
+    stacked.room = {}  # the stacked tensors are new: appends start a buffer of their own
     return stacked
 
 

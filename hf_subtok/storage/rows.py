@@ -132,6 +132,7 @@ def _copy_row(row):
     """A shallow copy of a row's layer whose in-place state (the token scores, the window's
     buffers) is its own."""
     twin = copy.copy(row)
+    twin.room = {}  # the original appends into the shared buffer's room; the twin into a buffer of its own
     if twin.token_scores is not None:
         twin.token_scores = twin.token_scores.clone()
     if twin.window is not None:
