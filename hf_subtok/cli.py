@@ -343,6 +343,14 @@ def cmd_bench(args, argv: list[str]) -> int:
     return 0
 
 
+def bench_markdown(argv: list[str]) -> str:
+    """Run `hf-subtok <argv>` (a bench) in this process; its Markdown tables."""
+    from hf_subtok.bench.runner import run_bench
+
+    args = build_parser().parse_args(argv)
+    return run_bench(bench_config_from_args(args), command="hf-subtok " + shlex.join(argv))["markdown"]
+
+
 def cmd_train_router(args) -> int:
     from hf_subtok.training.command import config_from_args, missing_dependency, run
 
@@ -384,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "scoreboard":
             from hf_subtok.bench.scoreboard import run_scoreboard_command
 
-            print(run_scoreboard_command(args))
+            print(run_scoreboard_command(args, bench_markdown))
             return 0
         return cmd_bench(args, argv)
     except (CliError, ValueError) as e:

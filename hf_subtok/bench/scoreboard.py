@@ -200,8 +200,9 @@ def add_scoreboard_parser(subparsers) -> None:
     p.add_argument("--model", default=None, help="model id or folder (default: embedded SmolLM2-135M-Instruct)")
 
 
-def run_scoreboard_command(args) -> str:
-    """`hf-subtok scoreboard`: the steps' commands (`--list`), or the section written."""
+def run_scoreboard_command(args, run_bench_argv: Callable[[list[str]], str]) -> str:
+    """`hf-subtok scoreboard`: the steps' commands (`--list`), or the section written (each step
+    run by `run_bench_argv`, the command line's bench)."""
     from hf_subtok.bench.kvpress_methods import kvpress_version
 
     steps = select_steps(args.only)
@@ -212,14 +213,5 @@ def run_scoreboard_command(args) -> str:
             f"{s.name}: hf-subtok {shlex.join(step_argv(s, Path(args.out), have_kvpress=have_kvpress, extra=extra))}"
             for s in steps
         )
-    return run_scoreboard(steps, Path(args.out), Path(args.target), _run_bench_argv, have_kvpress=have_kvpress,
+    return run_scoreboard(steps, Path(args.out), Path(args.target), run_bench_argv, have_kvpress=have_kvpress,
                           extra=extra)
-
-
-def _run_bench_argv(argv: list[str]) -> str:
-    """Run `hf-subtok <argv>` (a bench) in this process; its Markdown."""
-    from hf_subtok.bench.runner import run_bench
-    from hf_subtok.cli import bench_config_from_args, build_parser
-
-    args = build_parser().parse_args(argv)
-    return run_bench(bench_config_from_args(args), command="hf-subtok " + shlex.join(argv))["markdown"]
