@@ -21,6 +21,14 @@ def map_stored(x: Stored, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stored:
     return fn(x) if isinstance(x, torch.Tensor) else x.apply(fn)
 
 
+def stored_components(x: Stored) -> list[torch.Tensor]:
+    """The tensors behind `x`, in the order `map_stored` visits them (so that a list of new
+    components can be mapped back in: `map_stored(x, lambda _: next(new))`)."""
+    found: list[torch.Tensor] = []
+    map_stored(x, lambda t: found.append(t) or t)
+    return found
+
+
 def token_prefix(x: Stored, stop: int) -> Stored:
     """A view of the first `stop` tokens of `[..., T, N]` storage (no copy; per-channel key
     tables are shared, not compacted)."""

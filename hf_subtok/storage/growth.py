@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_subtok.quant.stored import Stored, map_stored
+from hf_subtok.quant.stored import Stored, map_stored, stored_components
 from hf_subtok.quant.tensor import QuantizedTensor
 from hf_subtok.storage.tensors import cat_stored
 
@@ -33,9 +33,9 @@ def append_tokens(held: Stored, new: Stored, buffer: Stored | None, dim: int = -
     if not grows_in_place(held) or held.shape[dim] == 0:  # the prompt: held as it is
         return concat_tokens(held, new, dim), None
     count, extra = held.shape[dim], new.shape[dim]
-    held_parts, new_parts = _components(held), _components(new)
+    held_parts, new_parts = stored_components(held), stored_components(new)
     if buffer is not None:
-        room = _components(buffer)
+        room = stored_components(buffer)
         if _is_prefix(held_parts, room) and room[0].shape[dim] >= count + extra:
             for target, part in zip(room, new_parts, strict=True):
                 target.narrow(dim, count, extra).copy_(part)
@@ -53,11 +53,6 @@ def concat_tokens(held: Stored, new: Stored, dim: int = -2) -> Stored:
     """`held` followed by `new` along the token `dim`, in a new tensor."""
     return cat_stored([held, new]) if dim == -2 else torch.cat([held, new], dim=dim)
 
-
-def _components(x: Stored) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    map_stored(x, lambda t: found.append(t) or t)
-    return found
 
 
 def _is_prefix(held: list[torch.Tensor], room: list[torch.Tensor]) -> bool:

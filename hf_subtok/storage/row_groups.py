@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hf_subtok.quant.stored import Stored, map_stored
+from hf_subtok.quant.stored import Stored, stored_components
 from hf_subtok.storage.window import DenseWindow
 
 # attributes that are not the row's own decisions: shared objects, per-row helpers, transients
@@ -59,7 +59,7 @@ def row_signature(row) -> tuple | None:
 def _stored_signature(held: Stored | None):
     if held is None:
         return None
-    parts = [(tuple(t.shape[1:]), t.dtype) for t in _components(held)]
+    parts = [(tuple(t.shape[1:]), t.dtype) for t in stored_components(held)]
     extra = {k: v for k, v in vars(held).items() if not isinstance(v, torch.Tensor)} if not torch.is_tensor(held) else {}
     return type(held).__name__, tuple(sorted(extra.items())), tuple(parts)
 
@@ -68,14 +68,9 @@ def cat_batch(parts: Sequence[Stored]) -> Stored:
     """Stored tensors of equal shapes after the batch dim, concatenated along the batch."""
     if torch.is_tensor(parts[0]):
         return torch.cat(list(parts), dim=0)
-    components = [iter(_components(part)) for part in parts]  # in the order `apply` visits them
+    components = [iter(stored_components(part)) for part in parts]  # in the order `apply` visits them
     return parts[0].apply(lambda _: torch.cat([next(c) for c in components], dim=0))
 
-
-def _components(held: Stored) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    map_stored(held, lambda t: found.append(t) or t)
-    return found
 
 
 def stack_rows(rows: Sequence) -> object:

@@ -119,7 +119,10 @@ class BatchRows:
 
     def row_layers(self) -> list:
         """A layer per batch row, in batch order: a row stored alone is its own layer, a row of
-        a stacked group a copy taken out of it (for inspection and batch reordering)."""
+        a stacked group a copy taken out of it (for inspection and batch reordering); a layer
+        holding one sequence is its own row."""
+        if self.rows is None:
+            return self.leaf_layers()
         alone = [None] * self.batch_size
         for row, index in zip(self.rows, self.row_index, strict=True):
             members = index.tolist()
