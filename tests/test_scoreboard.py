@@ -48,7 +48,8 @@ def test_tables_go_between_the_markers_and_a_partial_run_keeps_the_other_steps(t
     calls: list[list[str]] = []
     run_scoreboard(steps, tmp_path / "out", target, _fake_bench(calls), have_kvpress=False)
     text = target.read_text(encoding="utf-8")
-    assert text.startswith("# Benchmarks\n\nIntro.\n\n" + SCOREBOARD_START)  # before the first section
+    assert text.startswith("# Benchmarks\n\nIntro.\n\n## Scoreboard\n")  # before the first section
+    assert text.index("## Scoreboard") < text.index(SCOREBOARD_START)
     assert text.endswith(SCOREBOARD_END + "\n\n## History\n\nOld notes.\n")
     assert text.index("### First table") < text.index("### Second table")
     assert f"--out {tmp_path / 'out' / 'one'}" in text and "| dense | one run 1 |" in text

@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 SCOREBOARD_START = "<!-- scoreboard:start (written by `hf-subtok scoreboard`; edits here are overwritten) -->"
 SCOREBOARD_END = "<!-- scoreboard:end -->"
+SCOREBOARD_HEADING = (
+    "## Scoreboard\n\nThe tables `hf-subtok scoreboard` measures and writes (`--list` prints each step's command; "
+    "a step's tables change only when it runs again)."
+)
 BUDGETS = "0.25,0.125,0.1"
 QUALITY_METHODS = "dense,subtok,kvpress:tova,quantized:quanto@4,quantized:quanto@2"
 MEMORY_METHODS = "dense,subtok:balanced,subtok:compact,kvpress:tova@0.25,quantized:quanto@4,quantized:quanto@2"
@@ -145,12 +149,12 @@ def run_scoreboard(
 
 
 def write_blocks(target: Path, blocks: Sequence[tuple[str, str]]) -> str:
-    """Put the `(step name, Markdown)` blocks between the scoreboard markers of `target` (added
-    before its first `## ` heading when missing), keeping the other steps' blocks that stand
+    """Put the `(step name, Markdown)` blocks between the scoreboard markers of `target` (added,
+    under a `## Scoreboard` heading, before its first `## ` heading when missing), keeping the other steps' blocks that stand
     there, in scoreboard order; returns what now stands between the markers."""
     text = target.read_text(encoding="utf-8") if target.exists() else "# Benchmarks\n"
     if SCOREBOARD_START not in text:
-        marks = f"{SCOREBOARD_START}\n{SCOREBOARD_END}\n\n"
+        marks = f"{SCOREBOARD_HEADING}\n\n{SCOREBOARD_START}\n{SCOREBOARD_END}\n\n"
         at = text.find("\n## ")
         text = text + "\n" + marks if at < 0 else text[: at + 1] + marks + text[at + 1 :]
     head, rest = text.split(SCOREBOARD_START, 1)
