@@ -225,7 +225,7 @@ def _observe(query, attention_mask, scaling, window: int) -> Observation:
     return Observation(query[:, :, -window:].detach(), key_valid, scale)
 
 
-def _register() -> None:
+def register_attention() -> None:
     """Register the attention and mask functions under `ATTENTION_NAME`, replacing what another
     library put there: kvpress wraps every registered attention function on import, and its
     wrapper reads `key.shape`, which the views hf-subtok hands its function refuse."""
@@ -274,7 +274,7 @@ def install_attention(model) -> None:
     its mask format; any other implementation is replaced by `sdpa` for them, with a warning.
     """
     check_supported(model)
-    _register()
+    register_attention()
     current = model.config._attn_implementation
     if current == ATTENTION_NAME:
         return

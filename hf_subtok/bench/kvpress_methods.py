@@ -41,19 +41,16 @@ MASKING_NOTE = (
 
 
 def import_kvpress():
-    """Import kvpress, undoing its wrap of hf-subtok's attention function.
+    """Import kvpress, undoing its wrap of hf-subtok's attention function (`register_attention`).
 
     kvpress wraps every registered attention function on import (for AdaKV's masks); the
     wrapper reads `key.shape`, which the `PackedKV` hf-subtok hands its own function lacks.
     Dense calls inside hf-subtok's function still go through the wrapped `sdpa`.
     """
     kvpress = importlib.import_module("kvpress")
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from hf_subtok.attention import register_attention
 
-    from hf_subtok.attention import ATTENTION_NAME, subtok_attention
-
-    if ATTENTION_NAME in ALL_ATTENTION_FUNCTIONS and ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME] is not subtok_attention:
-        ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME] = subtok_attention
+    register_attention()
     return kvpress
 
 

@@ -54,7 +54,6 @@ def concat_tokens(held: Stored, new: Stored, dim: int = -2) -> Stored:
     return cat_stored([held, new]) if dim == -2 else torch.cat([held, new], dim=dim)
 
 
-
 def _is_prefix(held: list[torch.Tensor], room: list[torch.Tensor]) -> bool:
     """Whether each held component is the start of the buffer's (the same memory, same strides)."""
     return all(h.data_ptr() == r.data_ptr() and h.stride() == r.stride() for h, r in zip(held, room, strict=True))

@@ -79,7 +79,7 @@ class SubTokenLayer(BatchRows, Eviction, Packing, HeldBytes, Rollback, CacheLaye
         # a batch of several prompts: each row stored by a layer of its own (`_split_rows`)
         self.rows: list[SubTokenLayer] | None = None
         # the batch rows each of `rows` holds, ascending (several: rows sharing a plan, `storage.row_groups`)
-        self.row_index: list[list[int]] | None = None
+        self.row_index: list[torch.Tensor] | None = None  # each [n] int64
         self.rows_alone = False  # rows stacked along the batch, each budgeted as if alone
         self._stack_due = False  # rows not yet stacked by plan (`storage.rows`)
         # buffers the packed store grows into, by held name (`storage.growth`); their room is held

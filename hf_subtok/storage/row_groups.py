@@ -32,12 +32,9 @@ _NOT_COMPARED = frozenset(
 def row_signature(row) -> tuple | None:
     """What must match for `row` to be stacked with another row's layer: the shapes (after the
     batch dim) and dtypes of every tensor it holds, and every other attribute's value. None when
-    the row cannot be stacked (see the module docstring) or has work pending."""
-    if not row.is_initialized or row.rows is not None or row._pending is not None or row._prompt is not None:
-        return None
+    the row cannot be stacked (see the module docstring). Asked of rows whose prompts are packed
+    (`BatchRows._stack_ready_rows`)."""
     if row._widens() or row.shares_rows or (row.policy.evicts and row.storage.channel_keys):
-        return None
-    if row.policy.evicts and row._window_cap is None:  # the prompt not packed yet
         return None
     held = tuple((name, _stored_signature(getattr(row, name))) for name in row._HELD)
     window = row.window
@@ -72,21 +69,13 @@ def cat_batch(parts: Sequence[Stored]) -> Stored:
     return parts[0].apply(lambda _: torch.cat([next(c) for c in components], dim=0))
 
 
-
 def stack_rows(rows: Sequence) -> object:
     """One layer holding `rows` (layers of equal `row_signature`) along its batch, in order."""
     stacked = copy.copy(rows[0])
     for name in stacked._HELD:
         if getattr(stacked, name) is not None:
             setattr(stacked, name, cat_batch([getattr(row, name) for row in rows]))
-    buffers = [row.window.buffers() for row in rows]
-    window = DenseWindow(
-        torch.cat([b["window_keys"] for b in buffers]),  # [B, Hkv, capacity, D]
-        torch.cat([b["window_values"] for b in buffers]),
-        torch.cat([b["window_scores"] for b in buffers]) if "window_scores" in buffers[0] else None,
-    )
-    window.length, window.capacity = rows[0].window.length, rows[0].window.capacity
-    stacked.window = window
+    stacked.window = DenseWindow.stack([row.window for row in rows])
     stacked.rows_alone = True
     stacked.room = {}  # the stacked tensors are new: appends start a buffer of their own
     return stacked

@@ -125,6 +125,17 @@ class DenseWindow:
         """Keep the `tokens` oldest tokens held."""
         self.length = min(self.length, tokens)
 
+    @staticmethod
+    def stack(windows: list[DenseWindow]) -> DenseWindow:
+        """Windows holding the same number of tokens in buffers of the same shape, one per batch
+        row (or group), as one window along the batch."""
+        first = windows[0]
+        stacked = copy.copy(first)  # the same length and capacity
+        stacked._keys = torch.cat([w._keys for w in windows])  # [B, Hkv, capacity, D]
+        stacked._values = torch.cat([w._values for w in windows])
+        stacked._scores = None if first._scores is None else torch.cat([w._scores for w in windows])
+        return stacked
+
     def copy(self) -> DenseWindow:
         """A window holding copies of these buffers (a row duplicated for beams writes its own)."""
         twin = copy.copy(self)
