@@ -202,9 +202,12 @@ def subtok_mask(*args, config=None, **kwargs):
 
 def rotated_attention_inputs(query: torch.Tensor, kv: PackedKV) -> tuple[torch.Tensor, PackedKV]:
     """Query `[B, Hq, Q, D]` and a `PackedKV` whose packed part is stored rotated, moved to the
-    rotated space: the query and tail keys times the key rotation (scores unchanged), each tail
-    value group times the value rotation (the output comes out rotated, per group)."""
+    rotated space: the query and tail keys times the key rotation (scores unchanged; none when
+    the keys are held in calibrated bases), each tail value group times the value rotation (the
+    output comes out rotated, per group)."""
     keys_rotation, values_rotation = kv.rotation
+    if keys_rotation is None:  # keys held in calibrated bases: attended as they are (`quant.basis_keys`)
+        return query, dataclasses.replace(kv, tail_values=rotate_groups(kv.tail_values, values_rotation), rotation=None)
     rotated = dataclasses.replace(
         kv,
         tail_keys=rotate_groups(kv.tail_keys, keys_rotation),  # [B, Hkv, Tt, D]

@@ -15,6 +15,7 @@ from hf_subtok.attention import check_supported, install_attention
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.memory_report import memory_report
 from hf_subtok.presets import resolve_config
+from hf_subtok.rank.key_bases import layer_key_bases
 from hf_subtok.recipes import apply_recipe
 from hf_subtok.scorers import Observation, RopeInfo, get_group_scorer, get_token_scorer
 from hf_subtok.storage.layer import SubTokenLayer
@@ -100,7 +101,10 @@ class SubTokenCache(Cache):
             )
         self.planner = self._planner(num_layers)
         self.rope = RopeInfo.from_model(model)
-        layers = [self._layer(i, router) for i in range(num_layers)]
+        key_bases = [None] * num_layers
+        if self.config.key_bases is not None:
+            key_bases = layer_key_bases(self.config.key_bases, model, self.rope)
+        layers = [self._layer(i, router, key_bases[i]) for i in range(num_layers)]
         super().__init__(layers=layers)
         install_attention(model)
         _guard_decoder(decoder)
@@ -133,7 +137,7 @@ class SubTokenCache(Cache):
         shared = num_layers - len(self._budget_fixed)
         return PromptPlans(PromptPlanner(shared)) if shared > 1 else None
 
-    def _layer(self, layer_idx: int, router) -> SubTokenLayer:
+    def _layer(self, layer_idx: int, router, key_basis) -> SubTokenLayer:
         config = self.layer_configs[layer_idx]
         scorer = (
             router.group_scorer(layer_idx)
@@ -150,7 +154,9 @@ class SubTokenCache(Cache):
             if token_scorer is not None
             else KeepAll(scorer, config.num_groups)
         )
-        return SubTokenLayer(config, self.keep_groups, policy, planner, layers_sharing=len(self.layer_configs))
+        return SubTokenLayer(
+            config, self.keep_groups, policy, planner, layers_sharing=len(self.layer_configs), key_basis=key_basis
+        )
 
     @classmethod
     def from_dense(

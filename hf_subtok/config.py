@@ -9,6 +9,7 @@ from hf_subtok.config_checks import (
     check_backend,
     check_budget,
     check_int,
+    check_key_bases,
     check_log_scales,
     check_value_codes,
 )
@@ -198,6 +199,13 @@ class SubTokenConfig:
             "help": "store quantized keys and value groups Hadamard-rotated (head_dim and group width powers of 2)"
         },
     )
+    key_bases: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder or Hub id of pre-RoPE key bases (`hf-subtok calibrate --key-space pre_rope`): "
+            "per-channel quantized keys are stored as coefficients in them (hf_subtok.quant.basis_keys)"
+        },
+    )
     key_sinks: int = field(
         default=4,
         metadata={
@@ -305,6 +313,7 @@ class SubTokenConfig:
                 "span='adaptive' needs budget=, axes='both' and num_groups >= 2 (tokens and groups "
                 f"under one budget), got budget={self.budget}, axes={self.axes!r}, num_groups={self.num_groups}"
             )
+        check_key_bases(self.key_bases, self.head_budgets, self.backend)
         if self.head_budgets not in HEAD_BUDGETS:
             raise ValueError(f"head_budgets must be one of {HEAD_BUDGETS}, got {self.head_budgets!r}")
         if self.head_budgets == "adaptive" and not self.evicts_tokens:

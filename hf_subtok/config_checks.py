@@ -28,6 +28,19 @@ def check_backend(backend) -> None:
         )
 
 
+def check_key_bases(key_bases, head_budgets: str, backend: str) -> None:
+    """`key_bases` is None or a folder / Hub id; keys in calibrated bases keep a row per KV head
+    and are read by the PyTorch path (the Triton kernel reads keys itself)."""
+    if key_bases is None:
+        return
+    if not isinstance(key_bases, str) or not key_bases:
+        raise ValueError(f"key_bases must be a folder or Hub id of calibrated bases, got {key_bases!r}")
+    if head_budgets == "adaptive":
+        raise ValueError("key_bases needs head_budgets='uniform' (keys in calibrated bases keep a row per KV head)")
+    if backend == "triton":
+        raise ValueError("key_bases needs backend 'auto' or 'torch' (the Triton kernel does not read keys in calibrated bases)")
+
+
 def parse_layer_range(text) -> tuple[int, int]:
     """`3` or `"3"` -> (3, 3); `"0-5"` -> (0, 5)."""
     if isinstance(text, int) and not isinstance(text, bool):

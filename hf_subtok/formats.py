@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from hf_subtok.quant import SUPPORTED_BITS
 from hf_subtok.quant.codebook import code_bits
+from hf_subtok.quant.positions import POSITION_RUN_BYTES
 
 INDEX_BYTES = 1  # uint8 group index per kept value group
 SCORE_BYTES = 4  # float32 token score per stored token (re-allocation while decoding)
@@ -57,7 +58,10 @@ class StorageFormat:
     the block of each token (`key_layout="channel"`, `quant.channel`), whose tables and runs
     are counted here as if every block were full (`row_bytes` counts the blocks and runs a row
     really holds). `rotated`: quantized
-    keys and value groups are stored Hadamard-rotated (`quant.rotation`; no bytes of its own)."""
+    keys and value groups are stored Hadamard-rotated (`quant.rotation`; no bytes of its own).
+    `key_basis`: per-channel keys are stored before RoPE as coefficients in calibrated bases,
+    with their positions as runs (`quant.basis_keys`; planned at a run per block, the bases
+    counted by the layer), and only value groups are rotated."""
 
     head_dim: int
     num_groups: int
@@ -73,11 +77,22 @@ class StorageFormat:
     value_codes: int | None = None  # value groups as indices into this many codewords (`quant.codebook`)
     code_piece: int = 4  # channels per codeword
     log_scales: str = "none"  # per-channel key scales and/or codeword values' scales in one byte each
+    key_basis: bool = False  # per-channel keys as pre-RoPE coefficients in calibrated bases
 
     @property
     def rotates(self) -> bool:
         """Whether quantized storage is rotated (never plain storage: nothing to spread)."""
         return self.bits is not None and self.rotated
+
+    @property
+    def basis_keys(self) -> bool:
+        """Whether keys are stored as pre-RoPE coefficients in calibrated bases (`quant.basis_keys`)."""
+        return self.key_basis and self.channel_keys
+
+    @property
+    def rotates_keys(self) -> bool:
+        """Whether keys are stored Hadamard-rotated (not when they are held in calibrated bases)."""
+        return self.rotates and not self.basis_keys
 
     @property
     def channel_keys(self) -> bool:
@@ -128,7 +143,8 @@ class StorageFormat:
         """One key with its share of scales (a full block's share of tables and of its run, for
         per-channel keys)."""
         if self.channel_keys:
-            return self.head_dim * self.bits // 8 + (self.key_block_bytes + RUN_BYTES) / self.key_block
+            positions = POSITION_RUN_BYTES if self.basis_keys else 0
+            return self.head_dim * self.bits // 8 + (self.key_block_bytes + RUN_BYTES + positions) / self.key_block
         return self._vector_bytes(self.head_dim, self.key_group_size)
 
     @property
@@ -163,18 +179,28 @@ class StorageFormat:
         return (self.num_groups - keep_groups) * self.slot_bytes + WIDE_NORM_BYTES
 
     def row_bytes(
-        self, tokens: int, key_blocks: int, keep_groups: int, scored: bool, key_runs: int | None = None
+        self,
+        tokens: int,
+        key_blocks: int,
+        keep_groups: int,
+        scored: bool,
+        key_runs: int | None = None,
+        position_runs: int | None = None,
     ) -> float:
         """Bytes one (batch, head) row of `tokens` packed tokens holds, with `key_blocks`
-        blocks of per-channel key tables and `key_runs` runs (None: one per block; both ignored
-        for other layouts) and its value codebooks."""
-        shared = (self.key_block_bytes + self.key_run_bytes) / self.key_block if self.channel_keys else 0.0
+        blocks of per-channel key tables, `key_runs` runs and `position_runs` runs of positions
+        (keys in calibrated bases; None: one per block; all ignored for other layouts) and its
+        value codebooks."""
+        position_bytes = POSITION_RUN_BYTES if self.basis_keys else 0
+        shared = (self.key_block_bytes + self.key_run_bytes + position_bytes) / self.key_block if self.channel_keys else 0.0
         per_token = self.token_bytes(keep_groups, scored) - shared
         runs = key_blocks if key_runs is None else key_runs
+        positions = key_blocks if position_runs is None else position_runs
         return (
             tokens * per_token
             + key_blocks * self.key_block_bytes
             + runs * self.key_run_bytes
+            + positions * position_bytes
             + self.codebook_bytes(keep_groups)
         )
 
@@ -228,6 +254,7 @@ def storage_format(
         config.value_codes,
         config.code_piece,
         config.log_scales,
+        config.key_bases is not None,
     )
     if bits is not None:  # coded value groups are checked below, scalar ones here
         checks = [] if storage.coded_values else [("value group width", storage.width, storage.value_group_size)]

@@ -115,9 +115,9 @@ def test_a_layer_weighs_precisions_by_its_prompts_queries(monkeypatch, layer_bud
 
     seen = []
 
-    def recording(keys, values, storage, sample=256, observed=None):
+    def recording(keys, values, storage, sample=256, observed=None, **key_space):
         seen.append(observed)
-        return real(keys, values, storage, sample, observed)
+        return real(keys, values, storage, sample, observed, **key_space)
 
     real = eviction.quantization_norms
     monkeypatch.setattr(eviction, "quantization_norms", recording)

@@ -12,19 +12,19 @@ PLAIN = StorageFormat(head_dim=16, num_groups=4, elem_bytes=4)
 
 def test_tokens_within_divides_the_row_bytes_by_a_token_s_bytes():
     per_token = PLAIN.token_bytes(2, scored=True)
-    assert tokens_within(PLAIN, 2, 10 * per_token + 1, 50, (0, 0)) == 10
-    assert tokens_within(PLAIN, 2, 10 * per_token, 5, (0, 0)) == 5  # never more than the candidates
-    assert tokens_within(PLAIN, 2, per_token - 1, 50, (0, 0)) == 0
-    assert tokens_within(PLAIN, 2, 10 * per_token, 50, (0, 0), extra=per_token) == 5
+    assert tokens_within(PLAIN, 2, 10 * per_token + 1, 50, (0, 0, 0)) == 10
+    assert tokens_within(PLAIN, 2, 10 * per_token, 5, (0, 0, 0)) == 5  # never more than the candidates
+    assert tokens_within(PLAIN, 2, per_token - 1, 50, (0, 0, 0)) == 0
+    assert tokens_within(PLAIN, 2, 10 * per_token, 50, (0, 0, 0), extra=per_token) == 5
 
 
 def test_fit_tokens_spends_on_tokens_when_too_few_can_be_wide():
     scores = torch.rand(1, 2, 40)
     row_bytes = 20 * PLAIN.token_bytes(2, scored=True)
-    assert fit_tokens(PLAIN, 2, row_bytes, scores, (0, 0)) == (20, 0)
+    assert fit_tokens(PLAIN, 2, row_bytes, scores, (0, 0, 0)) == (20, 0)
     none_wide = torch.full_like(scores, float("-inf"))
-    assert fit_tokens(PLAIN, 2, row_bytes, scores, (0, 0), none_wide, 0.5) == (20, 0)
-    keep, wide = fit_tokens(PLAIN, 2, row_bytes, scores, (0, 0), scores.clone(), 0.5)
+    assert fit_tokens(PLAIN, 2, row_bytes, scores, (0, 0, 0), none_wide, 0.5) == (20, 0)
+    keep, wide = fit_tokens(PLAIN, 2, row_bytes, scores, (0, 0, 0), scores.clone(), 0.5)
     assert wide == int(0.5 * keep) and 0 < keep < 20
 
 

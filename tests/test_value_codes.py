@@ -251,7 +251,7 @@ def test_with_key_tables_each_token_is_priced_without_the_rows_codebooks():
     fixed = storage.row_bytes(0, blocks, keep, scored=True, key_runs=runs)
     token = storage.row_bytes(1, 0, keep, scored=True) - storage.row_bytes(0, 0, keep, scored=True)
     assert storage.codebook_bytes(keep) > 0 and fixed > storage.codebook_bytes(keep) + blocks * storage.key_block_bytes
-    assert tokens_within(storage, keep, fixed + 10.5 * token, 1000, (blocks, runs)) == 10
+    assert tokens_within(storage, keep, fixed + 10.5 * token, 1000, (blocks, runs, 0)) == 10
 
 
 def test_the_token_count_a_row_can_hold_leaves_room_for_its_codebooks():
@@ -265,7 +265,7 @@ def test_the_token_count_a_row_can_hold_leaves_room_for_its_codebooks():
     token = layer.storage.token_bytes(layer.keep_groups, scored=True)
     books = layer.storage.codebook_bytes(layer.keep_groups)
     assert books > 0
-    assert tokens_within(layer.storage, layer.keep_groups, books + 10.5 * token, 1000, (0, 0)) == 10
+    assert tokens_within(layer.storage, layer.keep_groups, books + 10.5 * token, 1000, (0, 0, 0)) == 10
     assert layer.storage.row_bytes(10, 0, layer.keep_groups, scored=True) <= books + 10.5 * token
 
 

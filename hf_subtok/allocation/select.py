@@ -80,20 +80,20 @@ def _top_unpicked(scores: torch.Tensor, picked: torch.Tensor, count: int) -> tor
 
 
 def tokens_within(
-    storage: StorageFormat, keep_groups: int, row_bytes: float, tokens: int, tables: tuple[int, int], extra: float = 0.0
+    storage: StorageFormat, keep_groups: int, row_bytes: float, tokens: int, tables: tuple[int, int, int], extra: float = 0.0
 ) -> int:
     """How many of `tokens` packed tokens of `storage` with `keep_groups` groups fit `row_bytes`
-    bytes per row, with `tables` (blocks, runs) of per-channel keys (no blocks: count each
-    token's share of full blocks), each token costing `extra` more bytes (its share of wide
-    tokens' other groups)."""
-    blocks, runs = tables
+    bytes per row, with `tables` (blocks, runs, position runs) of per-channel keys (no blocks:
+    count each token's share of full blocks), each token costing `extra` more bytes (its share
+    of wide tokens' other groups)."""
+    blocks, runs, position_runs = tables
     if blocks == 0:  # the row's fixed bytes: its value codebooks, if any
         per_token = storage.token_bytes(keep_groups, scored=True) + extra
         room = row_bytes - storage.codebook_bytes(keep_groups)
         return max(0, min(tokens, int(room // per_token)))
-    if storage.row_bytes(tokens, blocks, keep_groups, scored=True, key_runs=runs) + tokens * extra <= row_bytes:
+    if storage.row_bytes(tokens, blocks, keep_groups, True, runs, position_runs) + tokens * extra <= row_bytes:
         return tokens
-    base = storage.row_bytes(0, blocks, keep_groups, scored=True, key_runs=runs)  # tables, runs, codebooks
+    base = storage.row_bytes(0, blocks, keep_groups, True, runs, position_runs)  # tables, runs, codebooks
     per_token = storage.row_bytes(1, 0, keep_groups, scored=True) - storage.row_bytes(0, 0, keep_groups, scored=True) + extra
     # at least one token fewer, so that the tables shrink or the loop ends at 0
     return max(0, min(tokens - 1, int((row_bytes - base) // per_token)))
@@ -104,12 +104,12 @@ def fit_tokens(
     keep_groups: int,
     row_bytes: float,
     scores: torch.Tensor,
-    tables: tuple[int, int],
+    tables: tuple[int, int, int],
     wide_worth: torch.Tensor | None = None,
     wide_fraction: float = 0.0,
 ) -> tuple[int, int]:
     """(tokens kept, of which wide) of the `[B, Hkv, T]`-scored candidates that fit `row_bytes`
-    bytes per row, with `tables` (blocks, runs) of per-channel keys (see `tokens_within`).
+    bytes per row, with `tables` (blocks, runs, position runs) of per-channel keys (see `tokens_within`).
 
     Args:
         wide_worth: `[B, Hkv, T]` what widening each candidate is worth (-inf: it cannot be

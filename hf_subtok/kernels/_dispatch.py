@@ -13,6 +13,7 @@ import os
 import torch
 
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
+from hf_subtok.quant.basis_keys import BasisKeys
 from hf_subtok.quant.tensor import PackedCodes
 from hf_subtok.views import PackedKV
 
@@ -123,7 +124,7 @@ def check_packed_attention_inputs(
         raise ValueError(f"query dtype must be one of {_FLOAT_DTYPES}, got {query.dtype}")
     for name in ("keys", "values", "tail_keys", "tail_values"):
         tensor = getattr(kv, name)
-        if isinstance(tensor, (QuantizedTensor, ChannelQuantizedTensor, CodedTensor)):  # read in float32
+        if isinstance(tensor, PackedCodes):  # read in float32
             continue
         if tensor.dtype != query.dtype:
             raise ValueError(f"kv.{name} dtype must match query dtype {query.dtype}, got {tensor.dtype}")
@@ -208,12 +209,12 @@ def _check_wide(kv: PackedKV, most: tuple[int, int, int, int, int], device: torc
 
 
 def _check_kinds(kv: PackedKV) -> None:
-    """Keys and values are tensors or `QuantizedTensor`s, keys also `ChannelQuantizedTensor`s,
-    values also `CodedTensor`s (validated again: kernels read their raw bytes), everything
+    """Keys and values are tensors or `QuantizedTensor`s, keys also `ChannelQuantizedTensor`s
+    or `BasisKeys`, values also `CodedTensor`s (validated again: kernels read their raw bytes), everything
     else a tensor."""
     for name in ("keys", "values", "group_idx", "tail_keys", "tail_values"):
         tensor = getattr(kv, name)
-        quantized = (QuantizedTensor, ChannelQuantizedTensor) if name == "keys" else (QuantizedTensor, CodedTensor)
+        quantized = (QuantizedTensor, ChannelQuantizedTensor, BasisKeys) if name == "keys" else (QuantizedTensor, CodedTensor)
         if isinstance(tensor, quantized) and name in ("keys", "values"):
             try:
                 tensor.validate()
@@ -221,7 +222,7 @@ def _check_kinds(kv: PackedKV) -> None:
                 raise ValueError(f"kv.{name}: {error}") from None
         elif not isinstance(tensor, torch.Tensor):
             kinds = {
-                "keys": "a torch.Tensor, QuantizedTensor or ChannelQuantizedTensor",
+                "keys": "a torch.Tensor, QuantizedTensor, ChannelQuantizedTensor or BasisKeys",
                 "values": "a torch.Tensor, QuantizedTensor or CodedTensor",
             }.get(name, "a torch.Tensor")
             raise TypeError(f"kv.{name} must be {kinds}, got {type(tensor).__name__}")

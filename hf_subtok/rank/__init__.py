@@ -4,8 +4,9 @@ first r coefficients (r per token), attention computed in the projected space
 
 `calibrate_bases(model, tokenizer, text)` (or `hf-subtok calibrate`) makes `RankBases`, a Hub
 artifact like the routers; `RankBases.layer(i)` gives a layer's `LayerBases` for
-`project_tokens` / `reconstruct_tokens` / `rank_view`. Nothing here is imported by `hf_subtok`
-itself.
+`project_tokens` / `reconstruct_tokens` / `rank_view`. A cache whose config names `key_bases`
+(bases calibrated before RoPE) loads them with `key_bases.layer_key_bases` and stores its
+per-channel keys as coefficients in them (`hf_subtok.quant.basis_keys`).
 """
 
 from hf_subtok.rank.artifact import RankBases

@@ -223,13 +223,16 @@ class Eviction:
 
     def _shared_bytes_per_row(self) -> float:
         """This layer's share, per (batch, head) row, of the rotation matrices all layers share
-        (`[D, D]` and `[C, C]` float32), when any format it may pick is rotated."""
+        (`[D, D]` and `[C, C]` float32), when any format it may pick is rotated, and of its own
+        pre-RoPE key bases, when any format holds keys in them."""
         formats = self.config.storage_formats(self.head_dim, self.storage.elem_bytes)
-        if not any(f.rotates for f in formats):
-            return 0.0
-        matrices = 4 * (self.head_dim**2 + self.storage.width**2)
+        matrices = 4 * self.head_dim**2 if any(f.rotates_keys for f in formats) else 0
+        matrices += 4 * self.storage.width**2 if any(f.rotates for f in formats) else 0
+        bases = 0
+        if any(f.basis_keys for f in formats):
+            bases = sum(t.numel() * t.element_size() for t in self.key_basis.tensors().values())
         batch = 1 if self.rows_alone else self.window_keys.shape[0]  # rows stacked: each counts as alone
-        return matrices / self.layers_sharing / (batch * self.num_heads)
+        return (matrices / self.layers_sharing + bases) / (batch * self.num_heads)
 
     def _storage_choices(
         self, keys: torch.Tensor, values: torch.Tensor, observed: ObservedQueries | None
@@ -241,7 +244,11 @@ class Eviction:
         if len(formats) == 1 or not trials or keys.shape[-2] == 0:
             return [(f, 1.0) for f in formats]
         # every trial's norms read on the host in one transfer, not four syncs per format
-        norms = iter(torch.stack([quantization_norms(keys, values, f, observed=observed) for f in trials]).double().tolist())
+        norms = [
+            quantization_norms(keys, values, f, observed=observed, basis=self.key_basis, first_position=self.packed_positions)
+            for f in trials
+        ]
+        norms = iter(torch.stack(norms).double().tolist())
         return [(f, 1.0 if f.bits is None else fidelity_of(next(norms))) for f in formats]
 
     def _plan_candidates(self) -> list[int]:

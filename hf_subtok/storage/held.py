@@ -47,7 +47,11 @@ class HeldBytes:
                 tensors.update(stored_parts(name, held))
         tensors.update(self.window.buffers())  # whole buffers: their capacity is held too
         if self._rotation_matrices is not None:  # shared by the layers: counted once by storage
-            tensors["rotation.keys"], tensors["rotation.values"] = self._rotation_matrices
+            keys_rotation, tensors["rotation.values"] = self._rotation_matrices
+            if keys_rotation is not None:  # none when keys are held in calibrated bases
+                tensors["rotation.keys"] = keys_rotation
+        if self.storage.basis_keys:  # the layer's pre-RoPE key bases (its batch rows share them)
+            tensors.update({f"key_basis.{name}": t for name, t in self.key_basis.tensors().items()})
         return tensors
 
     def summary(self) -> dict:

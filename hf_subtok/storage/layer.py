@@ -7,6 +7,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.formats import StorageFormat
+from hf_subtok.quant.basis_keys import KeyBasis
 from hf_subtok.quant.stored import map_stored
 from hf_subtok.storage.eviction import Eviction, PromptEvidence
 from hf_subtok.storage.held import HeldBytes
@@ -62,9 +63,12 @@ class SubTokenLayer(BatchRows, Eviction, Packing, HeldBytes, Rollback, CacheLaye
         policy,
         planner=None,
         layers_sharing: int = 1,
+        key_basis: KeyBasis | None = None,
     ):
         super().__init__()
         self.config = config
+        # pre-RoPE key bases (`quant.basis_keys`): where the storage format holds per-channel keys in them
+        self.key_basis = key_basis
         self.layers_sharing = layers_sharing  # layers sharing the rotation matrices (their bytes too)
         self.fixed_keep_groups = keep_groups
         # what to keep: `hf_subtok.allocation.policy` (`KeepAll`, or `TokenPolicy` when tokens

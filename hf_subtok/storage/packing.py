@@ -12,6 +12,7 @@ import torch
 from hf_subtok.formats import StorageFormat
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.quant import CodedTensor, extend_channels
+from hf_subtok.quant.basis_keys import BasisKeys
 from hf_subtok.quant.gather import take_rows
 from hf_subtok.storage.growth import append_tokens, concat_tokens
 from hf_subtok.storage.tensors import (
@@ -36,14 +37,30 @@ WINDOW_SLACK_RATIO = 8
 class Packing:
     """The `SubTokenLayer` methods that store, pack and re-select tokens."""
 
-    def _store_keys(self, keys: torch.Tensor) -> Stored:
+    def _store_keys(self, keys: torch.Tensor, positions: torch.Tensor | None = None) -> Stored:
         """`[B, Hkv, T, D]` keys as stored (quantized as the layer's storage format says); the
         first keys stored (the prompt's, whose first tokens are the attention sinks) keep
-        `key_sinks` blocks of one token."""
+        `key_sinks` blocks of one token. Keys held in calibrated bases need their `positions`
+        `[B, Hkv, T]` (`key_positions`; none for an empty store)."""
         first = self.packed_keys is None or self.packed_keys.shape[-2] == 0
         rotation = self._key_rotation() if keys.shape[-2] else None  # no matrix held for an empty store
-        stored = store_keys(keys, self.storage, solo=self.config.key_sinks if first else 0, rotation=rotation)
+        if positions is None and self.storage.basis_keys:
+            positions = self.key_positions(keys, 0)  # only ever for an empty store
+        stored = store_keys(
+            keys, self.storage, solo=self.config.key_sinks if first else 0, rotation=rotation,
+            basis=self.key_basis, positions=positions,
+        )
         return flatten_heads(stored, 2) if self.shares_rows else stored  # quantized per head first
+
+    def key_positions(self, keys: torch.Tensor, first: int) -> torch.Tensor | None:
+        """`[B, Hkv, T]` positions `first, first + 1, ...` of `[B, Hkv, T, D]` keys, when the
+        layer holds keys in calibrated bases (else None). A layer holds one sequence's real
+        tokens per row (left padding dropped, `storage.rows`), so its n-th token is at position n,
+        as `generate` numbers them."""
+        if not self.storage.basis_keys:
+            return None
+        positions = torch.arange(first, first + keys.shape[-2], device=keys.device)
+        return positions.expand(*keys.shape[:2], -1)
 
     def _store_values(self, packed: torch.Tensor) -> Stored:
         """`[B, Hkv, K, T, C]` kept value groups as stored (quantized per token, or as indices
@@ -102,7 +119,7 @@ class Packing:
         if not self.storage.rotates:
             return None
         if self._rotation_for != self.storage:
-            self._rotation_matrices = (
+            self._rotation_matrices = (  # no key rotation for keys held in calibrated bases
                 key_rotation(self.storage, self.device),
                 value_rotation(self.storage, self.device),
             )
@@ -147,6 +164,7 @@ class Packing:
             self.packed_keys = self._store_keys(keys.new_empty(*keys.shape[:2], 0, keys.shape[-1]))
             self._reset_packed_values(values)
             self._reset_wide(values)
+        positions = self.key_positions(keys, self.packed_positions)  # [B, Hkv, T] or None
         packed, group_idx = pack_value_groups(
             values, group_scores, self.keep_groups, backend=self.config.backend
         )  # [B, Hkv, K, T, C], [B, Hkv, K, T]
@@ -157,14 +175,15 @@ class Packing:
             # nothing stored yet: choose first, then quantize the survivors together (per-channel
             # key blocks are then full blocks of kept tokens)
             if self.shares_rows:  # chosen across heads, each head's survivors quantized together
-                limit, _ = self._fit(row_bytes * new_scores.shape[1], flatten_heads(new_scores, 2), (0, 0), None)
+                limit, _ = self._fit(row_bytes * new_scores.shape[1], flatten_heads(new_scores, 2), (0, 0, 0), None)
                 index, real = self.policy.per_head_survivors(new_scores, limit)  # [B, Hkv, Cmax]
                 wide = index.shape[-1]  # every survivor stays a candidate for widening
             else:
-                keep, wide = self._fit(row_bytes, new_scores, (0, 0), new_wide)
+                keep, wide = self._fit(row_bytes, new_scores, (0, 0, 0), new_wide)
                 index = self._choose(new_scores, None, new_wide, keep, wide)  # [B, Hkv, keep]
                 real = None
             keys, packed, group_idx, new_scores = _take_candidates(keys, packed, group_idx, new_scores, index)
+            positions = None if positions is None else positions.gather(-1, index)
             if real is not None:
                 new_scores = new_scores.masked_fill(~real, float("-inf"))  # repeats: fillers
             if new_wide is not None:
@@ -182,7 +201,7 @@ class Packing:
                     flatten_heads(new_wide.norms, 2), num_heads * count,
                 )
         stored = (
-            cat_stored([self.packed_keys, self._store_keys(keys)]),
+            cat_stored([self.packed_keys, self._store_keys(keys, positions)]),
             cat_stored([self.packed_values, self._store_values(packed)]),
             _cat_idx(self.group_idx, group_idx),
             torch.cat([self.token_scores, new_scores], dim=-1),
@@ -247,10 +266,10 @@ class Packing:
         return WideGroups.of_stored(other, other_idx, norms, values.shape[-2])
 
     def _fit(
-        self, row_bytes: float, scores: torch.Tensor, tables: tuple[int, int], wide: WideGroups | None
+        self, row_bytes: float, scores: torch.Tensor, tables: tuple[int, int, int], wide: WideGroups | None
     ) -> tuple[int, int]:
         """(tokens kept, of which wide) of the `[B, Hkv, T]`-scored candidates that fit `row_bytes`
-        bytes per row, with `tables` (blocks, runs) of per-channel keys (`allocation.select.fit_tokens`)."""
+        bytes per row, with `tables` (blocks, runs, position runs) of per-channel keys (`allocation.select.fit_tokens`)."""
         worth = None if wide is None else wide.worth(scores)
         return self.policy.fit(self.storage, self.keep_groups, row_bytes, scores, tables, worth, self.wide_fraction)
 
@@ -287,7 +306,8 @@ class Packing:
         """Keep at most `window` newest tokens dense; pack the rest in whole chunks."""
         n_pack = self._tokens_to_pack(tail_keys.shape[-2])
         if n_pack:
-            self._append_packed(tail_keys[..., :n_pack, :], tail_values[..., :n_pack, :])
+            first = self.seen_tokens - tail_keys.shape[-2]  # the position of the tail's first token
+            self._append_packed(tail_keys[..., :n_pack, :], tail_values[..., :n_pack, :], first)
             if self._preallocates_window():
                 self.window.reserve(self.config.window)
         self.window.hold(tail_keys[..., n_pack:, :], tail_values[..., n_pack:, :])
@@ -302,12 +322,13 @@ class Packing:
         long_enough = self.seen_tokens >= WINDOW_SLACK_RATIO * self.config.window
         return long_enough and not self.lossless and self.config.budget is None
 
-    def _append_packed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _append_packed(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
+        """Pack `[B, Hkv, T, D]` tokens, the first at position `first`, after the packed ones."""
         scores = self.policy.score_groups(keys, values)  # [B, Hkv, T, G]
         packed, group_idx = pack_value_groups(
             values, scores, self.keep_groups, backend=self.config.backend
         )
-        self.packed_keys = self._append_keys(keys)
+        self.packed_keys = self._append_keys(keys, self.key_positions(keys, first))
         self.packed_values = self._grow("packed_values", self._store_values(packed))
         if self.group_idx is not None:
             self.group_idx = self._grow("group_idx", group_idx, dim=-1)
@@ -323,15 +344,22 @@ class Packing:
             self.room[name] = buffer
         return view
 
-    def _append_keys(self, keys: torch.Tensor) -> Stored:
-        """The packed keys followed by `[B, Hkv, T, D]` new ones, in a layer that never evicts:
-        per-channel keys first fill the open last block (`extend_channels`), so decode-time
-        chunks share 64-token tables instead of holding tables of their own."""
+    def _append_keys(self, keys: torch.Tensor, positions: torch.Tensor | None) -> Stored:
+        """The packed keys followed by `[B, Hkv, T, D]` new ones (at `positions`, when held in
+        calibrated bases), in a layer that never evicts: per-channel keys first fill the open
+        last block (`extend_channels`), so decode-time chunks share 64-token tables instead of
+        holding tables of their own."""
         first = self.packed_keys.shape[-2] == 0
         if first:
-            stored = cat_stored([self.packed_keys, self._store_keys(keys)])
+            stored = cat_stored([self.packed_keys, self._store_keys(keys, positions)])
         elif not self.storage.channel_keys:
             stored = self._grow("packed_keys", self._store_keys(keys))
+        elif isinstance(self.packed_keys, BasisKeys):
+            coefficients = self.key_basis.coefficients(keys, positions)  # [B, Hkv, T, D]
+            grown = extend_channels(
+                self.packed_keys.coefficients, coefficients, self._open_key_tokens, clip=self.storage.clip_keys
+            )
+            stored = self.packed_keys.extended(grown, positions)
         else:
             stored = extend_channels(
                 self.packed_keys, keys_as_stored(keys, self.storage, self._key_rotation()), self._open_key_tokens,

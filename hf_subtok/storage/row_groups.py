@@ -57,7 +57,8 @@ def _stored_signature(held: Stored | None):
     if held is None:
         return None
     parts = [(tuple(t.shape[1:]), t.dtype) for t in stored_components(held)]
-    extra = {k: v for k, v in vars(held).items() if not isinstance(v, torch.Tensor)} if not torch.is_tensor(held) else {}
+    plain = (int, float, str, bool)  # bits, block sizes: what a stored tensor holds besides its tensors and shared parts
+    extra = {} if torch.is_tensor(held) else {k: v for k, v in vars(held).items() if isinstance(v, plain)}
     return type(held).__name__, tuple(sorted(extra.items())), tuple(parts)
 
 

@@ -43,7 +43,7 @@ class BatchRows:
                 row_keys, row_values = row_keys[:, :, real], row_values[:, :, real]
             row = type(self)(
                 self.config, self.fixed_keep_groups, self.policy,
-                None if self.planner is None else self.planner.for_row(r), self.layers_sharing,
+                None if self.planner is None else self.planner.for_row(r), self.layers_sharing, self.key_basis,
             )
             view, _ = row.update(row_keys, row_values)
             if isinstance(view, PrefillKV):

@@ -10,6 +10,7 @@ codes and scales and leaves its codebook in place.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,9 @@ from hf_subtok.quant import (
     quantize_channels,
     quantize_vectors,
 )
+from hf_subtok.quant.basis_keys import BasisKeys, KeyBasis
 from hf_subtok.quant.gather import heads_into_rows, take_rows
+from hf_subtok.quant.positions import PositionRuns
 from hf_subtok.quant.rotation import rotate_groups, shared_hadamard
 from hf_subtok.quant.stored import Stored
 
@@ -59,7 +62,7 @@ def flatten_heads(x: Stored, token_dim: int) -> Stored:
 
 def key_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
     """`[D, D]` rotation of stored keys (None: not rotated)."""
-    return shared_hadamard(storage.head_dim, _device(device)) if storage.rotates else None
+    return shared_hadamard(storage.head_dim, _device(device)) if storage.rotates_keys else None
 
 
 def value_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
@@ -70,7 +73,7 @@ def value_rotation(storage: StorageFormat, device=None) -> torch.Tensor | None:
 def keys_as_stored(keys: torch.Tensor, storage: StorageFormat, rotation: torch.Tensor | None = None) -> torch.Tensor:
     """`[B, Hkv, T, D]` keys in the space `storage` quantizes them in (rotated or not);
     `rotation`: `key_rotation(storage)` if the caller holds it already."""
-    if not storage.rotates:
+    if not storage.rotates_keys:
         return keys
     return rotate_groups(keys, key_rotation(storage, keys.device) if rotation is None else rotation)
 
@@ -86,13 +89,26 @@ def values_as_stored(
 
 
 def store_keys(
-    keys: torch.Tensor, storage: StorageFormat, solo: int = 0, rotation: torch.Tensor | None = None
+    keys: torch.Tensor,
+    storage: StorageFormat,
+    solo: int = 0,
+    rotation: torch.Tensor | None = None,
+    basis: KeyBasis | None = None,
+    positions: torch.Tensor | None = None,
 ) -> Stored:
     """`[B, Hkv, T, D]` keys as `storage` holds them: plain, or quantized (after rotation, if
-    `storage.rotates`) per channel over blocks of `storage.key_block` tokens (the first `solo`
-    tokens a block each; each block's least-error range if `storage.clip_keys`), or per token."""
+    `storage.rotates_keys`) per channel over blocks of `storage.key_block` tokens (the first `solo`
+    tokens a block each; each block's least-error range if `storage.clip_keys`), or per token.
+    With `storage.basis_keys`, the per-channel codes are of the keys' pre-RoPE coefficients in
+    `basis` at `positions` `[B, Hkv, T]` (`quant.basis_keys`)."""
     if storage.bits is None:
         return keys
+    if storage.basis_keys:
+        if basis is None or positions is None:
+            raise ValueError("keys stored in calibrated bases need the layer's basis and the keys' positions")
+        coefficients = basis.coefficients(keys, positions) if keys.shape[-2] else keys.float()
+        coded = store_keys(coefficients, dataclasses.replace(storage, key_basis=False, rotated=False), solo)
+        return BasisKeys(coded, PositionRuns.of(positions), basis)
     keys = keys_as_stored(keys, storage, rotation)
     if storage.channel_keys:
         return quantize_channels(
@@ -120,12 +136,14 @@ def store_values(
     return quantize(rotated, storage.bits, storage.value_group_size, clip=storage.clip_values)
 
 
-def key_tables(keys: Stored) -> tuple[int, int]:
-    """`(blocks, runs)`: rows of per-channel key tables and runs of tokens each (batch, head)
-    row holds (`(0, 0)` for other layouts)."""
+def key_tables(keys: Stored) -> tuple[int, int, int]:
+    """`(blocks, runs, position runs)`: rows of per-channel key tables, runs of tokens and runs
+    of positions (keys in calibrated bases) each (batch, head) row holds (zeros for other layouts)."""
+    if isinstance(keys, BasisKeys):
+        return (*key_tables(keys.coefficients)[:2], keys.positions.start.shape[-1])
     if isinstance(keys, ChannelQuantizedTensor):
-        return keys.scale.shape[-2], keys.run_block.shape[-1]
-    return 0, 0
+        return keys.scale.shape[-2], keys.run_block.shape[-1], 0
+    return 0, 0, 0
 
 
 def stored_parts(name: str, x: Stored) -> dict[str, torch.Tensor]:
@@ -189,18 +207,27 @@ def quantization_norms(
     storage: StorageFormat,
     sample: int = FIDELITY_SAMPLE,
     observed: ObservedQueries | None = None,
+    basis: KeyBasis | None = None,
+    first_position: int = 0,
 ) -> torch.Tensor:
     """The error and reference norms behind `quantization_fidelity`, on the device (no host
     sync: a caller weighing several formats reads them all at once): `[2]` float32
-    `|o_q - o|, |o|` with observed queries, else `[4]` `|k - Q(k)|, |k|, |v - Q(v)|, |v|`."""
+    `|o_q - o|, |o|` with observed queries, else `[4]` `|k - Q(k)|, |k|, |v - Q(v)|, |v|`.
+    Keys held in calibrated bases (`storage.basis_keys`) need the layer's `basis`, the keys'
+    first token at `first_position`."""
     valid = None  # [B, 1, 1, S]: the sampled keys any query may attend (left padding: not)
     if observed is not None and observed.key_valid is not None:  # aligned with keys' first tokens
         valid = observed.key_valid[:, None, None, : keys.shape[-2]][..., -sample:]
+    positions = None
+    if storage.basis_keys:  # [B, Hkv, S]: the sampled keys' positions
+        first = first_position + max(keys.shape[-2] - sample, 0)
+        positions = torch.arange(first, first + min(sample, keys.shape[-2]), device=keys.device)
+        positions = positions.expand(*keys.shape[:2], -1)
     keys, values = keys[..., -sample:, :].float(), values[..., -sample:, :].float()
     # compared where they are stored (a rotation keeps every norm and every dot product)
     stored_keys = keys_as_stored(keys, storage)
     stored_values = values_as_stored(values, storage)
-    restored_keys = store_keys(keys, storage).dequantize(torch.float32)
+    restored_keys = store_keys(keys, storage, basis=basis, positions=positions).dequantize(torch.float32)
     restored_values = store_values(values, storage).dequantize(torch.float32)
     if observed is None:
         return torch.stack([

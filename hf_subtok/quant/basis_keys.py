@@ -1,0 +1,185 @@
+"""Keys stored before RoPE, as coefficients in a calibrated basis (the rank axis, issue 22).
+
+After RoPE a key's channels turn at the speed of its position, so no fixed basis fits every
+position; before RoPE a layer's keys lie close to a few directions. Measured on
+SmolLM2-135M-Instruct (`benchmarks/rank_at_equal_bits.py`, BENCHMARKS.md "The rank axis against
+per-channel codes"), 2-bit per-channel codes of the pre-RoPE coefficients lose a third of what
+2-bit per-channel codes of the Hadamard-rotated keys lose (ppl +8.8% against +23.2%).
+
+A stored key is therefore `c = (unrope(k, p) - mean) @ B` (`[D]`, B the head's `[D, D]`
+orthonormal basis from `hf-subtok calibrate --key-space pre_rope`), quantized per channel
+over blocks of tokens (`quant.channel`), with its position p held as runs (`quant.positions`).
+Attention rebuilds each block of keys, `rope(c @ B^T + mean, p)`, and scores the query against
+them: a `[D, D]` product per token and head, which the post-RoPE projected-query path avoids
+but which loses far less (BENCHMARKS.md). RoPE and its inverse use the model's frequencies and
+attention factor as transformers applies them (`scorers.token_base.RopeInfo`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hf_subtok.quant.bits import unpack_bits
+from hf_subtok.quant.channel import ChannelQuantizedTensor, rows_by_block
+from hf_subtok.quant.logscale import scale_values
+from hf_subtok.quant.positions import PositionRuns
+from hf_subtok.quant.tensor import PackedCodes
+
+REBUILD_TOKENS = 1024  # keys rebuilt at once by `basis_key_scores`: a [B, Hkv, 1024, D] float32 transient
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """`(x1, x2) -> (-x2, x1)` over the two halves of the last dim (RoPE's pairing)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+@dataclass(frozen=True)
+class KeyBasis:
+    """One layer's pre-RoPE key bases and the model's rotary frequencies (what the layer
+    holds for them, counted by it once: `tensors()`).
+
+    Attributes:
+        basis: `[Hkv, D, D]` orthonormal columns per KV head.
+        mean: `[Hkv, D]` the calibration mean coefficients are taken around, or None.
+        inv_freq: `[D/2]` float32 RoPE frequencies: channel pairs `(i, i + D/2)` turn by
+            `position * inv_freq[i]`.
+        attention_scaling: the factor transformers multiplies cos and sin by.
+    """
+
+    basis: torch.Tensor
+    mean: torch.Tensor | None
+    inv_freq: torch.Tensor
+    attention_scaling: float = 1.0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        held = {"basis": self.basis, "inv_freq": self.inv_freq}
+        if self.mean is not None:
+            held["mean"] = self.mean
+        return held
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 `(cos, sin)` `[B, Hkv, T, D]` at `positions` `[B, Hkv, T]`."""
+        angles = positions.unsqueeze(-1).float() * self.inv_freq.float()  # [B, Hkv, T, D/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [B, Hkv, T, D]
+        return angles.cos().mul_(self.attention_scaling), angles.sin().mul_(self.attention_scaling)
+
+    def coefficients(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """float32 `[B, Hkv, T, D]` coefficients of post-RoPE `keys` `[B, Hkv, T, D]` at
+        `positions` `[B, Hkv, T]`: RoPE undone (divided by `cos^2 + sin^2`, the square of a
+        scaled RoPE's attention factor), centred, projected."""
+        cos, sin = self.cos_sin(positions)
+        x = keys.float()
+        before = (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)  # [B, Hkv, T, D]
+        if self.mean is not None:
+            before = before - self.mean.float().unsqueeze(1)
+        return before @ self.basis.float()  # [B, Hkv, T, D] @ [Hkv, D, D]
+
+    def keys(self, coefficients: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """float32 post-RoPE keys `[B, Hkv, t, D]` of `coefficients` `[B, Hkv, t, D]` at
+        `positions` `[B, Hkv, t]`."""
+        before = coefficients.float() @ self.basis.float().transpose(-1, -2)  # [B, Hkv, t, D]
+        if self.mean is not None:
+            before = before + self.mean.float().unsqueeze(1)
+        cos, sin = self.cos_sin(positions)
+        return before * cos + rotate_half(before) * sin
+
+
+@dataclass(frozen=True)
+class BasisKeys(PackedCodes):
+    """Logical post-RoPE keys `[B, Hkv, T, D]` held as per-channel quantized pre-RoPE
+    coefficients `coefficients` and their positions `positions`, in `basis` (shared: not one of
+    `tensors()`, the layer counts it once)."""
+
+    coefficients: ChannelQuantizedTensor
+    positions: PositionRuns
+    basis: KeyBasis
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` unless the coefficients are valid and the positions have their rows."""
+        self.coefficients.validate()
+        if self.positions.start.shape[:-1] != self.payload.shape[:-2]:
+            raise ValueError(
+                f"positions runs {tuple(self.positions.start.shape)} must have the rows of the coefficients "
+                f"{tuple(self.payload.shape)}"
+            )
+
+    @property
+    def payload(self) -> torch.Tensor:
+        return self.coefficients.payload
+
+    @property
+    def bits(self) -> int:
+        return self.coefficients.bits
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        held = {f"coefficients.{k}": v for k, v in self.coefficients.tensors().items()}
+        held.update({f"positions.{k}": v for k, v in self.positions.tensors().items()})
+        return held
+
+    def token_positions(self) -> torch.Tensor:
+        """`[B, Hkv, T]` int64 positions of the tokens held."""
+        return self.positions.expand(self.shape[-2])
+
+    def take(self, index: torch.Tensor) -> BasisKeys:
+        return BasisKeys(self.coefficients.take(index), self.positions.take(index, self.shape[-2]), self.basis)
+
+    def token_prefix(self, stop: int) -> BasisKeys:
+        return BasisKeys(self.coefficients.token_prefix(stop), self.positions.token_prefix(stop), self.basis)
+
+    def first_tokens(self, stop: int) -> BasisKeys:
+        kept = PositionRuns.of(self.positions.token_prefix(stop).expand(stop))
+        return BasisKeys(self.coefficients.first_tokens(stop), kept, self.basis)
+
+    def flatten_heads(self) -> BasisKeys:
+        raise ValueError("keys in a calibrated basis keep a row per KV head: head_budgets='adaptive' is not supported")
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BasisKeys:
+        """`fn` on every stored component (not the shared basis)."""
+        return BasisKeys(self.coefficients.apply(fn), self.positions.apply(fn), self.basis)
+
+    @staticmethod
+    def cat(tensors: Sequence[BasisKeys]) -> BasisKeys:
+        for i, other in enumerate(tensors):
+            if not isinstance(other, BasisKeys):
+                raise TypeError(f"tensors[{i}] must be BasisKeys, got {type(other).__name__}")
+        coefficients = ChannelQuantizedTensor.cat([t.coefficients for t in tensors])
+        positions = PositionRuns.cat([t.positions for t in tensors], [t.shape[-2] for t in tensors])
+        return BasisKeys(coefficients, positions, tensors[-1].basis)
+
+    def extended(self, coefficients: ChannelQuantizedTensor, positions: torch.Tensor) -> BasisKeys:
+        """These keys followed by new tokens at `positions` `[B, Hkv, t]`, `coefficients` the
+        codes of all (`quant.channel.extend_channels`, which grows the open block)."""
+        tokens = self.shape[-2]
+        joined = torch.cat([self.positions.expand(tokens), positions.long()], dim=-1)
+        return BasisKeys(coefficients, PositionRuns.of(joined), self.basis)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The post-RoPE keys `[B, Hkv, T, D]` in `dtype`."""
+        coefficients = self.coefficients.dequantize(torch.float32)
+        return self.basis.keys(coefficients, self.token_positions()).to(dtype)
+
+
+def basis_key_scores(query: torch.Tensor, keys: BasisKeys) -> torch.Tensor:
+    """float32 `query @ keys^T` (`[B, Hkv, M, D]` x `[B, Hkv, T, D]` -> `[B, Hkv, M, T]`), the
+    keys rebuilt `REBUILD_TOKENS` at a time from their codes, scales and positions."""
+    coded = keys.coefficients
+    tokens = coded.shape[-2]
+    q = query.float()
+    out = q.new_empty(*q.shape[:-1], tokens)  # [B, Hkv, M, T]
+    block, positions = coded.token_blocks(), keys.token_positions()  # [B, Hkv, T] each
+    scales, zeros = scale_values(coded.scale), coded.zero.float()  # [B, Hkv, NB, D]
+    for start in range(0, tokens, REBUILD_TOKENS):
+        end = min(start + REBUILD_TOKENS, tokens)
+        rows = block[..., start:end]  # [B, Hkv, t]
+        codes = unpack_bits(coded.payload[..., start:end, :], coded.bits).float()  # [B, Hkv, t, D]
+        coefficients = codes.mul_(rows_by_block(scales, rows)).add_(rows_by_block(zeros, rows))
+        rebuilt = keys.basis.keys(coefficients, positions[..., start:end])  # [B, Hkv, t, D]
+        out[..., start:end] = q @ rebuilt.transpose(-1, -2)
+    return out
