@@ -203,10 +203,10 @@ def subtok_mask(*args, config=None, **kwargs):
 def rotated_attention_inputs(query: torch.Tensor, kv: PackedKV) -> tuple[torch.Tensor, PackedKV]:
     """Query `[B, Hq, Q, D]` and a `PackedKV` whose packed part is stored rotated, moved to the
     rotated space: the query and tail keys times the key rotation (scores unchanged; none when
-    the keys are held in calibrated bases), each tail value group times the value rotation (the
+    the keys are stored before RoPE), each tail value group times the value rotation (the
     output comes out rotated, per group)."""
     keys_rotation, values_rotation = kv.rotation
-    if keys_rotation is None:  # keys held in calibrated bases: attended as they are (`quant.basis_keys`)
+    if keys_rotation is None:  # keys stored before RoPE: rebuilt after RoPE, attended as they are
         return query, dataclasses.replace(kv, tail_values=rotate_groups(kv.tail_values, values_rotation), rotation=None)
     rotated = dataclasses.replace(
         kv,

@@ -15,7 +15,7 @@ from hf_subtok.attention import check_supported, install_attention
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.memory_report import memory_report
 from hf_subtok.presets import resolve_config
-from hf_subtok.rank.key_bases import layer_key_bases
+from hf_subtok.rank.key_bases import pre_rope_key_spaces
 from hf_subtok.recipes import apply_recipe
 from hf_subtok.scorers import Observation, RopeInfo, get_group_scorer, get_token_scorer
 from hf_subtok.storage.layer import SubTokenLayer
@@ -101,10 +101,10 @@ class SubTokenCache(Cache):
             )
         self.planner = self._planner(num_layers)
         self.rope = RopeInfo.from_model(model)
-        key_bases = [None] * num_layers
-        if self.config.key_bases is not None:
-            key_bases = layer_key_bases(self.config.key_bases, model, self.rope)
-        layers = [self._layer(i, router, key_bases[i]) for i in range(num_layers)]
+        key_spaces = [None] * num_layers  # how each layer stores keys before RoPE, if it does
+        if self.config.key_space == "pre_rope":
+            key_spaces = pre_rope_key_spaces(self.config.key_bases, model, self.rope, num_layers)
+        layers = [self._layer(i, router, key_spaces[i]) for i in range(num_layers)]
         super().__init__(layers=layers)
         install_attention(model)
         _guard_decoder(decoder)

@@ -9,7 +9,7 @@ from hf_subtok.config_checks import (
     check_backend,
     check_budget,
     check_int,
-    check_key_bases,
+    check_key_space,
     check_log_scales,
     check_value_codes,
 )
@@ -199,11 +199,18 @@ class SubTokenConfig:
             "help": "store quantized keys and value groups Hadamard-rotated (head_dim and group width powers of 2)"
         },
     )
+    key_space: str = field(
+        default="post_rope",
+        metadata={
+            "help": "'pre_rope': per-channel quantized keys are stored before RoPE and rotated at attention "
+            "(hf_subtok.quant.pre_rope_keys); 'post_rope': as the model hands them over"
+        },
+    )
     key_bases: str | None = field(
         default=None,
         metadata={
-            "help": "folder or Hub id of pre-RoPE key bases (`hf-subtok calibrate --key-space pre_rope`): "
-            "per-channel quantized keys are stored as coefficients in them (hf_subtok.quant.basis_keys)"
+            "help": "with key_space='pre_rope': folder or Hub id of bases from `hf-subtok calibrate --key-space "
+            "pre_rope`, keys stored as coefficients in them (None: in their own channels)"
         },
     )
     key_sinks: int = field(
@@ -313,7 +320,7 @@ class SubTokenConfig:
                 "span='adaptive' needs budget=, axes='both' and num_groups >= 2 (tokens and groups "
                 f"under one budget), got budget={self.budget}, axes={self.axes!r}, num_groups={self.num_groups}"
             )
-        check_key_bases(self.key_bases, self.head_budgets, self.backend)
+        check_key_space(self.key_space, self.key_bases, self.head_budgets, self.backend)
         if self.head_budgets not in HEAD_BUDGETS:
             raise ValueError(f"head_budgets must be one of {HEAD_BUDGETS}, got {self.head_budgets!r}")
         if self.head_budgets == "adaptive" and not self.evicts_tokens:

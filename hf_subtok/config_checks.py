@@ -28,17 +28,25 @@ def check_backend(backend) -> None:
         )
 
 
-def check_key_bases(key_bases, head_budgets: str, backend: str) -> None:
-    """`key_bases` is None or a folder / Hub id; keys in calibrated bases keep a row per KV head
-    and are read by the PyTorch path (the Triton kernel reads keys itself)."""
-    if key_bases is None:
-        return
-    if not isinstance(key_bases, str) or not key_bases:
+KEY_SPACES = ("post_rope", "pre_rope")
+
+
+def check_key_space(key_space, key_bases, head_budgets: str, backend: str) -> None:
+    """`key_space` is one of `KEY_SPACES`; `key_bases` None or a folder / Hub id, only with
+    'pre_rope'. Keys stored before RoPE keep a row per KV head and are read by the PyTorch path
+    (the Triton kernel reads keys itself)."""
+    if key_space not in KEY_SPACES:
+        raise ValueError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")
+    if key_bases is not None and (not isinstance(key_bases, str) or not key_bases):
         raise ValueError(f"key_bases must be a folder or Hub id of calibrated bases, got {key_bases!r}")
+    if key_bases is not None and key_space != "pre_rope":
+        raise ValueError(f"key_bases={key_bases!r} needs key_space='pre_rope' (bases calibrated before RoPE)")
+    if key_space != "pre_rope":
+        return
     if head_budgets == "adaptive":
-        raise ValueError("key_bases needs head_budgets='uniform' (keys in calibrated bases keep a row per KV head)")
+        raise ValueError("key_space='pre_rope' needs head_budgets='uniform' (keys stored before RoPE keep a row per KV head)")
     if backend == "triton":
-        raise ValueError("key_bases needs backend 'auto' or 'torch' (the Triton kernel does not read keys in calibrated bases)")
+        raise ValueError("key_space='pre_rope' needs backend 'auto' or 'torch' (the Triton kernel reads keys after RoPE)")
 
 
 def parse_layer_range(text) -> tuple[int, int]:

@@ -59,9 +59,9 @@ class StorageFormat:
     are counted here as if every block were full (`row_bytes` counts the blocks and runs a row
     really holds). `rotated`: quantized
     keys and value groups are stored Hadamard-rotated (`quant.rotation`; no bytes of its own).
-    `key_basis`: per-channel keys are stored before RoPE as coefficients in calibrated bases,
-    with their positions as runs (`quant.basis_keys`; planned at a run per block, the bases
-    counted by the layer), and only value groups are rotated."""
+    `pre_rope`: per-channel keys are stored before RoPE (in their own channels or as
+    coefficients in calibrated bases), with their positions as runs (`quant.pre_rope_keys`;
+    planned at a run per block, bases counted by the layer), and only value groups are rotated."""
 
     head_dim: int
     num_groups: int
@@ -77,7 +77,7 @@ class StorageFormat:
     value_codes: int | None = None  # value groups as indices into this many codewords (`quant.codebook`)
     code_piece: int = 4  # channels per codeword
     log_scales: str = "none"  # per-channel key scales and/or codeword values' scales in one byte each
-    key_basis: bool = False  # per-channel keys as pre-RoPE coefficients in calibrated bases
+    pre_rope: bool = False  # per-channel keys stored before RoPE (`quant.pre_rope_keys`)
 
     @property
     def rotates(self) -> bool:
@@ -85,14 +85,14 @@ class StorageFormat:
         return self.bits is not None and self.rotated
 
     @property
-    def basis_keys(self) -> bool:
-        """Whether keys are stored as pre-RoPE coefficients in calibrated bases (`quant.basis_keys`)."""
-        return self.key_basis and self.channel_keys
+    def pre_rope_keys(self) -> bool:
+        """Whether keys are stored before RoPE, per channel (`quant.pre_rope_keys`)."""
+        return self.pre_rope and self.channel_keys
 
     @property
     def rotates_keys(self) -> bool:
-        """Whether keys are stored Hadamard-rotated (not when they are held in calibrated bases)."""
-        return self.rotates and not self.basis_keys
+        """Whether keys are stored Hadamard-rotated (not when they are stored before RoPE)."""
+        return self.rotates and not self.pre_rope_keys
 
     @property
     def channel_keys(self) -> bool:
@@ -143,7 +143,7 @@ class StorageFormat:
         """One key with its share of scales (a full block's share of tables and of its run, for
         per-channel keys)."""
         if self.channel_keys:
-            positions = POSITION_RUN_BYTES if self.basis_keys else 0
+            positions = POSITION_RUN_BYTES if self.pre_rope_keys else 0
             return self.head_dim * self.bits // 8 + (self.key_block_bytes + RUN_BYTES + positions) / self.key_block
         return self._vector_bytes(self.head_dim, self.key_group_size)
 
@@ -191,7 +191,7 @@ class StorageFormat:
         blocks of per-channel key tables, `key_runs` runs and `position_runs` runs of positions
         (keys in calibrated bases; None: one per block; all ignored for other layouts) and its
         value codebooks."""
-        position_bytes = POSITION_RUN_BYTES if self.basis_keys else 0
+        position_bytes = POSITION_RUN_BYTES if self.pre_rope_keys else 0
         shared = (self.key_block_bytes + self.key_run_bytes + position_bytes) / self.key_block if self.channel_keys else 0.0
         per_token = self.token_bytes(keep_groups, scored) - shared
         runs = key_blocks if key_runs is None else key_runs
@@ -254,7 +254,7 @@ def storage_format(
         config.value_codes,
         config.code_piece,
         config.log_scales,
-        config.key_bases is not None,
+        config.key_space == "pre_rope",
     )
     if bits is not None:  # coded value groups are checked below, scalar ones here
         checks = [] if storage.coded_values else [("value group width", storage.width, storage.value_group_size)]

@@ -97,7 +97,7 @@ def test_packed_attention_rejects_quantized(case, no_launch):
 
 def test_packed_attention_rejects_other_storage_types(no_launch):
     query, kv, _, _ = make_packed(SHAPE, torch.float32)
-    with pytest.raises(TypeError, match="kv.keys must be a torch.Tensor, QuantizedTensor, ChannelQuantizedTensor or BasisKeys, got list"):
+    with pytest.raises(TypeError, match="kv.keys must be a torch.Tensor, QuantizedTensor, ChannelQuantizedTensor or PreRopeKeys, got list"):
         packed_attention(query, _replace(kv, keys=[kv.keys]))
     with pytest.raises(TypeError, match="kv.group_idx must be a torch.Tensor, got QuantizedTensor"):
         packed_attention(query, _replace(kv, group_idx=quantize(kv.keys, 8, 64)))

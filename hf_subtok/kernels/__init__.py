@@ -39,7 +39,7 @@ from hf_subtok.kernels._dispatch import (
 from hf_subtok.kernels.merge import merge_attention_states, packed_attention_lse_reference
 from hf_subtok.kernels.packed_attention_reference import packed_value_matmul
 from hf_subtok.kernels.rank_attention import rank_attention, rank_attention_lse
-from hf_subtok.quant.basis_keys import BasisKeys
+from hf_subtok.quant.pre_rope_keys import PreRopeKeys
 from hf_subtok.quant.stored import map_stored, token_prefix
 from hf_subtok.views import PackedKV
 
@@ -143,11 +143,11 @@ def pack_value_groups(
 def _triton_decodes(query: torch.Tensor, kv: PackedKV, backend: str | None) -> bool:
     """Whether the Triton kernel computes this call: a decode step (Q = 1) on the Triton path,
     not recorded by autograd (the kernel has no backward), over keys the kernel reads (not keys
-    in calibrated bases, which the PyTorch path rebuilds)."""
+    stored before RoPE, which the PyTorch path rebuilds)."""
     return (
         use_triton(kv.backend if backend is None else backend, query.device)
         and query.shape[2] == 1
-        and not isinstance(kv.keys, BasisKeys)
+        and not isinstance(kv.keys, PreRopeKeys)
         and not records_grad(query, kv.keys, kv.values, kv.tail_keys, kv.tail_values, kv.wide_values)
     )
 

@@ -13,7 +13,7 @@ import os
 import torch
 
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
-from hf_subtok.quant.basis_keys import BasisKeys
+from hf_subtok.quant.pre_rope_keys import PreRopeKeys
 from hf_subtok.quant.tensor import PackedCodes
 from hf_subtok.views import PackedKV
 
@@ -210,11 +210,11 @@ def _check_wide(kv: PackedKV, most: tuple[int, int, int, int, int], device: torc
 
 def _check_kinds(kv: PackedKV) -> None:
     """Keys and values are tensors or `QuantizedTensor`s, keys also `ChannelQuantizedTensor`s
-    or `BasisKeys`, values also `CodedTensor`s (validated again: kernels read their raw bytes), everything
+    or `PreRopeKeys`, values also `CodedTensor`s (validated again: kernels read their raw bytes), everything
     else a tensor."""
     for name in ("keys", "values", "group_idx", "tail_keys", "tail_values"):
         tensor = getattr(kv, name)
-        quantized = (QuantizedTensor, ChannelQuantizedTensor, BasisKeys) if name == "keys" else (QuantizedTensor, CodedTensor)
+        quantized = (QuantizedTensor, ChannelQuantizedTensor, PreRopeKeys) if name == "keys" else (QuantizedTensor, CodedTensor)
         if isinstance(tensor, quantized) and name in ("keys", "values"):
             try:
                 tensor.validate()
@@ -222,7 +222,7 @@ def _check_kinds(kv: PackedKV) -> None:
                 raise ValueError(f"kv.{name}: {error}") from None
         elif not isinstance(tensor, torch.Tensor):
             kinds = {
-                "keys": "a torch.Tensor, QuantizedTensor, ChannelQuantizedTensor or BasisKeys",
+                "keys": "a torch.Tensor, QuantizedTensor, ChannelQuantizedTensor or PreRopeKeys",
                 "values": "a torch.Tensor, QuantizedTensor or CodedTensor",
             }.get(name, "a torch.Tensor")
             raise TypeError(f"kv.{name} must be {kinds}, got {type(tensor).__name__}")

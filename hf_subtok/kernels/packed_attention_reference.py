@@ -1,8 +1,8 @@
 """Attention over whole keys and packed value groups (PyTorch reference and CPU path).
 
 Keys and values may be plain tensors or `QuantizedTensor`s (keys also `ChannelQuantizedTensor`s,
-scaled a block of tokens at a time by `channel_key_scores`, or `BasisKeys`, rebuilt a block at a
-time by `quant.basis_keys.basis_key_scores`). Quantized storage is read a block of packed tokens
+scaled a block of tokens at a time by `channel_key_scores`, or `PreRopeKeys`, rebuilt a block at a
+time by `quant.pre_rope_keys.pre_rope_key_scores`). Quantized storage is read a block of packed tokens
 at a time (`block_tokens`) and never dequantized: each block's codes are unpacked to the compute dtype (no scale applied) and the per-token scales and zeros are folded into the
 small operand of each matmul (`quantized_key_scores`, `packed_value_matmul`), so the only `[t, D]`
 work per block is one cast and one matmul. The scores of every token (D times smaller than the
@@ -25,12 +25,12 @@ from hf_subtok.kernels._dispatch import records_grad
 from hf_subtok.kernels.masks import blocked_columns
 from hf_subtok.kernels.unpack import unpack_codes
 from hf_subtok.quant import ChannelQuantizedTensor, CodedTensor, QuantizedTensor
-from hf_subtok.quant.basis_keys import BasisKeys, basis_key_scores
 from hf_subtok.quant.channel import rows_by_block
 from hf_subtok.quant.logscale import scale_values
+from hf_subtok.quant.pre_rope_keys import PreRopeKeys, pre_rope_key_scores
 from hf_subtok.views import PackedKV
 
-StoredKeys = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | BasisKeys
+StoredKeys = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | PreRopeKeys
 BLOCK_TOKENS = 1 << 16  # most packed tokens read at once (read at call time: tests lower it)
 BLOCK_BYTES = 8 << 20  # most float32 bytes a block unpacks (its codes, or its weights where larger)
 MIN_BLOCK_TOKENS = 1024  # a block holds at least this many tokens (unless BLOCK_TOKENS is lower)
@@ -221,8 +221,8 @@ def key_scores(query: torch.Tensor, keys: StoredKeys) -> torch.Tensor:
         return quantized_key_scores(query, keys)
     if isinstance(keys, ChannelQuantizedTensor):
         return channel_key_scores(query, keys)
-    if isinstance(keys, BasisKeys):
-        return basis_key_scores(query, keys)
+    if isinstance(keys, PreRopeKeys):
+        return pre_rope_key_scores(query, keys)
     return query @ keys.transpose(-1, -2)
 
 

@@ -8,12 +8,12 @@ from collections.abc import Callable
 
 import torch
 
-from hf_subtok.quant.basis_keys import BasisKeys
 from hf_subtok.quant.channel import ChannelQuantizedTensor
 from hf_subtok.quant.codebook import CodedTensor
+from hf_subtok.quant.pre_rope_keys import PreRopeKeys
 from hf_subtok.quant.tensor import QuantizedTensor
 
-Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor | BasisKeys
+Stored = torch.Tensor | QuantizedTensor | ChannelQuantizedTensor | CodedTensor | PreRopeKeys
 
 
 def map_stored(x: Stored, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stored:

@@ -229,7 +229,7 @@ class Eviction:
         matrices = 4 * self.head_dim**2 if any(f.rotates_keys for f in formats) else 0
         matrices += 4 * self.storage.width**2 if any(f.rotates for f in formats) else 0
         bases = 0
-        if any(f.basis_keys for f in formats):
+        if any(f.pre_rope_keys for f in formats):
             bases = sum(t.numel() * t.element_size() for t in self.key_basis.tensors().values())
         batch = 1 if self.rows_alone else self.window_keys.shape[0]  # rows stacked: each counts as alone
         return (matrices / self.layers_sharing + bases) / (batch * self.num_heads)

@@ -48,9 +48,9 @@ class HeldBytes:
         tensors.update(self.window.buffers())  # whole buffers: their capacity is held too
         if self._rotation_matrices is not None:  # shared by the layers: counted once by storage
             keys_rotation, tensors["rotation.values"] = self._rotation_matrices
-            if keys_rotation is not None:  # none when keys are held in calibrated bases
+            if keys_rotation is not None:  # none when keys are stored before RoPE
                 tensors["rotation.keys"] = keys_rotation
-        if self.storage.basis_keys:  # the layer's pre-RoPE key bases (its batch rows share them)
+        if self.storage.pre_rope_keys:  # bases and frequencies of keys stored before RoPE (rows share them)
             tensors.update({f"key_basis.{name}": t for name, t in self.key_basis.tensors().items()})
         return tensors
 

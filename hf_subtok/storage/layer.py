@@ -7,7 +7,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from hf_subtok.config import SubTokenConfig
 from hf_subtok.formats import StorageFormat
-from hf_subtok.quant.basis_keys import KeyBasis
+from hf_subtok.quant.pre_rope_keys import KeyBasis
 from hf_subtok.quant.stored import map_stored
 from hf_subtok.storage.eviction import Eviction, PromptEvidence
 from hf_subtok.storage.held import HeldBytes
@@ -67,7 +67,7 @@ class SubTokenLayer(BatchRows, Eviction, Packing, HeldBytes, Rollback, CacheLaye
     ):
         super().__init__()
         self.config = config
-        # pre-RoPE key bases (`quant.basis_keys`): where the storage format holds per-channel keys in them
+        # how per-channel keys are stored before RoPE (`quant.pre_rope_keys`), with key_space='pre_rope'
         self.key_basis = key_basis
         self.layers_sharing = layers_sharing  # layers sharing the rotation matrices (their bytes too)
         self.fixed_keep_groups = keep_groups

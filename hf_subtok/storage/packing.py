@@ -12,8 +12,8 @@ import torch
 from hf_subtok.formats import StorageFormat
 from hf_subtok.kernels import pack_value_groups
 from hf_subtok.quant import CodedTensor, extend_channels
-from hf_subtok.quant.basis_keys import BasisKeys
 from hf_subtok.quant.gather import take_rows
+from hf_subtok.quant.pre_rope_keys import PreRopeKeys
 from hf_subtok.storage.growth import append_tokens, concat_tokens
 from hf_subtok.storage.tensors import (
     Stored,
@@ -40,11 +40,11 @@ class Packing:
     def _store_keys(self, keys: torch.Tensor, positions: torch.Tensor | None = None) -> Stored:
         """`[B, Hkv, T, D]` keys as stored (quantized as the layer's storage format says); the
         first keys stored (the prompt's, whose first tokens are the attention sinks) keep
-        `key_sinks` blocks of one token. Keys held in calibrated bases need their `positions`
+        `key_sinks` blocks of one token. Keys stored before RoPE need their `positions`
         `[B, Hkv, T]` (`key_positions`; none for an empty store)."""
         first = self.packed_keys is None or self.packed_keys.shape[-2] == 0
         rotation = self._key_rotation() if keys.shape[-2] else None  # no matrix held for an empty store
-        if positions is None and self.storage.basis_keys:
+        if positions is None and self.storage.pre_rope_keys:
             positions = self.key_positions(keys, 0)  # only ever for an empty store
         stored = store_keys(
             keys, self.storage, solo=self.config.key_sinks if first else 0, rotation=rotation,
@@ -54,10 +54,10 @@ class Packing:
 
     def key_positions(self, keys: torch.Tensor, first: int) -> torch.Tensor | None:
         """`[B, Hkv, T]` positions `first, first + 1, ...` of `[B, Hkv, T, D]` keys, when the
-        layer holds keys in calibrated bases (else None). A layer holds one sequence's real
+        layer stores keys before RoPE (else None). A layer holds one sequence's real
         tokens per row (left padding dropped, `storage.rows`), so its n-th token is at position n,
         as `generate` numbers them."""
-        if not self.storage.basis_keys:
+        if not self.storage.pre_rope_keys:
             return None
         positions = torch.arange(first, first + keys.shape[-2], device=keys.device)
         return positions.expand(*keys.shape[:2], -1)
@@ -119,7 +119,7 @@ class Packing:
         if not self.storage.rotates:
             return None
         if self._rotation_for != self.storage:
-            self._rotation_matrices = (  # no key rotation for keys held in calibrated bases
+            self._rotation_matrices = (  # no key rotation for keys stored before RoPE
                 key_rotation(self.storage, self.device),
                 value_rotation(self.storage, self.device),
             )
@@ -345,8 +345,8 @@ class Packing:
         return view
 
     def _append_keys(self, keys: torch.Tensor, positions: torch.Tensor | None) -> Stored:
-        """The packed keys followed by `[B, Hkv, T, D]` new ones (at `positions`, when held in
-        calibrated bases), in a layer that never evicts: per-channel keys first fill the open
+        """The packed keys followed by `[B, Hkv, T, D]` new ones (at `positions`, when
+        stored before RoPE), in a layer that never evicts: per-channel keys first fill the open
         last block (`extend_channels`), so decode-time chunks share 64-token tables instead of
         holding tables of their own."""
         first = self.packed_keys.shape[-2] == 0
@@ -354,7 +354,7 @@ class Packing:
             stored = cat_stored([self.packed_keys, self._store_keys(keys, positions)])
         elif not self.storage.channel_keys:
             stored = self._grow("packed_keys", self._store_keys(keys))
-        elif isinstance(self.packed_keys, BasisKeys):
+        elif isinstance(self.packed_keys, PreRopeKeys):
             coefficients = self.key_basis.coefficients(keys, positions)  # [B, Hkv, T, D]
             grown = extend_channels(
                 self.packed_keys.coefficients, coefficients, self._open_key_tokens, clip=self.storage.clip_keys

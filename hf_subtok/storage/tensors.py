@@ -23,9 +23,9 @@ from hf_subtok.quant import (
     quantize_channels,
     quantize_vectors,
 )
-from hf_subtok.quant.basis_keys import BasisKeys, KeyBasis
 from hf_subtok.quant.gather import heads_into_rows, take_rows
 from hf_subtok.quant.positions import PositionRuns
+from hf_subtok.quant.pre_rope_keys import KeyBasis, PreRopeKeys
 from hf_subtok.quant.rotation import rotate_groups, shared_hadamard
 from hf_subtok.quant.stored import Stored
 
@@ -99,16 +99,16 @@ def store_keys(
     """`[B, Hkv, T, D]` keys as `storage` holds them: plain, or quantized (after rotation, if
     `storage.rotates_keys`) per channel over blocks of `storage.key_block` tokens (the first `solo`
     tokens a block each; each block's least-error range if `storage.clip_keys`), or per token.
-    With `storage.basis_keys`, the per-channel codes are of the keys' pre-RoPE coefficients in
-    `basis` at `positions` `[B, Hkv, T]` (`quant.basis_keys`)."""
+    With `storage.pre_rope_keys`, the per-channel codes are of the keys before RoPE (at
+    `positions` `[B, Hkv, T]`), in `basis`'s channels (`quant.pre_rope_keys`)."""
     if storage.bits is None:
         return keys
-    if storage.basis_keys:
+    if storage.pre_rope_keys:
         if basis is None or positions is None:
-            raise ValueError("keys stored in calibrated bases need the layer's basis and the keys' positions")
+            raise ValueError("keys stored before RoPE need the layer's KeyBasis and the keys' positions")
         coefficients = basis.coefficients(keys, positions) if keys.shape[-2] else keys.float()
-        coded = store_keys(coefficients, dataclasses.replace(storage, key_basis=False, rotated=False), solo)
-        return BasisKeys(coded, PositionRuns.of(positions), basis)
+        coded = store_keys(coefficients, dataclasses.replace(storage, pre_rope=False, rotated=False), solo)
+        return PreRopeKeys(coded, PositionRuns.of(positions), basis)
     keys = keys_as_stored(keys, storage, rotation)
     if storage.channel_keys:
         return quantize_channels(
@@ -138,8 +138,8 @@ def store_values(
 
 def key_tables(keys: Stored) -> tuple[int, int, int]:
     """`(blocks, runs, position runs)`: rows of per-channel key tables, runs of tokens and runs
-    of positions (keys in calibrated bases) each (batch, head) row holds (zeros for other layouts)."""
-    if isinstance(keys, BasisKeys):
+    of positions (keys stored before RoPE) each (batch, head) row holds (zeros for other layouts)."""
+    if isinstance(keys, PreRopeKeys):
         return (*key_tables(keys.coefficients)[:2], keys.positions.start.shape[-1])
     if isinstance(keys, ChannelQuantizedTensor):
         return keys.scale.shape[-2], keys.run_block.shape[-1], 0
@@ -213,13 +213,13 @@ def quantization_norms(
     """The error and reference norms behind `quantization_fidelity`, on the device (no host
     sync: a caller weighing several formats reads them all at once): `[2]` float32
     `|o_q - o|, |o|` with observed queries, else `[4]` `|k - Q(k)|, |k|, |v - Q(v)|, |v|`.
-    Keys held in calibrated bases (`storage.basis_keys`) need the layer's `basis`, the keys'
+    Keys stored before RoPE (`storage.pre_rope_keys`) need the layer's `basis`, the keys'
     first token at `first_position`."""
     valid = None  # [B, 1, 1, S]: the sampled keys any query may attend (left padding: not)
     if observed is not None and observed.key_valid is not None:  # aligned with keys' first tokens
         valid = observed.key_valid[:, None, None, : keys.shape[-2]][..., -sample:]
     positions = None
-    if storage.basis_keys:  # [B, Hkv, S]: the sampled keys' positions
+    if storage.pre_rope_keys:  # [B, Hkv, S]: the sampled keys' positions
         first = first_position + max(keys.shape[-2] - sample, 0)
         positions = torch.arange(first, first + min(sample, keys.shape[-2]), device=keys.device)
         positions = positions.expand(*keys.shape[:2], -1)

@@ -1,4 +1,4 @@
-"""Keys stored before RoPE as coefficients in calibrated bases (`key_bases`, issue 22).
+"""Keys stored before RoPE, in their own channels or calibrated bases (`key_space`, `key_bases`, issue 22).
 
 Oracles: the model's own RoPE (`apply_rotary_pos_emb`), the dense keys a `DynamicCache` holds
 for the same prompt, attention over the dequantized keys, each prompt of a batch run alone, and
@@ -15,8 +15,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from hf_subtok import SubTokenCache
 from hf_subtok.generate_args import cache_kwargs
 from hf_subtok.kernels import packed_attention
-from hf_subtok.quant.basis_keys import BasisKeys, KeyBasis
 from hf_subtok.quant.positions import PositionRuns
+from hf_subtok.quant.pre_rope_keys import KeyBasis, PreRopeKeys
 from hf_subtok.rank import BasesConfig, RankBases
 from hf_subtok.scorers import RopeInfo
 from tests.benchmark_scripts import load_benchmark
@@ -24,6 +24,7 @@ from tests.test_bytes_held import model_storages, walk
 from tests.tiny_models import make_tiny_model
 
 BITS8 = dict(bits=8, key_quantization="channel", window=16, pack_chunk=8, recipe=None)
+PRE = dict(BITS8, key_space="pre_rope")
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +93,24 @@ def test_coefficients_undo_the_models_rope(model):
     torch.testing.assert_close(key_basis.keys(coefficients, per_head), after, atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture(params=["own channels", "calibrated"])
+def key_bases(request, bases):
+    """Keys stored before RoPE in their own channels (None) or in calibrated bases (a folder)."""
+    return bases if request.param == "calibrated" else None
+
+
 @pytest.mark.parametrize("budget", [None, 0.35])
-def test_held_keys_are_the_dense_keys_at_their_positions(model, bases, budget):
+def test_held_keys_are_the_dense_keys_at_their_positions(model, key_bases, budget):
     """Every packed key, rebuilt, is the dense key of the token at the position it holds (8-bit
     codes: within 2%), and the positions are the tokens each head kept, ascending."""
     ids = _prompt(300)
     dense = _dense_keys(model, ids)
-    cache = SubTokenCache(model, key_bases=bases, budget=budget, **BITS8)
+    cache = SubTokenCache(model, key_bases=key_bases, budget=budget, **PRE)
     with torch.no_grad():
         model(ids, **cache_kwargs(cache))
     for layer, reference in zip(cache.layers, dense, strict=True):
         held = layer.packed_keys
-        assert isinstance(held, BasisKeys)
+        assert isinstance(held, PreRopeKeys)
         positions = held.token_positions()  # [1, Hkv, Ts]
         assert (positions.diff(dim=-1) > 0).all()
         expected = torch.take_along_dim(reference, positions.unsqueeze(-1), dim=2)  # [1, Hkv, Ts, D]
@@ -113,11 +120,11 @@ def test_held_keys_are_the_dense_keys_at_their_positions(model, bases, budget):
             assert held.shape[-2] < 300 - layer.window_keys.shape[-2]  # tokens were evicted
 
 
-def test_attention_equals_attention_over_the_rebuilt_keys(model, bases):
+def test_attention_equals_attention_over_the_rebuilt_keys(model, key_bases):
     """The packed path (keys rebuilt a block at a time) gives what dense attention over the
     dequantized keys and values gives."""
     ids = _prompt(300, seed=2)
-    cache = SubTokenCache(model, key_bases=bases, num_groups=2, keep_groups=2, **BITS8)  # every group kept
+    cache = SubTokenCache(model, key_bases=key_bases, num_groups=2, keep_groups=2, **PRE)  # every group kept
     with torch.no_grad():
         model(ids, **cache_kwargs(cache))
     layer = cache.layers[1]
@@ -138,16 +145,16 @@ def _dense_values(layer) -> torch.Tensor:
     return values.permute(0, 1, 3, 2, 4).flatten(3)
 
 
-def test_decoded_keys_join_at_their_positions(model, bases):
+def test_decoded_keys_join_at_their_positions(model, key_bases):
     """Keys packed while decoding (into the open block of coefficients, `extend_channels`) hold
     every position once, in order, and rebuild to the dense keys of those positions as closely
-    as 8-bit keys without bases do."""
+    as 8-bit keys stored after RoPE do."""
     ids = _prompt(300, seed=4)
     steps = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(8))
     dense = _dense_keys(model, torch.cat([ids, steps], dim=-1))
     errors = {}
-    for key_bases in (bases, None):
-        cache = SubTokenCache(model, key_bases=key_bases, **BITS8)
+    for space in ("pre_rope", "post_rope"):
+        cache = SubTokenCache(model, **dict(BITS8, key_space=space, key_bases=key_bases if space == "pre_rope" else None))
         with torch.no_grad():
             model(ids, **cache_kwargs(cache))
             for t in range(steps.shape[-1]):
@@ -155,35 +162,35 @@ def test_decoded_keys_join_at_their_positions(model, bases):
         worst = []
         for layer, reference in zip(cache.layers, dense, strict=True):
             held = layer.packed_keys.dequantize(torch.float32)  # [1, Hkv, Ts, D]
-            if key_bases is not None:
+            if space == "pre_rope":
                 assert torch.equal(layer.packed_keys.token_positions()[0, 0], torch.arange(held.shape[-2]))
             expected = reference[..., : held.shape[-2], :]
             worst.append(((held - expected).norm(dim=-1) / expected.norm(dim=-1)).max().item())
-        errors[key_bases is not None] = max(worst)
-    assert errors[True] < 0.1 and errors[True] < 2 * errors[False], errors
+        errors[space] = max(worst)
+    assert errors["pre_rope"] < 0.1 and errors["pre_rope"] < 2 * errors["post_rope"], errors
 
 
-def test_padded_batch_answers_as_each_prompt_alone(model, bases):
+def test_padded_batch_answers_as_each_prompt_alone(model, key_bases):
     prompts = [_prompt(260, seed=5)[0], _prompt(300, seed=6)[0]]
     alone = []
     for prompt in prompts:
-        cache = SubTokenCache(model, key_bases=bases, budget=0.4, **BITS8)
+        cache = SubTokenCache(model, key_bases=key_bases, budget=0.4, **PRE)
         alone.append(model.generate(prompt[None], max_new_tokens=10, do_sample=False, **cache_kwargs(cache))[0, -10:])
     ids = torch.zeros(2, 300, dtype=torch.long)
     mask = torch.zeros(2, 300, dtype=torch.long)
     for r, prompt in enumerate(prompts):
         ids[r, 300 - len(prompt):], mask[r, 300 - len(prompt):] = prompt, 1
-    cache = SubTokenCache(model, key_bases=bases, budget=0.4, **BITS8)
+    cache = SubTokenCache(model, key_bases=key_bases, budget=0.4, **PRE)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(cache))
     for r in range(2):
         assert torch.equal(out[r, -10:], alone[r])
 
 
-def test_memory_report_counts_bases_and_positions(model, bases):
-    """The report equals an independent walk of what the cache holds, bases and position runs
-    included, and stays within the budget while decoding."""
+def test_memory_report_counts_bases_and_positions(model, key_bases):
+    """The report equals an independent walk of what the cache holds, bases, frequencies and
+    position runs included, and stays within the budget while decoding."""
     ids = _prompt(400, seed=7)
-    cache = SubTokenCache(model, key_bases=bases, budget=0.45, **BITS8)
+    cache = SubTokenCache(model, key_bases=key_bases, budget=0.45, **PRE)
     with torch.no_grad():
         out = model(ids, **cache_kwargs(cache))
         for _ in range(20):
@@ -193,21 +200,26 @@ def test_memory_report_counts_bases_and_positions(model, bases):
     held = walk(cache)
     assert held.bytes(exclude=model_storages(model)) == report["stored_bytes"]
     parts = report["parts"]
-    assert any("key_basis.basis" in name for name in parts)
+    assert any("key_basis.basis" in name for name in parts) == (key_bases is not None)
+    assert any("key_basis.inv_freq" in name for name in parts)
     assert any("positions.start" in name for name in parts)
 
 
 def test_bases_of_another_kind_or_model_are_refused(model, tmp_path):
     post = _save_bases(model, tmp_path / "post", key_space="post_rope")
-    with pytest.raises(ValueError, match="pre_rope"):
-        SubTokenCache(model, key_bases=post, **BITS8)
+    with pytest.raises(ValueError, match="were calibrated with key_space='post_rope'"):
+        SubTokenCache(model, key_bases=post, **PRE)
     other = make_tiny_model("llama", seed=1)
     with pytest.raises(ValueError, match="do not fit this model"):
-        SubTokenCache(other, key_bases=_save_bases(model, tmp_path / "pre"), **BITS8)
+        SubTokenCache(other, key_bases=_save_bases(model, tmp_path / "pre"), **PRE)
+    with pytest.raises(ValueError, match="needs key_space='pre_rope'"):
+        SubTokenCache(model, key_bases=post, **BITS8)
     with pytest.raises(ValueError, match="head_budgets"):
-        SubTokenCache(model, key_bases=post, head_budgets="adaptive", budget=0.3, **BITS8)
+        SubTokenCache(model, head_budgets="adaptive", budget=0.3, **PRE)
     with pytest.raises(ValueError, match="key_bases must be"):
-        SubTokenCache(model, key_bases="", **BITS8)
+        SubTokenCache(model, key_bases="", **PRE)
+    with pytest.raises(ValueError, match="key_space must be one of"):
+        SubTokenCache(model, **dict(PRE, key_space="before"))
 
 
 def test_variants_script_writes_orthonormal_bases_that_load(model, bases, monkeypatch, tmp_path):
@@ -221,7 +233,7 @@ def test_variants_script_writes_orthonormal_bases_that_load(model, bases, monkey
         loaded = RankBases.from_pretrained(str(tmp_path / f"calibrated-{name}"))
         basis = loaded.tensors["key_basis"]  # [L, Hkv, D, D]
         torch.testing.assert_close(basis.transpose(-1, -2) @ basis, torch.eye(16).expand_as(basis), atol=1e-5, rtol=0)
-        SubTokenCache(model, key_bases=str(tmp_path / f"calibrated-{name}"), **BITS8)
+        SubTokenCache(model, key_bases=str(tmp_path / f"calibrated-{name}"), **PRE)
     identity = RankBases.from_pretrained(str(tmp_path / "calibrated-identity")).tensors
     assert torch.equal(identity["key_mean"], torch.zeros_like(identity["key_mean"]))
 
@@ -232,11 +244,12 @@ def test_a_plan_that_weighs_precisions_measures_keys_in_their_bases(model, bases
     in the bases."""
     ids = _prompt(400, seed=9)
     cache = SubTokenCache(
-        model, key_bases=bases, budget=0.2, bits="auto", key_quantization="channel", window=16, pack_chunk=8, recipe=None
+        model, key_bases=bases, budget=0.2, bits="auto", key_quantization="channel", window=16, pack_chunk=8, recipe=None,
+        key_space="pre_rope",
     )
     with torch.no_grad():
         model(ids, **cache_kwargs(cache))
     report = cache.memory_report()
     assert report["ratio"] <= report["target_ratio"] * 1.01  # the floor of 128 dense tokens binds at 400
     for layer in cache.layers:
-        assert isinstance(layer.packed_keys, BasisKeys) == (layer.storage.bits is not None)
+        assert isinstance(layer.packed_keys, PreRopeKeys) == (layer.storage.bits is not None)

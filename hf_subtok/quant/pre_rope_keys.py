@@ -1,18 +1,21 @@
-"""Keys stored before RoPE, as coefficients in a calibrated basis (the rank axis, issue 22).
+"""Keys stored before RoPE, per channel: in their own channels or in calibrated bases (issue 22).
 
-After RoPE a key's channels turn at the speed of its position, so no fixed basis fits every
-position; before RoPE a layer's keys lie close to a few directions. Measured on
-SmolLM2-135M-Instruct (`benchmarks/rank_at_equal_bits.py`, BENCHMARKS.md "The rank axis against
-per-channel codes"), 2-bit per-channel codes of the pre-RoPE coefficients lose a third of what
-2-bit per-channel codes of the Hadamard-rotated keys lose (ppl +8.8% against +23.2%).
+After RoPE a key's channel pairs turn at the speed of its position, so the range of a channel
+over a block of tokens mixes the two channels of its pair; before RoPE each channel keeps its
+own range. A stored key is `c = unrope(k, p)` (`[D]`, RoPE undone at its position p), or with
+calibrated bases (`hf-subtok calibrate --key-space pre_rope`) `c = (unrope(k, p) - mean) @ B`,
+B the head's `[D, D]` orthonormal basis; c is quantized per channel over blocks of tokens
+(`quant.channel`), p held as runs (`quant.positions`). Attention rebuilds each block of keys,
+`rope(c, p)` (or `rope(c @ B^T + mean, p)`: a `[D, D]` product per token and head) and scores
+the query against them. RoPE and its inverse use the model's frequencies and attention factor
+as transformers applies them (`scorers.token_base.RopeInfo`).
 
-A stored key is therefore `c = (unrope(k, p) - mean) @ B` (`[D]`, B the head's `[D, D]`
-orthonormal basis from `hf-subtok calibrate --key-space pre_rope`), quantized per channel
-over blocks of tokens (`quant.channel`), with its position p held as runs (`quant.positions`).
-Attention rebuilds each block of keys, `rope(c @ B^T + mean, p)`, and scores the query against
-them: a `[D, D]` product per token and head, which the post-RoPE projected-query path avoids
-but which loses far less (BENCHMARKS.md). RoPE and its inverse use the model's frequencies and
-attention factor as transformers applies them (`scorers.token_base.RopeInfo`).
+Measured in the cache on SmolLM2-135M-Instruct (2-bit keys and values, every token kept;
+BENCHMARKS.md "Keys before RoPE"): own channels lose less than the Hadamard-rotated keys after
+RoPE on legal text (+8.1% against +10.5% perplexity in float32, +8.1% against +13.3% in
+bfloat16) and a little more on the book (+2.3% against +1.3%); the calibrated basis loses more
+than both, although a simulation that compressed every key, recent ones included, had it
+cutting the 2-bit loss to a third (`benchmarks/rank_at_equal_bits.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from hf_subtok.quant.logscale import scale_values
 from hf_subtok.quant.positions import PositionRuns
 from hf_subtok.quant.tensor import PackedCodes
 
-REBUILD_TOKENS = 1024  # keys rebuilt at once by `basis_key_scores`: a [B, Hkv, 1024, D] float32 transient
+REBUILD_TOKENS = 1024  # keys rebuilt at once by `pre_rope_key_scores`: a [B, Hkv, 1024, D] float32 transient
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -39,26 +42,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class KeyBasis:
-    """One layer's pre-RoPE key bases and the model's rotary frequencies (what the layer
-    holds for them, counted by it once: `tensors()`).
+    """How one layer stores keys before RoPE: in a calibrated basis or in their own channels,
+    and the model's rotary frequencies (what the layer holds for them, counted by it once:
+    `tensors()`).
 
     Attributes:
-        basis: `[Hkv, D, D]` orthonormal columns per KV head.
+        basis: `[Hkv, D, D]` orthonormal columns per KV head, or None (own channels).
         mean: `[Hkv, D]` the calibration mean coefficients are taken around, or None.
         inv_freq: `[D/2]` float32 RoPE frequencies: channel pairs `(i, i + D/2)` turn by
             `position * inv_freq[i]`.
         attention_scaling: the factor transformers multiplies cos and sin by.
     """
 
-    basis: torch.Tensor
+    basis: torch.Tensor | None
     mean: torch.Tensor | None
     inv_freq: torch.Tensor
     attention_scaling: float = 1.0
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        held = {"basis": self.basis, "inv_freq": self.inv_freq}
-        if self.mean is not None:
-            held["mean"] = self.mean
+        held = {"inv_freq": self.inv_freq}
+        held.update({name: getattr(self, name) for name in ("basis", "mean") if getattr(self, name) is not None})
         return held
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,12 +79,14 @@ class KeyBasis:
         before = (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)  # [B, Hkv, T, D]
         if self.mean is not None:
             before = before - self.mean.float().unsqueeze(1)
-        return before @ self.basis.float()  # [B, Hkv, T, D] @ [Hkv, D, D]
+        return before if self.basis is None else before @ self.basis.float()  # [B, Hkv, T, D] @ [Hkv, D, D]
 
     def keys(self, coefficients: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """float32 post-RoPE keys `[B, Hkv, t, D]` of `coefficients` `[B, Hkv, t, D]` at
         `positions` `[B, Hkv, t]`."""
-        before = coefficients.float() @ self.basis.float().transpose(-1, -2)  # [B, Hkv, t, D]
+        before = coefficients.float()
+        if self.basis is not None:
+            before = before @ self.basis.float().transpose(-1, -2)  # [B, Hkv, t, D]
         if self.mean is not None:
             before = before + self.mean.float().unsqueeze(1)
         cos, sin = self.cos_sin(positions)
@@ -89,7 +94,7 @@ class KeyBasis:
 
 
 @dataclass(frozen=True)
-class BasisKeys(PackedCodes):
+class PreRopeKeys(PackedCodes):
     """Logical post-RoPE keys `[B, Hkv, T, D]` held as per-channel quantized pre-RoPE
     coefficients `coefficients` and their positions `positions`, in `basis` (shared: not one of
     `tensors()`, the layer counts it once)."""
@@ -127,38 +132,38 @@ class BasisKeys(PackedCodes):
         """`[B, Hkv, T]` int64 positions of the tokens held."""
         return self.positions.expand(self.shape[-2])
 
-    def take(self, index: torch.Tensor) -> BasisKeys:
-        return BasisKeys(self.coefficients.take(index), self.positions.take(index, self.shape[-2]), self.basis)
+    def take(self, index: torch.Tensor) -> PreRopeKeys:
+        return PreRopeKeys(self.coefficients.take(index), self.positions.take(index, self.shape[-2]), self.basis)
 
-    def token_prefix(self, stop: int) -> BasisKeys:
-        return BasisKeys(self.coefficients.token_prefix(stop), self.positions.token_prefix(stop), self.basis)
+    def token_prefix(self, stop: int) -> PreRopeKeys:
+        return PreRopeKeys(self.coefficients.token_prefix(stop), self.positions.token_prefix(stop), self.basis)
 
-    def first_tokens(self, stop: int) -> BasisKeys:
+    def first_tokens(self, stop: int) -> PreRopeKeys:
         kept = PositionRuns.of(self.positions.token_prefix(stop).expand(stop))
-        return BasisKeys(self.coefficients.first_tokens(stop), kept, self.basis)
+        return PreRopeKeys(self.coefficients.first_tokens(stop), kept, self.basis)
 
-    def flatten_heads(self) -> BasisKeys:
-        raise ValueError("keys in a calibrated basis keep a row per KV head: head_budgets='adaptive' is not supported")
+    def flatten_heads(self) -> PreRopeKeys:
+        raise ValueError("keys stored before RoPE keep a row per KV head: head_budgets='adaptive' is not supported")
 
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BasisKeys:
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PreRopeKeys:
         """`fn` on every stored component (not the shared basis)."""
-        return BasisKeys(self.coefficients.apply(fn), self.positions.apply(fn), self.basis)
+        return PreRopeKeys(self.coefficients.apply(fn), self.positions.apply(fn), self.basis)
 
     @staticmethod
-    def cat(tensors: Sequence[BasisKeys]) -> BasisKeys:
+    def cat(tensors: Sequence[PreRopeKeys]) -> PreRopeKeys:
         for i, other in enumerate(tensors):
-            if not isinstance(other, BasisKeys):
-                raise TypeError(f"tensors[{i}] must be BasisKeys, got {type(other).__name__}")
+            if not isinstance(other, PreRopeKeys):
+                raise TypeError(f"tensors[{i}] must be PreRopeKeys, got {type(other).__name__}")
         coefficients = ChannelQuantizedTensor.cat([t.coefficients for t in tensors])
         positions = PositionRuns.cat([t.positions for t in tensors], [t.shape[-2] for t in tensors])
-        return BasisKeys(coefficients, positions, tensors[-1].basis)
+        return PreRopeKeys(coefficients, positions, tensors[-1].basis)
 
-    def extended(self, coefficients: ChannelQuantizedTensor, positions: torch.Tensor) -> BasisKeys:
+    def extended(self, coefficients: ChannelQuantizedTensor, positions: torch.Tensor) -> PreRopeKeys:
         """These keys followed by new tokens at `positions` `[B, Hkv, t]`, `coefficients` the
         codes of all (`quant.channel.extend_channels`, which grows the open block)."""
         tokens = self.shape[-2]
         joined = torch.cat([self.positions.expand(tokens), positions.long()], dim=-1)
-        return BasisKeys(coefficients, PositionRuns.of(joined), self.basis)
+        return PreRopeKeys(coefficients, PositionRuns.of(joined), self.basis)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The post-RoPE keys `[B, Hkv, T, D]` in `dtype`."""
@@ -166,7 +171,7 @@ class BasisKeys(PackedCodes):
         return self.basis.keys(coefficients, self.token_positions()).to(dtype)
 
 
-def basis_key_scores(query: torch.Tensor, keys: BasisKeys) -> torch.Tensor:
+def pre_rope_key_scores(query: torch.Tensor, keys: PreRopeKeys) -> torch.Tensor:
     """float32 `query @ keys^T` (`[B, Hkv, M, D]` x `[B, Hkv, T, D]` -> `[B, Hkv, M, T]`), the
     keys rebuilt `REBUILD_TOKENS` at a time from their codes, scales and positions."""
     coded = keys.coefficients
