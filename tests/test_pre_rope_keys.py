@@ -253,3 +253,8 @@ def test_a_plan_that_weighs_precisions_measures_keys_in_their_bases(model, bases
     assert report["ratio"] <= report["target_ratio"] * 1.01  # the floor of 128 dense tokens binds at 400
     for layer in cache.layers:
         assert isinstance(layer.packed_keys, PreRopeKeys) == (layer.storage.bits is not None)
+
+
+def test_runs_grow_in_place_of_new_runs():
+    runs = PositionRuns.span(0, 5, (1, 2)).grown(3)
+    assert runs.start.shape[-1] == 1 and torch.equal(runs.expand(8)[0, 1], torch.arange(8))

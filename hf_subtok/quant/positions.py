@@ -82,6 +82,13 @@ class PositionRuns:
         length = (self.length - (ends - stop).clamp_min(0)).clamp_min(0).to(POSITION_DTYPE)
         return PositionRuns(self.start, length)
 
+    def grown(self, tokens: int) -> PositionRuns:
+        """These positions followed by `tokens` more that continue each row's last run (tokens
+        packed in position order): the last run lengthened, no new run, nothing read on the host."""
+        length = self.length.clone()
+        length[..., -1] += tokens
+        return PositionRuns(self.start, length)
+
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PositionRuns:
         """`fn` on both components (it may act on the leading dims only)."""
         return PositionRuns(fn(self.start), fn(self.length))

@@ -158,12 +158,11 @@ class PreRopeKeys(PackedCodes):
         positions = PositionRuns.cat([t.positions for t in tensors], [t.shape[-2] for t in tensors])
         return PreRopeKeys(coefficients, positions, tensors[-1].basis)
 
-    def extended(self, coefficients: ChannelQuantizedTensor, positions: torch.Tensor) -> PreRopeKeys:
-        """These keys followed by new tokens at `positions` `[B, Hkv, t]`, `coefficients` the
-        codes of all (`quant.channel.extend_channels`, which grows the open block)."""
-        tokens = self.shape[-2]
-        joined = torch.cat([self.positions.expand(tokens), positions.long()], dim=-1)
-        return PreRopeKeys(coefficients, PositionRuns.of(joined), self.basis)
+    def extended(self, coefficients: ChannelQuantizedTensor) -> PreRopeKeys:
+        """These keys followed by the tokens that come next in position order (a layer that
+        never evicts packs them so), `coefficients` the codes of all
+        (`quant.channel.extend_channels`, which grows the open block)."""
+        return PreRopeKeys(coefficients, self.positions.grown(coefficients.shape[-2] - self.shape[-2]), self.basis)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The post-RoPE keys `[B, Hkv, T, D]` in `dtype`."""

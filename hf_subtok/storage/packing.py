@@ -359,7 +359,7 @@ class Packing:
             grown = extend_channels(
                 self.packed_keys.coefficients, coefficients, self._open_key_tokens, clip=self.storage.clip_keys
             )
-            stored = self.packed_keys.extended(grown, positions)
+            stored = self.packed_keys.extended(grown)
         else:
             stored = extend_channels(
                 self.packed_keys, keys_as_stored(keys, self.storage, self._key_rotation()), self._open_key_tokens,
