@@ -258,3 +258,24 @@ def test_a_plan_that_weighs_precisions_measures_keys_in_their_bases(model, bases
 def test_runs_grow_in_place_of_new_runs():
     runs = PositionRuns.span(0, 5, (1, 2)).grown(3)
     assert runs.start.shape[-1] == 1 and torch.equal(runs.expand(8)[0, 1], torch.arange(8))
+
+
+def test_evicting_while_decoding_keeps_each_token_at_its_position(model, key_bases):
+    """A layer under a budget packs decoded tokens as chunks of their own and re-selects: every
+    key it keeps, decoded ones among them, rebuilds to the dense key of the position it holds."""
+    ids = _prompt(300, seed=4)
+    steps = torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(8))
+    dense = _dense_keys(model, torch.cat([ids, steps], dim=-1))
+    cache = SubTokenCache(model, key_bases=key_bases, budget=0.45, **PRE)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(cache))
+        for t in range(steps.shape[-1]):
+            model(steps[:, t : t + 1], **cache_kwargs(cache))
+    for layer, reference in zip(cache.layers, dense, strict=True):
+        positions = layer.packed_keys.token_positions()  # [1, Hkv, Ts]
+        assert (positions.diff(dim=-1) > 0).all() and int(positions.max()) < layer.packed_positions
+        assert (positions >= 300).any()  # decoded tokens were kept
+        assert positions.shape[-1] < layer.packed_positions  # and some tokens evicted
+        expected = torch.take_along_dim(reference, positions.unsqueeze(-1), dim=2)
+        error = (layer.packed_keys.dequantize(torch.float32) - expected).norm(dim=-1) / expected.norm(dim=-1)
+        assert error.median() < 0.02 and error.max() < 0.15
