@@ -18,6 +18,8 @@ PROMPT = 200
 NEW_TOKENS = 24  # three pack cycles of 8-token chunks
 # one storage format (no per-row precision choice), keys per token: every layer's rows stack
 ONE_FORMAT = SubTokenConfig(budget=0.25, bits=4, rotate=True, window=16, pack_chunk=8, floor_tokens=32, recipe=None)
+# 2-bit keys stored before RoPE (per channel, positions as runs), never evicting: every layer's rows stack
+PRE_ROPE = SubTokenConfig(bits=2, num_groups=2, quant_group_size=8, rotate=True, window=16, pack_chunk=8, floor_tokens=32, recipe=None, key_space="pre_rope")
 
 
 def _prompts(rows: int = ROWS, seed: int = 3) -> torch.Tensor:
@@ -33,8 +35,8 @@ def _generate(model, cache, ids):
 
 @pytest.mark.parametrize(
     "config",
-    [ONE_FORMAT, "balanced", "groups-only", SubTokenConfig(budget=0.25, recipe=None, floor_tokens=32)],
-    ids=["one-format", "balanced", "groups-only", "budget0.25"],
+    [ONE_FORMAT, "balanced", "groups-only", SubTokenConfig(budget=0.25, recipe=None, floor_tokens=32), PRE_ROPE],
+    ids=["one-format", "balanced", "groups-only", "budget0.25", "pre-rope"],
 )
 def test_rows_sharing_a_plan_are_stacked_and_answer_as_alone(config):
     model = make_tiny_model("llama")
@@ -46,7 +48,7 @@ def test_rows_sharing_a_plan_are_stacked_and_answer_as_alone(config):
         assert torch.equal(batch[row, : len(alone)], alone), f"row {row} differs from the prompt alone"
     leaves = [len(layer.rows) for layer in cache.layers]
     assert min(leaves) < ROWS, leaves  # some layer stacked its rows
-    if config is ONE_FORMAT:
+    if config is ONE_FORMAT or config is PRE_ROPE:
         assert leaves == [1] * len(leaves)
 
 
