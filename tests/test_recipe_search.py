@@ -114,3 +114,62 @@ def test_candidates_markdown_marks_the_chosen_one():
     text = candidates_markdown(group, choose(group))
     assert "| 0.1 | **steady** |" in text and "| 0.1 | sharp |" in text
     assert "+9.0%" in text and "0.88 (" in text  # sharp's legal change; steady's 21/24
+
+
+def test_ruler_ranks_out_a_candidate_the_needle_would_keep():
+    """With RULER measured, a candidate inside the best needle's interval but outside the best
+    RULER score's interval is no contender, however small its perplexity change."""
+    needle_only = _measured("needle-only", 0.1, 23, 24, 0.0)
+    needle_only.ruler = {"in_prompt": [2.0, 16], "after": [1.0, 16]}  # 3/32
+    general = _measured("general", 0.1, 22, 24, 0.02)
+    general.ruler = {"in_prompt": [12.5, 16], "after": [9.0, 16]}  # 21.5/32
+    assert choose([needle_only, general])[0.1].candidate == "general"
+    assert general.ruler_score == pytest.approx(21.5 / 32) and general.ruler_cases == 32
+    unmeasured = _measured("needle-only", 0.1, 23, 24, 0.0)  # without RULER the needle rule alone decides
+    assert choose([unmeasured, _measured("general", 0.1, 22, 24, 0.02)])[0.1].candidate == "needle-only"
+    (row,) = table_rows({0.1: general}, "float32", {0.1: {"general": {"bits": 4, "rotate": True}}})
+    assert row.measured["ruler"] == {"in_prompt": [12.5, 16], "after": [9.0, 16]}
+    assert row.measured["ruler_score"][0] == pytest.approx(21.5 / 32, abs=1e-4)
+
+
+def test_summarize_reads_ruler_rows_with_partial_credit():
+    rows = [
+        *[{"suite": "needle", "family": "subtok", "status": "ok", "variant": "a", "budget": 0.1,
+           "setting": "after", "correct": True, "ratio": 0.1}],
+        *[{"suite": "ruler", "family": "subtok", "status": "ok", "variant": "a", "budget": 0.1,
+           "setting": s, "score": score, "correct": score == 1.0, "ratio": 0.1}
+          for s, score in [("in_prompt", 1.0), ("in_prompt", 0.5), ("after", 0.0), ("after", 0.25)]],
+        {"suite": "ruler", "family": "dense", "status": "ok", "setting": "after", "score": 1.0, "method": "dense"},
+    ]
+    (m,) = summarize(rows)
+    assert m.ruler == {"in_prompt": [1.5, 2], "after": [0.25, 2]}
+    assert m.ruler_score == pytest.approx(1.75 / 4)
+
+
+def test_a_search_with_ruler_on_a_tiny_model_records_it(tmp_path, tiny_chat_model, smollm_tokenizer):
+    measured, _, catalog = recipe_search.run_search(
+        dtype="float32", budgets=[0.5], out_dir=tmp_path / "out", needle_lengths=[384], needle_depths=[0.5],
+        needle_seeds=[0], ppl_prefixes=[256], ppl_eval_tokens=16, candidates={"tokens": {}},
+        ruler_contexts=[512], ruler_cases=1, ruler_families=["niah_single", "vt"],
+        model=tiny_chat_model, tokenizer=smollm_tokenizer,
+    )
+    (m,) = measured
+    assert m.ruler_cases == 4 and set(m.ruler) == {"in_prompt", "after"}  # 2 families x 2 settings
+    (row,) = table_rows(choose(measured), "float32", catalog)
+    assert sum(n for _, n in row.measured["ruler"].values()) == 4
+    assert (tmp_path / "out" / "ruler").is_dir()
+
+
+def test_the_cli_hands_ruler_lengths_to_the_search(monkeypatch, tmp_path):
+    from hf_subtok.cli import main
+
+    seen = {}
+
+    def fake_search(**grid):
+        seen.update(grid)
+        return [], {}, {}
+
+    monkeypatch.setattr(recipe_search, "run_search", fake_search)
+    argv = ["recipes", "--search", "--ruler-contexts", "2k,4k", "--ruler-cases", "3", "--table", str(tmp_path / "t.json")]
+    assert main(argv) == 2  # the fake search ran nothing: "no candidate ran"
+    assert seen["ruler_contexts"] == [2048, 4096] and seen["ruler_cases"] == 3

@@ -39,6 +39,9 @@ def add_recipes_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--layer-policy", action="store_true",
                    help="then search a policy per band of layers from each budget's chosen candidate (token "
                    "scorer, precision, share of the budget; on held-out text) and run it as a candidate too")
+    p.add_argument("--ruler-contexts", default="",
+                   help="also run the RULER-style families at these lengths, e.g. 4k, and choose by them too (default: none)")
+    p.add_argument("--ruler-cases", type=int, default=2, help="RULER cases per family, length and setting (default 2)")
     p.add_argument("--restart", action="store_true", help="ignore finished cases in --out")
     return p
 
@@ -66,6 +69,8 @@ def run_recipes(args, argv: list[str]) -> str:
             "needle_seeds": parse_ints("seeds", args.seeds, low=0),
             "ppl_prefixes": parse_ints("ppl-prefix", args.ppl_prefix, low=64),
             "ppl_eval_tokens": args.ppl_tokens,
+            "ruler_contexts": parse_ints("ruler-contexts", args.ruler_contexts, low=64) if args.ruler_contexts else [],
+            "ruler_cases": args.ruler_cases,
         }
         measured, fingerprint, catalog = run_search(dtype=args.dtype, out_dir=args.out, model_name=args.model,
                                                     restart=args.restart, layer_policy=args.layer_policy, **grid)

@@ -4,11 +4,15 @@
 Every candidate of `CANDIDATES` runs at every budget on the needle (question inside the
 compressed prompt, and withheld until after compression) and on perplexity after a
 compressed prefix of two shipped texts of different kinds (the book and the legal text), in
-one benchmark run per text with the model in the table's dtype. `choose` then takes, per
-budget, the recipe that is good everywhere rather than best at one table:
+one benchmark run per text with the model in the table's dtype; with `ruler_contexts`, also on
+the RULER-style families (`bench.ruler`, both settings), whose texts and questions the needle
+never saw. `choose` then takes, per budget, the recipe that is good everywhere rather than best
+at one table:
 
-1. accuracy: needle cases answered over both settings, pooled;
-2. contenders: the candidates whose accuracy lies inside the 95% Wilson interval of the best;
+1. accuracy: needle cases answered over both settings, pooled (and, when RULER ran, the RULER
+   score pooled over families and settings, partial credit counted as RULER counts it);
+2. contenders: the candidates whose needle accuracy lies inside the 95% Wilson interval of the
+   best needle accuracy, and whose RULER score lies inside that of the best RULER score;
 3. among them, the smallest worst perplexity change over both texts and every prefix (then
    the fewest stored bytes).
 
@@ -26,7 +30,7 @@ import logging
 import os
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_subtok.bench.intervals import wilson
@@ -64,6 +68,7 @@ class Measured:
     needle: dict  # setting -> [correct, cases]
     ppl_change: dict  # "text@prefix" -> relative change against dense (0.01 = +1%)
     ratio: float  # stored / dense bytes, mean over the cases
+    ruler: dict = field(default_factory=dict)  # setting -> [score sum, cases] (RULER, when it ran)
 
     @property
     def correct(self) -> int:
@@ -76,6 +81,15 @@ class Measured:
     @property
     def accuracy(self) -> float:
         return self.correct / self.cases if self.cases else 0.0
+
+    @property
+    def ruler_cases(self) -> int:
+        return sum(n for _, n in self.ruler.values())
+
+    @property
+    def ruler_score(self) -> float:
+        """Mean RULER score over every family and setting (0 when RULER did not run)."""
+        return sum(s for s, _ in self.ruler.values()) / self.ruler_cases if self.ruler_cases else 0.0
 
     @property
     def worst_ppl_change(self) -> float:
@@ -97,7 +111,7 @@ def candidate_specs(catalog: dict[float, dict[str, dict]]) -> list[MethodSpec]:
 
 
 def summarize(rows: list[dict]) -> list[Measured]:
-    """One `Measured` per (candidate, budget) from benchmark rows (needle and ppl, any text).
+    """One `Measured` per (candidate, budget) from benchmark rows (needle, ppl of any text, RULER).
 
     A candidate that failed or could not reach a budget in any case is left out."""
     dense = {
@@ -107,7 +121,7 @@ def summarize(rows: list[dict]) -> list[Measured]:
     }
     mine: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
-        if r["family"] == "subtok" and r.get("suite") in ("needle", "ppl"):
+        if r["family"] == "subtok" and r.get("suite") in ("needle", "ppl", "ruler"):
             mine.setdefault((r["variant"], r["budget"]), []).append(r)
     out = []
     for (candidate, budget), group in mine.items():
@@ -116,17 +130,22 @@ def summarize(rows: list[dict]) -> list[Measured]:
             logger.warning("candidate %s at %s left out: %s", candidate, budget, "; ".join(map(str, reasons)))
             continue
         needle: dict[str, list[int]] = {}
+        ruler: dict[str, list[float]] = {}
         ppl_change = {}
         for r in group:
             if r["suite"] == "needle":
                 tally = needle.setdefault(r["setting"], [0, 0])
                 tally[0] += int(r["correct"])
                 tally[1] += 1
+            elif r["suite"] == "ruler":
+                tally = ruler.setdefault(r["setting"], [0.0, 0])
+                tally[0] += float(r["score"])
+                tally[1] += 1
             else:
                 base = dense[(r["text"], r["prefix_tokens"])]
                 ppl_change[f"{r['text']}@{r['prefix_tokens']}"] = r["ppl"] / base - 1
         ratio = sum(r["ratio"] for r in group) / len(group)
-        out.append(Measured(candidate, budget, needle, ppl_change, ratio))
+        out.append(Measured(candidate, budget, needle, ppl_change, ratio, ruler))
     return out
 
 
@@ -140,6 +159,11 @@ def choose(measured: list[Measured]) -> dict[float, Measured]:
         best = max(group, key=lambda m: m.accuracy)
         low, _ = wilson(best.correct, best.cases)
         contenders = [m for m in group if m.accuracy >= low]
+        scored = [m for m in contenders if m.ruler_cases]
+        if scored:  # RULER ran: its families must not rank a contender out either
+            best_ruler = max(scored, key=lambda m: m.ruler_score)
+            ruler_low, _ = wilson(best_ruler.ruler_score * best_ruler.ruler_cases, best_ruler.ruler_cases)
+            contenders = [m for m in scored if m.ruler_score >= ruler_low]
         chosen[budget] = min(contenders, key=lambda m: (m.worst_ppl_change, m.ratio))
     return chosen
 
@@ -157,6 +181,10 @@ def table_rows(chosen: dict[float, Measured], dtype: str, catalog: dict | None =
             "needle_accuracy": [round(m.accuracy, 4), round(low, 4), round(high, 4)],
             "ppl_change": {k: round(v, 4) for k, v in m.ppl_change.items()},
         }
+        if m.ruler_cases:
+            ruler_low, ruler_high = wilson(m.ruler_score * m.ruler_cases, m.ruler_cases)
+            measured["ruler"] = {setting: [round(total, 4), n] for setting, (total, n) in m.ruler.items()}
+            measured["ruler_score"] = [round(m.ruler_score, 4), round(ruler_low, 4), round(ruler_high, 4)]
         fields = catalog.get(budget, CANDIDATES)[m.candidate]
         rows.append(Recipe(dtype, budget, m.candidate, dict(fields), measured))
     return rows
@@ -185,8 +213,8 @@ def table_markdown(table: dict) -> str:
     """The table as Markdown: dtype, budget, recipe, fields and what it measured."""
     lines = [
         "| model dtype | budget | recipe | fields | stored / dense | needle in prompt | needle withheld | "
-        "needle both (95% CI) | ppl Δ, worst text |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|",
+        "needle both (95% CI) | RULER score (95% CI) | ppl Δ, worst text |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for dtype, rows in table["recipes"].items():
         for r in rows:
@@ -195,7 +223,7 @@ def table_markdown(table: dict) -> str:
             acc, low, high = m["needle_accuracy"]
             cells = [dtype, f"{r.budget:g}", r.candidate, fields, f"{m['ratio']:.3f}",
                      _tally(m["needle"].get("in_prompt")), _tally(m["needle"].get("after")),
-                     f"{acc:.2f} ({low:.2f}-{high:.2f})", f"{100 * max(m['ppl_change'].values()):+.1f}%"]
+                     f"{acc:.2f} ({low:.2f}-{high:.2f})", _ruler_cell(m), f"{100 * max(m['ppl_change'].values()):+.1f}%"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -203,16 +231,19 @@ def table_markdown(table: dict) -> str:
 def candidates_markdown(measured: list[Measured], chosen: dict[float, Measured]) -> str:
     """Every candidate at every budget, the chosen ones in bold: what the choice was made from."""
     keys = sorted({k for m in measured for k in m.ppl_change})
+    ruler = any(m.ruler_cases for m in measured)
     lines = [
         "| budget | candidate | stored / dense | needle in prompt | needle withheld | needle both (95% CI) | "
-        + " | ".join(f"ppl Δ {k}" for k in keys) + " |",
-        "|---:|---|---:|---:|---:|---:|" + "---:|" * len(keys),
+        + ("RULER score (95% CI) | " if ruler else "") + " | ".join(f"ppl Δ {k}" for k in keys) + " |",
+        "|---:|---|---:|---:|---:|---:|" + ("---:|" if ruler else "") + "---:|" * len(keys),
     ]
     for m in sorted(measured, key=lambda m: (-m.budget, m.candidate)):
         low, high = wilson(m.correct, m.cases)
         name = f"**{m.candidate}**" if chosen.get(m.budget) is m else m.candidate
         cells = [f"{m.budget:g}", name, f"{m.ratio:.3f}", _tally(m.needle.get("in_prompt")),
                  _tally(m.needle.get("after")), f"{m.accuracy:.2f} ({low:.2f}-{high:.2f})"]
+        if ruler:
+            cells.append(_score(m.ruler_score, m.ruler_cases))
         cells += [f"{100 * m.ppl_change[k]:+.1f}%" if k in m.ppl_change else "-" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -220,6 +251,19 @@ def candidates_markdown(measured: list[Measured], chosen: dict[float, Measured])
 
 def _tally(pair) -> str:
     return "-" if not pair else f"{pair[0]}/{pair[1]}"
+
+
+def _ruler_cell(measured: dict) -> str:
+    """A table row's RULER score (95% CI) and cases, '-' for a row measured without RULER."""
+    return _score(measured["ruler_score"][0], sum(n for _, n in measured["ruler"].values())) if "ruler" in measured else "-"
+
+
+def _score(mean: float, cases: int) -> str:
+    """A mean score with its 95% interval and cases, or '-' without cases."""
+    if not cases:
+        return "-"
+    low, high = wilson(mean * cases, cases)
+    return f"{mean:.2f} ({low:.2f}-{high:.2f}), n={cases}"
 
 
 def generated_by(command: str, model_fingerprint: dict, grid: dict) -> dict:
@@ -243,6 +287,9 @@ def run_search(
     needle_seeds: list[int],
     ppl_prefixes: list[int],
     ppl_eval_tokens: int = 512,
+    ruler_contexts: list[int] = (),
+    ruler_cases: int = 2,
+    ruler_families: list[str] | None = None,
     candidates: dict[str, dict] | None = None,
     layer_policy: bool = False,
     policy_options: dict | None = None,
@@ -252,7 +299,8 @@ def run_search(
     restart: bool = False,
 ) -> tuple[list[Measured], dict, dict]:
     """Run every candidate at every budget (one benchmark run per text, resumable in
-    `out_dir/<text>`); with `layer_policy`, then search a policy per band of layers from each
+    `out_dir/<text>`; with `ruler_contexts`, the RULER-style families at those lengths,
+    `ruler_cases` per family, context and setting, in `out_dir/ruler`); with `layer_policy`, then search a policy per band of layers from each
     budget's chosen candidate (`layer_policy.search_policy`, on held-out text; saved in
     `out_dir/layer_policy.json`) and run those as candidates too (`policy_options`: keyword
     arguments of `search_policy`, e.g. `bands`).
@@ -269,7 +317,8 @@ def run_search(
     candidates = CANDIDATES if candidates is None else candidates
     catalog = {budget: dict(candidates) for budget in budgets}
     grid = dict(needle_lengths=needle_lengths, needle_depths=needle_depths, needle_seeds=needle_seeds,
-                ppl_prefixes=ppl_prefixes, ppl_eval_tokens=ppl_eval_tokens)
+                ppl_prefixes=ppl_prefixes, ppl_eval_tokens=ppl_eval_tokens, ruler_contexts=list(ruler_contexts),
+                ruler_cases=ruler_cases, ruler_families=ruler_families)
     measured = _run_candidates(catalog, model, tokenizer, out_dir, model_name, dtype, restart, grid)
     if layer_policy:
         policies = _layer_policies(choose(measured), catalog, model, tokenizer, Path(out_dir) / "layer_policy.json",
@@ -301,6 +350,14 @@ def _run_candidates(catalog, model, tokenizer, out_dir, model_name, dtype, resta
             model=model_name,
             dtype=dtype,
             restart=restart,
+        )
+        rows += run_bench(config, model, tokenizer)["rows"]
+    if grid["ruler_contexts"]:
+        families = {} if grid["ruler_families"] is None else {"ruler_families": list(grid["ruler_families"])}
+        config = BenchConfig(
+            suites=["ruler"], methods=specs, budgets=list(catalog), ruler_contexts=list(grid["ruler_contexts"]),
+            ruler_cases=grid["ruler_cases"], **families, out_dir=str(Path(out_dir) / "ruler"), model=model_name,
+            dtype=dtype, restart=restart,
         )
         rows += run_bench(config, model, tokenizer)["rows"]
     return summarize(rows)
