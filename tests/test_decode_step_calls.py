@@ -26,7 +26,11 @@ from transformers import DynamicCache
 from hf_subtok import SubTokenCache, SubTokenConfig, cache_kwargs
 from tests.tiny_models import make_tiny_model, random_prompts
 
-CONFIGS = ["lossless", "groups-only", "balanced", "aggressive", "compact", 0.25]
+# keys stored before RoPE: never evicting (their open block grows) and under a budget (re-selected)
+PRE_ROPE = SubTokenConfig(bits=2, num_groups=2, quant_group_size=8, window=16, pack_chunk=8, recipe=None, key_space="pre_rope")
+PRE_ROPE_EVICTING = SubTokenConfig(budget=0.2, bits=2, num_groups=2, quant_group_size=8, window=16, pack_chunk=8, recipe=None,
+                                   key_space="pre_rope")
+CONFIGS = ["lossless", "groups-only", "balanced", "aggressive", "compact", 0.25, PRE_ROPE, PRE_ROPE_EVICTING]
 STEPS = 32  # four pack cycles of the presets (8-token chunks)
 MEDIAN_BOUND = 2.3  # a plain step's calls, times DynamicCache's (compact: 2.24)
 MEAN_BOUND = 3.5  # mean over whole pack cycles, times DynamicCache's (compact: 3.23)
@@ -35,6 +39,12 @@ VIEW_OPS = frozenset({
     "slice", "select", "narrow", "unsqueeze", "squeeze", "unbind", "split", "split_with_sizes", "detach",
 })
 PACK_SYNCS_PER_LAYER = 3  # per-channel keys only: re-compacting their block tables after a re-selection
+# keys stored before RoPE rebuild and rotate the packed keys in every step (their positions expanded
+# from runs, cos and sin, the rotation): stated bounds of their own (measured 2.58x and 4.29x), and
+# a re-selection reads the runs of the positions kept once more per layer
+PRE_ROPE_MEDIAN_BOUND = 2.8
+PRE_ROPE_MEAN_BOUND = 4.5
+PRE_ROPE_PACK_SYNCS_PER_LAYER = 5
 
 
 class _Calls(TorchDispatchMode):
@@ -65,8 +75,12 @@ def _step_calls(model, cache, prompt_tokens: int, steps: int = STEPS) -> list[Co
     return counts
 
 
+def _pre_rope(name) -> bool:
+    return isinstance(name, SubTokenConfig) and name.key_space == "pre_rope"
+
+
 def _config(name):
-    return name if isinstance(name, str) else SubTokenConfig(budget=name, recipe=None)
+    return name if isinstance(name, (str, SubTokenConfig)) else SubTokenConfig(budget=name, recipe=None)
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +96,18 @@ def dense_calls(model):
     return totals.pop()
 
 
-@pytest.mark.parametrize("name", CONFIGS, ids=str)
+IDS = ["lossless", "groups-only", "balanced", "aggressive", "compact", "0.25", "pre-rope", "pre-rope-evicting"]
+
+
+@pytest.mark.parametrize("name", CONFIGS, ids=IDS)
 def test_decode_step_calls_are_bounded_by_dynamic_caches(model, dense_calls, name):
     counts = [_compute(c) for c in _step_calls(model, SubTokenCache(model, _config(name)), 600)]
-    assert statistics.median(counts) <= MEDIAN_BOUND * dense_calls, (statistics.median(counts), dense_calls)
-    assert statistics.mean(counts) <= MEAN_BOUND * dense_calls, (statistics.mean(counts), dense_calls)
+    median_bound, mean_bound = (PRE_ROPE_MEDIAN_BOUND, PRE_ROPE_MEAN_BOUND) if _pre_rope(name) else (MEDIAN_BOUND, MEAN_BOUND)
+    assert statistics.median(counts) <= median_bound * dense_calls, (statistics.median(counts), dense_calls)
+    assert statistics.mean(counts) <= mean_bound * dense_calls, (statistics.mean(counts), dense_calls)
 
 
-@pytest.mark.parametrize("name", CONFIGS, ids=str)
+@pytest.mark.parametrize("name", CONFIGS, ids=IDS)
 def test_decode_step_makes_no_host_sync(model, name):
     """No step syncs with the host; per-channel keys (`compact`) re-compact their block tables
     when a pack re-selects tokens (a data-dependent size), at most a few times per layer and pack."""
@@ -102,7 +120,8 @@ def test_decode_step_makes_no_host_sync(model, name):
     median = statistics.median(_compute(c) for c in counts)
     plain = [s for s, c in zip(syncs, counts, strict=True) if _compute(c) <= median]
     assert plain and set(plain) == {0}
-    assert max(syncs) <= PACK_SYNCS_PER_LAYER * model.config.num_hidden_layers
+    per_layer = PRE_ROPE_PACK_SYNCS_PER_LAYER if _pre_rope(name) else PACK_SYNCS_PER_LAYER
+    assert max(syncs) <= per_layer * model.config.num_hidden_layers
 
 
 # every survivor in 2 bits, rotated, keys per channel: one storage format at any context length
@@ -110,7 +129,9 @@ def test_decode_step_makes_no_host_sync(model, name):
 TWO_BIT_ROTATED = SubTokenConfig(budget=0.1, bits=2, rotate=True, num_groups=2, window=16, pack_chunk=8, recipe=None)
 
 
-@pytest.mark.parametrize("name", ["groups-only", "balanced", TWO_BIT_ROTATED], ids=["groups-only", "balanced", "2bit"])
+@pytest.mark.parametrize(
+    "name", ["groups-only", "balanced", TWO_BIT_ROTATED, PRE_ROPE], ids=["groups-only", "balanced", "2bit", "pre-rope"]
+)
 def test_decode_step_calls_do_not_grow_with_the_context(model, name):
     """A step at 1,200 tokens makes the calls of a step at 600: nothing loops over tokens or chunks."""
     short = statistics.median(sum(c.values()) for c in _step_calls(model, SubTokenCache(model, name), 600))

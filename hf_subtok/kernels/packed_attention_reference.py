@@ -221,8 +221,8 @@ def key_scores(query: torch.Tensor, keys: StoredKeys) -> torch.Tensor:
         return quantized_key_scores(query, keys)
     if isinstance(keys, ChannelQuantizedTensor):
         return channel_key_scores(query, keys)
-    if isinstance(keys, PreRopeKeys):
-        return pre_rope_key_scores(query, keys)
+    if isinstance(keys, PreRopeKeys):  # a block's codes, coefficients, cos, sin and keys in float32
+        return pre_rope_key_scores(query, keys, block_tokens(5 * keys.payload[..., :1, :].numel() * 8 // keys.bits))
     return query @ keys.transpose(-1, -2)
 
 

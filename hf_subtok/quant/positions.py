@@ -94,10 +94,10 @@ class PositionRuns:
         return PositionRuns(fn(self.start), fn(self.length))
 
     @staticmethod
-    def cat(parts: Sequence[PositionRuns], tokens: Sequence[int]) -> PositionRuns:
-        """The positions of `parts` one after another (`tokens[i]` held by part i), runs that
-        continue one another merged."""
-        return PositionRuns.of(torch.cat([p.expand(t) for p, t in zip(parts, tokens, strict=True)], dim=-1))
+    def cat(parts: Sequence[PositionRuns]) -> PositionRuns:
+        """The positions of `parts` one after another: their runs side by side (nothing read on
+        the host; runs that continue one another stay apart until `take` or `of` merges them)."""
+        return PositionRuns(torch.cat([p.start for p in parts], dim=-1), torch.cat([p.length for p in parts], dim=-1))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"start": self.start, "length": self.length}

@@ -31,8 +31,6 @@ from hf_subtok.quant.logscale import scale_values
 from hf_subtok.quant.positions import PositionRuns
 from hf_subtok.quant.tensor import PackedCodes
 
-REBUILD_TOKENS = 1024  # keys rebuilt at once by `pre_rope_key_scores`: a [B, Hkv, 1024, D] float32 transient
-
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """`(x1, x2) -> (-x2, x1)` over the two halves of the last dim (RoPE's pairing)."""
@@ -68,7 +66,10 @@ class KeyBasis:
         """float32 `(cos, sin)` `[B, Hkv, T, D]` at `positions` `[B, Hkv, T]`."""
         angles = positions.unsqueeze(-1).float() * self.inv_freq.float()  # [B, Hkv, T, D/2]
         angles = torch.cat([angles, angles], dim=-1)  # [B, Hkv, T, D]
-        return angles.cos().mul_(self.attention_scaling), angles.sin().mul_(self.attention_scaling)
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos.mul_(self.attention_scaling), sin.mul_(self.attention_scaling)
+        return cos, sin
 
     def coefficients(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """float32 `[B, Hkv, T, D]` coefficients of post-RoPE `keys` `[B, Hkv, T, D]` at
@@ -90,7 +91,7 @@ class KeyBasis:
         if self.mean is not None:
             before = before + self.mean.float().unsqueeze(1)
         cos, sin = self.cos_sin(positions)
-        return before * cos + rotate_half(before) * sin
+        return (before * cos).addcmul_(rotate_half(before), sin)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class PreRopeKeys(PackedCodes):
             if not isinstance(other, PreRopeKeys):
                 raise TypeError(f"tensors[{i}] must be PreRopeKeys, got {type(other).__name__}")
         coefficients = ChannelQuantizedTensor.cat([t.coefficients for t in tensors])
-        positions = PositionRuns.cat([t.positions for t in tensors], [t.shape[-2] for t in tensors])
+        positions = PositionRuns.cat([t.positions for t in tensors])
         return PreRopeKeys(coefficients, positions, tensors[-1].basis)
 
     def extended(self, coefficients: ChannelQuantizedTensor) -> PreRopeKeys:
@@ -170,18 +171,18 @@ class PreRopeKeys(PackedCodes):
         return self.basis.keys(coefficients, self.token_positions()).to(dtype)
 
 
-def pre_rope_key_scores(query: torch.Tensor, keys: PreRopeKeys) -> torch.Tensor:
+def pre_rope_key_scores(query: torch.Tensor, keys: PreRopeKeys, block: int) -> torch.Tensor:
     """float32 `query @ keys^T` (`[B, Hkv, M, D]` x `[B, Hkv, T, D]` -> `[B, Hkv, M, T]`), the
-    keys rebuilt `REBUILD_TOKENS` at a time from their codes, scales and positions."""
+    keys rebuilt `block` tokens at a time from their codes, scales and positions."""
     coded = keys.coefficients
     tokens = coded.shape[-2]
     q = query.float()
     out = q.new_empty(*q.shape[:-1], tokens)  # [B, Hkv, M, T]
-    block, positions = coded.token_blocks(), keys.token_positions()  # [B, Hkv, T] each
+    table_rows, positions = coded.token_blocks(), keys.token_positions()  # [B, Hkv, T] each
     scales, zeros = scale_values(coded.scale), coded.zero.float()  # [B, Hkv, NB, D]
-    for start in range(0, tokens, REBUILD_TOKENS):
-        end = min(start + REBUILD_TOKENS, tokens)
-        rows = block[..., start:end]  # [B, Hkv, t]
+    for start in range(0, tokens, block):
+        end = min(start + block, tokens)
+        rows = table_rows[..., start:end]  # [B, Hkv, t]
         codes = unpack_bits(coded.payload[..., start:end, :], coded.bits).float()  # [B, Hkv, t, D]
         coefficients = codes.mul_(rows_by_block(scales, rows)).add_(rows_by_block(zeros, rows))
         rebuilt = keys.basis.keys(coefficients, positions[..., start:end])  # [B, Hkv, t, D]
