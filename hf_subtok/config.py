@@ -10,8 +10,7 @@ from hf_subtok.config_checks import (
     check_budget,
     check_int,
     check_key_space,
-    check_log_scales,
-    check_value_codes,
+    check_quantization,
 )
 from hf_subtok.config_overrides import LayerOverride
 from hf_subtok.formats import (
@@ -295,20 +294,9 @@ class SubTokenConfig:
         if self.value_clip not in VALUE_CLIPS:
             raise ValueError(f"value_clip must be one of {VALUE_CLIPS}, got {self.value_clip!r}")
         check_int("key_sinks", self.key_sinks, 0, None)
-        check_value_codes(self)
-        if not isinstance(self.key_clip, bool):
-            raise ValueError(f"key_clip must be True or False, got {self.key_clip!r}")
-        per_channel = self.bits == "auto" or key_layout_for(self.key_quantization, self.bits) == "channel"
-        if self.key_clip and (self.bits is None or self.key_quantization == "token" or not per_channel):
-            raise ValueError(
-                "key_clip=True needs keys quantized per channel (bits=2 or 'auto', or key_quantization="
-                f"'channel'), got bits={self.bits!r}, key_quantization={self.key_quantization!r}"
-            )
-        check_log_scales(self, per_channel)
-        if not isinstance(self.rotate, bool):
-            raise ValueError(f"rotate must be True or False, got {self.rotate!r}")
-        if self.rotate and self.bits is None:
-            raise ValueError("rotate=True needs bits= (only quantized storage is rotated)")
+        # with bits left to the recipe, the fields that need bits are checked once it has filled them
+        awaits_bits = self.bits is None and "bits" not in self.given_fields and self._takes_a_recipe()
+        check_quantization(self, key_layout_for(self.key_quantization, self.bits), awaits_bits)
         if self.layer_budgets not in LAYER_BUDGETS:
             raise ValueError(
                 f"layer_budgets must be one of {LAYER_BUDGETS}, got {self.layer_budgets!r}"
@@ -358,6 +346,11 @@ class SubTokenConfig:
         }
         return frozenset(named | changed)
 
+    def _takes_a_recipe(self) -> bool:
+        """Whether `recipes.apply_recipe` fills the unset fields (`recipe='auto'`, a budget below 1
+        spent on tokens and groups)."""
+        return self.recipe == "auto" and self.budget is not None and self.budget < 1.0 and self.axes == "both"
+
     @property
     def groups_kept(self) -> int | None:
         """K, the value groups stored per token: `keep_groups` if given, else `num_groups // 2`
@@ -404,7 +397,13 @@ class SubTokenConfig:
                 )
             for changes in layers:
                 changes.setdefault("budget", rest)
-        return [replace(self, overrides=[], **changes) for changes in layers]
+        return [self._layer_config(i, changes) for i, changes in enumerate(layers)]
+
+    def _layer_config(self, layer: int, changes: dict) -> SubTokenConfig:
+        try:
+            return replace(self, overrides=[], **changes)
+        except ValueError as e:
+            raise ValueError(f"layer {layer} with the overrides' {changes}: {e}") from None
 
     @property
     def evicts_tokens(self) -> bool:

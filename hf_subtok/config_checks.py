@@ -88,6 +88,30 @@ def check_int(name: str, value, low: int, high: int | None) -> None:
         raise ValueError(f"{name} must be {bounds}, got {value}")
 
 
+def check_quantization(config, key_layout: str, awaits_bits: bool) -> None:
+    """The fields that shape quantized storage: their types always, and, unless `awaits_bits`
+    (bits left to the recipe, which checks them again once it has filled them), that they
+    have quantized storage to act on. `key_layout`: the keys' layout at `config.bits`."""
+    check_int("code_piece", config.code_piece, 1, None)
+    for name in ("key_clip", "rotate"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(config, name)!r}")
+    if config.log_scales not in LOG_SCALES:
+        raise ValueError(f"log_scales must be one of {LOG_SCALES}, got {config.log_scales!r}")
+    if awaits_bits:
+        return
+    check_value_codes(config)
+    per_channel = config.bits == "auto" or key_layout == "channel"
+    if config.key_clip and (config.bits is None or config.key_quantization == "token" or not per_channel):
+        raise ValueError(
+            "key_clip=True needs keys quantized per channel (bits=2 or 'auto', or key_quantization="
+            f"'channel'), got bits={config.bits!r}, key_quantization={config.key_quantization!r}"
+        )
+    check_log_scales(config, per_channel)
+    if config.rotate and config.bits is None:
+        raise ValueError("rotate=True needs bits= (only quantized storage is rotated)")
+
+
 def check_log_scales(config, per_channel: bool) -> None:
     if config.log_scales not in LOG_SCALES:
         raise ValueError(f"log_scales must be one of {LOG_SCALES}, got {config.log_scales!r}")
@@ -104,7 +128,6 @@ def check_log_scales(config, per_channel: bool) -> None:
 
 
 def check_value_codes(config) -> None:
-    check_int("code_piece", config.code_piece, 1, None)
     if config.value_codes is None:
         return
     check_int("value_codes", config.value_codes, 2, 256)

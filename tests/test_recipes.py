@@ -161,3 +161,22 @@ def test_the_shipped_table():
             with torch.no_grad():  # and the recipe runs within its budget
                 model(input_ids=random_prompts(1, 300), **cache_kwargs(cache))
             assert cache.memory_report()["ratio"] <= row["budget"] * 1.01
+
+
+def test_a_field_that_needs_bits_takes_the_recipes_bits(custom_table, monkeypatch):
+    """`budget=0.1, log_scales="keys"` (or `key_clip`, `rotate`, `value_codes`) leaves bits to the
+    recipe: the field is checked against the bits the recipe gives, not refused for bits=None."""
+    for extra in ({"log_scales": "keys"}, {"key_clip": True}, {"rotate": True}, {"value_codes": 16}):
+        config = SubTokenConfig(budget=0.1, **extra)  # no bits yet: the recipe's are awaited
+        cache = SubTokenCache(_model(), config)
+        assert cache.config.bits == 2 and all(getattr(cache.config, k) == v for k, v in extra.items())
+    with pytest.raises(ValueError, match="rotate=True needs bits="):  # fields as written: nothing fills bits
+        SubTokenConfig(budget=0.1, rotate=True, recipe=None)
+    with pytest.raises(ValueError, match="rotate=True needs bits="):  # no budget: no recipe either
+        SubTokenConfig(rotate=True)
+    with pytest.raises(ValueError, match="rotate must be True or False"):  # types are checked at once
+        SubTokenConfig(budget=0.1, rotate="yes")
+    use_table(monkeypatch, {"generated": {}, "recipes": {"float32": [
+        {"budget": 0.1, "candidate": "tokens-only", "fields": {}, "measured": {}}]}})
+    with pytest.raises(ValueError, match="conflicts with the fields given: rotate=True needs bits="):
+        SubTokenCache(_model(), budget=0.1, rotate=True)  # a recipe in full precision leaves rotate nothing
