@@ -35,8 +35,8 @@ class PositionRuns:
     @classmethod
     def of(cls, positions: torch.Tensor) -> PositionRuns:
         """The runs of `positions` `[..., T]` (integers, any order; a token opens a run unless it
-        follows its predecessor by one). Reads the number of runs on the host (a pack, never a
-        decode step, calls it)."""
+        follows its predecessor by one). Reads the number of runs on the host: packs call it,
+        a decode step that packs nothing does not."""
         *lead, tokens = positions.shape
         if tokens == 0:
             empty = positions.new_zeros(*lead, 0, dtype=POSITION_DTYPE)
