@@ -98,6 +98,8 @@ def check_quantization(config, key_layout: str, awaits_bits: bool) -> None:
             raise ValueError(f"{name} must be True or False, got {getattr(config, name)!r}")
     if config.log_scales not in LOG_SCALES:
         raise ValueError(f"log_scales must be one of {LOG_SCALES}, got {config.log_scales!r}")
+    if config.value_codes is not None:
+        check_int("value_codes", config.value_codes, 2, 256)
     if awaits_bits:
         return
     check_value_codes(config)
@@ -113,8 +115,6 @@ def check_quantization(config, key_layout: str, awaits_bits: bool) -> None:
 
 
 def check_log_scales(config, per_channel: bool) -> None:
-    if config.log_scales not in LOG_SCALES:
-        raise ValueError(f"log_scales must be one of {LOG_SCALES}, got {config.log_scales!r}")
     if config.log_scales in ("keys", "both") and (config.bits is None or not per_channel):
         raise ValueError(
             f"log_scales={config.log_scales!r} needs keys quantized per channel (bits=2 or key_quantization="
@@ -130,7 +130,6 @@ def check_log_scales(config, per_channel: bool) -> None:
 def check_value_codes(config) -> None:
     if config.value_codes is None:
         return
-    check_int("value_codes", config.value_codes, 2, 256)
     if config.bits not in SUPPORTED_BITS:
         raise ValueError(
             f"value_codes needs bits= one of {SUPPORTED_BITS} (the keys' precision), got bits={config.bits!r}"
