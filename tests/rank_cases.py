@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_subtok.quant import quantize
+from hf_subtok.rank import BasesConfig, RankBases
 from hf_subtok.rank.projection import LayerBases, project_tokens, rank_view
 from tests.kernel_cases import DEVICE
 
@@ -125,3 +126,16 @@ def sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=Non
     k = keys.float().repeat_interleave(group, dim=1)
     v = values.float().repeat_interleave(group, dim=1)
     return torch.nn.functional.scaled_dot_product_attention(query.float(), k, v, attn_mask=mask, scale=scale)
+
+
+def random_model_bases(model, seed: int = 0, key_space: str = "post_rope") -> RankBases:
+    """Random (orthonormal) bases and means for every layer of `model`, without a calibration."""
+    config = BasesConfig.for_model(model, key_space=key_space, calibration={"text": "random"}, metrics={})
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in config.tensor_shapes().items():
+        if name.endswith("basis"):
+            tensors[name] = torch.linalg.qr(torch.randn(shape, generator=generator))[0].contiguous()
+        else:
+            tensors[name] = torch.rand(shape, generator=generator)
+    return RankBases(config, tensors)

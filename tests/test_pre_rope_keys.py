@@ -17,9 +17,10 @@ from hf_subtok.generate_args import cache_kwargs
 from hf_subtok.kernels import packed_attention
 from hf_subtok.quant.positions import PositionRuns
 from hf_subtok.quant.pre_rope_keys import KeyBasis, PreRopeKeys
-from hf_subtok.rank import BasesConfig, RankBases
+from hf_subtok.rank import RankBases
 from hf_subtok.scorers import RopeInfo
 from tests.benchmark_scripts import load_benchmark
+from tests.rank_cases import random_model_bases
 from tests.test_bytes_held import model_storages, walk
 from tests.tiny_models import make_tiny_model
 
@@ -34,15 +35,7 @@ def model():
 
 def _save_bases(model, folder, key_space: str = "pre_rope", seed: int = 0) -> str:
     """Random orthonormal bases (and means) for `model`, saved to `folder`."""
-    config = BasesConfig.for_model(model, key_space=key_space, calibration={"text": "random"}, metrics={})
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in config.tensor_shapes().items():
-        if name.endswith("basis"):
-            tensors[name] = torch.linalg.qr(torch.randn(shape, generator=generator))[0].contiguous()
-        else:
-            tensors[name] = torch.rand(shape, generator=generator)
-    RankBases(config, tensors).save_pretrained(folder)
+    random_model_bases(model, seed, key_space).save_pretrained(folder)
     return str(folder)
 
 

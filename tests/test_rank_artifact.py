@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import hf_subtok.rank.artifact as artifact_module
-from hf_subtok.rank import BasesConfig, RankBases
+from hf_subtok.rank import RankBases
+from tests.rank_cases import random_model_bases
 from tests.tiny_models import make_tiny_model
 
 
@@ -20,16 +21,7 @@ def model():
 
 
 def _bases(model, seed: int = 0) -> RankBases:
-    """Random (orthonormal) bases for `model`, without running a calibration."""
-    config = BasesConfig.for_model(model, calibration={"text": "random"}, metrics={})
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in config.tensor_shapes().items():
-        if name.endswith("basis"):
-            tensors[name] = torch.linalg.qr(torch.randn(shape, generator=generator))[0].contiguous()
-        else:
-            tensors[name] = torch.rand(shape, generator=generator)
-    return RankBases(config, tensors)
+    return random_model_bases(model, seed)
 
 
 def test_round_trip(model, tmp_path):
