@@ -7,6 +7,7 @@ import importlib.util
 
 from hf_subtok.formats import LOG_SCALES
 from hf_subtok.quant import SUPPORTED_BITS
+from hf_subtok.rank.config import KEY_SPACES  # where keys are taken: as calibrated, as stored
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -26,9 +27,6 @@ def check_backend(backend) -> None:
             "backend='triton' needs the triton package, which is not installed "
             "(pip install triton, or use backend='auto' or 'torch')"
         )
-
-
-KEY_SPACES = ("post_rope", "pre_rope")
 
 
 def check_key_space(key_space, key_bases, head_budgets: str, backend: str) -> None:

@@ -189,7 +189,7 @@ class StorageFormat:
     ) -> float:
         """Bytes one (batch, head) row of `tokens` packed tokens holds, with `key_blocks`
         blocks of per-channel key tables, `key_runs` runs and `position_runs` runs of positions
-        (keys in calibrated bases; None: one per block; all ignored for other layouts) and its
+        (keys stored before RoPE; None: one per block; all ignored for other layouts) and its
         value codebooks."""
         position_bytes = POSITION_RUN_BYTES if self.pre_rope_keys else 0
         shared = (self.key_block_bytes + self.key_run_bytes + position_bytes) / self.key_block if self.channel_keys else 0.0
